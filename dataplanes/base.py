@@ -1,0 +1,110 @@
+"""The one seam every data plane plugs into, and the node it sees.
+
+A data plane sees a node only through `NodeHandle`; each cluster provider (network
+namespaces on this host, the same inside a UML guest, kind) implements it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from kube.state import NodeView
+
+
+class DataplaneError(RuntimeError):
+    """The kernel refused what a data plane asked for (the message says what and why)."""
+
+
+@runtime_checkable
+class NodeHandle(Protocol):
+    name: str  # Kubernetes node name, "node1"
+    netns: str  # the network namespace holding the node's host network
+    ip: str  # the node's address on the underlay
+    pod_cidr: str
+    uplink: str  # interface towards the other nodes, "eth0"
+
+    def pod_interfaces(self) -> dict[str, str]:
+        """Pod IP -> the node-side interface of that pod's veth."""
+        ...
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | bytes | None = None,
+        check: bool = True,
+        timeout: float | None = 120,
+    ) -> subprocess.CompletedProcess:
+        """Run a command in the node's network namespace, capturing text output."""
+        ...
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a Python callable on a thread that has entered the node's network namespace."""
+        ...
+
+
+@dataclass
+class SyncStats:
+    mode: str
+    node: str
+    seconds: float
+    full: bool
+    services: int  # service ports in the view
+    rules: int = 0  # rules, chains, map elements or table entries written
+    payload_bytes: int = 0
+    changed: int = 0  # objects (chains, elements, virtual servers) rewritten this sync
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Host:
+    """What the kernel and userland this code runs on offer."""
+
+    kernel: str = field(default_factory=lambda: os.uname().release)
+
+    def which(self, cmd: str) -> str | None:
+        return shutil.which(cmd, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+    def kernel_config(self, option: str) -> str | None:
+        """'y', 'm' or None, read from /proc/config.gz or /boot/config-*."""
+        import gzip
+
+        for path in ("/proc/config.gz", f"/boot/config-{self.kernel}"):
+            try:
+                opener = gzip.open if path.endswith(".gz") else open
+                with opener(path, "rt") as fh:
+                    for line in fh:
+                        if line.startswith(option + "="):
+                            return line.strip().split("=", 1)[1]
+                return None
+            except OSError:
+                continue
+        return None
+
+    def has_proc(self, path: str) -> bool:
+        return os.path.exists(path)
+
+
+class Dataplane(Protocol):
+    name: str
+
+    def missing(self, host: Host) -> list[str]:
+        """Unmet prerequisites on this host, each one sentence; empty means usable."""
+        ...
+
+    def install(self, node: NodeHandle) -> None:
+        """One-time hooks on a node (jump rules, tables, programs, processes)."""
+        ...
+
+    def sync(self, node: NodeHandle, view: NodeView) -> SyncStats:
+        """Converge the node to the view. Idempotent; repairs state removed by others."""
+        ...
+
+    def uninstall(self, node: NodeHandle) -> None:
+        """Leave the node as it was before install()."""
+        ...

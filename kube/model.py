@@ -1,0 +1,175 @@
+"""The Kubernetes objects svcbench understands, and the cluster's address plan.
+
+Plain frozen dataclasses: parsing and validation live in manifests.py, the per-node
+meaning of these objects lives in state.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+TCP = "TCP"
+UDP = "UDP"
+PROTOCOLS = (TCP, UDP)
+
+AFFINITY_NONE = "None"
+AFFINITY_CLIENT_IP = "ClientIP"
+DEFAULT_AFFINITY_TIMEOUT_S = 10800
+
+POLICY_CLUSTER = "Cluster"
+POLICY_LOCAL = "Local"
+
+TYPE_CLUSTER_IP = "ClusterIP"
+TYPE_NODE_PORT = "NodePort"
+SERVICE_TYPES = (TYPE_CLUSTER_IP, TYPE_NODE_PORT)
+
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS = "None"
+DEFAULT_BACKEND_PORT = 8080
+
+
+@dataclass(frozen=True)
+class AddressPlan:
+    """Every address the suite uses comes from RFC 2544's 198.18.0.0/15, never routed."""
+
+    node_cidr: str = "198.18.0.0/24"  # node k is .k on the underlay
+    external_client_ip: str = "198.18.0.200"
+    external_ip_cidr: str = "198.18.64.0/18"  # Service externalIPs, routed to node1 by the external client
+    cluster_cidr: str = "198.18.128.0/17"  # node k gets 198.18.(128+k).0/24
+    service_cidr: str = "198.19.0.0/16"
+    dns_ip: str = "198.19.0.10"
+    node_port_range: tuple[int, int] = (30000, 32767)
+    # The pod's default gateway: a link-local address on the node side of every pod veth.
+    pod_gateway: str = "169.254.1.1"
+
+    def node_ip(self, index: int) -> str:
+        return str(ipaddress.ip_network(self.node_cidr)[index])
+
+    def pod_cidr(self, index: int) -> str:
+        base = ipaddress.ip_network(self.cluster_cidr).network_address + (index << 8)
+        return f"{base}/24"
+
+    def pod_ip(self, node_index: int, pod_index: int) -> str:
+        """pod_index counts from 0; .0 and .1 are never handed out."""
+        if not 0 <= pod_index < 253:
+            raise ValueError(f"node{node_index} holds at most 253 pods")
+        return str(ipaddress.ip_network(self.pod_cidr(node_index))[pod_index + 2])
+
+    def in_service_cidr(self, ip: str) -> bool:
+        return ipaddress.ip_address(ip) in ipaddress.ip_network(self.service_cidr)
+
+    def in_external_ip_cidr(self, ip: str) -> bool:
+        return ipaddress.ip_address(ip) in ipaddress.ip_network(self.external_ip_cidr)
+
+
+PLAN = AddressPlan()
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str  # the Kubernetes node name, "node1"
+    index: int  # 1-based; fixes the node's addresses in the plan
+    ip: str
+    pod_cidr: str
+
+    @classmethod
+    def numbered(cls, index: int, plan: AddressPlan = PLAN) -> Node:
+        return cls(f"node{index}", index, plan.node_ip(index), plan.pod_cidr(index))
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    port: int
+    protocol: str = TCP
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    name: str
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+    node_name: str | None = None
+    ports: tuple[ContainerPort, ...] = ()
+    ready: bool = True
+    terminating: bool = False
+    ip: str | None = None  # assigned by the cluster state, not read from manifests
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def backend_ports(self) -> tuple[ContainerPort, ...]:
+        """The ports its echo backend listens on: the declared ones, or TCP+UDP 8080."""
+        return self.ports or (
+            ContainerPort(DEFAULT_BACKEND_PORT, TCP),
+            ContainerPort(DEFAULT_BACKEND_PORT, UDP),
+        )
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    protocol: str = TCP
+    name: str = ""
+    target_port: int | str | None = None  # None means "same as port"
+    node_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    ports: tuple[ServicePort, ...]
+    type: str = TYPE_CLUSTER_IP
+    cluster_ip: str | None = None  # None: allocate; "None": headless
+    selector: dict[str, str] | None = field(default=None, hash=False)
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+    external_ips: tuple[str, ...] = ()
+    session_affinity: str = AFFINITY_NONE
+    affinity_timeout_s: int = DEFAULT_AFFINITY_TIMEOUT_S
+    external_traffic_policy: str = POLICY_CLUSTER
+    internal_traffic_policy: str = POLICY_CLUSTER
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def headless(self) -> bool:
+        return self.cluster_ip == HEADLESS
+
+    @property
+    def proxy_name(self) -> str | None:
+        return self.labels.get(PROXY_NAME_LABEL)
+
+
+@dataclass(frozen=True)
+class EndpointPort:
+    port: int
+    protocol: str = TCP
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    addresses: tuple[str, ...]
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    pod_name: str | None = None  # targetRef, when the endpoint is a pod
+
+
+@dataclass(frozen=True)
+class EndpointSlice:
+    namespace: str
+    name: str
+    service_name: str  # the kubernetes.io/service-name label
+    endpoints: tuple[Endpoint, ...] = ()
+    ports: tuple[EndpointPort, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)

@@ -1,0 +1,441 @@
+"""What each node's proxy must do, computed once for every mode.
+
+`ClusterState.build` is the endpoint controller and the allocator: it places pods on
+nodes, gives them IPs, gives Services ClusterIPs and NodePorts, and turns selectors into
+endpoints. `ClusterState.node_view` is kube-proxy's change tracker: it flattens a
+Service into one `ServicePortView` per (Service, port) with the endpoint sets each kind
+of traffic may use. Data planes only render a `NodeView`; they never look at Services.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+
+from kube.model import (
+    AFFINITY_CLIENT_IP,
+    PLAN,
+    POLICY_LOCAL,
+    TYPE_NODE_PORT,
+    AddressPlan,
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
+    Node,
+    Pod,
+    Service,
+    ServicePort,
+)
+
+
+class StateError(ValueError):
+    """A manifest is valid on its own but not with the rest of the cluster."""
+
+
+# --------------------------------------------------------------------------- views
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    ip: str
+    port: int
+    node: str | None
+    local: bool  # on the node this view is for
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    pod: str | None = None  # "namespace/name" when the endpoint is a pod
+
+    @property
+    def addr(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServicePortView:
+    """One (Service, port): kube-proxy's ServicePortName with everything a proxy needs."""
+
+    namespace: str
+    service: str
+    port_name: str
+    protocol: str  # "TCP" | "UDP"
+    cluster_ip: str
+    port: int
+    node_port: int | None = None
+    external_ips: tuple[str, ...] = ()
+    affinity_timeout_s: int | None = None  # None: no ClientIP affinity
+    external_policy_local: bool = False
+    internal_policy_local: bool = False
+    endpoints: tuple[EndpointView, ...] = ()  # every known endpoint, usable or not
+    # Endpoints for traffic from inside the cluster (pods, nodes) to the ClusterIP:
+    # ready ones, or serving+terminating ones when none is ready; local only when
+    # internalTrafficPolicy is Local.
+    internal_endpoints: tuple[EndpointView, ...] = ()
+    # Endpoints for NodePort and externalIP traffic: the same choice, local only when
+    # externalTrafficPolicy is Local.
+    external_endpoints: tuple[EndpointView, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """kube-proxy's ServicePortName string: "ns/svc:port" (":port" dropped when unnamed)."""
+        base = f"{self.namespace}/{self.service}"
+        return f"{base}:{self.port_name}" if self.port_name else base
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.cluster_ip, self.protocol, str(self.port))
+
+    @property
+    def session_affinity(self) -> bool:
+        return self.affinity_timeout_s is not None
+
+    @property
+    def has_external(self) -> bool:
+        return self.node_port is not None or bool(self.external_ips)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    node: str
+    node_ip: str
+    pod_cidr: str
+    cluster_cidr: str
+    service_cidr: str
+    node_ips: tuple[str, ...]  # addresses NodePorts answer on
+    services: tuple[ServicePortView, ...]  # sorted by name, then protocol, then port
+
+    def service(self, name: str, protocol: str | None = None) -> ServicePortView:
+        """Look a port up by its ServicePortName ("ns/svc:port" or "ns/svc")."""
+        for sp in self.services:
+            if sp.name == name and (protocol is None or sp.protocol == protocol):
+                return sp
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _usable(endpoints: list[EndpointView]) -> tuple[EndpointView, ...]:
+    """Ready endpoints; when none is ready, serving ones that are terminating (KEP-1669)."""
+    ready = [e for e in endpoints if e.ready]
+    if ready:
+        return tuple(ready)
+    return tuple(e for e in endpoints if e.serving and e.terminating)
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """The whole desired state, with every allocation made."""
+
+    nodes: tuple[Node, ...]
+    pods: tuple[Pod, ...] = ()
+    services: tuple[Service, ...] = ()
+    endpoint_slices: tuple[EndpointSlice, ...] = ()
+    plan: AddressPlan = field(default=PLAN)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build(
+        cls,
+        nodes: tuple[Node, ...] | list[Node],
+        pods=(),
+        services=(),
+        endpoint_slices=(),
+        previous: ClusterState | None = None,
+        plan: AddressPlan = PLAN,
+    ) -> ClusterState:
+        """Allocate what is missing and derive EndpointSlices from selectors.
+
+        Allocations already made in `previous` are kept, so applying a manifest again never
+        moves a pod or renumbers a Service. Raises StateError naming object and field.
+        """
+        nodes = tuple(nodes)
+        by_node = {n.name: n for n in nodes}
+        prev_pods = {p.key: p for p in previous.pods} if previous else {}
+        prev_svcs = {s.key: s for s in previous.services} if previous else {}
+
+        placed = cls._place_pods(list(pods), nodes, by_node, prev_pods, plan)
+        allocated = cls._allocate_services(list(services), prev_svcs, plan)
+        slices = [s for s in endpoint_slices]
+        given = {(s.namespace, s.service_name) for s in slices}
+        for svc in allocated:
+            if svc.selector is not None and svc.key not in given:
+                slices.extend(cls._endpoint_slices_for(svc, placed))
+        return cls(nodes, tuple(placed), tuple(allocated), tuple(slices), plan)
+
+    @staticmethod
+    def _place_pods(pods, nodes, by_node, prev_pods, plan) -> list[Pod]:
+        if pods and not nodes:
+            raise StateError("the cluster has no nodes to place pods on")
+        used: dict[str, set[str]] = {n.name: set() for n in nodes}
+        out: list[Pod] = []
+        pending: list[Pod] = []
+        for pod in pods:
+            if pod.node_name is not None and pod.node_name not in by_node:
+                raise StateError(
+                    f"Pod {pod.namespace}/{pod.name}: spec.nodeName {pod.node_name!r} is not a node "
+                    f"of this cluster (nodes: {', '.join(by_node)})"
+                )
+            prev = prev_pods.get(pod.key)
+            if prev is not None and prev.ip and (pod.node_name in (None, prev.node_name)):
+                pod = replace(pod, node_name=prev.node_name, ip=prev.ip)
+                used[prev.node_name].add(prev.ip)
+            pending.append(pod)
+        counts = {n.name: 0 for n in nodes}
+        for pod in pending:
+            if pod.node_name:
+                counts[pod.node_name] += 1
+        for pod in pending:
+            if pod.node_name is None:  # the scheduler: fewest pods first, then by name
+                target = min(nodes, key=lambda n: (counts[n.name], n.index)).name
+                counts[target] += 1
+                pod = replace(pod, node_name=target)
+            if pod.ip is None:
+                node = by_node[pod.node_name]
+                for i in range(253):
+                    ip = plan.pod_ip(node.index, i)
+                    if ip not in used[node.name]:
+                        break
+                else:
+                    raise StateError(f"node {node.name} is full: at most 253 pods per node")
+                used[node.name].add(ip)
+                pod = replace(pod, ip=ip)
+            out.append(pod)
+        return out
+
+    @staticmethod
+    def _allocate_services(services, prev_svcs, plan) -> list[Service]:
+        net = ipaddress.ip_network(plan.service_cidr)
+        taken_ips: dict[str, str] = {plan.dns_ip: "the cluster DNS Service"}
+        taken_ports: dict[int, str] = {}
+        lo, hi = plan.node_port_range
+        # Explicit values first, so an allocation never steals an address asked for later.
+        resolved: list[Service] = []
+        for svc in services:
+            ident = f"Service {svc.namespace}/{svc.name}"
+            prev = prev_svcs.get(svc.key)
+            if svc.cluster_ip is None and prev is not None and prev.cluster_ip:
+                svc = replace(svc, cluster_ip=prev.cluster_ip)
+            if svc.cluster_ip and not svc.headless:
+                owner = taken_ips.get(svc.cluster_ip)
+                if owner and owner != ident and not (
+                    svc.cluster_ip == plan.dns_ip and svc.namespace == "kube-system"
+                ):
+                    raise StateError(
+                        f"{ident}: spec.clusterIP {svc.cluster_ip} is already used by {owner}"
+                    )
+                taken_ips[svc.cluster_ip] = ident
+            if prev is not None:
+                prev_np = {(p.port, p.protocol): p.node_port for p in prev.ports}
+                svc = replace(
+                    svc,
+                    ports=tuple(
+                        replace(p, node_port=prev_np.get((p.port, p.protocol)))
+                        if p.node_port is None and svc.type == TYPE_NODE_PORT
+                        else p
+                        for p in svc.ports
+                    ),
+                )
+            for p in svc.ports:
+                if p.node_port is not None:
+                    owner = taken_ports.get(p.node_port)
+                    if owner and owner != ident:
+                        raise StateError(
+                            f"{ident}: spec.ports[{p.name or p.port}].nodePort {p.node_port} "
+                            f"is already used by {owner}"
+                        )
+                    taken_ports[p.node_port] = ident
+            resolved.append(svc)
+        next_ip = int(net.network_address) + 1
+        next_port = lo
+        out: list[Service] = []
+        for svc in resolved:
+            ident = f"Service {svc.namespace}/{svc.name}"
+            if svc.cluster_ip is None:
+                while str(ipaddress.ip_address(next_ip)) in taken_ips:
+                    next_ip += 1
+                if ipaddress.ip_address(next_ip) not in net or next_ip == int(
+                    net.broadcast_address
+                ):
+                    raise StateError(f"{ident}: the Service CIDR {net} has no free ClusterIP left")
+                ip = str(ipaddress.ip_address(next_ip))
+                taken_ips[ip] = ident
+                svc = replace(svc, cluster_ip=ip)
+            if svc.type == TYPE_NODE_PORT:
+                ports = []
+                for p in svc.ports:
+                    if p.node_port is None:
+                        while next_port in taken_ports:
+                            next_port += 1
+                        if next_port > hi:
+                            raise StateError(f"{ident}: no free NodePort left in {lo}-{hi}")
+                        taken_ports[next_port] = ident
+                        p = replace(p, node_port=next_port)
+                    ports.append(p)
+                svc = replace(svc, ports=tuple(ports))
+            out.append(svc)
+        return out
+
+    @staticmethod
+    def _endpoint_slices_for(svc: Service, pods: list[Pod]) -> list[EndpointSlice]:
+        """The endpoint controller: pods matching the selector, ports resolved by name."""
+        selected = [
+            p
+            for p in pods
+            if p.namespace == svc.namespace
+            and svc.selector
+            and all(p.labels.get(k) == v for k, v in svc.selector.items())
+        ]
+        for sp in svc.ports:
+            if isinstance(sp.target_port, str) and selected:
+                if not any(
+                    cp.name == sp.target_port and cp.protocol == sp.protocol
+                    for p in selected
+                    for cp in p.ports
+                ):
+                    raise StateError(
+                        f"Service {svc.namespace}/{svc.name}: spec.ports[{sp.name or sp.port}]"
+                        f".targetPort {sp.target_port!r} is not a {sp.protocol} port name "
+                        "declared by any selected pod"
+                    )
+        # One slice per distinct port mapping, as the controller does for named ports.
+        groups: dict[tuple[EndpointPort, ...], list[Endpoint]] = {}
+        for pod in selected:
+            ports = []
+            for sp in svc.ports:
+                target = _resolve_target(sp, pod)
+                if target is not None:
+                    ports.append(EndpointPort(target, sp.protocol, sp.name))
+            ep = Endpoint(
+                addresses=(pod.ip,),
+                ready=pod.ready and not pod.terminating,
+                serving=pod.ready,
+                terminating=pod.terminating,
+                node_name=pod.node_name,
+                pod_name=pod.name,
+            )
+            groups.setdefault(tuple(ports), []).append(ep)
+        if not groups:
+            return [EndpointSlice(svc.namespace, f"{svc.name}-auto", svc.name, (), ())]
+        # A slice holds one port mapping; pods that number a named port differently get their own.
+        return [
+            EndpointSlice(svc.namespace, f"{svc.name}-auto{i}", svc.name, tuple(eps), ports)
+            for i, (ports, eps) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0])))
+        ]
+
+    # ------------------------------------------------------------------ lookups
+
+    def pod(self, namespace: str, name: str) -> Pod:
+        for p in self.pods:
+            if p.namespace == namespace and p.name == name:
+                return p
+        raise KeyError(f"{namespace}/{name}")
+
+    def service_obj(self, namespace: str, name: str) -> Service:
+        for s in self.services:
+            if s.namespace == namespace and s.name == name:
+                return s
+        raise KeyError(f"{namespace}/{name}")
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    # ------------------------------------------------------------------ per-node view
+
+    def proxied_services(self, proxy_name: str | None = None) -> list[Service]:
+        """Services a proxy handles: not headless, labelled for it (or unlabelled)."""
+        return [
+            s
+            for s in self.services
+            if not s.headless and s.cluster_ip and s.proxy_name == proxy_name
+        ]
+
+    def node_view(self, node_name: str, proxy_name: str | None = None) -> NodeView:
+        node = self.node(node_name)
+        slices_by_svc: dict[tuple[str, str], list[EndpointSlice]] = {}
+        for sl in self.endpoint_slices:
+            slices_by_svc.setdefault((sl.namespace, sl.service_name), []).append(sl)
+        views: list[ServicePortView] = []
+        for svc in self.proxied_services(proxy_name):
+            for sp in svc.ports:
+                eps = _endpoints_for_port(
+                    svc, sp, slices_by_svc.get(svc.key, []), node_name
+                )
+                everyone = _usable(eps)
+                local = _usable([e for e in eps if e.local])
+                internal = local if svc.internal_traffic_policy == POLICY_LOCAL else everyone
+                external = local if svc.external_traffic_policy == POLICY_LOCAL else everyone
+                is_np = svc.type == TYPE_NODE_PORT
+                views.append(
+                    ServicePortView(
+                        namespace=svc.namespace,
+                        service=svc.name,
+                        port_name=sp.name,
+                        protocol=sp.protocol,
+                        cluster_ip=svc.cluster_ip,
+                        port=sp.port,
+                        node_port=sp.node_port if is_np else None,
+                        external_ips=svc.external_ips,
+                        affinity_timeout_s=svc.affinity_timeout_s
+                        if svc.session_affinity == AFFINITY_CLIENT_IP
+                        else None,
+                        external_policy_local=(is_np or bool(svc.external_ips))
+                        and svc.external_traffic_policy == POLICY_LOCAL,
+                        internal_policy_local=svc.internal_traffic_policy == POLICY_LOCAL,
+                        endpoints=tuple(eps),
+                        internal_endpoints=internal,
+                        external_endpoints=external,
+                    )
+                )
+        views.sort(key=lambda v: (v.name, v.protocol, v.port))
+        return NodeView(
+            node=node.name,
+            node_ip=node.ip,
+            pod_cidr=node.pod_cidr,
+            cluster_cidr=self.plan.cluster_cidr,
+            service_cidr=self.plan.service_cidr,
+            node_ips=(node.ip,),
+            services=tuple(views),
+        )
+
+
+def _resolve_target(sp: ServicePort, pod: Pod) -> int | None:
+    if sp.target_port is None:
+        return sp.port
+    if isinstance(sp.target_port, int):
+        return sp.target_port
+    for cp in pod.ports:
+        if cp.name == sp.target_port and cp.protocol == sp.protocol:
+            return cp.port
+    return None  # this pod does not serve the named port: not an endpoint for it
+
+
+def _endpoints_for_port(
+    svc: Service, sp: ServicePort, slices: list[EndpointSlice], node_name: str
+) -> list[EndpointView]:
+    out: dict[tuple[str, int], EndpointView] = {}
+    for sl in slices:
+        port = None
+        for ep_port in sl.ports:
+            if ep_port.name == sp.name and ep_port.protocol == sp.protocol:
+                port = ep_port.port
+                break
+        if port is None:
+            continue
+        for ep in sl.endpoints:
+            for addr in ep.addresses:
+                out[(addr, port)] = EndpointView(
+                    ip=addr,
+                    port=port,
+                    node=ep.node_name,
+                    local=ep.node_name == node_name,
+                    ready=ep.ready,
+                    serving=ep.serving,
+                    terminating=ep.terminating,
+                    pod=f"{sl.namespace}/{ep.pod_name}" if ep.pod_name else None,
+                )
+    return sorted(out.values(), key=lambda e: (ipaddress.ip_address(e.ip), e.port))
