@@ -439,3 +439,28 @@ def _endpoints_for_port(
                     pod=f"{sl.namespace}/{ep.pod_name}" if ep.pod_name else None,
                 )
     return sorted(out.values(), key=lambda e: (ipaddress.ip_address(e.ip), e.port))
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def allocations(state: ClusterState) -> dict:
+    """The choices build() made (pod placement and IPs, ClusterIPs, NodePorts), as JSON data."""
+    return {
+        "pods": [[p.namespace, p.name, p.node_name, p.ip] for p in state.pods],
+        "services": [
+            [s.namespace, s.name, s.cluster_ip, [[p.port, p.protocol, p.node_port] for p in s.ports]]
+            for s in state.services
+        ],
+    }
+
+
+def previous_from_allocations(nodes, data: dict) -> ClusterState:
+    """A ClusterState that build(previous=...) reads to keep earlier allocations stable."""
+    pods = tuple(Pod(ns, name, node_name=node, ip=ip) for ns, name, node, ip in data.get("pods", []))
+    services = tuple(
+        Service(ns, name, tuple(ServicePort(port, proto, node_port=np) for port, proto, np in ports),
+                cluster_ip=ip)
+        for ns, name, ip, ports in data.get("services", [])
+    )
+    return ClusterState(tuple(nodes), pods, services)

@@ -1,0 +1,29 @@
+"""Every proxy mode by name: the one place that knows which module implements which mode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dataplanes.base import Dataplane
+
+# mode -> (module, class, options it accepts)
+MODES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "iptables": ("dataplanes.iptables", "IptablesDataplane", ("backend",)),
+}
+IPTABLES_BACKENDS = ("nft", "legacy")
+
+
+class UnknownMode(ValueError):
+    pass
+
+
+def make(mode: str, **options: Any) -> Dataplane:
+    """Build the data plane for `mode`; options it does not take are ignored when None."""
+    if mode not in MODES:
+        raise UnknownMode(f"--mode {mode!r} is not a proxy mode; accepted: {', '.join(MODES)}")
+    module_name, cls_name, accepted = MODES[mode]
+    import importlib
+
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    kwargs = {k: v for k, v in options.items() if k in accepted and v is not None}
+    return cls(**kwargs)

@@ -1,0 +1,42 @@
+"""svcbench's sessions. `nox` alone runs the benchmark; `nox -s tests` runs the test suite.
+
+Both need root (network namespaces) and install the system packages they need through
+`svcbench doctor --fix` (Debian/Ubuntu), so they work on a fresh machine.
+"""
+
+import nox
+
+nox.options.sessions = ["bench"]
+nox.options.reuse_existing_virtualenvs = True
+
+BENCH_ARGS = ["--modes", "iptables", "--services", "1,10,100,1000"]
+
+
+def _install(session, *extras):
+    spec = f".[{','.join(extras)}]" if extras else "."
+    session.install("-e", spec)
+    # System packages (iptables, nftables, ...) come from the distribution, not from pip.
+    session.run("svcbench", "doctor", "--fix")
+
+
+@nox.session
+def tests(session):
+    """The suite's own unit and integration tests (root: real namespaces and rules)."""
+    _install(session, "test")
+    session.run("svcbench", "gc")
+    session.run("python", "-m", "pytest", *(session.posargs or ["tests"]))
+
+
+@nox.session
+def bench(session):
+    """Sweep the number of Services in every usable mode and print the numbers."""
+    _install(session)
+    session.run("svcbench", "gc")
+    session.run("svcbench", "bench", *(session.posargs or BENCH_ARGS))
+
+
+@nox.session
+def lint(session):
+    """ruff over every package."""
+    session.install("ruff>=0.4")
+    session.run("ruff", "check", ".")

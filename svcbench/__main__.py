@@ -1,0 +1,5 @@
+import sys
+
+from svcbench.cli import main
+
+sys.exit(main())

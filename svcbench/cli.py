@@ -1,0 +1,503 @@
+"""The `svcbench` command: the only module that knows every folder.
+
+Exit status: 0 success, 1 a failure while working (a check failed, the kernel refused),
+2 bad input (flags, manifests, sweep specs) with nothing created, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from kube.manifests import ManifestError, Manifests, load_files
+from kube.model import Node, Pod
+from kube.state import ClusterState, StateError, allocations, previous_from_allocations
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class UsageError(ValueError):
+    """Bad input the user can fix: one sentence, exit status 2."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _emit_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _positive(flag: str, lo: int = 1, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            upper = f" to {hi}" if hi is not None else " or more"
+            raise argparse.ArgumentTypeError(f"{flag} must be a whole number from {lo}{upper}, not {text!r}")
+        return value
+
+    return parse
+
+
+def _target(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    try:
+        ipaddress.IPv4Address(host)
+        port_n = int(port)
+        if not sep or not 1 <= port_n <= 65535:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--to must be IPv4:PORT with a port from 1 to 65535, such as 198.19.0.1:80, not {text!r}"
+        ) from None
+    return host, port_n
+
+
+def _load(paths: Sequence[str] | None) -> Manifests:
+    return load_files(paths) if paths else Manifests((), (), ())
+
+
+def _generated_pods(nodes: list[Node], per_node: int) -> list[Pod]:
+    """`up --pods-per-node M`: M echo pods on each node, selected by app=echo."""
+    return [
+        Pod("default", f"echo-{n.name}-{i}", {"app": "echo"}, node_name=n.name)
+        for n in nodes
+        for i in range(1, per_node + 1)
+    ]
+
+
+def _nodes(count: int) -> list[Node]:
+    return [Node.numbered(k) for k in range(1, count + 1)]
+
+
+def _build(nodes, manifests: Manifests, previous: ClusterState | None = None) -> ClusterState:
+    return ClusterState.build(
+        nodes, manifests.pods, manifests.services, manifests.endpoint_slices, previous=previous
+    )
+
+
+def _dataplane(mode: str, backend: str | None):
+    from dataplanes.base import Host
+    from dataplanes.modes import make
+
+    dp = make(mode, backend=backend)
+    missing = dp.missing(Host())
+    if missing:
+        raise RuntimeError(f"mode {mode} cannot run here: " + "; ".join(missing))
+    return dp
+
+
+def _sync_all(cluster, dp, state: ClusterState, proxy_name=None) -> list:
+    stats = []
+    for node in cluster.nodes:
+        stats.append(dp.sync(node, state.node_view(node.name, proxy_name)))
+    return stats
+
+
+def _attach(run: str | None):
+    from clusters.netns import NetnsCluster
+
+    return NetnsCluster.attach(run)
+
+
+def _stored(cluster) -> tuple[list[Node], Manifests, ClusterState]:
+    from kube.manifests import load_documents
+
+    nodes = _nodes(len(cluster.nodes))
+    manifests = load_documents(cluster.meta.get("manifests", []), source="the run's state")
+    previous = previous_from_allocations(nodes, cluster.meta.get("allocations", {}))
+    return nodes, manifests, previous
+
+
+def _store(cluster, manifests: Manifests, state: ClusterState) -> None:
+    cluster.meta["manifests"] = manifests.to_documents()
+    cluster.meta["allocations"] = allocations(state)
+    cluster.save()
+
+
+def _print_sync(stats) -> None:
+    for s in stats:
+        kind = "full" if s.full else "partial"
+        out.print(
+            f"  {s.node}: {kind} sync of {s.services} service ports in {s.seconds * 1000:.1f} ms "
+            f"({s.rules} rules, {s.changed} changed)"
+        )
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_doctor(args) -> int:
+    from svcbench import doctor
+
+    findings = doctor.fix(echo=err.print) if args.fix else doctor.examine()
+    if args.json:
+        _emit_json({"ok": all(f.present for f in findings), "checks": doctor.as_json(findings)})
+    else:
+        table = Table("check", "needed for", "status", "install")
+        for f in findings:
+            table.add_row(f.name, f.why, "[green]ok[/]" if f.present else "[red]missing[/]",
+                          "" if f.present else f.fix)
+        out.print(table)
+    return 0 if all(f.present for f in findings) else 1
+
+
+def cmd_up(args) -> int:
+    from clusters.netns import NetnsCluster
+    from clusters.safety import guard_root
+
+    manifests = _load(args.file)
+    nodes = _nodes(args.nodes)
+    generated = _generated_pods(nodes, args.pods_per_node)
+    manifests = Manifests(tuple(generated), (), ()).merged(manifests)
+    state = _build(nodes, manifests)  # bad input stops here, before anything exists
+    dp = _dataplane(args.mode, args.backend)
+    started = time.perf_counter()
+    with guard_root(), err.status("creating the cluster") as status:
+        def progress(msg: str) -> None:
+            status.update(msg)
+
+        with NetnsCluster.create(args.nodes, progress=progress) as cluster:
+            status.update(f"starting {len(state.pods)} pods")
+            cluster.set_pods(list(state.pods))
+            status.update(f"programming {args.mode} on {len(cluster.nodes)} nodes")
+            for node in cluster.nodes:
+                dp.install(node)
+            stats = _sync_all(cluster, dp, state)
+            cluster.meta.update(mode=args.mode, backend=args.backend)
+            _store(cluster, manifests, state)
+            cluster.keep()
+    elapsed = time.perf_counter() - started
+    if args.json:
+        _emit_json({"run": cluster.run_id, "mode": args.mode, "nodes": len(nodes),
+                    "pods": len(state.pods), "services": len(state.services),
+                    "seconds": round(elapsed, 3)})
+    else:
+        out.print(f"cluster [bold]{cluster.run_id}[/] up in {elapsed:.2f} s: {len(nodes)} nodes, "
+                  f"{len(state.pods)} pods, {len(state.services)} services, mode {args.mode}")
+        _print_sync(stats)
+    return 0
+
+
+def _change(args, combine) -> int:
+    from clusters.safety import guard_root
+
+    cluster = _attach(args.run)
+    nodes, stored, previous = _stored(cluster)
+    manifests = combine(stored, load_files(args.file))
+    state = _build(nodes, manifests, previous)
+    dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
+    with guard_root():
+        cluster.set_pods(list(state.pods))
+        stats = _sync_all(cluster, dp, state)
+        _store(cluster, manifests, state)
+    if args.json:
+        _emit_json({"run": cluster.run_id, "sync": [s.__dict__ for s in stats]})
+    else:
+        out.print(f"cluster {cluster.run_id}: {len(state.services)} services, {len(state.pods)} pods")
+        _print_sync(stats)
+    return 0
+
+
+def cmd_apply(args) -> int:
+    return _change(args, lambda stored, new: stored.merged(new))
+
+
+def cmd_delete(args) -> int:
+    return _change(args, lambda stored, new: stored.without(new))
+
+
+def cmd_render(args) -> int:
+    manifests = _load(args.file)
+    wanted = [p.node_name for p in manifests.pods if p.node_name]
+    count = max([args.nodes] + [int(n[4:]) for n in wanted if n[4:].isdigit()])
+    state = _build(_nodes(count), manifests)
+    node = args.node or "node1"
+    try:
+        view = state.node_view(node)
+    except KeyError:
+        raise UsageError(f"--node {node!r} is not a node of this cluster; nodes: node1 to node{count}") from None
+    from dataplanes.modes import make
+
+    dp = make(args.mode, backend=args.backend)
+    if not hasattr(dp, "render"):
+        raise UsageError(f"--mode {args.mode} programs the kernel directly and has no text form to render")
+    sys.stdout.write(dp.render(view))
+    return 0
+
+
+def _source_netns(cluster, source: str) -> str:
+    kind, _, name = source.partition("/")
+    if kind == "external" and not name:
+        return cluster.external_netns
+    if kind == "node" and name:
+        return cluster.node(name).netns
+    if kind == "pod" and name:
+        ns, _, pod = name.rpartition("/")
+        return cluster.pod_netns(ns or "default", pod)
+    raise UsageError(f"--from must be pod/NAME, pod/NAMESPACE/NAME, node/NAME or external, not {source!r}")
+
+
+def cmd_probe(args) -> int:
+    from clusters.nsenter import in_netns
+    from clusters.workloads.probe import probe
+
+    cluster = _attach(args.run)
+    try:
+        netns = _source_netns(cluster, args.source)
+    except KeyError as exc:
+        raise UsageError(f"--from {args.source}: no such {exc.args[0]} in run {cluster.run_id}") from None
+    ip, port = args.to
+    result = in_netns(
+        netns, probe, ip, port, protocol="UDP" if args.udp else "TCP", count=args.count,
+        timeout=args.timeout, payload=b"x" * args.payload_bytes,
+    )
+    if args.json:
+        _emit_json(result.to_json())
+        return 0
+    s = result.summary()
+    table = Table("outcome", "count")
+    for outcome, n in sorted(s["outcomes"].items()):
+        table.add_row(outcome, str(n))
+    out.print(table)
+    if s["backends"]:
+        bt = Table("backend", "count")
+        for backend, n in sorted(s["backends"].items()):
+            bt.add_row(backend, str(n))
+        out.print(bt)
+    if s["p50_us"] is not None:
+        out.print(f"latency p50 {s['p50_us']:.0f} µs  p90 {s['p90_us']:.0f} µs  p99 {s['p99_us']:.0f} µs")
+    return 0
+
+
+def cmd_status(args) -> int:
+    cluster = _attach(args.run)
+    nodes, manifests, previous = _stored(cluster)
+    state = _build(nodes, manifests, previous)
+    data = {
+        "run": cluster.run_id,
+        "mode": cluster.meta.get("mode"),
+        "backend": cluster.meta.get("backend"),
+        "nodes": [{"name": n.name, "ip": n.ip, "pod_cidr": n.pod_cidr, "netns": n.netns}
+                  for n in cluster.nodes],
+        "pods": [{"namespace": p.namespace, "name": p.name, "node": p.node_name, "ip": p.ip,
+                  "ready": p.ready} for p in state.pods],
+        "services": [
+            {"namespace": s.namespace, "name": s.name, "type": s.type, "cluster_ip": s.cluster_ip,
+             "ports": [{"name": p.name, "protocol": p.protocol, "port": p.port,
+                        "node_port": p.node_port} for p in s.ports]}
+            for s in state.services
+        ],
+    }
+    if args.json:
+        _emit_json(data)
+        return 0
+    out.print(f"run {data['run']}  mode {data['mode']}")
+    t = Table("node", "ip", "pod CIDR")
+    for n in data["nodes"]:
+        t.add_row(n["name"], n["ip"], n["pod_cidr"])
+    out.print(t)
+    t = Table("pod", "node", "ip", "ready")
+    for p in data["pods"]:
+        t.add_row(f"{p['namespace']}/{p['name']}", p["node"], p["ip"], str(p["ready"]))
+    out.print(t)
+    t = Table("service", "type", "cluster IP", "ports")
+    for s in data["services"]:
+        ports = ", ".join(
+            f"{p['port']}/{p['protocol']}" + (f":{p['node_port']}" if p["node_port"] else "")
+            for p in s["ports"]
+        )
+        t.add_row(f"{s['namespace']}/{s['name']}", s["type"], s["cluster_ip"] or "", ports)
+    out.print(t)
+    return 0
+
+
+def cmd_down(args) -> int:
+    from clusters.safety import guard_root
+
+    cluster = _attach(args.run)
+    with guard_root():
+        try:
+            dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
+            for node in cluster.nodes:
+                dp.uninstall(node)
+        finally:
+            cluster.destroy()
+    out.print(f"cluster {cluster.run_id} removed")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from clusters.netns import gc
+
+    removed = gc(all_runs=args.all)
+    for line in removed:
+        out.print(line)
+    if not removed:
+        out.print("nothing to remove")
+    return 0
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(not 1 <= n <= 60000 for n in sizes):
+        raise UsageError(
+            f"--services must be comma-separated whole numbers from 1 to 60000, such as 1,10,100, not {text!r}"
+        )
+    return sorted(set(sizes))
+
+
+def _modes(text: str) -> list[str]:
+    from dataplanes.modes import MODES
+
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad:
+        raise UsageError(f"--modes must list modes from: {', '.join(MODES)}; got {text!r}")
+    return modes
+
+
+def cmd_bench(args) -> int:
+    from bench.sweep import SweepConfig, measure_cluster_lifecycle, summarize, sweep_mode
+    from clusters.safety import guard_root
+
+    cfg = SweepConfig(_modes(args.modes), _sizes(args.services), args.endpoints, args.count,
+                      args.backend)
+    rows, lifecycle = [], {}
+    with guard_root(), err.status("measuring") as status:
+        for nodes, pods in ((2, 4), (3, 50)):
+            status.update(f"cluster lifecycle: {nodes} nodes x {pods} pods")
+            lifecycle[f"{nodes}x{pods}"] = measure_cluster_lifecycle(nodes, pods)
+        for mode in cfg.modes:
+            rows.extend(sweep_mode(cfg, mode, status.update))
+    if args.json:
+        _emit_json({"lifecycle": lifecycle, "rows": [r.as_dict() for r in rows]})
+        return 0
+    t = Table("cluster", "up s", "down s", title="cluster lifecycle (goals: 2x4 < 3 s, 3x50 < 15 s)")
+    for name, v in lifecycle.items():
+        t.add_row(name, f"{v['up_s']:.2f}", f"{v['down_s']:.2f}")
+    out.print(t)
+    lines = summarize(rows)
+    columns = list(dict.fromkeys(k for line in lines for k in line))
+    t = Table(*columns, title=f"new-connection latency, {cfg.count} connections per cell")
+    for line in lines:
+        t.add_row(*(str(line.get(c, "")) for c in columns))
+    out.print(t)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dataplanes.modes import IPTABLES_BACKENDS, MODES
+
+    p = argparse.ArgumentParser(
+        prog="svcbench",
+        description="Benchmark and conformance suite for Kubernetes Service data planes.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    def run_flag(sp):
+        sp.add_argument("--run", help="run id (default: the only live run)")
+
+    def mode_flags(sp, default="iptables"):
+        sp.add_argument("--mode", choices=list(MODES), default=default, help="proxy mode")
+        sp.add_argument("--backend", choices=IPTABLES_BACKENDS, default=None,
+                        help="iptables backend (default nft)")
+
+    sp = command("doctor", cmd_doctor, "list prerequisites present and missing")
+    sp.add_argument("--fix", action="store_true", help="install what is missing (Debian/Ubuntu, root)")
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("up", cmd_up, "create a cluster of network namespaces and program its Services")
+    sp.add_argument("--nodes", type=_positive("--nodes", 1, 100), default=2)
+    sp.add_argument("--pods-per-node", type=_positive("--pods-per-node", 0, 250), default=0)
+    mode_flags(sp)
+    sp.add_argument("-f", "--file", action="append", help="manifest file (repeatable, - for stdin)")
+    sp.add_argument("--json", action="store_true")
+
+    for name, func, verb in (("apply", cmd_apply, "create or update"),
+                             ("delete", cmd_delete, "remove")):
+        sp = command(name, func, f"{verb} the objects of a manifest in the running cluster and reprogram every node")
+        sp.add_argument("-f", "--file", action="append", required=True, help="manifest file")
+        run_flag(sp)
+        sp.add_argument("--json", action="store_true")
+
+    sp = command("render", cmd_render, "print the rules a mode would program (no root needed)")
+    mode_flags(sp)
+    sp.add_argument("-f", "--file", action="append", required=True, help="manifest file")
+    sp.add_argument("--node", help="node to render for (default node1)")
+    sp.add_argument("--nodes", type=_positive("--nodes", 1, 100), default=2)
+
+    sp = command("probe", cmd_probe, "open real connections from a pod, a node or the external client")
+    sp.add_argument("--from", dest="source", required=True,
+                    help="pod/NAME, pod/NAMESPACE/NAME, node/NAME or external")
+    sp.add_argument("--to", type=_target, required=True, help="IP:PORT")
+    sp.add_argument("--udp", action="store_true")
+    sp.add_argument("--count", type=_positive("--count", 1, 1_000_000), default=10)
+    sp.add_argument("--timeout", type=float, default=1.0, help="seconds per connection")
+    sp.add_argument("--payload-bytes", type=_positive("--payload-bytes", 0, 60000), default=0)
+    run_flag(sp)
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("status", cmd_status, "nodes, pods and Services of the running cluster")
+    run_flag(sp)
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("down", cmd_down, "remove the running cluster")
+    run_flag(sp)
+
+    sp = command("gc", cmd_gc, "remove what killed runs left behind")
+    sp.add_argument("--all", action="store_true", help="remove every run, live ones too")
+
+    sp = command("bench", cmd_bench, "sweep the number of Services and measure each mode")
+    sp.add_argument("--modes", default="iptables", help="comma-separated modes")
+    sp.add_argument("--backend", choices=IPTABLES_BACKENDS, default=None)
+    sp.add_argument("--services", default="1,10,100,1000", help="comma-separated sizes")
+    sp.add_argument("--endpoints", type=_positive("--endpoints", 1, 100), default=3)
+    sp.add_argument("--count", type=_positive("--count", 10, 100000), default=500,
+                    help="connections per latency sample")
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ManifestError, StateError, UsageError) as exc:
+        err.print(f"svcbench: error: {exc}", markup=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("svcbench: interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a failure while working: one line, not a traceback
+        if os.environ.get("SVCBENCH_DEBUG"):
+            raise
+        err.print(f"svcbench: {type(exc).__name__}: {exc}", markup=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
