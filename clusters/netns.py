@@ -203,6 +203,9 @@ def _base_sysctls(forward: bool) -> None:
     write_sysctl("net.ipv6.conf.default.disable_ipv6", 1)
     for conf in ("all", "default"):
         write_sysctl(f"net.ipv4.conf.{conf}.rp_filter", 0)
+    # A Service without endpoints answers with ICMP port unreachable; the default rate limit
+    # (one per second per peer) would turn refused probes into timeouts.
+    write_sysctl("net.ipv4.icmp_ratelimit", 0)
     if forward:
         write_sysctl("net.ipv4.ip_forward", 1)
 

@@ -159,9 +159,20 @@ class ClusterState:
         allocated = cls._allocate_services(list(services), prev_svcs, plan)
         slices = [s for s in endpoint_slices]
         given = {(s.namespace, s.service_name) for s in slices}
+        # Pods by (namespace, label, value): a selector looks at its candidates only, so
+        # 10,000 Services over thousands of pods is not a product of the two.
+        labelled: dict[tuple[str, str, str], list[Pod]] = {}
+        for pod in placed:
+            for k, v in pod.labels.items():
+                labelled.setdefault((pod.namespace, k, v), []).append(pod)
         for svc in allocated:
             if svc.selector is not None and svc.key not in given:
-                slices.extend(cls._endpoint_slices_for(svc, placed))
+                candidates = min(
+                    (labelled.get((svc.namespace, k, v), []) for k, v in svc.selector.items()),
+                    key=len,
+                    default=[],
+                )
+                slices.extend(cls._endpoint_slices_for(svc, candidates))
         return cls(nodes, tuple(placed), tuple(allocated), tuple(slices), plan)
 
     @staticmethod
@@ -178,11 +189,26 @@ class ClusterState:
                     f"of this cluster (nodes: {', '.join(by_node)})"
                 )
             prev = prev_pods.get(pod.key)
-            if prev is not None and prev.ip and (pod.node_name in (None, prev.node_name)):
+            if (
+                prev is not None
+                and prev.ip
+                and prev.node_name in by_node  # its node may have left the cluster
+                and pod.node_name in (None, prev.node_name)
+            ):
                 pod = replace(pod, node_name=prev.node_name, ip=prev.ip)
-                used[prev.node_name].add(prev.ip)
+            elif pod.ip is not None and pod.node_name is None:
+                pod = replace(pod, ip=None)  # an address means nothing without its node
+            if pod.ip is not None:
+                # Kept addresses are reserved before any allocation so none is handed out twice.
+                if pod.ip in used[pod.node_name]:
+                    raise StateError(
+                        f"Pod {pod.namespace}/{pod.name}: status.podIP {pod.ip} is already used "
+                        f"by another pod on {pod.node_name}"
+                    )
+                used[pod.node_name].add(pod.ip)
             pending.append(pod)
         counts = {n.name: 0 for n in nodes}
+        cursor: dict[str, int] = {}
         for pod in pending:
             if pod.node_name:
                 counts[pod.node_name] += 1
@@ -193,12 +219,14 @@ class ClusterState:
                 pod = replace(pod, node_name=target)
             if pod.ip is None:
                 node = by_node[pod.node_name]
-                for i in range(253):
-                    ip = plan.pod_ip(node.index, i)
-                    if ip not in used[node.name]:
-                        break
-                else:
+                # A cursor per node: addresses below it are taken, so placing n pods is O(n).
+                i = cursor.get(node.name, 0)
+                while i < 253 and plan.pod_ip(node.index, i) in used[node.name]:
+                    i += 1
+                if i == 253:
                     raise StateError(f"node {node.name} is full: at most 253 pods per node")
+                ip = plan.pod_ip(node.index, i)
+                cursor[node.name] = i + 1
                 used[node.name].add(ip)
                 pod = replace(pod, ip=ip)
             out.append(pod)
@@ -207,71 +235,93 @@ class ClusterState:
     @staticmethod
     def _allocate_services(services, prev_svcs, plan) -> list[Service]:
         net = ipaddress.ip_network(plan.service_cidr)
-        taken_ips: dict[str, str] = {plan.dns_ip: "the cluster DNS Service"}
+        dns_owner = "the cluster DNS Service"
+        taken_ips: dict[str, str] = {plan.dns_ip: dns_owner}
         taken_ports: dict[int, str] = {}
         lo, hi = plan.node_port_range
-        # Explicit values first, so an allocation never steals an address asked for later.
-        resolved: list[Service] = []
-        for svc in services:
-            ident = f"Service {svc.namespace}/{svc.name}"
-            prev = prev_svcs.get(svc.key)
-            if svc.cluster_ip is None and prev is not None and prev.cluster_ip:
-                svc = replace(svc, cluster_ip=prev.cluster_ip)
-            if svc.cluster_ip and not svc.headless:
-                owner = taken_ips.get(svc.cluster_ip)
-                if owner and owner != ident and not (
-                    svc.cluster_ip == plan.dns_ip and svc.namespace == "kube-system"
-                ):
-                    raise StateError(
-                        f"{ident}: spec.clusterIP {svc.cluster_ip} is already used by {owner}"
-                    )
-                taken_ips[svc.cluster_ip] = ident
-            if prev is not None:
-                prev_np = {(p.port, p.protocol): p.node_port for p in prev.ports}
-                svc = replace(
-                    svc,
-                    ports=tuple(
-                        replace(p, node_port=prev_np.get((p.port, p.protocol)))
-                        if p.node_port is None and svc.type == TYPE_NODE_PORT
-                        else p
-                        for p in svc.ports
-                    ),
+
+        def ident(svc: Service) -> str:
+            return f"Service {svc.namespace}/{svc.name}"
+
+        def take_ip(svc: Service) -> None:
+            owner = taken_ips.get(svc.cluster_ip)
+            dns = owner == dns_owner and svc.namespace == "kube-system"
+            if owner and owner != ident(svc) and not dns:
+                raise StateError(
+                    f"{ident(svc)}: spec.clusterIP {svc.cluster_ip} is already used by {owner}"
                 )
-            for p in svc.ports:
+            taken_ips[svc.cluster_ip] = ident(svc)
+
+        def take_port(svc: Service, index: int, node_port: int) -> None:
+            owner = taken_ports.get(node_port)
+            if owner and owner != ident(svc):
+                raise StateError(
+                    f"{ident(svc)}: spec.ports[{index}].nodePort {node_port} is already used "
+                    f"by {owner}"
+                )
+            taken_ports[node_port] = ident(svc)
+
+        # What earlier builds allocated is held first: an applied Service keeps its
+        # addresses, and a new Service asking for one of them is the one refused.
+        kept: list[Service] = []
+        for svc in services:
+            prev = prev_svcs.get(svc.key)
+            if prev is not None:
+                if svc.cluster_ip is None and prev.cluster_ip and not prev.headless:
+                    svc = replace(svc, cluster_ip=prev.cluster_ip)
+                    take_ip(svc)
+                if svc.type == TYPE_NODE_PORT:
+                    prev_np = {(p.port, p.protocol): p.node_port for p in prev.ports}
+                    ports = []
+                    for i, p in enumerate(svc.ports):
+                        if p.node_port is None and prev_np.get((p.port, p.protocol)):
+                            p = replace(p, node_port=prev_np[p.port, p.protocol])
+                            take_port(svc, i, p.node_port)
+                        ports.append(p)
+                    svc = replace(svc, ports=tuple(ports))
+            kept.append(svc)
+        # Then explicit values, so an allocation never steals an address asked for later.
+        for svc in kept:
+            if svc.cluster_ip and not svc.headless:
+                take_ip(svc)
+            for i, p in enumerate(svc.ports):
                 if p.node_port is not None:
-                    owner = taken_ports.get(p.node_port)
-                    if owner and owner != ident:
-                        raise StateError(
-                            f"{ident}: spec.ports[{p.name or p.port}].nodePort {p.node_port} "
-                            f"is already used by {owner}"
-                        )
-                    taken_ports[p.node_port] = ident
-            resolved.append(svc)
+                    take_port(svc, i, p.node_port)
         next_ip = int(net.network_address) + 1
         next_port = lo
         out: list[Service] = []
-        for svc in resolved:
-            ident = f"Service {svc.namespace}/{svc.name}"
+        for svc in kept:
             if svc.cluster_ip is None:
                 while str(ipaddress.ip_address(next_ip)) in taken_ips:
                     next_ip += 1
-                if ipaddress.ip_address(next_ip) not in net or next_ip == int(
-                    net.broadcast_address
-                ):
-                    raise StateError(f"{ident}: the Service CIDR {net} has no free ClusterIP left")
-                ip = str(ipaddress.ip_address(next_ip))
-                taken_ips[ip] = ident
-                svc = replace(svc, cluster_ip=ip)
+                if next_ip >= int(net.broadcast_address):
+                    raise StateError(
+                        f"{ident(svc)}: the Service CIDR {net} has no free ClusterIP left"
+                    )
+                svc = replace(svc, cluster_ip=str(ipaddress.ip_address(next_ip)))
+                taken_ips[svc.cluster_ip] = ident(svc)
             if svc.type == TYPE_NODE_PORT:
                 ports = []
                 for p in svc.ports:
                     if p.node_port is None:
-                        while next_port in taken_ports:
-                            next_port += 1
-                        if next_port > hi:
-                            raise StateError(f"{ident}: no free NodePort left in {lo}-{hi}")
-                        taken_ports[next_port] = ident
-                        p = replace(p, node_port=next_port)
+                        # As Kubernetes does, one port number served over TCP and UDP
+                        # shares one NodePort.
+                        shared = [
+                            q.node_port
+                            for q in ports
+                            if q.port == p.port and q.protocol != p.protocol and q.node_port
+                        ]
+                        if shared:
+                            p = replace(p, node_port=shared[0])
+                        else:
+                            while next_port in taken_ports:
+                                next_port += 1
+                            if next_port > hi:
+                                raise StateError(
+                                    f"{ident(svc)}: no free NodePort left in {lo}-{hi}"
+                                )
+                            taken_ports[next_port] = ident(svc)
+                            p = replace(p, node_port=next_port)
                     ports.append(p)
                 svc = replace(svc, ports=tuple(ports))
             out.append(svc)
@@ -279,7 +329,10 @@ class ClusterState:
 
     @staticmethod
     def _endpoint_slices_for(svc: Service, pods: list[Pod]) -> list[EndpointSlice]:
-        """The endpoint controller: pods matching the selector, ports resolved by name."""
+        """The endpoint controller: pods matching the selector, ports resolved by name.
+
+        `pods` may be any superset of the selected ones, in placement order.
+        """
         selected = [
             p
             for p in pods
@@ -287,17 +340,17 @@ class ClusterState:
             and svc.selector
             and all(p.labels.get(k) == v for k, v in svc.selector.items())
         ]
-        for sp in svc.ports:
+        for index, sp in enumerate(svc.ports):
             if isinstance(sp.target_port, str) and selected:
-                if not any(
-                    cp.name == sp.target_port and cp.protocol == sp.protocol
-                    for p in selected
-                    for cp in p.ports
-                ):
+                declared = sorted(
+                    {cp.name for p in selected for cp in p.ports if cp.protocol == sp.protocol}
+                    - {None}
+                )
+                if sp.target_port not in declared:
                     raise StateError(
-                        f"Service {svc.namespace}/{svc.name}: spec.ports[{sp.name or sp.port}]"
-                        f".targetPort {sp.target_port!r} is not a {sp.protocol} port name "
-                        "declared by any selected pod"
+                        f"Service {svc.namespace}/{svc.name}: spec.ports[{index}].targetPort "
+                        f"{sp.target_port!r} is not a {sp.protocol} port name declared by any "
+                        f"selected pod (they declare: {', '.join(declared) or 'none'})"
                     )
         # One slice per distinct port mapping, as the controller does for named ports.
         groups: dict[tuple[EndpointPort, ...], list[Endpoint]] = {}
@@ -362,9 +415,7 @@ class ClusterState:
         views: list[ServicePortView] = []
         for svc in self.proxied_services(proxy_name):
             for sp in svc.ports:
-                eps = _endpoints_for_port(
-                    svc, sp, slices_by_svc.get(svc.key, []), node_name
-                )
+                eps = _endpoints_for_port(svc, sp, slices_by_svc.get(svc.key, []), node_name)
                 everyone = _usable(eps)
                 local = _usable([e for e in eps if e.local])
                 internal = local if svc.internal_traffic_policy == POLICY_LOCAL else everyone
@@ -449,7 +500,12 @@ def allocations(state: ClusterState) -> dict:
     return {
         "pods": [[p.namespace, p.name, p.node_name, p.ip] for p in state.pods],
         "services": [
-            [s.namespace, s.name, s.cluster_ip, [[p.port, p.protocol, p.node_port] for p in s.ports]]
+            [
+                s.namespace,
+                s.name,
+                s.cluster_ip,
+                [[p.port, p.protocol, p.node_port] for p in s.ports],
+            ]
             for s in state.services
         ],
     }
@@ -457,10 +513,16 @@ def allocations(state: ClusterState) -> dict:
 
 def previous_from_allocations(nodes, data: dict) -> ClusterState:
     """A ClusterState that build(previous=...) reads to keep earlier allocations stable."""
-    pods = tuple(Pod(ns, name, node_name=node, ip=ip) for ns, name, node, ip in data.get("pods", []))
+    pods = tuple(
+        Pod(ns, name, node_name=node, ip=ip) for ns, name, node, ip in data.get("pods", [])
+    )
     services = tuple(
-        Service(ns, name, tuple(ServicePort(port, proto, node_port=np) for port, proto, np in ports),
-                cluster_ip=ip)
+        Service(
+            ns,
+            name,
+            tuple(ServicePort(port, proto, node_port=np) for port, proto, np in ports),
+            cluster_ip=ip,
+        )
         for ns, name, ip, ports in data.get("services", [])
     )
     return ClusterState(tuple(nodes), pods, services)

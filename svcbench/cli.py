@@ -22,7 +22,7 @@ from kube.model import Node, Pod
 from kube.state import ClusterState, StateError, allocations, previous_from_allocations
 
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class UsageError(ValueError):

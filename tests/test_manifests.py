@@ -1,0 +1,882 @@
+"""kube/manifests.py: Kubernetes YAML in, model objects out, and one-sentence errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import textwrap
+
+import pytest
+import yaml
+
+from kube.manifests import (
+    ManifestError,
+    Manifests,
+    field_path,
+    load_documents,
+    load_files,
+    load_manifests,
+)
+from kube.model import (
+    ContainerPort,
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
+    Pod,
+    Service,
+    ServicePort,
+)
+
+FULL = textwrap.dedent(
+    """\
+    apiVersion: v1
+    kind: Service
+    metadata:
+      name: web
+      namespace: ns1
+      labels:
+        app: web
+        service.kubernetes.io/service-proxy-name: other
+    spec:
+      type: NodePort
+      clusterIP: 198.19.1.20
+      selector: {app: web}
+      externalIPs: [198.18.64.7]
+      sessionAffinity: ClientIP
+      sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+      externalTrafficPolicy: Local
+      internalTrafficPolicy: Local
+      ports:
+      - name: http
+        port: 80
+        targetPort: http
+        nodePort: 30080
+      - name: dns
+        protocol: UDP
+        port: 53
+        targetPort: 5353
+    ---
+    # an empty document follows
+    ---
+    apiVersion: v1
+    kind: Pod
+    metadata:
+      name: web-1
+      namespace: ns1
+      labels: {app: web}
+      deletionTimestamp: 2024-01-01T00:00:00Z
+    spec:
+      nodeName: node2
+      containers:
+      - name: echo
+        image: svcbench/echo
+        ports:
+        - {name: http, containerPort: 8080}
+      - name: sidecar
+        ports:
+        - {name: dns, containerPort: 5353, protocol: UDP}
+    status:
+      conditions:
+      - {type: Initialized, status: "True"}
+      - {type: Ready, status: "False"}
+    ---
+    apiVersion: discovery.k8s.io/v1
+    kind: EndpointSlice
+    metadata:
+      name: ext-abc12
+      namespace: ns1
+      labels: {kubernetes.io/service-name: ext}
+    addressType: IPv4
+    endpoints:
+    - addresses: [198.18.129.5]
+      nodeName: node1
+      targetRef: {kind: Pod, namespace: ns1, name: ext-1}
+    - addresses: [198.18.130.5]
+      conditions: {ready: false}
+    - addresses: [198.18.130.6]
+      conditions: {ready: false, serving: true, terminating: true}
+    ports:
+    - {name: http, port: 8080}
+    """
+)
+
+
+def error_of(text: str, source: str = "web.yaml") -> str:
+    with pytest.raises(ManifestError) as info:
+        load_manifests(text, source)
+    message = str(info.value)
+    # One sentence: one line, one final period, no second sentence starting after ". ".
+    assert "\n" not in message and message.endswith(".")
+    assert not re.search(r"\.\s+[A-Z]", message), message
+    return message
+
+
+def service_yaml(spec: dict, name: str = "web", labels: dict | None = None) -> str:
+    meta = {"name": name, "namespace": "ns1"} | ({"labels": labels} if labels else {})
+    return yaml.safe_dump({"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec})
+
+
+def pod_yaml(spec: dict | None = None, status: dict | None = None, name: str = "p") -> str:
+    doc = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "ns1"}}
+    doc["spec"] = spec or {"containers": [{"name": "c"}]}
+    if status:
+        doc["status"] = status
+    return yaml.safe_dump(doc)
+
+
+def slice_yaml(**body) -> str:
+    doc = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "web-abc",
+            "namespace": "ns1",
+            "labels": {"kubernetes.io/service-name": "web"},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["198.18.129.2"]}],
+        "ports": [{"port": 8080}],
+    } | body
+    return yaml.safe_dump(doc)
+
+
+PORT80 = [{"port": 80}]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_reads_every_supported_field_onto_the_model():
+    m = load_manifests(FULL, "full.yaml")
+    assert m.services == (
+        Service(
+            namespace="ns1",
+            name="web",
+            ports=(
+                ServicePort(80, "TCP", "http", "http", 30080),
+                ServicePort(53, "UDP", "dns", 5353, None),
+            ),
+            type="NodePort",
+            cluster_ip="198.19.1.20",
+            selector={"app": "web"},
+            labels={"app": "web", "service.kubernetes.io/service-proxy-name": "other"},
+            external_ips=("198.18.64.7",),
+            session_affinity="ClientIP",
+            affinity_timeout_s=60,
+            external_traffic_policy="Local",
+            internal_traffic_policy="Local",
+        ),
+    )
+    assert m.services[0].proxy_name == "other"
+    assert m.pods == (
+        Pod(
+            namespace="ns1",
+            name="web-1",
+            labels={"app": "web"},
+            node_name="node2",
+            ports=(ContainerPort(8080, "TCP", "http"), ContainerPort(5353, "UDP", "dns")),
+            ready=False,
+            terminating=True,
+        ),
+    )
+    assert m.endpoint_slices == (
+        EndpointSlice(
+            namespace="ns1",
+            name="ext-abc12",
+            service_name="ext",
+            endpoints=(
+                Endpoint(("198.18.129.5",), True, True, False, "node1", "ext-1"),
+                Endpoint(("198.18.130.5",), ready=False, serving=False, terminating=False),
+                Endpoint(("198.18.130.6",), ready=False, serving=True, terminating=True),
+            ),
+            ports=(EndpointPort(8080, "TCP", "http"),),
+        ),
+    )
+    assert len(m) == 3
+
+
+def test_defaults_follow_kubernetes():
+    m = load_manifests(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n"
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+    )
+    svc, pod = m.services[0], m.pods[0]
+    assert (svc.namespace, svc.type, svc.cluster_ip, svc.selector) == (
+        "default",
+        "ClusterIP",
+        None,
+        None,
+    )
+    assert svc.ports == (ServicePort(80, "TCP", "", None, None),)
+    assert (svc.session_affinity, svc.affinity_timeout_s) == ("None", 10800)
+    assert (svc.external_traffic_policy, svc.internal_traffic_policy) == ("Cluster", "Cluster")
+    assert (pod.namespace, pod.ready, pod.terminating, pod.node_name, pod.ports) == (
+        "default",
+        True,
+        False,
+        None,
+        (),
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("None", "None"), ("", None), (None, None), ("198.19.0.10", "198.19.0.10")],
+)
+def test_cluster_ip_headless_allocate_or_given(value, expected):
+    spec = {"ports": PORT80} | ({"clusterIP": value} if value is not None else {})
+    svc = load_manifests(service_yaml(spec)).services[0]
+    assert svc.cluster_ip == expected
+    assert svc.headless == (expected == "None")
+
+
+def test_headless_service_may_have_no_ports():
+    svc = load_manifests(service_yaml({"clusterIP": "None", "selector": {"a": "b"}})).services[0]
+    assert svc.headless and svc.ports == ()
+
+
+def test_cluster_ips_list_as_the_api_returns_it():
+    spec = {"clusterIP": "198.19.0.5", "clusterIPs": ["198.19.0.5"], "ports": PORT80}
+    assert load_manifests(service_yaml(spec)).services[0].cluster_ip == "198.19.0.5"
+    spec = {"clusterIPs": ["198.19.0.6"], "ipFamilies": ["IPv4"], "ports": PORT80}
+    assert load_manifests(service_yaml(spec)).services[0].cluster_ip == "198.19.0.6"
+
+
+def test_empty_selector_means_no_selector_and_node_port_zero_means_allocate():
+    spec = {"type": "NodePort", "selector": {}, "ports": [{"port": 80, "nodePort": 0}]}
+    svc = load_manifests(service_yaml(spec)).services[0]
+    assert svc.selector is None
+    assert svc.ports[0].node_port is None
+
+
+def test_same_port_number_over_tcp_and_udp_may_share_a_node_port():
+    spec = {
+        "type": "NodePort",
+        "ports": [
+            {"name": "dns-tcp", "port": 53, "nodePort": 30053},
+            {"name": "dns-udp", "port": 53, "protocol": "UDP", "nodePort": 30053},
+        ],
+    }
+    ports = load_manifests(service_yaml(spec)).services[0].ports
+    assert [(p.protocol, p.node_port) for p in ports] == [("TCP", 30053), ("UDP", 30053)]
+
+
+@pytest.mark.parametrize(
+    ("conditions", "expected"),
+    [
+        ({}, (True, True, False)),  # nil ready means ready; serving follows ready
+        ({"ready": False}, (False, False, False)),
+        ({"ready": None, "serving": None, "terminating": None}, (True, True, False)),
+        ({"ready": False, "serving": True, "terminating": True}, (False, True, True)),
+        ({"ready": True, "serving": False}, (True, False, False)),
+    ],
+)
+def test_endpoint_condition_defaults(conditions, expected):
+    text = slice_yaml(endpoints=[{"addresses": ["198.18.129.2"], "conditions": conditions}])
+    ep = load_manifests(text).endpoint_slices[0].endpoints[0]
+    assert (ep.ready, ep.serving, ep.terminating) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "ready"),
+    [("True", True), ("False", False), ("Unknown", False), (True, True), (False, False)],
+)
+def test_pod_readiness_from_the_ready_condition(status, ready):
+    text = pod_yaml(status={"conditions": [{"type": "Ready", "status": status}]})
+    assert load_manifests(text).pods[0].ready is ready
+
+
+def test_lists_and_typed_lists_unpack_their_items():
+    items = [yaml.safe_load(service_yaml({"ports": PORT80}, name=f"s{i}")) for i in range(3)] + [
+        yaml.safe_load(pod_yaml())
+    ]
+    text = yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": items})
+    m = load_manifests(text)
+    assert [s.name for s in m.services] == ["s0", "s1", "s2"]
+    assert [p.name for p in m.pods] == ["p"]
+    bare = [{"metadata": {"name": "a"}, "spec": {"ports": PORT80}}]  # the API omits item kinds
+    text = yaml.safe_dump({"apiVersion": "v1", "kind": "ServiceList", "items": bare})
+    assert load_manifests(text).services[0].name == "a"
+
+
+def test_empty_stream_and_json_are_fine():
+    assert load_manifests("") == Manifests()
+    assert load_manifests("---\n---\n") == Manifests()
+    doc = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}}
+    assert load_manifests(json.dumps(doc)).pods[0].name == "p"
+
+
+# --------------------------------------------------------------------------- rejecting
+
+
+def test_error_names_file_line_document_object_field_and_accepted_values():
+    text = FULL.replace("port: 53\n", "port: 70000\n")
+    line = text.splitlines().index("    port: 70000") + 1
+    message = error_of(text, "full.yaml")
+    assert message == (
+        f"full.yaml:{line} (document 1): Service ns1/web spec.ports[1].port must be an "
+        "integer from 1 to 65535, not 70000."
+    )
+    text = FULL.replace("containerPort: 5353", "containerPort: 0")
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if "containerPort: 0" in s)
+    assert error_of(text).startswith(f"web.yaml:{line} (document 3): Pod ns1/web-1 ")
+
+
+def test_malformed_yaml_names_the_line():
+    message = error_of("apiVersion: v1\nkind: Pod\nmetadata: {name: p\nspec: {}\n")
+    assert message.startswith("web.yaml:4 is not valid YAML")
+    assert error_of("a: b\n\tc: d\n").startswith("web.yaml:2 is not valid YAML")
+
+
+def test_a_repeated_key_is_refused_instead_of_silently_overwritten():
+    text = service_yaml({"ports": PORT80}).replace("  - port: 80\n", "  - port: 80\n    port: 81\n")
+    message = error_of(text)
+    assert 'the key "port" appears twice' in message and message.startswith("web.yaml:")
+
+
+def test_aliases_cycles_and_shared_nodes_load_in_linear_time():
+    laughs = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]\n"
+        for i in range(1, 30)
+    )
+    assert "not a kind svcbench reads" in error_of(laughs)
+    assert "not a kind svcbench reads" in error_of("&cycle {a: [*cycle]}\n")
+    shared = (
+        service_yaml({"selector": {"app": "web"}, "ports": PORT80}).replace(
+            "selector:", "selector: &labels"
+        )
+        + "---\n"
+        + pod_yaml(name="w")
+    )
+    assert load_manifests(shared).services[0].selector == {"app": "web"}
+
+
+REJECTED = [
+    # (id, text, fragments the message must contain)
+    (
+        "not-a-mapping",
+        "- a\n- b\n",
+        ["(document 1)", "the document is a list", "not a Kubernetes object"],
+    ),
+    ("scalar-document", "hello\n", ['the document is "hello"', "apiVersion, kind and metadata"]),
+    (
+        "unknown-kind",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n",
+        [
+            'apiVersion "apps/v1" kind "Deployment" (default/web)',
+            "v1 Pod, v1 Service, discovery.k8s.io/v1 EndpointSlice",
+        ],
+    ),
+    (
+        "wrong-api-version",
+        "apiVersion: v2\nkind: Service\nmetadata: {name: web}\n",
+        ['apiVersion "v2" kind "Service"', "is not a kind svcbench reads"],
+    ),
+    ("no-kind", "metadata: {name: web}\n", ["apiVersion null kind null", "v1 Service"]),
+    (
+        "missing-name",
+        "apiVersion: v1\nkind: Service\nmetadata: {namespace: ns1}\nspec: {ports: [{port: 80}]}\n",
+        ["Service metadata.name is required", "DNS-1035 label"],
+    ),
+    (
+        "pod-name-not-dns1123",
+        pod_yaml(name="Web_1"),
+        ["Pod metadata.name must be a DNS-1123 label", "lowercase letters", 'not "Web_1"'],
+    ),
+    (
+        "service-name-starts-with-digit",
+        service_yaml({"ports": PORT80}, name="1web"),
+        ["Service metadata.name must be a DNS-1035 label", "starting with a letter", '"1web"'],
+    ),
+    (
+        "namespace-not-dns1123",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: NS.1}\n",
+        ["Pod metadata.namespace must be a DNS-1123 label", '"NS.1"'],
+    ),
+    (
+        "name-too-long",
+        pod_yaml(name="p" * 64),
+        ["metadata.name must be a DNS-1123 label (at most 63"],
+    ),
+    (
+        "port-zero",
+        service_yaml({"ports": [{"port": 0}]}),
+        ["Service ns1/web spec.ports[0].port must be an integer from 1 to 65535, not 0"],
+    ),
+    (
+        "port-string",
+        service_yaml({"ports": [{"port": "80"}]}),
+        ['spec.ports[0].port must be an integer from 1 to 65535, not "80"'],
+    ),
+    (
+        "port-missing",
+        service_yaml({"ports": [{"name": "x"}]}),
+        ["spec.ports[0].port is required: an integer from 1 to 65535"],
+    ),
+    (
+        "target-port-too-big",
+        service_yaml({"ports": [{"port": 80, "targetPort": 65536}]}),
+        [
+            "spec.ports[0].targetPort must be an integer from 1 to 65535 or an IANA service name",
+            "65536",
+        ],
+    ),
+    (
+        "target-port-bad-name",
+        service_yaml({"ports": [{"port": 80, "targetPort": "http_alt"}]}),
+        ["spec.ports[0].targetPort must be", "IANA service name (at most 15", '"http_alt"'],
+    ),
+    (
+        "target-port-digits-as-string",
+        service_yaml({"ports": [{"port": 80, "targetPort": "8080"}]}),
+        ["at least one letter", '"8080"'],
+    ),
+    (
+        "target-port-name-too-long",
+        service_yaml({"ports": [{"port": 80, "targetPort": "a" * 16}]}),
+        ["IANA service name (at most 15"],
+    ),
+    (
+        "container-port-out-of-range",
+        pod_yaml({"containers": [{"name": "c", "ports": [{"containerPort": 65536}]}]}),
+        ["Pod ns1/p spec.containers[0].ports[0].containerPort must be an integer from 1 to 65535"],
+    ),
+    (
+        "container-port-name-not-iana",
+        pod_yaml(
+            {"containers": [{"name": "c", "ports": [{"containerPort": 80, "name": "web--x"}]}]}
+        ),
+        ["spec.containers[0].ports[0].name must be an IANA service name", "no '--'"],
+    ),
+    (
+        "container-port-name-repeated",
+        pod_yaml(
+            {
+                "containers": [
+                    {"name": "a", "ports": [{"containerPort": 80, "name": "http"}]},
+                    {"name": "b", "ports": [{"containerPort": 81, "name": "http"}]},
+                ]
+            }
+        ),
+        ['spec.containers[1].ports[0].name repeats the name "http" of spec.containers[0].ports[0]'],
+    ),
+    (
+        "container-port-repeated",
+        pod_yaml(
+            {"containers": [{"name": "a", "ports": [{"containerPort": 80}, {"containerPort": 80}]}]}
+        ),
+        ["spec.containers[0].ports[1] repeats 80/TCP", "must be unique"],
+    ),
+    (
+        "protocol-sctp",
+        service_yaml({"ports": [{"port": 80, "protocol": "SCTP"}]}),
+        ['spec.ports[0].protocol must be "TCP" or "UDP", not "SCTP"'],
+    ),
+    (
+        "protocol-lowercase",
+        pod_yaml(
+            {"containers": [{"name": "c", "ports": [{"containerPort": 80, "protocol": "tcp"}]}]}
+        ),
+        ['spec.containers[0].ports[0].protocol must be "TCP" or "UDP", not "tcp"'],
+    ),
+    (
+        "node-port-below-range",
+        service_yaml({"type": "NodePort", "ports": [{"port": 80, "nodePort": 8080}]}),
+        ["spec.ports[0].nodePort must be an integer from 30000 to 32767, not 8080"],
+    ),
+    (
+        "node-port-above-range",
+        service_yaml({"type": "NodePort", "ports": [{"port": 80, "nodePort": 32768}]}),
+        ["from 30000 to 32767, not 32768"],
+    ),
+    (
+        "node-port-on-cluster-ip",
+        service_yaml({"ports": [{"port": 80, "nodePort": 30080}]}),
+        ['spec.ports[0].nodePort may only be set when spec.type is "NodePort"'],
+    ),
+    (
+        "node-port-repeated",
+        service_yaml(
+            {
+                "type": "NodePort",
+                "ports": [
+                    {"name": "a", "port": 80, "nodePort": 30080},
+                    {"name": "b", "port": 81, "nodePort": 30080},
+                ],
+            }
+        ),
+        ["spec.ports[1].nodePort repeats 30080/TCP of spec.ports[0]"],
+    ),
+    (
+        "type-load-balancer",
+        service_yaml({"type": "LoadBalancer", "ports": PORT80}),
+        [
+            'spec.type must be "ClusterIP" or "NodePort", not "LoadBalancer"',
+            "LoadBalancer and ExternalName are not supported",
+        ],
+    ),
+    (
+        "type-external-name",
+        service_yaml({"type": "ExternalName", "externalName": "example.com"}),
+        ['not "ExternalName"', "not supported"],
+    ),
+    (
+        "cluster-ip-outside-service-cidr",
+        service_yaml({"clusterIP": "10.96.0.10", "ports": PORT80}),
+        [
+            "spec.clusterIP must be",
+            "an IPv4 address inside the Service CIDR 198.19.0.0/16",
+            '"10.96.0.10"',
+        ],
+    ),
+    (
+        "cluster-ip-not-an-address",
+        service_yaml({"clusterIP": "web", "ports": PORT80}),
+        ['"None" (headless), empty (allocate) or an IPv4 address', 'not "web"'],
+    ),
+    (
+        "cluster-ip-network-address",
+        service_yaml({"clusterIP": "198.19.0.0", "ports": PORT80}),
+        ["spec.clusterIP must be", 'not "198.19.0.0"'],
+    ),
+    (
+        "cluster-ip-ipv6",
+        service_yaml({"clusterIP": "fd00::10", "ports": PORT80}),
+        ["spec.clusterIP must be", 'not "fd00::10"'],
+    ),
+    (
+        "cluster-ips-dual-stack",
+        service_yaml({"clusterIPs": ["198.19.0.5", "fd00::5"], "ports": PORT80}),
+        ["spec.clusterIPs must hold one address", "dual-stack is not supported"],
+    ),
+    (
+        "ip-families-ipv6",
+        service_yaml({"ipFamilies": ["IPv6"], "ports": PORT80}),
+        ['spec.ipFamilies must be ["IPv4"], not ["IPv6"]'],
+    ),
+    (
+        "headless-node-port",
+        service_yaml({"clusterIP": "None", "type": "NodePort", "ports": PORT80}),
+        ['Service ns1/web spec.type must be "ClusterIP" when spec.clusterIP is "None" (headless)'],
+    ),
+    (
+        "external-ip-outside-range",
+        service_yaml({"externalIPs": ["198.18.0.5"], "ports": PORT80}),
+        [
+            "spec.externalIPs[0] must be an IPv4 address inside the external IP range 198.18.64.0/18",
+            '"198.18.0.5"',
+        ],
+    ),
+    (
+        "external-ip-not-an-address",
+        service_yaml({"externalIPs": ["198.18.64.1", "nope"], "ports": PORT80}),
+        ["spec.externalIPs[1] must be an IPv4 address", '"nope"'],
+    ),
+    (
+        "external-ip-repeated",
+        service_yaml({"externalIPs": ["198.18.64.1", "198.18.64.1"], "ports": PORT80}),
+        ["spec.externalIPs[1] repeats 198.18.64.1"],
+    ),
+    (
+        "session-affinity-value",
+        service_yaml({"sessionAffinity": "Sticky", "ports": PORT80}),
+        ['spec.sessionAffinity must be "None" or "ClientIP", not "Sticky"'],
+    ),
+    (
+        "affinity-timeout-zero",
+        service_yaml(
+            {
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}},
+                "ports": PORT80,
+            }
+        ),
+        [
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds must be an integer from 1 to 86400, not 0"
+        ],
+    ),
+    (
+        "affinity-timeout-too-long",
+        service_yaml(
+            {
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86401}},
+                "ports": PORT80,
+            }
+        ),
+        ["timeoutSeconds must be an integer from 1 to 86400, not 86401"],
+    ),
+    (
+        "affinity-config-without-client-ip",
+        service_yaml(
+            {"sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 5}}, "ports": PORT80}
+        ),
+        ['spec.sessionAffinityConfig may only be set when spec.sessionAffinity is "ClientIP"'],
+    ),
+    (
+        "external-policy-value",
+        service_yaml({"type": "NodePort", "externalTrafficPolicy": "Nearest", "ports": PORT80}),
+        ['spec.externalTrafficPolicy must be "Cluster" or "Local", not "Nearest"'],
+    ),
+    (
+        "internal-policy-value",
+        service_yaml({"internalTrafficPolicy": "local", "ports": PORT80}),
+        ['spec.internalTrafficPolicy must be "Cluster" or "Local", not "local"'],
+    ),
+    (
+        "external-policy-local-on-cluster-ip",
+        service_yaml({"externalTrafficPolicy": "Local", "ports": PORT80}),
+        [
+            'spec.externalTrafficPolicy may only be "Local" for a NodePort Service or one with spec.externalIPs'
+        ],
+    ),
+    (
+        "duplicate-service",
+        service_yaml({"ports": PORT80}) + "---\n" + service_yaml({"ports": [{"port": 81}]}),
+        [
+            "web.yaml:10 (document 2): Service ns1/web is defined twice in one load, first at web.yaml:1 (document 1)"
+        ],
+    ),
+    (
+        "duplicate-pod-in-list",
+        yaml.safe_dump(
+            {"apiVersion": "v1", "kind": "List", "items": [yaml.safe_load(pod_yaml())] * 2}
+        ),
+        ["(document 1, items[1]): Pod ns1/p is defined twice", "first at web.yaml"],
+    ),
+    (
+        "duplicate-port-and-protocol",
+        service_yaml({"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}),
+        ["spec.ports[1] repeats port 80/TCP of spec.ports[0]", "each port and protocol pair"],
+    ),
+    (
+        "multi-port-unnamed",
+        service_yaml({"ports": [{"name": "a", "port": 80}, {"port": 81}]}),
+        ["spec.ports[1].name is required when a Service has more than one port", "DNS-1123 label"],
+    ),
+    (
+        "multi-port-name-repeated",
+        service_yaml({"ports": [{"name": "http", "port": 80}, {"name": "http", "port": 81}]}),
+        ['spec.ports[1].name repeats the name "http" of spec.ports[0]', "must be unique"],
+    ),
+    (
+        "port-name-not-dns1123",
+        service_yaml({"ports": [{"name": "HTTP", "port": 80}]}),
+        ["spec.ports[0].name must be a DNS-1123 label", 'not "HTTP"'],
+    ),
+    (
+        "no-ports",
+        service_yaml({"selector": {"app": "web"}}),
+        [
+            "Service ns1/web spec.ports must list at least one port",
+            'headless Service, clusterIP "None"',
+        ],
+    ),
+    (
+        "ports-not-a-list",
+        service_yaml({"ports": {"port": 80}}),
+        ["spec.ports must be a list, not a mapping"],
+    ),
+    (
+        "unknown-spec-field",
+        service_yaml({"selecter": {"app": "web"}, "ports": PORT80}),
+        [
+            "Service ns1/web spec.selecter is not a field of a Service spec (did you mean spec.selector)"
+        ],
+    ),
+    (
+        "unknown-port-field",
+        service_yaml({"ports": [{"port": 80, "targetport": 8080}]}),
+        [
+            "spec.ports[0].targetport is not a field of a Service port (did you mean spec.ports[0].targetPort)"
+        ],
+    ),
+    (
+        "publish-not-ready",
+        service_yaml({"publishNotReadyAddresses": True, "ports": PORT80}),
+        ["spec.publishNotReadyAddresses must be false or absent (not supported)"],
+    ),
+    (
+        "label-value-not-a-string",
+        service_yaml({"ports": PORT80}, labels={"version": 2}),
+        ["Service ns1/web metadata.labels.version must be a string label value (quote it), not 2"],
+    ),
+    (
+        "label-key-invalid",
+        service_yaml({"ports": PORT80}, labels={"bad key": "x"}),
+        ['metadata.labels has key "bad key", which is not a label key'],
+    ),
+    (
+        "selector-value-invalid",
+        service_yaml({"selector": {"app": "has space"}, "ports": PORT80}),
+        ["spec.selector.app must be a label value", '"has space"'],
+    ),
+    (
+        "slice-without-service-name",
+        slice_yaml(metadata={"name": "web-abc", "namespace": "ns1"}),
+        ["EndpointSlice ns1/web-abc metadata.labels must contain kubernetes.io/service-name"],
+    ),
+    (
+        "slice-ipv6",
+        slice_yaml(addressType="IPv6"),
+        [
+            'EndpointSlice ns1/web-abc addressType is "IPv6": it must be "IPv4" (IPv6 and FQDN are not supported)'
+        ],
+    ),
+    (
+        "slice-no-address-type",
+        slice_yaml(addressType=None),
+        ['addressType is required: it must be "IPv4"'],
+    ),
+    (
+        "slice-condition-not-bool",
+        slice_yaml(
+            endpoints=[{"addresses": ["198.18.129.2"], "conditions": {"ready": "yes please"}}]
+        ),
+        ['endpoints[0].conditions.ready must be true, false or null, not "yes please"'],
+    ),
+    (
+        "slice-address-outside",
+        slice_yaml(endpoints=[{"addresses": ["10.0.0.1"]}]),
+        [
+            "endpoints[0].addresses[0] must be an IPv4 address inside the benchmark range 198.18.0.0/15"
+        ],
+    ),
+    (
+        "slice-no-addresses",
+        slice_yaml(endpoints=[{"nodeName": "node1"}]),
+        ["endpoints[0].addresses must list from 1 to 100 IPv4 addresses, not 0"],
+    ),
+    (
+        "slice-port-out-of-range",
+        slice_yaml(ports=[{"name": "http", "port": 0}]),
+        ["EndpointSlice ns1/web-abc ports[0].port must be an integer from 1 to 65535, not 0"],
+    ),
+    (
+        "slice-port-name-repeated",
+        slice_yaml(ports=[{"port": 80}, {"port": 81}]),
+        ['ports[1].name repeats the name "" of ports[0]'],
+    ),
+    (
+        "pod-ready-status",
+        pod_yaml(status={"conditions": [{"type": "Ready", "status": "Maybe"}]}),
+        ['Pod ns1/p status.conditions[0].status must be "True", "False" or "Unknown", not "Maybe"'],
+    ),
+    (
+        "metadata-not-a-mapping",
+        "apiVersion: v1\nkind: Pod\nmetadata: [p]\n",
+        ["Pod metadata must be a mapping, not a list"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"), [r[1:] for r in REJECTED], ids=[r[0] for r in REJECTED]
+)
+def test_rejected_with_one_sentence_naming_object_field_and_accepted_values(text, fragments):
+    message = error_of(text)
+    assert message.startswith("web.yaml")
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_field_path_uses_kubernetes_form():
+    assert field_path(("spec", "ports", 0, "port")) == "spec.ports[0].port"
+    assert field_path(("metadata", "labels", "kubernetes.io/service-name")) == (
+        'metadata.labels["kubernetes.io/service-name"]'
+    )
+
+
+# --------------------------------------------------------------------------- apply / delete
+
+
+def test_merged_replaces_same_kind_namespace_name_and_keeps_order():
+    base = load_manifests(
+        service_yaml({"ports": PORT80}, name="a")
+        + "---\n"
+        + service_yaml({"ports": PORT80}, name="b")
+        + "---\n"
+        + pod_yaml(name="a")
+    )
+    change = load_manifests(
+        service_yaml({"ports": [{"port": 81}]}, name="a")
+        + "---\n"
+        + service_yaml({"ports": PORT80}, name="c")
+    )
+    merged = base.merged(change)
+    assert [(s.name, s.ports[0].port) for s in merged.services] == [("a", 81), ("b", 80), ("c", 80)]
+    assert merged.pods == base.pods  # a Pod named "a" is another object than Service "a"
+    assert base.merged(Manifests()) == base
+
+
+def test_without_removes_the_named_objects_only():
+    base = load_manifests(FULL)
+    gone = load_manifests(service_yaml({"ports": [{"port": 9}]}))  # same name, other content
+    left = base.without(gone)
+    assert left.services == () and left.pods == base.pods
+    assert left.endpoint_slices == base.endpoint_slices
+    assert base.without(base) == Manifests()
+
+
+def test_to_documents_reads_back_equal_through_json_and_yaml():
+    m = load_manifests(FULL).merged(
+        load_manifests(
+            service_yaml({"clusterIP": "None", "selector": {"app": "web"}}, name="headless")
+            + "---\n"
+            + service_yaml({"ports": [{"port": 80, "targetPort": 8080}]}, name="plain")
+            + "---\n"
+            + pod_yaml(name="plain-pod")
+        )
+    )
+    docs = m.to_documents()
+    assert load_documents(docs) == m
+    listed = {"apiVersion": "v1", "kind": "List", "items": docs}
+    assert load_manifests(json.dumps(listed), "state.json") == m
+    assert load_manifests(yaml.safe_dump_all(docs)) == m
+    assert all(set(d) >= {"apiVersion", "kind", "metadata"} for d in docs)
+
+
+def test_load_documents_errors_name_the_document():
+    with pytest.raises(ManifestError, match=r"^state.json \(document 2\): Pod metadata.name"):
+        load_documents(
+            [
+                {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a"}},
+                {"apiVersion": "v1", "kind": "Pod", "metadata": {}},
+            ],
+            "state.json",
+        )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_load_files_reads_files_directories_and_stdin_as_one_load(tmp_path, monkeypatch):
+    (tmp_path / "svc.yaml").write_text(service_yaml({"ports": PORT80}, name="a"))
+    folder = tmp_path / "more"
+    folder.mkdir()
+    (folder / "1.yml").write_text(service_yaml({"ports": PORT80}, name="b"))
+    (folder / "2.json").write_text(json.dumps(yaml.safe_load(pod_yaml())))
+    (folder / "notes.txt").write_text("not a manifest: [")
+    monkeypatch.setattr("sys.stdin", io.StringIO(service_yaml({"ports": PORT80}, name="c")))
+    m = load_files([tmp_path / "svc.yaml", str(folder), "-"])
+    assert [s.name for s in m.services] == ["a", "b", "c"]
+    assert [p.name for p in m.pods] == ["p"]
+
+
+def test_load_files_refuses_an_object_given_twice_across_files(tmp_path):
+    for name in ("one.yaml", "two.yaml"):
+        (tmp_path / name).write_text(service_yaml({"ports": PORT80}))
+    with pytest.raises(ManifestError) as info:
+        load_files([tmp_path / "one.yaml", tmp_path / "two.yaml"])
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'two.yaml'}:1 (document 1): Service ns1/web")
+    assert f"first at {tmp_path / 'one.yaml'}:1" in message
+
+
+def test_load_files_reports_unreadable_files(tmp_path):
+    with pytest.raises(ManifestError, match="missing.yaml cannot be read: No such file"):
+        load_files([tmp_path / "missing.yaml"])
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ManifestError, match="bin.yaml is not a UTF-8 text file"):
+        load_files([tmp_path / "bin.yaml"])
