@@ -206,6 +206,8 @@ def _base_sysctls(forward: bool) -> None:
     # A Service without endpoints answers with ICMP port unreachable; the default rate limit
     # (one per second per peer) would turn refused probes into timeouts.
     write_sysctl("net.ipv4.icmp_ratelimit", 0)
+    write_sysctl("net.ipv4.icmp_msgs_per_sec", 1_000_000)
+    write_sysctl("net.ipv4.icmp_msgs_burst", 100_000)
     if forward:
         write_sysctl("net.ipv4.ip_forward", 1)
 
