@@ -906,7 +906,8 @@ def gc(
     """Remove what dead runs left (every run with all_runs); returns one line per thing removed.
 
     Dead: "creating"/"destroying" with the owner gone, or "ready" with an agent gone.
-    `svb-*` namespaces of a run with no state directory are orphans and go too. `run_ids`
+    `svb-<run>-*` namespaces of a run with no state directory are orphans and go too (with
+    all_runs, every `svb-*` namespace does). `run_ids`
     limits the sweep to those runs (tests use it to leave concurrent runs alone).
     """
     only = set(run_ids) if run_ids is not None else None
@@ -941,6 +942,9 @@ def gc(
     for name in list_netns():
         run_id = _run_of_netns(name)
         if run_id in runs or (only is not None and run_id not in only):
+            continue
+        # Names not shaped like a run's (a test's scratch namespace) belong to someone alive.
+        if not all_runs and not (run_id and RUN_ID_RE.match(run_id)):
             continue
         # create() writes the state before any namespace: look again to close the race.
         if run_id and os.path.exists(os.path.join(state_dir, run_id)):

@@ -92,6 +92,8 @@ class Host:
 
 class Dataplane(Protocol):
     name: str
+    # Optional: conformance check name -> why this mode cannot meet it by design.
+    # deviations: dict[str, str]
 
     def missing(self, host: Host) -> list[str]:
         """Unmet prerequisites on this host, each one sentence; empty means usable."""

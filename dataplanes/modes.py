@@ -9,6 +9,10 @@ from dataplanes.base import Dataplane
 # mode -> (module, class, options it accepts)
 MODES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "iptables": ("dataplanes.iptables", "IptablesDataplane", ("backend",)),
+    "nftables": ("dataplanes.nftables", "NftablesDataplane", ()),
+    "ipvs": ("dataplanes.ipvs", "IpvsDataplane", ("scheduler",)),
+    "ebpf": ("dataplanes.ebpf", "EbpfDataplane", ()),
+    "userspace": ("dataplanes.userspace", "UserspaceDataplane", ()),
 }
 IPTABLES_BACKENDS = ("nft", "legacy")
 

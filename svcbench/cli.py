@@ -429,7 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fix", action="store_true", help="install what is missing (Debian/Ubuntu, root)")
     sp.add_argument("--json", action="store_true")
 
+    def kernel_flag(sp):
+        sp.add_argument("--kernel", choices=("host", "uml"), default="host",
+                        help="run on this host's kernel or inside a User-Mode-Linux guest kernel")
+
     sp = command("up", cmd_up, "create a cluster of network namespaces and program its Services")
+    kernel_flag(sp)
     sp.add_argument("--nodes", type=_positive("--nodes", 1, 100), default=2)
     sp.add_argument("--pods-per-node", type=_positive("--pods-per-node", 0, 250), default=0)
     mode_flags(sp)
@@ -471,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="remove every run, live ones too")
 
     sp = command("bench", cmd_bench, "sweep the number of Services and measure each mode")
+    kernel_flag(sp)
     sp.add_argument("--modes", default="iptables", help="comma-separated modes")
     sp.add_argument("--backend", choices=IPTABLES_BACKENDS, default=None)
     sp.add_argument("--services", default="1,10,100,1000", help="comma-separated sizes")
@@ -481,10 +487,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RUN_COMMANDS = ("apply", "delete", "probe", "status", "down")
+
+
+def _guest_bound(args) -> bool:
+    """True when the command must run inside the User-Mode-Linux guest kernel."""
+    if getattr(args, "kernel", "host") == "uml":
+        return True
+    if args.command in RUN_COMMANDS:
+        from clusters.uml import owns_run
+
+        return owns_run(args.run)
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
+        if _guest_bound(args):
+            from clusters.uml import forward
+
+            return forward(argv)
         return args.func(args) or 0
     except (ManifestError, StateError, UsageError) as exc:
         err.print(f"svcbench: error: {exc}", markup=False)
