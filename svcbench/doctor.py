@@ -68,6 +68,22 @@ REQUIREMENTS: tuple[Requirement, ...] = (
 )
 
 
+# Prerequisites with their own check and fix (not one package): module, missing(), fix(echo).
+COMPOSITE = (
+    ("guest kernel (UML)", "IPVS mode (--kernel uml)", "clusters.uml", "uml_missing", "fix_uml"),
+    ("bcc", "ebpf mode, kernel tracepoints", "bpf.setup", "bcc_missing", "fix_bcc"),
+)
+
+
+def _composite(module_name: str, attr: str):
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
 @dataclass
 class Finding:
     name: str
@@ -77,7 +93,15 @@ class Finding:
 
 
 def examine(requirements=REQUIREMENTS) -> list[Finding]:
-    return [Finding(r.name, r.why, bool(r.check()), r.fix) for r in requirements]
+    findings = [Finding(r.name, r.why, bool(r.check()), r.fix) for r in requirements]
+    for name, why, module, missing_attr, _ in COMPOSITE:
+        missing = _composite(module, missing_attr)
+        if missing is None:
+            continue
+        problems = missing()
+        findings.append(Finding(name, why, not problems,
+                                "; ".join(problems + ["svcbench doctor --fix"]) if problems else ""))
+    return findings
 
 
 def fix(requirements=REQUIREMENTS, echo=print) -> list[Finding]:
@@ -97,6 +121,10 @@ def fix(requirements=REQUIREMENTS, echo=print) -> list[Finding]:
         echo(f"$ {sys.executable} -m pip install " + " ".join(pip))
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pip], check=True)
     importlib.invalidate_caches()
+    for _, _, module, missing_attr, fix_attr in COMPOSITE:
+        missing, fixer = _composite(module, missing_attr), _composite(module, fix_attr)
+        if missing is not None and fixer is not None and missing():
+            fixer(echo=echo)
     return examine(requirements)
 
 
