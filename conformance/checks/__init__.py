@@ -1,0 +1,1 @@
+"""The conformance checks: one test per behaviour, numbered as in issue 3."""

@@ -1,0 +1,148 @@
+"""ClusterIP from pods and nodes: spread, protocols, named ports, client IP, hairpin, payloads."""
+
+from __future__ import annotations
+
+import pytest
+
+from clusters.workloads.probe import OK
+from conformance.harness import (
+    BACKENDS,
+    EXTERNAL,
+    HTTP_PORT,
+    Probe,
+    backends,
+    describe,
+    outcomes,
+    uniformity_p,
+    web_service,
+)
+from kube.model import TCP, UDP, ServicePort
+
+SPREAD_CONNECTIONS = 600
+UNIFORM_P = 0.001
+SAME_NODE, OTHER_NODE = "ns1/client-a", "ns1/client-b"  # web-1 is on node1, web-2/3 on node2
+
+
+def _uniform(cluster, protocol: str) -> None:
+    cluster.apply([web_service("spread", ServicePort(80, protocol, "", HTTP_PORT))])
+    ip = cluster.cluster_ip("spread")
+    clients = (SAME_NODE, OTHER_NODE)
+    results = cluster.probes(
+        *(Probe(c, ip, 80, protocol=protocol, count=SPREAD_CONNECTIONS) for c in clients)
+    )
+    for client, result in zip(clients, results, strict=True):
+        assert outcomes(result) == {OK: SPREAD_CONNECTIONS}, f"from {client}: {describe(result)}"
+        counts = backends(result)
+        assert set(counts) == set(BACKENDS), (
+            f"from {client} not every ready endpoint answered: {describe(result)}"
+        )
+        p = uniformity_p([counts[b] for b in BACKENDS])
+        assert p > UNIFORM_P, (
+            f"from {client} the split {dict(counts)} is not uniform: chi-square p = {p:.2g}"
+        )
+
+
+@pytest.mark.check(1)
+def test_clusterip_tcp_uniform(cluster):
+    _uniform(cluster, TCP)
+
+
+@pytest.mark.check(2)
+def test_clusterip_udp_uniform(cluster):
+    _uniform(cluster, UDP)
+
+
+@pytest.mark.check(3)
+def test_multiport_named_target_ports(cluster):
+    # web-3 numbers `alt` 9090, the others 8081: the name must be resolved per endpoint.
+    svc = web_service(
+        "multiport", ServicePort(80, TCP, "http", "http"), ServicePort(81, TCP, "alt", "alt")
+    )
+    cluster.apply([svc])
+    ip = cluster.cluster_ip("multiport")
+    requests = [Probe(c, ip, port, count=60) for c in (SAME_NODE, OTHER_NODE) for port in (80, 81)]
+    for req, result in zip(requests, cluster.probes(*requests), strict=True):
+        assert outcomes(result) == {OK: 60}, f"port {req.port} from {req.source}: {describe(result)}"
+        assert set(backends(result)) == set(BACKENDS), (
+            f"port {req.port} from {req.source} missed endpoints: {describe(result)}"
+        )
+
+
+@pytest.mark.check(4)
+def test_tcp_and_udp_on_one_port(cluster):
+    tcp = ServicePort(80, TCP, "tcp", HTTP_PORT)
+    udp = ServicePort(80, UDP, "udp", HTTP_PORT)
+    cluster.apply([web_service("dual", tcp, udp)])
+    ip = cluster.cluster_ip("dual")
+    for result in cluster.probes(Probe(SAME_NODE, ip, 80, TCP, count=30),
+                                 Probe(SAME_NODE, ip, 80, UDP, count=30)):
+        assert outcomes(result) == {OK: 30}, f"both protocols served: {describe(result)}"
+    for kept, removed in ((tcp, udp), (udp, tcp)):
+        cluster.apply([web_service("dual", kept)])
+        served, stopped = cluster.probes(
+            Probe(SAME_NODE, ip, 80, kept.protocol, count=30),
+            Probe(SAME_NODE, ip, 80, removed.protocol, count=3, timeout=0.5),
+        )
+        assert outcomes(served) == {OK: 30}, f"{kept.protocol} kept: {describe(served)}"
+        assert outcomes(stopped)[OK] == 0, (
+            f"{removed.protocol} was removed but is still served after the sync: {describe(stopped)}"
+        )
+
+
+@pytest.mark.check(5)
+def test_host_network_client_reaches_clusterip(cluster):
+    cluster.apply([web_service("hostnet")])
+    ip = cluster.cluster_ip("hostnet")
+    sources = ("node/node1", "node/node2")
+    for source, result in zip(sources, cluster.probes(*(Probe(s, ip, 80, count=60) for s in sources)),
+                              strict=True):
+        assert outcomes(result) == {OK: 60}, f"from {source}: {describe(result)}"
+        assert set(backends(result)) == set(BACKENDS), f"from {source}: {describe(result)}"
+
+
+@pytest.mark.check(10)
+def test_clusterip_preserves_client_pod_ip(cluster):
+    cluster.apply([web_service("source", ServicePort(80, TCP, "tcp", HTTP_PORT),
+                               ServicePort(80, UDP, "udp", HTTP_PORT))])
+    ip = cluster.cluster_ip("source")
+    requests = [Probe(c, ip, 80, proto, count=30)
+                for c in (SAME_NODE, OTHER_NODE) for proto in (TCP, UDP)]
+    for req, result in zip(requests, cluster.probes(*requests), strict=True):
+        assert outcomes(result) == {OK: 30}, f"from {req.source}: {describe(result)}"
+        seen = {s.seen_client.rsplit(":", 1)[0] for s in result.samples}
+        assert seen == {cluster.pod_ip(req.source)}, (
+            f"{req.protocol} from {req.source} ({cluster.pod_ip(req.source)}): backends saw {seen}"
+        )
+
+
+@pytest.mark.check(11)
+def test_hairpin_pod_reaches_itself(cluster):
+    only = cluster.endpoint_slice("self", ["ns1/web-1"])
+    alone = web_service("self", selector=None)
+    cluster.apply([alone, web_service("shared")], [only])
+    self_ip, shared_ip = cluster.cluster_ip("self"), cluster.cluster_ip("shared")
+    solo, shared = cluster.probes(Probe("ns1/web-1", self_ip, 80, count=30),
+                                  Probe("ns1/web-2", shared_ip, 80, count=90))
+    assert outcomes(solo) == {OK: 30}, f"web-1 through its own Service: {describe(solo)}"
+    assert set(backends(solo)) == {"ns1/web-1"}, describe(solo)
+    assert outcomes(shared) == {OK: 90}, f"web-2 through a shared Service: {describe(shared)}"
+    assert backends(shared)["ns1/web-2"] > 0, f"web-2 never picked itself: {describe(shared)}"
+
+
+@pytest.mark.check(24)
+def test_large_payloads_pass(cluster):
+    payload = bytes(range(256)) * 7 + bytes(208)  # 2,000 bytes: fragments as UDP
+    assert len(payload) == 2000
+    svc = web_service("large", ServicePort(80, TCP, "tcp", HTTP_PORT),
+                      ServicePort(80, UDP, "udp", HTTP_PORT), type="NodePort")
+    cluster.apply([svc])
+    ip = cluster.cluster_ip("large")
+    node_port = cluster.node_port("large")
+    node2 = cluster.node_ip("node2")
+    requests = [Probe(SAME_NODE, ip, 80, proto, count=20, payload=payload) for proto in (TCP, UDP)]
+    requests += [Probe(EXTERNAL, node2, node_port, proto, count=20, payload=payload)
+                 for proto in (TCP, UDP)]
+    for req, result in zip(requests, cluster.probes(*requests), strict=True):
+        assert outcomes(result) == {OK: 20}, (
+            f"2,000-byte {req.protocol} from {req.source}: {describe(result)}"
+        )

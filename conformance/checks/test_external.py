@@ -1,0 +1,81 @@
+"""Traffic from outside the cluster: NodePorts, external traffic policy, externalIPs."""
+
+from __future__ import annotations
+
+import pytest
+
+from clusters.workloads.probe import OK
+from conformance.harness import (
+    BACKENDS,
+    EXTERNAL,
+    HTTP_PORT,
+    Probe,
+    backends,
+    describe,
+    outcomes,
+    web_service,
+)
+from kube.model import PLAN, POLICY_LOCAL, TCP, UDP, ServicePort
+
+EXTERNAL_IP = "198.18.64.10"  # in the plan's external-IP range, routed to node1 by the client
+NODE2_BACKENDS = {"ns1/web-2", "ns1/web-3"}
+
+
+@pytest.mark.check(6)
+def test_nodeport_on_every_node(cluster):
+    cluster.apply([web_service("nodeport", type="NodePort")])
+    port = cluster.node_port("nodeport")
+    requests = [Probe(source, cluster.node_ip(node), port, count=60)
+                for source in (EXTERNAL, "ns1/client-a") for node in ("node1", "node2")]
+    for req, result in zip(requests, cluster.probes(*requests), strict=True):
+        assert outcomes(result) == {OK: 60}, f"from {req.source}: {describe(result)}"
+        assert set(backends(result)) == set(BACKENDS), f"from {req.source}: {describe(result)}"
+
+
+@pytest.mark.check(7)
+def test_external_traffic_policy_local(cluster):
+    svc = web_service("etp-local", type="NodePort", external_traffic_policy=POLICY_LOCAL,
+                      selector={"app": "web", "node": "node2"})
+    cluster.apply([svc])
+    port = cluster.node_port("etp-local")
+    local, remote = cluster.probes(
+        Probe(EXTERNAL, cluster.node_ip("node2"), port, count=40),
+        Probe(EXTERNAL, cluster.node_ip("node1"), port, count=3, timeout=0.5),
+    )
+    assert outcomes(local) == {OK: 40}, f"through node2 (local endpoints): {describe(local)}"
+    assert set(backends(local)) == NODE2_BACKENDS, describe(local)
+    seen = {s.seen_client.rsplit(":", 1)[0] for s in local.samples}
+    assert seen == {PLAN.external_client_ip}, (
+        f"backends saw {seen}, not the external client's own {PLAN.external_client_ip}"
+    )
+    assert outcomes(remote)[OK] == 0, f"node1 has no local endpoint but served: {describe(remote)}"
+
+
+@pytest.mark.check(8)
+def test_external_traffic_policy_cluster(cluster):
+    cluster.apply([web_service("etp-cluster", type="NodePort")])
+    port = cluster.node_port("etp-cluster")
+    nodes = ("node1", "node2")
+    results = cluster.probes(*(Probe(EXTERNAL, cluster.node_ip(n), port, count=60) for n in nodes))
+    for node, result in zip(nodes, results, strict=True):
+        assert outcomes(result) == {OK: 60}, f"through {node}: {describe(result)}"
+        assert set(backends(result)) == set(BACKENDS), (
+            f"through {node} not every endpoint served: {describe(result)}"
+        )
+
+
+@pytest.mark.check(22)
+def test_external_ips_reachable(cluster):
+    svc = web_service("external-ip", ServicePort(80, TCP, "tcp", HTTP_PORT),
+                      ServicePort(80, UDP, "udp", HTTP_PORT), external_ips=(EXTERNAL_IP,))
+    cluster.apply([svc])
+    requests = [Probe(EXTERNAL, EXTERNAL_IP, 80, TCP, count=60),
+                Probe(EXTERNAL, EXTERNAL_IP, 80, UDP, count=60),
+                Probe("ns1/client-b", EXTERNAL_IP, 80, TCP, count=30)]
+    for req, result in zip(requests, cluster.probes(*requests), strict=True):
+        assert outcomes(result) == {OK: req.count}, (
+            f"{req.protocol} {EXTERNAL_IP} from {req.source}: {describe(result)}"
+        )
+        assert set(backends(result)) == set(BACKENDS), (
+            f"{req.protocol} {EXTERNAL_IP} from {req.source} missed endpoints: {describe(result)}"
+        )

@@ -1,0 +1,277 @@
+"""Run the conformance checks for one mode and write the run folder.
+
+pytest runs in-process over conformance/checks with a plugin that carries the data plane
+(so a test can hand in a deliberately broken one) and turns pytest's reports into
+conformance.json:
+
+    {"mode", "kernel", "checks": [{"name", "outcome", "reason", "duration_s"}]}
+
+with outcome passed | failed | skipped | deviation. Beside it: junit.xml (pytest's),
+measurements.json (numbers checks record, such as network programming latency),
+environment.json and, when progress goes to a callback, pytest.log (pytest's own output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reports.results import environment, new_run_dir, write_json
+
+PLUGIN_NAME = "svcbench_conformance"
+CHECKS_DIR = Path(__file__).resolve().parent / "checks"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ("host",)
+PASSED, FAILED, SKIPPED, DEVIATION = "passed", "failed", "skipped", "deviation"
+OUTCOMES = (PASSED, FAILED, SKIPPED, DEVIATION)
+REASON_CHARS = 500
+CHECK_TIMEOUT_S = 120  # a wedged check fails alone instead of hanging the run
+
+
+class ConformanceError(ValueError):
+    """The run could not start or its checks could not be collected (one sentence why)."""
+
+
+def check_name(test_name: str) -> str:
+    """test_clusterip_tcp_uniform -> clusterip_tcp_uniform: the name conformance.json uses."""
+    return test_name[5:] if test_name.startswith("test_") else test_name
+
+
+def _short(text: str) -> str:
+    """The first meaningful line of a failure, without pytest's assertion introspection."""
+    text = text.split("\nassert ", 1)[0].strip()
+    for prefix in ("AssertionError: ", "Failed: ", "Skipped: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    text = " ".join(text.split())
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
+
+
+def _reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple):  # a skip: (path, lineno, "Skipped: why")
+        return _short(str(longrepr[2]))
+    crash = getattr(longrepr, "reprcrash", None)
+    if crash is not None:
+        return _short(crash.message)
+    return _short(str(longrepr or ""))
+
+
+class ConformancePlugin:
+    """Holds the data plane for the session and collects one outcome per check."""
+
+    def __init__(self, mode: str, backend: str | None = None, *, kernel: str = "host",
+                 dataplane_factory: Callable[[], Any] | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.__name__ = PLUGIN_NAME  # the name pytest registers it under; the conftest looks it up
+        self.mode = mode
+        self.backend = backend
+        self.kernel = kernel
+        self.factory = dataplane_factory
+        self.progress = progress
+        self._dataplane = None
+        self.order: list[str] = []  # nodeids in run order
+        self.numbers: dict[str, int | None] = {}
+        self.records: dict[str, dict[str, Any]] = {}
+        self.measurements: list[dict[str, Any]] = []
+        self.collect_errors: list[str] = []
+        self.interrupted = False
+        self.run_id: str | None = None
+        self.config = None
+        self.terminal_file = None  # where pytest's own report goes instead of the screen
+
+    def dataplane(self):
+        if self._dataplane is None:
+            if self.factory is not None:
+                self._dataplane = self.factory()
+            else:
+                from dataplanes.modes import make
+
+                self._dataplane = make(self.mode, backend=self.backend)
+        return self._dataplane
+
+    def say(self, message: str) -> None:
+        if self.progress is None:
+            return
+        capture = self.config.pluginmanager.get_plugin("capturemanager") if self.config else None
+        # Inside a check pytest captures output; progress is for the user's eyes now.
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            self.progress(message)
+
+    # ------------------------------------------------------------------ pytest hooks
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_configure(self, config) -> None:
+        self.config = config
+        if self.terminal_file is None:
+            return
+        from _pytest.terminal import TerminalReporter
+
+        # pytest's report goes to the run folder's pytest.log instead of the screen.
+        shown = config.pluginmanager.get_plugin("terminalreporter")
+        if shown is not None:
+            config.pluginmanager.unregister(shown)
+            config.pluginmanager.register(TerminalReporter(config, self.terminal_file),
+                                          "terminalreporter")
+
+    def pytest_unconfigure(self, config) -> None:
+        self.config = None
+
+    def pytest_collection_finish(self, session) -> None:
+        for item in session.items:
+            self.order.append(item.nodeid)
+            marker = item.get_closest_marker("check")
+            self.numbers[item.nodeid] = marker.args[0] if marker else None
+            self.records[item.nodeid] = {
+                "name": check_name(item.name), "outcome": None, "reason": "", "duration_s": 0.0,
+            }
+
+    def pytest_collectreport(self, report) -> None:
+        if report.failed:
+            self.collect_errors.append(f"{report.nodeid}: {_reason(report)}")
+
+    def pytest_keyboard_interrupt(self, excinfo) -> None:
+        self.interrupted = True
+
+    def pytest_runtest_logreport(self, report) -> None:
+        rec = self.records.get(report.nodeid)
+        if rec is None:
+            return
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            rec["duration_s"] = round(report.duration, 3)
+        if report.failed:
+            if rec["outcome"] != FAILED:
+                where = "" if report.when == "call" else f"{report.when}: "
+                rec["outcome"], rec["reason"] = FAILED, where + _reason(report)
+        elif report.skipped:
+            if hasattr(report, "wasxfail"):
+                rec["outcome"], rec["reason"] = DEVIATION, report.wasxfail
+            else:
+                rec["outcome"], rec["reason"] = SKIPPED, _reason(report)
+        elif report.when == "call" and rec["outcome"] is None:
+            rec["outcome"] = PASSED
+        if report.when == "teardown":  # the last report carries every recorded property
+            for metric, value in report.user_properties:
+                self.measurements.append({"check": rec["name"], "metric": metric, "value": value})
+            self._announce(report.nodeid, rec)
+
+    def _announce(self, nodeid: str, rec: dict[str, Any]) -> None:
+        number = self.numbers.get(nodeid)
+        label = f"{number:>2}. " if number else ""
+        why = f": {rec['reason']}" if rec["reason"] and rec["outcome"] != PASSED else ""
+        self.say(f"{label}{rec['name']} {rec['outcome']} ({rec['duration_s']:.1f} s){why}")
+
+    # ------------------------------------------------------------------ results
+
+    def checks(self) -> list[dict[str, Any]]:
+        """One entry per check that started, in run order (a check never run is left out)."""
+        return [dict(self.records[n]) for n in self.order if self.records[n]["outcome"]]
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_conformance(
+    mode: str,
+    *,
+    backend: str | None = None,
+    kernel: str = "host",
+    keyword: str | None = None,
+    out_dir: str | None = None,
+    dataplane_factory: Callable[[], Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the checks (those matching `keyword`, pytest -k syntax) for `mode`; the conformance.json data.
+
+    Writes junit.xml, conformance.json, measurements.json and environment.json into
+    `out_dir` (default: a new runs/conformance-* folder). Raises KeyboardInterrupt after
+    writing what finished when interrupted, ConformanceError when nothing could run.
+    """
+    if kernel not in KERNELS:
+        raise ConformanceError(
+            f"--kernel {kernel!r} is not supported yet; accepted: {', '.join(KERNELS)}"
+        )
+    plugin = ConformancePlugin(mode, backend, kernel=kernel, dataplane_factory=dataplane_factory,
+                               progress=progress)
+    plugin.dataplane()  # an unknown mode or bad option fails here, before any namespace exists
+    out = Path(out_dir) if out_dir else new_run_dir(kind="conformance")
+    out.mkdir(parents=True, exist_ok=True)
+    args = [
+        str(CHECKS_DIR),
+        "--rootdir", str(REPO_ROOT),
+        "-p", "no:cacheprovider",
+        "-o", "addopts=",
+        "-o", f"timeout={CHECK_TIMEOUT_S}",
+        "-o", "junit_family=xunit1",
+        "-o", f"junit_suite_name=conformance-{mode}",
+        f"--junitxml={out / 'junit.xml'}",
+        f"--mode={mode}",
+    ]
+    if backend:
+        args.append(f"--backend={backend}")
+    if keyword:
+        args += ["-k", keyword]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        args += ["-p", "pytest_timeout"]
+    plugin.say(f"conformance of {mode} ({kernel} kernel) into {out}")
+    # Only the plugins the checks use: others installed here (hypothesis's costs seconds) stay out.
+    with _environ(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1"):
+        if progress is None:
+            exit_code = pytest.main(args, plugins=[plugin])
+        else:
+            # Progress lines replace pytest's own output, which is kept in the run folder.
+            with open(out / "pytest.log", "w", encoding="utf-8") as log:
+                plugin.terminal_file = log
+                exit_code = pytest.main([*args, "-rfE", "--color=no"], plugins=[plugin])
+    if exit_code in (pytest.ExitCode.USAGE_ERROR, pytest.ExitCode.INTERNAL_ERROR):
+        raise ConformanceError(f"pytest could not run the checks (exit {int(exit_code)})")
+    data = {"mode": mode, "kernel": kernel, "checks": plugin.checks()}
+    write_json(out / "conformance.json", data)
+    write_json(out / "measurements.json", plugin.measurements)
+    write_json(out / "environment.json", environment())
+    if plugin.interrupted:
+        raise KeyboardInterrupt
+    if plugin.collect_errors:
+        raise ConformanceError("the checks could not be collected: " + "; ".join(plugin.collect_errors))
+    if exit_code == pytest.ExitCode.NO_TESTS_COLLECTED:
+        raise ConformanceError(f"-k {keyword!r} selects no check; see conformance/checks for names")
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `svcbench conformance`."""
+    from dataplanes.modes import IPTABLES_BACKENDS, MODES
+
+    parser.add_argument("--mode", choices=list(MODES), default="iptables", help="proxy mode")
+    parser.add_argument("--backend", choices=IPTABLES_BACKENDS, default=None,
+                        help="iptables backend (default nft)")
+    parser.add_argument("--kernel", choices=("host", "uml"), default="host",
+                        help="kernel to run in (uml is not available yet)")
+    parser.add_argument("-k", dest="keyword", metavar="PATTERN",
+                        help="run only checks matching PATTERN (pytest -k syntax)")
+    parser.add_argument("--out", dest="out_dir", metavar="DIR",
+                        help="folder for junit.xml and conformance.json (default runs/conformance-*)")
+    parser.add_argument("--json", action="store_true", help="print conformance.json")
+
+
+def exit_status(data: dict) -> int:
+    """0 when no check failed (deviations and skips are not failures), else 1."""
+    return 1 if any(c["outcome"] == FAILED for c in data["checks"]) else 0

@@ -1,0 +1,39 @@
+"""What "someone else removed the rules" means for each mode (check 21).
+
+Each sabotage acts from outside the data plane, as an administrator or another agent
+would, inside one node's namespace, and returns one line saying what it removed. A mode
+without an entry here skips the check with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dataplanes.base import Dataplane, NodeHandle
+
+
+def flush_iptables_nat(dataplane: Dataplane, node: NodeHandle) -> str:
+    """`iptables -t nat -F; -X` with the mode's own backend: every NAT rule and user chain goes."""
+    backend = getattr(dataplane, "backend", "nft")
+    iptables = [f"iptables-{backend}"] + (["-w"] if backend == "legacy" else [])
+    node.run([*iptables, "-t", "nat", "-F"])
+    node.run([*iptables, "-t", "nat", "-X"])
+    return f"flushed and deleted every chain of the nat table ({iptables[0]}) on {node.name}"
+
+
+def flush_nft_ruleset(dataplane: Dataplane, node: NodeHandle) -> str:
+    """`nft flush ruleset`: every table in the node's namespace goes, the mode's included."""
+    node.run(["nft", "flush", "ruleset"])
+    return f"flushed the whole nftables ruleset on {node.name}"
+
+
+SABOTAGES: dict[str, Callable[[Dataplane, NodeHandle], str]] = {
+    "iptables": flush_iptables_nat,
+    "nftables": flush_nft_ruleset,
+    # The userspace proxy steers with iptables-nft nat REDIRECT rules.
+    "userspace": flush_iptables_nat,
+}
+
+
+def sabotage_for(dataplane: Dataplane) -> Callable[[Dataplane, NodeHandle], str] | None:
+    return SABOTAGES.get(dataplane.name)

@@ -1,0 +1,168 @@
+"""Where results go: a run folder per run, files written atomically, the environment recorded.
+
+Shared by every writer (conformance, bench): a reader never sees half a file, and every
+run folder says what it ran on (kernel, CPU, Python, tool versions, git revision, argv).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KIND_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+# (tool, argv printing its version): what the measured data planes are built from.
+TOOL_VERSIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("iptables", ("iptables", "--version")),
+    ("nft", ("nft", "--version")),
+    ("ip", ("ip", "-V")),
+    ("conntrack", ("conntrack", "--version")),
+    ("ipset", ("ipset", "--version")),
+)
+PYTHON_PACKAGES = ("pyroute2", "dnspython", "pytest", "uvloop", "PyYAML", "rich")
+
+
+def _write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Atomically write `data` as indented JSON (keys in the order given)."""
+    return _write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_csv(
+    path: str | os.PathLike,
+    rows: Iterable[Mapping[str, Any]],
+    fieldnames: Sequence[str] | None = None,
+) -> Path:
+    """Atomically write rows as CSV; columns are `fieldnames` or every key, first seen first."""
+    rows = list(rows)
+    if fieldnames is None:
+        seen: dict[str, None] = {}
+        for row in rows:
+            seen.update(dict.fromkeys(row))
+        fieldnames = list(seen)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fieldnames), extrasaction="raise")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(v) for k, v in row.items()})
+    return _write_atomic(path, buf.getvalue())
+
+
+def _cell(value: Any) -> Any:
+    # Nested values stay machine-readable in one cell.
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
+
+
+def new_run_dir(base: str | os.PathLike = "runs", kind: str = "run") -> Path:
+    """Make and return a fresh folder `base/<kind>-<UTC time>-<random>` (never reused)."""
+    if not KIND_RE.match(kind):
+        raise ValueError(f"run kind {kind!r} must be lower-case letters, digits and dashes")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = base / f"{kind}-{stamp}-{secrets.token_hex(2)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _first_line(argv: Sequence[str]) -> str | None:
+    if shutil.which(argv[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+        return None
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (done.stdout or done.stderr).strip()
+    return text.splitlines()[0] if text else None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_revision() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    revision = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"revision": revision, "dirty": bool(status) if status is not None else None}
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """What a run ran on: kernel, CPU, Python, tool and package versions, git revision, argv."""
+    uname = os.uname()
+    return {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "hostname": uname.nodename,
+        "kernel": uname.release,
+        "kernel_version": uname.version,
+        "machine": uname.machine,
+        "cpu_model": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "tools": {name: _first_line(cmd) for name, cmd in TOOL_VERSIONS},
+        "packages": {name: _package_version(name) for name in PYTHON_PACKAGES},
+        "git": _git_revision(),
+        "argv": list(sys.argv if argv is None else argv),
+    }

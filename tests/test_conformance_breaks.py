@@ -1,0 +1,107 @@
+"""Broken on purpose, the iptables data plane fails exactly the checks that guard what it broke.
+
+Each subclass filters its own iptables-restore payloads, so the kernel never sees the
+dropped rules; everything else stays kube-proxy's layout.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conformance.runner import run_conformance
+from dataplanes.iptables import IptablesDataplane
+
+pytestmark = pytest.mark.root
+
+
+class WithoutRules(IptablesDataplane):
+    """iptables mode minus every restore line jumping to `dropped_target`."""
+
+    dropped_target = ""
+
+    def _restore(self, node, payload: str) -> None:
+        kept = [line for line in payload.splitlines() if f"-j {self.dropped_target}" not in line]
+        super()._restore(node, "\n".join(kept) + "\n")
+
+
+class NoMasquerade(WithoutRules):
+    dropped_target = "MASQUERADE"
+
+
+class NoReject(WithoutRules):
+    dropped_target = "REJECT"
+
+
+class NoRejectDeclared(NoReject):
+    deviations = {"no_endpoints_refused_fast": "drops packets for Services without endpoints"}
+
+
+def _run(tmp_path, factory, checks: list[str]) -> dict[str, tuple[str, str]]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    data = run_conformance("iptables", keyword=" or ".join(checks), out_dir=str(tmp_path),
+                           dataplane_factory=factory, progress=lambda _line: None)
+    return {c["name"]: (c["outcome"], c["reason"]) for c in data["checks"]}
+
+
+def _outcomes(results: dict[str, tuple[str, str]]) -> dict[str, str]:
+    return {name: outcome for name, (outcome, _) in results.items()}
+
+
+def test_without_masquerade_cross_node_and_hairpin_checks_fail(tmp_path):
+    results = _run(tmp_path, NoMasquerade, [
+        "clusterip_tcp_uniform",  # pod sources reach pods directly: no SNAT needed
+        "nodeport_on_every_node",  # replies from another node's pod bypass the DNAT node
+        "external_traffic_policy_cluster",
+        "external_traffic_policy_local",  # Local policy never SNATs: unaffected
+        "hairpin_pod_reaches_itself",  # a pod answering itself replies over its loopback
+        "no_endpoints_refused_fast",
+    ])
+    assert _outcomes(results) == {
+        "clusterip_tcp_uniform": "passed",
+        "nodeport_on_every_node": "failed",
+        "external_traffic_policy_cluster": "failed",
+        "external_traffic_policy_local": "passed",
+        "hairpin_pod_reaches_itself": "failed",
+        "no_endpoints_refused_fast": "passed",
+    }, results
+
+
+def test_without_reject_services_without_endpoints_time_out(tmp_path):
+    results = _run(tmp_path, NoReject, [
+        "no_endpoints_refused_fast",
+        "clusterip_tcp_uniform",
+        "deleted_service_stops_serving",
+    ])
+    assert _outcomes(results) == {
+        "no_endpoints_refused_fast": "failed",
+        "clusterip_tcp_uniform": "passed",
+        "deleted_service_stops_serving": "passed",
+    }, results
+    assert "must be refused" in results["no_endpoints_refused_fast"][1]
+
+
+def test_a_declared_deviation_is_recorded_not_passed(tmp_path):
+    results = _run(tmp_path, NoRejectDeclared, ["no_endpoints_refused_fast"])
+    assert results == {
+        "no_endpoints_refused_fast": (
+            "deviation", "drops packets for Services without endpoints",
+        ),
+    }
+
+
+class Unusable(IptablesDataplane):
+    def missing(self, host) -> list[str]:
+        return ["kernel lacks CONFIG_EXAMPLE (the checks need it)"]
+
+
+def test_a_mode_that_cannot_run_here_is_skipped_with_the_reason(tmp_path):
+    # No cluster is made: the data plane's prerequisites are read first (no root needed).
+    data = run_conformance("iptables", keyword="clusterip", out_dir=str(tmp_path),
+                           dataplane_factory=Unusable, progress=lambda _line: None)
+    assert len(data["checks"]) >= 5
+    assert {(c["outcome"], c["reason"]) for c in data["checks"]} == {
+        ("skipped", "mode iptables cannot run here: kernel lacks CONFIG_EXAMPLE (the checks need it)"),
+    }
