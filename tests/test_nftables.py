@@ -1,0 +1,394 @@
+"""The nftables data plane's table, checked by tracing packets through what it renders.
+
+No root needed: render() is pure, and dataplanes.nfttrace follows a new connection's
+first packet through the `nft -f` script the way nf_tables would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from dataplanes.nftables import (
+    AFFINITY_UDP,
+    SHORT_CIRCUIT_BASE,
+    NftablesDataplane,
+    ServiceClass,
+    assign_slots,
+    render_ruleset,
+    stale_affinity,
+    update,
+)
+from dataplanes.nfttrace import Table, TraceError, trace
+from kube.model import (
+    AFFINITY_CLIENT_IP,
+    POLICY_LOCAL,
+    TYPE_NODE_PORT,
+    UDP,
+    ContainerPort,
+    Node,
+    Pod,
+    Service,
+    ServicePort,
+)
+from kube.state import ClusterState, EndpointView
+
+NODE1_IP = "198.18.0.1"
+EXTERNAL_CLIENT = "198.18.0.200"
+CLIENT_POD = "198.18.129.200"  # a pod on node1 that backs no Service
+NODES = (Node.numbered(1), Node.numbered(2))
+
+
+def backends(n: int, app: str = "web", nodes=("node1", "node2")) -> list[Pod]:
+    """n pods labelled app=<app>, spread over `nodes` in turn, serving TCP and UDP 8080."""
+    ports = (ContainerPort(8080), ContainerPort(8080, UDP))
+    return [
+        Pod("ns1", f"{app}-{i}", labels={"app": app}, node_name=nodes[i % len(nodes)], ports=ports)
+        for i in range(n)
+    ]
+
+
+def web(name: str = "svc1", **kw) -> Service:
+    port = ServicePort(80, name="p80", target_port=8080, node_port=kw.pop("node_port", None))
+    return Service("ns1", name, ports=(port,), selector={"app": kw.pop("app", "web")}, **kw)
+
+
+def view(pods, services, node: str = "node1"):
+    return ClusterState.build(NODES, pods, services).node_view(node)
+
+
+def script(pods, services, node: str = "node1") -> str:
+    return NftablesDataplane().render(view(pods, services, node))
+
+
+def go(text: str, src: str, dst: str, dport: int, proto: str = "tcp", **kw):
+    return trace(text, src, dst, proto, dport, local_addrs=[NODE1_IP], **kw)
+
+
+THREE = {"198.18.129.2:8080": 1 / 3, "198.18.130.2:8080": 1 / 3, "198.18.129.3:8080": 1 / 3}
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_table_follows_kube_proxys_nftables_layout():
+    text = script(backends(3), [web(type=TYPE_NODE_PORT, node_port=30000)])
+    assert text.startswith("add table ip kube-proxy\ndelete table ip kube-proxy\n")
+    for name in ("service-ips", "service-nodeports", "no-endpoint-services",
+                 "no-endpoint-nodeports"):
+        assert f"add map ip kube-proxy {name} {{ typeof" in text
+    assert "typeof ip daddr . meta l4proto . th dport : verdict" in text
+    assert "services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport " \
+           "vmap @service-nodeports" in text
+    assert "numgen random mod 3" in text
+    assert "flags dynamic,timeout" in text
+    assert "meta mark set meta mark or 0x4000" in text
+    assert "masquerade fully-random" in text
+    assert "reject-chain reject" in text
+
+
+def test_no_service_has_a_chain_of_its_own():
+    pods = backends(6)
+    few = render_ruleset(view(pods, [web(f"s{i}") for i in range(3)]))
+    many = render_ruleset(view(pods, [web(f"s{i}") for i in range(300)]))
+    assert set(few.chains) == set(many.chains)
+    assert "cluster-ip-tcp-6" in many.chains
+    assert len(many.maps["service-ips"]) == 300
+    assert len(many.maps["service-endpoints-tcp"]) == 300 * 6
+
+
+def test_class_chain_names_say_their_shape():
+    assert ServiceClass("cluster-ip", "tcp", 3).chain == "cluster-ip-tcp-3"
+    assert ServiceClass("node-port", "udp", 2, 5).chain == "node-port-udp-local-2-cluster-5"
+    assert ServiceClass("cluster-ip", "tcp", 3, None, 10800).chain == \
+        "cluster-ip-tcp-3-affinity-10800"
+
+
+# --------------------------------------------------------------------------- ClusterIP
+
+
+def test_pod_to_cluster_ip_reaches_each_endpoint_equally_without_masquerade():
+    v = view(backends(3), [web()])
+    vip = v.service("ns1/svc1:p80").cluster_ip
+    r = go(NftablesDataplane().render(v), CLIENT_POD, vip, 80)
+    assert r.verdicts() == {"DNAT"}
+    assert r.endpoints() == pytest.approx(THREE)
+    assert r.masquerade is False  # the backend must see the pod's own IP
+
+
+def test_node_process_to_cluster_ip_is_masqueraded():
+    v = view(backends(3), [web()])
+    vip = v.service("ns1/svc1:p80").cluster_ip
+    r = go(NftablesDataplane().render(v), NODE1_IP, vip, 80, from_node=True)
+    assert r.endpoints() == pytest.approx(THREE)
+    assert r.masquerade is True
+
+
+def test_other_ports_protocols_and_addresses_are_left_alone():
+    v = view(backends(2), [web()])
+    text = NftablesDataplane().render(v)
+    vip = v.service("ns1/svc1:p80").cluster_ip
+    for dst, port, proto in ((vip, 81, "tcp"), (vip, 80, "udp"), ("198.18.130.2", 8080, "tcp")):
+        r = go(text, CLIENT_POD, dst, port, proto=proto)
+        assert r.verdicts() == {"ACCEPT"} and r.masquerade is False, (dst, port, proto)
+
+
+def test_udp_service_port_uses_the_udp_endpoint_map():
+    svc = Service("ns1", "dns", ports=(ServicePort(53, UDP, "dns", 8080),), selector={"app": "web"})
+    v = view(backends(2), [svc])
+    text = NftablesDataplane().render(v)
+    assert "service-endpoints-udp { " + v.services[0].cluster_ip + " . 53 . 0 :" in text
+    r = go(text, CLIENT_POD, v.services[0].cluster_ip, 53, proto="udp")
+    assert r.endpoints() == pytest.approx({"198.18.129.2:8080": 0.5, "198.18.130.2:8080": 0.5})
+
+
+def test_tcp_and_udp_on_one_port_keep_their_own_endpoints():
+    ports = (ServicePort(80, "TCP", "t", "web-tcp"), ServicePort(80, UDP, "u", "web-udp"))
+    svc = Service("ns1", "both", ports=ports, selector={"app": "web"})
+    both = (ContainerPort(8080, "TCP", "web-tcp"), ContainerPort(8080, UDP, "web-udp"))
+    pods = [Pod("ns1", "a", {"app": "web"}, "node1", both),
+            Pod("ns1", "b", {"app": "web"}, "node2", (ContainerPort(8080, UDP, "web-udp"),))]
+    v = view(pods, [svc])
+    text = NftablesDataplane().render(v)
+    vip = v.services[0].cluster_ip
+    assert go(text, CLIENT_POD, vip, 80).endpoints() == pytest.approx({"198.18.129.2:8080": 1.0})
+    assert go(text, CLIENT_POD, vip, 80, proto="udp").endpoints() == pytest.approx(
+        {"198.18.129.2:8080": 0.5, "198.18.130.2:8080": 0.5})
+
+
+def test_hairpin_pod_reaching_itself_is_masqueraded():
+    v = view(backends(2), [web()])
+    vip = v.service("ns1/svc1:p80").cluster_ip
+    me = "198.18.129.2"
+    r = go(NftablesDataplane().render(v), me, vip, 80)
+    by_dest = {o.to: o for o in r.outcomes}
+    assert by_dest[f"{me}:8080"].masquerade is True  # else its reply would bypass the DNAT
+    assert by_dest["198.18.130.2:8080"].masquerade is False
+
+
+def test_service_without_endpoints_rejects_pods_and_node_processes():
+    svc = Service("ns1", "empty", ports=(ServicePort(80, name="http"),), selector={"app": "none"})
+    v = view(backends(2), [svc])
+    text = NftablesDataplane().render(v)
+    vip = v.services[0].cluster_ip
+    assert go(text, CLIENT_POD, vip, 80).verdicts() == {"REJECT"}
+    assert go(text, NODE1_IP, vip, 80, from_node=True).verdicts() == {"REJECT"}
+    assert f"no-endpoint-services {{ {vip} . tcp . 80 : goto reject-chain }}" in text
+
+
+def test_terminating_endpoints_serve_when_none_is_ready():
+    pods = [replace(p, terminating=True) for p in backends(2)]
+    v = view(pods, [web()])
+    r = go(NftablesDataplane().render(v), CLIENT_POD, v.services[0].cluster_ip, 80)
+    assert r.endpoints() == pytest.approx({"198.18.129.2:8080": 0.5, "198.18.130.2:8080": 0.5})
+
+
+def test_internal_traffic_policy_local():
+    v = view(backends(2, nodes=("node2",)), [web(internal_traffic_policy=POLICY_LOCAL)])
+    vip = v.services[0].cluster_ip
+    assert go(NftablesDataplane().render(v), CLIENT_POD, vip, 80).verdicts() == {"DROP"}
+    v2 = view(backends(4), [web(internal_traffic_policy=POLICY_LOCAL)])
+    r = go(NftablesDataplane().render(v2), CLIENT_POD, v2.services[0].cluster_ip, 80)
+    assert r.endpoints() == pytest.approx({"198.18.129.2:8080": 0.5, "198.18.129.3:8080": 0.5})
+
+
+# --------------------------------------------------------------------------- affinity
+
+
+def test_client_ip_affinity_remembers_the_chosen_slot():
+    v = view(backends(3), [web(session_affinity=AFFINITY_CLIENT_IP, affinity_timeout_s=600)])
+    sp = v.services[0]
+    text = NftablesDataplane().render(v)
+    assert "timeout 600s" in text and "cluster-ip-tcp-3-affinity-600" in text
+    fresh = go(text, CLIENT_POD, sp.cluster_ip, 80)
+    assert fresh.endpoints() == pytest.approx(THREE)
+    slots = {}
+    for o in fresh.outcomes:
+        (key,) = o.recorded  # the fresh choice records client . VIP . port . slot
+        assert key[:3] == (CLIENT_POD, sp.cluster_ip, "80")
+        slots[o.to] = key
+    assert len(set(slots.values())) == 3
+    target = "198.18.130.2:8080"
+    again = go(text, CLIENT_POD, sp.cluster_ip, 80, remembered=[slots[target]])
+    assert [(o.to, o.probability) for o in again.outcomes] == [(target, 1.0)]
+    assert again.outcomes[0].recorded == (slots[target],)  # the hit refreshes the timeout
+    other = go(text, "198.18.129.201", sp.cluster_ip, 80, remembered=[slots[target]])
+    assert other.endpoints() == pytest.approx(THREE)
+
+
+def test_udp_affinity_keeps_its_own_remembered_slots():
+    svc = Service("ns1", "dns", ports=(ServicePort(53, UDP, "dns", 8080),), selector={"app": "web"},
+                  session_affinity=AFFINITY_CLIENT_IP)
+    v = view(backends(2), [svc])
+    r = go(NftablesDataplane().render(v), CLIENT_POD, v.services[0].cluster_ip, 53, proto="udp")
+    slots = sorted(int(o.recorded[0][3]) for o in r.outcomes)
+    assert slots == [AFFINITY_UDP, AFFINITY_UDP + 1]  # TCP on the same VIP:port stays apart
+
+
+def test_affinity_on_a_node_port_masquerades_and_remembers():
+    svc = web(type=TYPE_NODE_PORT, node_port=30000, session_affinity=AFFINITY_CLIENT_IP)
+    text = script(backends(2), [svc])
+    r = go(text, EXTERNAL_CLIENT, NODE1_IP, 30000)
+    assert len(r.endpoints()) == 2 and r.masquerade is True
+    assert all(o.recorded[0][:3] == (EXTERNAL_CLIENT, NODE1_IP, "30000") for o in r.outcomes)
+
+
+# --------------------------------------------------------------------------- NodePort
+
+
+def test_node_port_cluster_policy_masquerades_to_any_endpoint():
+    v = view(backends(3), [web(type=TYPE_NODE_PORT, node_port=30000)])
+    r = go(NftablesDataplane().render(v), EXTERNAL_CLIENT, NODE1_IP, 30000)
+    assert r.endpoints() == pytest.approx(THREE)
+    assert r.masquerade is True
+    assert go(NftablesDataplane().render(v), EXTERNAL_CLIENT, NODE1_IP, 30001).verdicts() == {
+        "ACCEPT"}
+
+
+def test_node_port_local_policy_keeps_client_ip_and_uses_local_endpoints():
+    svc = web(type=TYPE_NODE_PORT, node_port=30000, external_traffic_policy=POLICY_LOCAL)
+    text = script(backends(3), [svc])
+    r = go(text, EXTERNAL_CLIENT, NODE1_IP, 30000)
+    assert r.endpoints() == pytest.approx({"198.18.129.2:8080": 0.5, "198.18.129.3:8080": 0.5})
+    assert r.masquerade is False
+    # A pod reaching the NodePort is short-circuited to every endpoint, as kube-proxy does.
+    pod = go(text, CLIENT_POD, NODE1_IP, 30000)
+    assert pod.endpoints() == pytest.approx(THREE) and pod.masquerade is False
+    # So is the node itself, masqueraded since its source is the node IP.
+    node = go(text, NODE1_IP, NODE1_IP, 30000, from_node=True)
+    assert node.endpoints() == pytest.approx(THREE) and node.masquerade is True
+    assert "nodeport-endpoints-tcp { 30000 . 0 :" in text
+    assert f"30000 . {SHORT_CIRCUIT_BASE} :" in text
+
+
+def test_node_port_local_policy_without_local_endpoint_drops_external_clients():
+    svc = web(type=TYPE_NODE_PORT, node_port=30000, external_traffic_policy=POLICY_LOCAL)
+    text = script(backends(2, nodes=("node2",)), [svc])
+    assert go(text, EXTERNAL_CLIENT, NODE1_IP, 30000).verdicts() == {"DROP"}
+    assert go(text, CLIENT_POD, NODE1_IP, 30000).endpoints() == pytest.approx(
+        {"198.18.130.2:8080": 0.5, "198.18.130.3:8080": 0.5}
+    )
+    node = go(text, NODE1_IP, NODE1_IP, 30000, from_node=True)
+    assert node.verdicts() == {"DNAT"}, "filter-output runs after DNAT: the node is served"
+
+
+def test_node_port_without_endpoints_rejects():
+    text = script([], [web(type=TYPE_NODE_PORT, node_port=30001)])
+    assert go(text, EXTERNAL_CLIENT, NODE1_IP, 30001).verdicts() == {"REJECT"}
+    assert go(text, NODE1_IP, NODE1_IP, 30001, from_node=True).verdicts() == {"REJECT"}
+
+
+# --------------------------------------------------------------------------- externalIPs
+
+
+def test_external_ip_is_served_with_masquerade():
+    text = script(backends(2), [web(external_ips=("198.18.64.10",))])
+    r = go(text, EXTERNAL_CLIENT, "198.18.64.10", 80)
+    assert r.endpoints() == pytest.approx({"198.18.129.2:8080": 0.5, "198.18.130.2:8080": 0.5})
+    assert r.masquerade is True
+    assert go(text, EXTERNAL_CLIENT, "198.18.64.10", 81).verdicts() == {"ACCEPT"}
+
+
+def test_external_ip_without_endpoints_rejects():
+    text = script([], [web(external_ips=("198.18.64.10",))])
+    assert go(text, EXTERNAL_CLIENT, "198.18.64.10", 80).verdicts() == {"REJECT"}
+
+
+def test_external_ip_local_policy_keeps_client_ip():
+    svc = web(external_ips=("198.18.64.10",), external_traffic_policy=POLICY_LOCAL)
+    r = go(script(backends(2), [svc]), EXTERNAL_CLIENT, "198.18.64.10", 80)
+    assert r.endpoints() == pytest.approx({"198.18.129.2:8080": 1.0})
+    assert r.masquerade is False
+
+
+# --------------------------------------------------------------------------- slots
+
+
+def ep(i: int) -> EndpointView:
+    return EndpointView(f"198.18.129.{i}", 8080, "node1", True)
+
+
+def test_slots_keep_their_endpoint_and_holes_are_filled():
+    before = [ep(2).addr, ep(3).addr, ep(4).addr]
+    assert assign_slots(None, [ep(2), ep(3)]) == [ep(2), ep(3)]
+    assert assign_slots(before, [ep(2), ep(3), ep(4)]) == [ep(2), ep(3), ep(4)]
+    # ep(3) leaves and ep(9) arrives: ep(9) takes the hole, nobody else moves.
+    assert assign_slots(before, [ep(2), ep(4), ep(9)]) == [ep(2), ep(9), ep(4)]
+    # A hole with nothing new takes the last endpoint.
+    assert assign_slots(before, [ep(2), ep(4)]) == [ep(2), ep(4)]
+    assert assign_slots(before, [ep(3), ep(4)]) == [ep(4), ep(3)]
+    assert assign_slots(before, [ep(4)]) == [ep(4)]
+    assert assign_slots(before, []) == []
+    assert assign_slots(before, [ep(2), ep(3), ep(4), ep(5)])[3] == ep(5)
+
+
+# --------------------------------------------------------------------------- incremental
+
+
+def test_update_touches_only_the_changed_service():
+    pods = backends(4)
+    services = [web(f"s{i}") for i in range(50)]
+    v1 = view(pods, services)
+    old = render_ruleset(v1)
+    same, nothing = update(old, view(pods, services))
+    assert nothing.script == "" and nothing.changed == 0 and nothing.services == []
+    # One pod leaves every Service of app=web but s7 selects a new app.
+    services2 = list(services)
+    services2[7] = web("s7", app="other")
+    other = [*pods, Pod("ns1", "x", {"app": "other"}, "node2", pods[0].ports)]
+    v2 = view(other, services2)
+    new, delta = update(old, v2)
+    assert [k[0] for k in delta.services] == ["ns1/s7:p80"]
+    vip = v2.service("ns1/s7:p80").cluster_ip
+    lines = delta.script.splitlines()
+    assert all(vip in line for line in lines if "element" in line and "hairpin" not in line)
+    assert "add chain ip kube-proxy cluster-ip-tcp-1" in delta.script
+    assert delta.chains_written == ["cluster-ip-tcp-1"] and delta.chains_deleted == []
+    assert new.maps == render_ruleset(v2).maps
+    # Back again: the one-endpoint class chain goes, after the element that used it.
+    back, undo = update(new, v1)
+    assert undo.chains_deleted == ["cluster-ip-tcp-1"]
+    assert undo.script.rstrip().endswith("delete chain ip kube-proxy cluster-ip-tcp-1")
+    assert back.maps == old.maps and back.hairpin == old.hairpin
+
+
+def placed(n: int) -> list[Pod]:
+    """Pods with their addresses fixed, so a subset keeps them."""
+    return list(ClusterState.build(NODES, backends(n)).pods)
+
+
+def test_removed_services_and_endpoints_leave_the_maps():
+    pods = placed(3)  # slots of a: web-0 129.2, web-2 129.3, web-1 130.2
+    old = render_ruleset(view(pods, [web("a"), web("b")]))
+    new, delta = update(old, view(pods[:2], [web("a")]))  # web-2 and b leave
+    assert len(new.maps["service-ips"]) == 1
+    # b's dispatch and 3 slots; a's dispatch (3 -> 2 endpoints), slot 1 (now web-1), slot 2;
+    # web-2's hairpin pair.
+    assert delta.elements_deleted == 4 + 3 + 1
+    assert delta.elements_added == 2
+    assert "198.18.129.3 . 198.18.129.3" not in new.hairpin
+
+
+def test_stale_affinity_names_slots_whose_endpoint_changed():
+    pods = placed(3)
+    sticky = web("a", session_affinity=AFFINITY_CLIENT_IP, affinity_timeout_s=60)
+    old = render_ruleset(view(pods, [sticky]))
+    new, delta = update(old, view(pods[1:], [sticky]))  # web-0 (slot 0) leaves
+    stale = stale_affinity(old, new, delta.services)
+    ((where, slots),) = stale.items()
+    assert where[0] == "service-endpoints-tcp" and slots == {0, 2}  # slot 2 moved to slot 0
+    off, delta2 = update(new, view(pods[1:], [web("a")]))
+    assert stale_affinity(new, off, delta2.services) == {where: {0, 1}}
+
+
+# --------------------------------------------------------------------------- tracer
+
+
+def test_tracer_refuses_what_it_does_not_model():
+    with pytest.raises(TraceError):
+        Table.parse("add rule ip t nowhere accept\n")
+    text = "add chain ip t c { type nat hook prerouting priority dstnat ; }\n" \
+           "add rule ip t c tcp flags syn accept\n"
+    with pytest.raises(TraceError):
+        trace(text, "1.1.1.1", "2.2.2.2", "tcp", 1)
