@@ -10,6 +10,7 @@ nox.options.sessions = ["bench"]
 nox.options.reuse_existing_virtualenvs = True
 
 BENCH_ARGS = ["--modes", "iptables", "--services", "1,10,100,1000"]
+CONFORMANCE_MODES = ["iptables", "nftables", "userspace", "ebpf", "ipvs"]
 
 
 def _install(session, *extras):
@@ -33,6 +34,22 @@ def bench(session):
     _install(session)
     session.run("svcbench", "gc")
     session.run("svcbench", "bench", *(session.posargs or BENCH_ARGS))
+
+
+@nox.session
+def conformance(session):
+    """Every mode against Kubernetes Service semantics; modes that cannot run here are skipped."""
+    _install(session)
+    session.run("svcbench", "gc")
+    modes = session.posargs or CONFORMANCE_MODES
+    failed = []
+    for mode in modes:
+        try:
+            session.run("svcbench", "conformance", "--mode", mode)
+        except nox.command.CommandFailed:
+            failed.append(mode)
+    if failed:
+        session.error("conformance failed for: " + ", ".join(failed))
 
 
 @nox.session

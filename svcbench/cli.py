@@ -338,6 +338,39 @@ def cmd_down(args) -> int:
     return 0
 
 
+def cmd_conformance(args) -> int:
+    from conformance.runner import ConformanceError, exit_status, run_conformance
+    from reports.results import new_run_dir
+
+    out_dir = args.out_dir or str(new_run_dir(kind=f"conformance-{args.mode}"))
+    try:
+        with err.status(f"conformance: {args.mode}") as status:
+            data = run_conformance(args.mode, backend=args.backend, kernel=args.kernel,
+                                   keyword=args.keyword, out_dir=out_dir,
+                                   progress=status.update)
+    except ConformanceError as exc:
+        if not args.out_dir:  # bad input leaves nothing behind
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise UsageError(str(exc)) from None
+    if args.json:
+        _emit_json(data)
+        return exit_status(data)
+    colours = {"passed": "green", "failed": "red", "deviation": "yellow", "skipped": "dim"}
+    t = Table("check", "outcome", "s", "reason", title=f"conformance: {data['mode']} ({data['kernel']})")
+    for c in data["checks"]:
+        colour = colours.get(c["outcome"], "white")
+        t.add_row(c["name"], f"[{colour}]{c['outcome']}[/]", f"{c['duration_s']:.1f}", c.get("reason") or "")
+    out.print(t)
+    counts = {}
+    for c in data["checks"]:
+        counts[c["outcome"]] = counts.get(c["outcome"], 0) + 1
+    out.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    out.print(f"results in {out_dir}")
+    return exit_status(data)
+
+
 def cmd_gc(args) -> int:
     from clusters.netns import gc
 
@@ -471,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("down", cmd_down, "remove the running cluster")
     run_flag(sp)
+
+    sp = command("conformance", cmd_conformance, "check a mode against Kubernetes Service semantics")
+    from conformance.runner import add_arguments as conformance_arguments
+
+    conformance_arguments(sp)
 
     sp = command("gc", cmd_gc, "remove what killed runs left behind")
     sp.add_argument("--all", action="store_true", help="remove every run, live ones too")
