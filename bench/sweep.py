@@ -1,10 +1,12 @@
 """The Service-count sweep: one cluster per mode, reused across sizes.
 
-Every measurement becomes a `Row`; the runner never analyses (reports/ does).
+Every measurement becomes a `Row`; the sweep never analyses (reports/ does).
 Topology: the client pod on node1, every backend of the pool on node2, so each
-connection - to a ClusterIP or straight to a pod IP - crosses the same path, and the
-floor (pod IP, no Services programmed) is measured at the start and the end of each
-mode's sweep.
+connection - to a ClusterIP or straight to a pod IP - crosses the same path. The floor
+(the pool's first pod IP, nothing of the mode installed) is measured at the start and
+the end of each mode's sweep. Sizes grow in ascending order by adding Services, so a
+mode that syncs incrementally only programs what is new. What is measured at each size
+is declared in bench/metrics.py; `Bench` is the fixture those declarations use.
 """
 
 from __future__ import annotations
@@ -13,18 +15,40 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from bench.synthetic import NAMESPACE, SERVICE_PORT, pool_pods, synthetic_services
+from bench.probes import (
+    CLK_TCK,
+    BackendWatch,
+    ConnectionRun,
+    host_kernel_ticks,
+    new_connections,
+    process_sys_ticks,
+)
+from bench.synthetic import (
+    AFFINITY_EVERY,
+    BACKEND_PORT,
+    NAMESPACE,
+    NODEPORT_EVERY,
+    SERVICE_PORT,
+    pool_endpoints,
+    pool_pods,
+    synthetic_services,
+    with_endpoints,
+)
 from clusters.netns import NetnsCluster
 from clusters.nsenter import in_netns
-from clusters.workloads.probe import probe
-from dataplanes.base import Host
+from dataplanes.base import Host, SyncStats
 from dataplanes.modes import make
 from kube.model import Node, Pod
 from kube.state import ClusterState
 
 CLIENT = Pod(NAMESPACE, "client", {"app": "client"}, node_name="node1")
-BACKEND_PORT = 8080
+# Modes whose whole kernel state lives in the node's network namespace: deleting a scratch
+# namespace removes what they programmed, so their (slow at scale) uninstall is skipped there.
+NAMESPACE_SCOPED = frozenset({"iptables", "nftables", "ipvs"})
+PROGRAMMING_TIMEOUT_S = 30.0  # longest wait, after the sync returned, for the new endpoint
+MEMINFO_KEYS = ("SUnreclaim", "VmallocUsed", "Percpu")  # kernel memory a ruleset or map takes
 
 
 @dataclass
@@ -51,6 +75,16 @@ class SweepConfig:
     count: int = 300  # connections per latency sample
     backend: str | None = None
     pool_size: int = 6
+    repeats: int = 1
+    metrics: tuple[str, ...] | None = None  # None: every metric of bench.metrics
+    load_seconds: float = 2.0  # locust window per throughput sample
+    load_repeats: int = 1
+    rr_count: int = 200  # round trips per rr_latency sample
+    seed: int = 7
+
+
+class ModeUnavailable(RuntimeError):
+    """The mode cannot run on this host; the message is the reason recorded in run.json."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -62,17 +96,278 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def _latency_rows(base: dict, metric: str, samples, target: str) -> list[Row]:
-    ok = [s.latency_us for s in samples if s.outcome == "ok"]
-    failed = len(samples) - len(ok)
-    rows = [
-        Row(**base, metric=metric, stat=stat, value=round(percentile(ok, q), 1), unit="us",
-            extra={"target": target})
-        for stat, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
-    ]
-    rows.append(Row(**base, metric=metric, stat="failed", value=failed, unit="connections",
-                    extra={"target": target}))
-    return rows
+def kernel_memory_bytes() -> int:
+    """Unreclaimable slab + vmalloc + per-cpu memory of the whole host (/proc/meminfo)."""
+    total = 0
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in MEMINFO_KEYS:
+                total += int(rest.split()[0]) * 1024
+    return total
+
+
+def load_mode(mode: str, backend: str | None = None):
+    """The mode's data plane, or ModeUnavailable saying why it cannot run here."""
+    try:
+        dp = make(mode, backend=backend)
+    except ImportError as exc:
+        raise ModeUnavailable(f"its data plane does not load here ({exc})") from None
+    missing = dp.missing(Host())
+    if missing:
+        raise ModeUnavailable("; ".join(missing))
+    return dp
+
+
+# --------------------------------------------------------------------------- the fixture
+
+
+@dataclass
+class ScratchSync:
+    """One full sync from empty on a fresh node namespace."""
+
+    seconds: float
+    stats: SyncStats
+    kernel_bytes_delta: int
+    reported_bytes: int | None
+    uninstall_s: float | None
+
+
+@dataclass
+class EndpointChange:
+    """One Service's endpoints changed on node1, watched by a probe from the client pod."""
+
+    direction: str  # "replace": its endpoints become one other pod; "restore": back again
+    sync_s: float
+    programming_s: float | None  # None: the new endpoint never answered in time
+    stats: SyncStats
+    watched: int  # probe connections made while waiting
+
+
+class Bench:
+    """One mode's cluster across the sweep: what metrics measure, and how the sizes grow."""
+
+    def __init__(self, cfg: SweepConfig, mode: str, dp: Any, cluster: NetnsCluster, kernel: str):
+        self.cfg = cfg
+        self.mode = mode
+        self.dp = dp
+        self.cluster = cluster
+        self.kernel = kernel
+        self.nodes = [Node.numbered(1), Node.numbered(2)]
+        self.base = ClusterState.build(self.nodes, [CLIENT, *pool_pods(["node2"], cfg.pool_size)])
+        self.pool = [p for p in self.base.pods if p.name != CLIENT.name]
+        self.client = self.base.pod(NAMESPACE, CLIENT.name)
+        self.floor_ip = self.pool[0].ip
+        self.state = self.base
+        self.n = 0
+        self.installed = False
+        self._memo: dict[tuple, Any] = {}
+        self._node1_changed = False
+
+    # ------------------------------------------------------------------ cluster
+
+    def start(self) -> None:
+        self.cluster.set_pods(list(self.base.pods))
+        self.client_ns = self.cluster.pod_netns(NAMESPACE, CLIENT.name)
+
+    def install(self) -> None:
+        for node in self.cluster.nodes:
+            self.dp.install(node)
+        self.installed = True
+        for node in self.cluster.nodes:
+            self.dp.sync(node, self.base.node_view(node.name))
+
+    def uninstall(self) -> float:
+        started = time.perf_counter()
+        if self.installed:
+            self.installed = False
+            for node in self.cluster.nodes:
+                self.dp.uninstall(node)
+        return time.perf_counter() - started
+
+    def grow(self, n: int) -> list[SyncStats]:
+        """Program both nodes with Services 0..n-1 (the ones already there are kept)."""
+        services, slices = synthetic_services(n, self.pool, self.cfg.endpoints,
+                                              NODEPORT_EVERY, AFFINITY_EVERY, BACKEND_PORT)
+        state = ClusterState.build(self.nodes, self.base.pods, services, slices, previous=self.state)
+        stats = [self.dp.sync(node, state.node_view(node.name)) for node in self.cluster.nodes]
+        self.state, self.n = state, n
+        self._memo.clear()
+        self._node1_changed = False
+        return stats
+
+    def settle(self) -> None:
+        """Undo what endpoint changes left on node1, so every node holds `state` again."""
+        if self._node1_changed:
+            node1 = self.cluster.nodes[0]
+            self.dp.sync(node1, self.state.node_view(node1.name))
+            self._node1_changed = False
+
+    # ------------------------------------------------------------------ targets
+
+    def endpoints_of(self, target: str) -> list[tuple[str, int]]:
+        services = self.state.services
+        if target == "pod":
+            return [(self.floor_ip, BACKEND_PORT)]
+        if not services:
+            raise ValueError(f"target {target!r} needs Services; none are programmed")
+        if target == "first":
+            return [(services[0].cluster_ip, SERVICE_PORT)]
+        if target == "last":
+            return [(services[-1].cluster_ip, SERVICE_PORT)]
+        if target == "random":
+            return [(s.cluster_ip, SERVICE_PORT) for s in services]
+        raise ValueError(f"unknown target {target!r}")
+
+    def address(self, target: str) -> str:
+        """The IP a target stands for in bench.csv ("random" has none)."""
+        return "" if target == "random" else self.endpoints_of(target)[0][0]
+
+    # ------------------------------------------------------------------ traffic
+
+    def connections(self, target: str, count: int, repeat: int) -> ConnectionRun:
+        pick = "random" if target == "random" else "cycle"
+        return in_netns(self.client_ns, new_connections, self.endpoints_of(target), count,
+                        pick=pick, seed=self.cfg.seed * 1000 + repeat)
+
+    def agent_pids(self) -> list[int]:
+        return [n["agent"]["pid"] for n in self.cluster.state["nodes"] if n.get("agent")]
+
+    def cpu_per_connection(self, target: str, count: int, repeat: int) -> dict[str, Any]:
+        """Kernel CPU of `count` new connections: probe thread + echo agents, and host-wide."""
+        agents = self.agent_pids()
+        host0 = host_kernel_ticks()
+        agent0 = sum(process_sys_ticks(p) for p in agents)
+        run = self.connections(target, count, repeat)
+        agent1 = sum(process_sys_ticks(p) for p in agents)
+        host1 = host_kernel_ticks()
+        ok = max(1, count - run.failed)
+        tasks_s = run.thread_sys_s + (agent1 - agent0) / CLK_TCK
+        return {
+            "tasks_us": tasks_s * 1e6 / ok,
+            "host_us": (host1 - host0) / CLK_TCK * 1e6 / ok,
+            "run": run,
+            "thread_sys_s": run.thread_sys_s,
+            "agents_sys_s": (agent1 - agent0) / CLK_TCK,
+            "host_sys_s": (host1 - host0) / CLK_TCK,
+        }
+
+    # ------------------------------------------------------------------ programming
+
+    def scratch_sync(self, repeat: int) -> ScratchSync:
+        """Program all N Services from empty on a fresh, agentless node namespace."""
+        key = ("scratch", repeat)
+        if key not in self._memo:
+            self._memo[key] = self._scratch_sync()
+        return self._memo[key]
+
+    def _scratch_sync(self) -> ScratchSync:
+        view = self.state.node_view("node1")
+        fresh = make(self.mode, backend=self.cfg.backend)
+        with NetnsCluster.create(1, agents=False) as scratch:
+            node = scratch.nodes[0]
+            before = kernel_memory_bytes()
+            fresh.install(node)
+            started = time.perf_counter()
+            stats = fresh.sync(node, view)
+            seconds = time.perf_counter() - started
+            delta = kernel_memory_bytes() - before
+            reported = None
+            if callable(getattr(fresh, "kernel_bytes", None)):
+                reported = fresh.kernel_bytes(node)
+            elif isinstance(stats.extra.get("kernel_bytes"), int):
+                reported = stats.extra["kernel_bytes"]
+            uninstall_s = None
+            if self.mode not in NAMESPACE_SCOPED:
+                t0 = time.perf_counter()
+                fresh.uninstall(node)
+                uninstall_s = time.perf_counter() - t0
+        return ScratchSync(seconds, stats, delta, reported, uninstall_s)
+
+    def endpoint_change(self, repeat: int) -> EndpointChange:
+        """Even repeats move the last Service to one other pool pod, odd ones move it back."""
+        key = ("change", repeat)
+        if key not in self._memo:
+            self._memo[key] = self._endpoint_change("replace" if repeat % 2 == 0 else "restore")
+        return self._memo[key]
+
+    def _endpoint_change(self, direction: str) -> EndpointChange:
+        n = self.n
+        last = self.state.services[-1]
+        old = pool_endpoints(self.pool, n - 1, self.cfg.endpoints)
+        other = [self.pool[(n - 1 + self.cfg.endpoints) % len(self.pool)]]
+        if direction == "replace" or not self._node1_changed:
+            direction = "replace"
+            target = with_endpoints(self.state, last.name, other)
+            wanted = {f"{NAMESPACE}/{p.name}" for p in other}
+        else:
+            target = self.state
+            wanted = {f"{NAMESPACE}/{p.name}" for p in old}
+        node1 = self.cluster.nodes[0]
+        view = target.node_view(node1.name)  # svcbench's own work stays outside the timing
+        with BackendWatch(self.client_ns, last.cluster_ip, SERVICE_PORT) as watch:
+            time.sleep(0.02)
+            t0 = time.perf_counter_ns()
+            stats = self.dp.sync(node1, view)
+            sync_s = (time.perf_counter_ns() - t0) / 1e9
+            self._node1_changed = direction == "replace"
+            hit = watch.wait_for(wanted, t0, PROGRAMMING_TIMEOUT_S)
+        programming = (hit.start_ns - t0) / 1e9 if hit else None
+        return EndpointChange(direction, sync_s, programming, stats, len(watch.samples))
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+class SweepListener:
+    """What the runner hears from a sweep; every method may be left as it is."""
+
+    def progress(self, message: str) -> None:
+        pass
+
+    def step(self) -> None:
+        """One (size, metric) or floor step is done."""
+
+    def observed(self, rows: list[Row], raw: dict) -> None:
+        pass
+
+    def cluster_created(self, mode: str, run_id: str) -> None:
+        """The NetnsCluster run id the mode's sweep uses (its namespaces are svb-<id>-*)."""
+
+    def metric_skipped(self, mode: str, metric: str, reason: str) -> None:
+        pass
+
+    def metric_failed(self, mode: str, metric: str, n_services: int, error: str) -> None:
+        pass
+
+
+class _Progress(SweepListener):
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+
+    def progress(self, message: str) -> None:
+        self.say(message)
+
+
+def sweep_mode(cfg: SweepConfig, mode: str, progress: Callable[[str], None] | None = None,
+               listener: SweepListener | None = None) -> list[Row]:
+    """Measure `mode` over cfg.sizes with the metrics of bench/metrics.py; returns every Row.
+
+    Raises ModeUnavailable (nothing created) when the mode cannot run here.
+    """
+    from bench.metrics import run_mode  # the declarations use this module's fixture
+
+    listener = listener or _Progress(progress or (lambda _m: None))
+    dp = load_mode(mode, cfg.backend)
+    return run_mode(cfg, mode, dp, listener)
+
+
+def steps_of(cfg: SweepConfig) -> int:
+    """How many `step()` calls one mode's sweep makes (for a progress bar)."""
+    from bench.metrics import selected
+
+    floor, size = selected(cfg)
+    return 2 * len(floor) + len(cfg.sizes) * (1 + len(size))
 
 
 def measure_cluster_lifecycle(nodes: int, pods_per_node: int) -> dict[str, float]:
@@ -93,70 +388,11 @@ def measure_cluster_lifecycle(nodes: int, pods_per_node: int) -> dict[str, float
     return {"up_s": up, "down_s": down}
 
 
-def sweep_mode(cfg: SweepConfig, mode: str, progress: Callable[[str], None]) -> list[Row]:
-    dp = make(mode, backend=cfg.backend)
-    missing = dp.missing(Host())
-    if missing:
-        raise RuntimeError(f"mode {mode} cannot run here: " + "; ".join(missing))
-    kernel = os.uname().release
-    nodes = [Node.numbered(1), Node.numbered(2)]
-    pods = [CLIENT, *pool_pods(["node2"], cfg.pool_size)]
-    base_state = ClusterState.build(nodes, pods)
-    pool = [p for p in base_state.pods if p.name != CLIENT.name]
-    floor_ip = pool[0].ip
-    rows: list[Row] = []
-    with NetnsCluster.create(len(nodes), progress=progress) as cluster:
-        cluster.set_pods(list(base_state.pods))
-        client_ns = cluster.pod_netns(NAMESPACE, CLIENT.name)
-        for node in cluster.nodes:
-            dp.install(node)
-
-        def conn(ip: str) -> list:
-            return in_netns(client_ns, probe, ip, BACKEND_PORT if ip == floor_ip else SERVICE_PORT,
-                            count=cfg.count).samples
-
-        def program(state: ClusterState, n: int, when: str = "") -> None:
-            for node in cluster.nodes:
-                stats = dp.sync(node, state.node_view(node.name))
-                base = dict(mode=mode, kernel=kernel, n_services=n,
-                            extra={"node": node.name, "when": when})
-                rows.append(Row(**base, metric="sync_s", stat="full" if stats.full else "partial",
-                                value=round(stats.seconds, 6), unit="s"))
-                rows.append(Row(**base, metric="rules", stat="count", value=stats.rules,
-                                unit="rules"))
-
-        def floor(when: str) -> None:
-            program(base_state, 0, when)
-            progress(f"{mode}: floor ({when})")
-            for row in _latency_rows(dict(mode=mode, kernel=kernel, n_services=0),
-                                     "floor_conn_latency_us", conn(floor_ip), floor_ip):
-                row.extra["when"] = when
-                rows.append(row)
-
-        floor("start")
-        for n in cfg.sizes:
-            progress(f"{mode}: programming {n} services")
-            services, slices = synthetic_services(n, pool, cfg.endpoints)
-            state = ClusterState.build(nodes, base_state.pods, services, slices)
-            program(state, n)
-            first, last = state.services[0], state.services[-1]
-            base = dict(mode=mode, kernel=kernel, n_services=n)
-            progress(f"{mode}: probing at {n} services")
-            rows.extend(_latency_rows(base, "conn_latency_us:first", conn(first.cluster_ip),
-                                      first.cluster_ip))
-            rows.extend(_latency_rows(base, "conn_latency_us:last", conn(last.cluster_ip),
-                                      last.cluster_ip))
-            rows.extend(_latency_rows(base, "podip_conn_latency_us", conn(floor_ip), floor_ip))
-        floor("end")
-        for node in cluster.nodes:
-            dp.uninstall(node)
-    return rows
-
-
 LATENCY_COLUMNS = {
     "floor_conn_latency_us": "floor",
     "conn_latency_us:first": "first svc",
     "conn_latency_us:last": "last svc",
+    "conn_latency_us:random": "random svc",
     "podip_conn_latency_us": "pod IP",
 }
 
@@ -168,8 +404,15 @@ def summarize(rows: list[Row]) -> list[dict]:
         when = r.extra.get("when", "")
         line = lines.setdefault((r.mode, r.n_services, when),
                                 {"mode": r.mode, "services": f"{r.n_services}{' ' + when if when else ''}"})
-        if r.metric == "sync_s":
+        target = r.extra.get("target", "")
+        key = f"{r.metric}:{target}" if target in ("first", "last", "random") else r.metric
+        if r.metric == "sync_full_s":
             line["sync ms"] = round(max(line.get("sync ms", 0.0), r.value * 1000), 1)
-        elif r.metric in LATENCY_COLUMNS and r.stat in ("p50", "p99"):
-            line[f"{LATENCY_COLUMNS[r.metric]} {r.stat} µs"] = r.value
+        elif key in LATENCY_COLUMNS and r.stat in ("p50", "p99"):
+            line[f"{LATENCY_COLUMNS[key]} {r.stat} µs"] = r.value
     return list(lines.values())
+
+
+def host_kernel_label() -> str:
+    """The kernel column of every row: the release this code runs on (a guest's inside UML)."""
+    return os.uname().release

@@ -1,13 +1,20 @@
 """Synthetic Services at scale over a shared pool of backend pods.
 
 N Services need N ClusterIPs but not N pods: each Service gets `endpoints` pods of the
-pool, rotated, through an explicit EndpointSlice (no selector to evaluate N times).
+pool, rotated, through an explicit EndpointSlice (no selector to evaluate N times), so
+30,000 Services run on tens of pods. Given `nodeport_every`/`affinity_every` (the sweep
+passes NODEPORT_EVERY/AFFINITY_EVERY; 0 means none), every so many Services is a NodePort
+or has ClientIP affinity; the first and the last Service stay plain ClusterIPs, so probes
+to them compare like with like at every size.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from kube.model import (
     AFFINITY_CLIENT_IP,
+    AFFINITY_NONE,
     TCP,
     TYPE_CLUSTER_IP,
     TYPE_NODE_PORT,
@@ -18,9 +25,14 @@ from kube.model import (
     Service,
     ServicePort,
 )
+from kube.state import ClusterState
 
 NAMESPACE = "bench"
 SERVICE_PORT = 80
+BACKEND_PORT = 8080
+# 30,000 Services / 20 = 1,500 NodePorts, inside the 2,768 of 30000-32767.
+NODEPORT_EVERY = 20
+AFFINITY_EVERY = 100
 
 
 def pool_pods(nodes: list[str], per_node: int) -> list[Pod]:
@@ -32,42 +44,68 @@ def pool_pods(nodes: list[str], per_node: int) -> list[Pod]:
     ]
 
 
+def service_name(i: int, n: int) -> str:
+    return f"svc-{i:0{max(5, len(str(n)))}d}"
+
+
+def pool_endpoints(pool: list[Pod], i: int, endpoints: int) -> list[Pod]:
+    """The pool pods backing Service i: `endpoints` consecutive pods starting at i."""
+    return [pool[(i + k) % len(pool)] for k in range(endpoints)]
+
+
+def endpoint_slice(name: str, pods: list[Pod], target_port: int = BACKEND_PORT) -> EndpointSlice:
+    return EndpointSlice(
+        NAMESPACE,
+        f"{name}-1",
+        name,
+        tuple(Endpoint((p.ip,), node_name=p.node_name, pod_name=p.name) for p in pods),
+        (EndpointPort(target_port, TCP, "http"),),
+    )
+
+
 def synthetic_services(
     n: int,
     pool: list[Pod],
     endpoints: int = 3,
     nodeport_every: int = 0,
     affinity_every: int = 0,
-    target_port: int = 8080,
+    target_port: int = BACKEND_PORT,
 ) -> tuple[list[Service], list[EndpointSlice]]:
-    """Services svc-00000 ... with `endpoints` pool pods each (pods must carry IPs)."""
+    """Services svc-00000 ... with `endpoints` pool pods each (pods must carry IPs).
+
+    Service i's name, type and endpoints depend on i alone, so the first n Services of a
+    larger sweep are the n Services of a smaller one: a sweep grows by adding Services.
+    """
     if endpoints > len(pool):
         raise ValueError(f"endpoints={endpoints} needs at least that many pool pods, have {len(pool)}")
     services, slices = [], []
-    width = max(5, len(str(n)))
     for i in range(n):
-        name = f"svc-{i:0{width}d}"
-        nodeport = bool(nodeport_every) and i % nodeport_every == nodeport_every - 1
-        affinity = bool(affinity_every) and i % affinity_every == affinity_every - 1
+        name = service_name(i, n)
+        plain = i == 0 or i == n - 1
+        nodeport = not plain and bool(nodeport_every) and i % nodeport_every == nodeport_every // 2
+        affinity = not plain and bool(affinity_every) and i % affinity_every == affinity_every // 2 + 1
         services.append(
             Service(
                 NAMESPACE,
                 name,
                 (ServicePort(SERVICE_PORT, TCP, "http", target_port),),
                 type=TYPE_NODE_PORT if nodeport else TYPE_CLUSTER_IP,
-                session_affinity=AFFINITY_CLIENT_IP if affinity else "None",
+                session_affinity=AFFINITY_CLIENT_IP if affinity else AFFINITY_NONE,
             )
         )
-        chosen = [pool[(i + k) % len(pool)] for k in range(endpoints)]
-        slices.append(
-            EndpointSlice(
-                NAMESPACE,
-                f"{name}-1",
-                name,
-                tuple(
-                    Endpoint((p.ip,), node_name=p.node_name, pod_name=p.name) for p in chosen
-                ),
-                (EndpointPort(target_port, TCP, "http"),),
-            )
-        )
+        slices.append(endpoint_slice(name, pool_endpoints(pool, i, endpoints), target_port))
     return services, slices
+
+
+def with_endpoints(state: ClusterState, service: str, pods: list[Pod]) -> ClusterState:
+    """`state` with Service `service`'s EndpointSlice holding exactly `pods`.
+
+    Nothing is reallocated: an endpoint change at 30,000 Services costs one tuple copy.
+    """
+    slices = list(state.endpoint_slices)
+    for k, sl in enumerate(slices):
+        if sl.namespace == NAMESPACE and sl.service_name == service:
+            port = sl.ports[0].port if sl.ports else BACKEND_PORT
+            slices[k] = endpoint_slice(service, pods, port)
+            return replace(state, endpoint_slices=tuple(slices))
+    raise KeyError(f"no EndpointSlice for Service {NAMESPACE}/{service}")

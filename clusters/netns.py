@@ -307,6 +307,8 @@ def run_liveness(state: dict | None) -> tuple[bool, str]:
             return True, f"{status} by pid {owner.get('pid')}"
         return False, f"{status} and its owner pid {owner.get('pid')} is gone"
     if status == STATUS_READY:
+        if not state.get("kept", True) and not owner_alive:
+            return False, f"ready but never kept, and its owner pid {owner.get('pid')} is gone"
         agents = [(n["name"], n["agent"]) for n in state.get("nodes", []) if n.get("agent")]
         for node, agent in agents:
             if not process_alive(agent.get("pid"), agent.get("start")):
@@ -461,6 +463,7 @@ class NetnsCluster:
         state = {
             "run": run_id,
             "status": STATUS_CREATING,
+            "kept": False,
             "owner": _owner(),
             "created": _now(),
             "underlay": cls.netns_name(run_id, "underlay"),
@@ -621,8 +624,14 @@ class NetnsCluster:
             _write_state(self.run_dir, self.state)
 
     def keep(self) -> NetnsCluster:
-        """Leave the run in place when the context manager exits (the CLI's `up`)."""
+        """Leave the run in place when the context manager exits (the CLI's `up`).
+
+        Recorded in the state: until then the run lives only as long as its owner, so a
+        `svcbench up` killed after the namespaces were made leaves nothing gc keeps.
+        """
         self._kept = True
+        self.state["kept"] = True
+        self.save()
         return self
 
     def __enter__(self) -> NetnsCluster:

@@ -166,3 +166,51 @@ def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "git": _git_revision(),
         "argv": list(sys.argv if argv is None else argv),
     }
+
+
+# --------------------------------------------------------------------------- bench runs
+# A bench run folder: run.json (environment, arguments, status), bench.csv (one row per
+# measurement) and raw/<mode>/<phase>.json (every sample behind the rows).
+
+BENCH_CSV = "bench.csv"
+RUN_JSON = "run.json"
+RAW_DIR = "raw"
+# target: first/last/random names a series, an address names what was probed;
+# when: "start"/"end" for the floor; extra: the rest as one JSON object.
+BENCH_COLUMNS = ("mode", "kernel", "n_services", "metric", "target", "stat", "value", "unit",
+                 "repeat", "when", "extra")
+
+
+def bench_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A measurement in bench.csv's columns; `target` and `when` are lifted out of `extra`."""
+    extra = dict(row.get("extra") or {})
+    out = {col: row.get(col, "") for col in BENCH_COLUMNS}
+    out["target"] = row.get("target") or extra.pop("target", "") or ""
+    out["when"] = row.get("when") or extra.pop("when", "") or ""
+    extra.pop("target", None)
+    extra.pop("when", None)
+    out["extra"] = extra
+    return out
+
+
+def write_bench_csv(run_dir: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Atomically (re)write run_dir/bench.csv from measurement rows (dicts or bench_row()s)."""
+    return write_csv(Path(run_dir) / BENCH_CSV, (bench_row(r) for r in rows), BENCH_COLUMNS)
+
+
+def read_bench_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """bench.csv back as dicts with numbers as numbers and `extra` as a dict."""
+    out = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            row["n_services"] = int(row["n_services"])
+            row["value"] = float(row["value"])
+            row["repeat"] = int(row["repeat"] or 0)
+            row["extra"] = json.loads(row["extra"]) if row.get("extra") else {}
+            out.append(row)
+    return out
+
+
+def write_run_json(run_dir: str | os.PathLike, data: Mapping[str, Any]) -> Path:
+    """Atomically (re)write run_dir/run.json."""
+    return write_json(Path(run_dir) / RUN_JSON, dict(data))

@@ -12,12 +12,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from clusters.safety import snapshot_root
 from clusters.safety import diff as root_diff
+from clusters.safety import snapshot_root
 from tests.test_cli import ROOT, _netns, svcbench
 
 pytestmark = pytest.mark.root
