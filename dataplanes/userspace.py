@@ -1,0 +1,547 @@
+"""The userspace data plane: kube-proxy's legacy mode, a proxy process on every node.
+
+The kernel only steers: iptables nat REDIRECTs a Service's new connections and datagrams to
+the proxy's port (PREROUTING for pods and outside clients, OUTPUT for the node's own
+processes), and filter REJECTs or DROPs the portals the proxy must not take. Which
+(address, protocol, port) is a portal lives in ipsets (hash:ip,port), so the rules stay a
+fixed handful and a packet's cost does not grow with the number of Services. The proxy
+(dataplanes/userspace_proxy.py) picks backends, retries, and splices the bytes.
+
+REDIRECT rather than TPROXY: REDIRECT works in nat OUTPUT for the node's own processes,
+needs no policy routing in the node, and conntrack turns replies back into the portal by
+itself; TPROXY would need a fwmark route table, a reroute trick for local traffic, and
+transparent sockets bound to every VIP to answer UDP.
+
+A sync sends the whole table over the proxy's control socket (no restart: established
+connections keep their backend), swaps the ipsets atomically and rewrites the chains, so
+it also repairs rules, sets or a proxy process that someone removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
+from dataplanes.userspace_proxy import (
+    CONNECT_TIMEOUT_S,
+    CONTROL_NAME,
+    DROP,
+    EXTERNAL_LOCAL,
+    PROXY_PORT,
+    REDIRECT,
+    REJECT,
+    UDP_IDLE_TIMEOUT_S,
+    PortalKey,
+    portal_classes,
+)
+from kube.state import NodeView, ServicePortView
+
+# nat: kube-proxy's userspace mode named its chains for the "portals" it opened.
+PORTALS_CONTAINER = "KUBE-PORTALS-CONTAINER"  # PREROUTING: pods and outside clients
+PORTALS_HOST = "KUBE-PORTALS-HOST"  # OUTPUT: the node's own processes
+PORTALS_FILTER = "KUBE-PORTALS-FILTER"  # filter: portals refused or dropped
+CHAINS = (("nat", PORTALS_CONTAINER), ("nat", PORTALS_HOST), ("filter", PORTALS_FILTER))
+# (table, built-in chain, our chain, new connections only)
+JUMPS = (
+    ("nat", "PREROUTING", PORTALS_CONTAINER, False),
+    ("nat", "OUTPUT", PORTALS_HOST, False),
+    ("filter", "INPUT", PORTALS_FILTER, True),
+    ("filter", "FORWARD", PORTALS_FILTER, True),
+    ("filter", "OUTPUT", PORTALS_FILTER, True),
+)
+JUMP_COMMENT = "kubernetes service portals (userspace)"
+
+# ipsets of hash:ip,port, one per portal class.
+SET_REDIRECT = "KUBE-PORTALS"  # redirected to the proxy
+SET_EXTERNAL_LOCAL = "KUBE-PORTALS-EXT-LOCAL"  # ... but not for outside clients
+SET_DROP = "KUBE-PORTALS-DROP"
+SET_REJECT = "KUBE-PORTALS-REJECT"
+SETS = (SET_REDIRECT, SET_EXTERNAL_LOCAL, SET_DROP, SET_REJECT)
+SET_MEMBERS = {  # which classes each set holds
+    SET_REDIRECT: (REDIRECT, EXTERNAL_LOCAL),
+    SET_EXTERNAL_LOCAL: (EXTERNAL_LOCAL,),
+    SET_DROP: (DROP, EXTERNAL_LOCAL),  # outside clients of an EXTERNAL_LOCAL portal are not redirected
+    SET_REJECT: (REJECT,),
+}
+SET_MAXELEM = 1 << 20
+
+IPTABLES = "iptables-nft"
+IPTABLES_SAVE = "iptables-nft-save"
+IPTABLES_RESTORE = "iptables-nft-restore"
+CONNTRACK_DELETES_MAX = 64  # above this many changed UDP portals one flush of UDP flows is cheaper
+CONTROL_TIMEOUT_S = 60.0  # a 10,000-Service table takes well under a second to apply
+SPAWN_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+LOG_DIR = "/run/svcbench/userspace"
+NETNS_RUN_DIR = "/run/netns"
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+# Conformance checks this mode cannot meet by design (check name -> why).
+_SOURCE_IP = ("the proxy opens its own connection to the backend, so the backend sees the node's "
+              "address, never the client's: userspace mode cannot preserve the source IP")
+DEVIATIONS = {
+    "clusterip_preserves_client_pod_ip": _SOURCE_IP,
+    "external_traffic_policy_local": _SOURCE_IP + " (the policy's other half, no service through "
+                                     "a node without a local endpoint, is met)",
+}
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def table_message(view: NodeView) -> dict[str, Any]:
+    """The proxy's table for a node: every Service port with the endpoints each traffic kind uses."""
+    return {
+        "op": "table",
+        "node": view.node,
+        "node_ips": list(view.node_ips),
+        "cluster_cidr": view.cluster_cidr,
+        "services": [_service(sp) for sp in view.services],
+    }
+
+
+def _service(sp: ServicePortView) -> dict[str, Any]:
+    return {
+        "name": sp.name,
+        "protocol": sp.protocol,
+        "cluster_ip": sp.cluster_ip,
+        "port": sp.port,
+        "node_port": sp.node_port,
+        "external_ips": list(sp.external_ips),
+        "affinity_s": sp.affinity_timeout_s,
+        "external_local": sp.external_policy_local,
+        "internal": [[e.ip, e.port] for e in sp.internal_endpoints],
+        "external": [[e.ip, e.port] for e in sp.external_endpoints],
+    }
+
+
+def render_ipsets(classes: dict[PortalKey, str]) -> str:
+    """An `ipset restore` payload that replaces every portal set at once (fill a copy, swap)."""
+    members: dict[str, list[str]] = {name: [] for name in SETS}
+    for (proto, ip, port), cls in sorted(classes.items()):
+        entry = f"{ip},{proto.lower()}:{port}"
+        for name in SETS:
+            if cls in SET_MEMBERS[name]:
+                members[name].append(entry)
+    out: list[str] = []
+    for name in SETS:
+        new = f"{name}-NEW"
+        spec = f"hash:ip,port family inet hashsize {_hashsize(len(members[name]))} maxelem {SET_MAXELEM}"
+        out += [f"create {name} {spec} -exist", f"create {new} {spec} -exist", f"flush {new}"]
+        out += [f"add {new} {entry}" for entry in members[name]]
+        out += [f"swap {new} {name}", f"destroy {new}"]
+    return "\n".join(out) + "\n"
+
+
+def _hashsize(n: int) -> int:
+    size = 1024
+    while size < n:
+        size <<= 1
+    return size
+
+
+def render_chains(proxy_port: int, cluster_cidr: str | None) -> dict[tuple[str, str], list[str]]:
+    """Our chains' rules, as iptables-restore lines: a fixed handful, whatever the Service count."""
+    redirect = [
+        f'-p {proto} -m set --match-set {SET_REDIRECT} dst,dst -m comment --comment '
+        f'"redirect {proto.upper()} portals to the userspace proxy" -j REDIRECT --to-ports {proxy_port}'
+        for proto in ("tcp", "udp")
+    ]
+    container = []
+    if cluster_cidr:
+        # externalTrafficPolicy: Local without a local endpoint: outside clients get nothing.
+        container.append(
+            f"-A {PORTALS_CONTAINER} ! -s {cluster_cidr} -m addrtype ! --src-type LOCAL"
+            f" -m set --match-set {SET_EXTERNAL_LOCAL} dst,dst"
+            ' -m comment --comment "no local endpoint for outside clients" -j RETURN'
+        )
+    container += [f"-A {PORTALS_CONTAINER} {rule}" for rule in redirect]
+    host = [f"-A {PORTALS_HOST} {rule}" for rule in redirect]
+    refuse = [
+        f"-A {PORTALS_FILTER} -m set --match-set {SET_REJECT} dst,dst"
+        ' -m comment --comment "service has no endpoints"'
+        " -j REJECT --reject-with icmp-port-unreachable",
+        f"-A {PORTALS_FILTER} -m set --match-set {SET_DROP} dst,dst"
+        ' -m comment --comment "service has no endpoints for this traffic" -j DROP',
+    ]
+    return {("nat", PORTALS_CONTAINER): container, ("nat", PORTALS_HOST): host,
+            ("filter", PORTALS_FILTER): refuse}
+
+
+def _jump_spec(chain: str, new_only: bool) -> str:
+    ct = "-m conntrack --ctstate NEW " if new_only else ""
+    return f'{ct}-m comment --comment "{JUMP_COMMENT}" -j {chain}'
+
+
+def render_rules(chains: dict[tuple[str, str], list[str]], saved: str | None) -> str:
+    """iptables-restore --noflush text: our chains rewritten, jumps added where `saved` lacks them."""
+    have = _jumps_in(saved) if saved is not None else set()
+    out: list[str] = []
+    for table in ("filter", "nat"):
+        out.append(f"*{table}")
+        ours = [c for t, c in CHAINS if t == table]
+        out += [f":{c} - [0:0]" for c in ours]  # declaring a chain flushes it
+        for c in ours:
+            out += chains[(table, c)]
+        for t, builtin, target, new_only in reversed(JUMPS):
+            if t == table and (t, builtin, target) not in have:
+                out.append(f"-I {builtin} 1 {_jump_spec(target, new_only)}")
+        out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def rules_intact(chains: dict[tuple[str, str], list[str]], saved: str) -> bool:
+    """True when `saved` (iptables-save) holds our chains exactly as rendered and every jump."""
+    found: dict[tuple[str, str], list[str]] = {key: [] for key in chains}
+    declared = set()
+    table = ""
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":"):
+            declared.add((table, line[1:].split(" ", 1)[0]))
+        elif line.startswith("-A "):
+            key = (table, line[3:].split(" ", 1)[0])
+            if key in found:
+                found[key].append(line)
+    jumps = _jumps_in(saved)
+    return (
+        all(key in declared and found[key] == rules for key, rules in chains.items())
+        and all((t, b, c) in jumps for t, b, c, _ in JUMPS)
+    )
+
+
+def _jumps_in(saved: str) -> set[tuple[str, str, str]]:
+    found = set()
+    table = ""
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith("-A "):
+            chain = line[3:].split(" ", 1)[0]
+            target = line.rsplit(" -j ", 1)[-1].split(" ", 1)[0] if " -j " in line else ""
+            if any(t == table and b == chain and c == target for t, b, c, _ in JUMPS):
+                found.add((table, chain, target))
+    return found
+
+
+# --------------------------------------------------------------------------- in the node
+# These run on a thread inside the node's network namespace (NodeHandle.call).
+
+
+def _control(payload: bytes, timeout: float) -> dict[str, Any]:
+    """One JSON-line request to the proxy on its abstract socket (per network namespace)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect("\0" + CONTROL_NAME)
+        sock.sendall(payload + b"\n")
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionResetError("the userspace proxy closed the control connection")
+            buf += chunk
+    return json.loads(buf)
+
+
+def _command(argv: list[str], input: str | None = None, check: bool = True) -> str:
+    """Run a tool; forked from a thread in the node's namespace, it runs there (no `ip netns exec`:
+    its mount namespace setup costs more than the tool itself)."""
+    res = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=300)
+    if check and res.returncode != 0:
+        raise DataplaneError(f"{argv[0]} exited {res.returncode}: "
+                             f"{(res.stderr or res.stdout).strip()[:2000]}")
+    return res.stdout
+
+
+def _program(sets_payload: str, chains: dict[tuple[str, str], list[str]],
+             flows: list[list]) -> dict[str, Any]:
+    """One node's kernel side of a sync: portal sets, our chains when they differ, stale flows."""
+    _command(["ipset", "restore"], sets_payload)
+    saved = _command([IPTABLES_SAVE])
+    rules = ""
+    if not rules_intact(chains, saved):
+        rules = render_rules(chains, saved)
+        _command([IPTABLES_RESTORE, "--noflush"], rules)
+    deleted = 0
+    if len(flows) > CONNTRACK_DELETES_MAX:
+        _command(["conntrack", "-D", "-p", "udp"], check=False)
+        deleted = 1
+    else:
+        for ip, port in flows:
+            _command(["conntrack", "-D", "-p", "udp", "--orig-dst", ip,
+                      "--orig-port-dst", str(port)], check=False)
+            deleted += 1
+    return {"rules": rules, "conntrack_deletes": deleted}
+
+
+def _unprogram() -> None:
+    """Remove our jumps, chains and sets from the node."""
+    saved = _command([IPTABLES_SAVE])
+    lines: list[str] = []
+    for table in ("filter", "nat"):
+        ours = [c for t, c in CHAINS if t == table and f"\n:{c} " in "\n" + saved]
+        deletes = []
+        current = ""
+        for line in saved.splitlines():
+            if line.startswith("*"):
+                current = line[1:].strip()
+            elif current == table and line.startswith("-A ") and any(
+                line.endswith(f"-j {c}") for t, c in CHAINS if t == table
+            ):
+                deletes.append("-D " + line[3:])
+        if ours or deletes:
+            lines += [f"*{table}", *deletes, *(f":{c} - [0:0]" for c in ours),
+                      *(f"-X {c}" for c in ours), "COMMIT"]
+    if lines:
+        _command([IPTABLES_RESTORE, "--noflush"], "\n".join(lines) + "\n")
+    present = set(_command(["ipset", "list", "-n"], check=False).split())
+    for name in SETS:
+        for victim in (name, f"{name}-NEW"):
+            if victim in present:
+                _command(["ipset", "destroy", victim], check=False)
+
+
+def _spawn(argv: list[str], log_path: str) -> subprocess.Popen:
+    """Start the proxy; forked from a thread in the node's namespace, it is born there."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env, close_fds=True)
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _sweep_logs() -> None:
+    """Logs of proxies whose node is gone (a run destroyed without uninstall) go too."""
+    try:
+        names = os.listdir(LOG_DIR)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.endswith(".log") and not os.path.exists(os.path.join(NETNS_RUN_DIR, name[:-4])):
+            try:
+                os.unlink(os.path.join(LOG_DIR, name))
+            except FileNotFoundError:
+                pass
+
+
+def _log_tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:]).rstrip() or "(log is empty)"
+    except OSError as exc:
+        return f"(log unreadable: {exc})"
+
+
+# --------------------------------------------------------------------------- the data plane
+
+
+class UserspaceDataplane:
+    name = "userspace"
+    deviations = DEVIATIONS
+
+    def __init__(self, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 udp_idle_timeout_s: float = UDP_IDLE_TIMEOUT_S,
+                 proxy_port: int = PROXY_PORT) -> None:
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.udp_idle_timeout_s = float(udp_idle_timeout_s)
+        self.proxy_port = int(proxy_port)
+
+    # ------------------------------------------------------------------ protocol
+
+    def missing(self, host: Host) -> list[str]:
+        out = [
+            f"{cmd} not found (apt-get install {pkg})"
+            for cmd, pkg in ((IPTABLES, "iptables"), (IPTABLES_SAVE, "iptables"),
+                             (IPTABLES_RESTORE, "iptables"), ("ipset", "ipset"))
+            if not host.which(cmd)
+        ]
+        if not host.which("conntrack"):
+            out.append("conntrack not found (apt-get install conntrack): stale UDP flows are not cleared")
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            out.append("python module uvloop not found (apt-get install python3-uvloop, "
+                       "or pip install uvloop): the proxy runs on uvloop")
+        if host.has_proc("/proc/config.gz"):
+            for option in ("CONFIG_NF_NAT_REDIRECT", "CONFIG_NETFILTER_XT_TARGET_REDIRECT",
+                           "CONFIG_NETFILTER_XT_SET", "CONFIG_IP_SET_HASH_IPPORT",
+                           "CONFIG_NF_CT_NETLINK", "CONFIG_NETFILTER_XT_MATCH_ADDRTYPE",
+                           "CONFIG_IP_NF_TARGET_REJECT"):
+                if host.kernel_config(option) is None:
+                    out.append(f"kernel {host.kernel} lacks {option} (userspace mode needs it)")
+        return out
+
+    def render(self, view: NodeView) -> str:
+        """What a sync writes: the ipsets, the rules and the proxy's table."""
+        message = table_message(view)
+        classes = portal_classes(message["services"], view.node_ips)
+        rules = render_rules(render_chains(self.proxy_port, view.cluster_cidr), None)
+        return ("# ipset restore\n" + render_ipsets(classes)
+                + "# iptables-restore --noflush\n" + rules
+                + "# proxy table\n" + json.dumps(message, indent=1) + "\n")
+
+    def install(self, node: NodeHandle) -> None:
+        self._ensure_proxy(node)
+        node.call(_program, render_ipsets({}), render_chains(self.proxy_port, None), [])
+
+    def sync(self, node: NodeHandle, view: NodeView) -> SyncStats:
+        start = time.perf_counter()
+        message = table_message(view)
+        payload = json.dumps(message, separators=(",", ":")).encode()
+        spawned = False
+        try:
+            reply = node.call(_control, payload, CONTROL_TIMEOUT_S)
+        except OSError:
+            reply = {}
+        if reply.get("settings") != self._settings():
+            # No proxy answers (never installed, killed, or its node restarted), or one
+            # started with another port or timeouts: (re)start it.
+            self._ensure_proxy(node)
+            spawned = True
+            reply = node.call(_control, payload, CONTROL_TIMEOUT_S)
+        if not reply.get("ok"):
+            raise DataplaneError(f"userspace proxy on {node.name} refused the table: "
+                                 f"{reply.get('error', reply)}")
+        table_s = time.perf_counter() - start
+        # Portals change only after the proxy knows the new table.
+        classes = portal_classes(message["services"], view.node_ips)
+        sets_payload = render_ipsets(classes)
+        chains = render_chains(self.proxy_port, view.cluster_cidr)
+        udp_changed = reply.get("udp_changed", [])
+        try:
+            done = node.call(_program, sets_payload, chains, udp_changed)
+        except DataplaneError as exc:
+            raise DataplaneError(f"userspace mode on {node.name}: {exc}") from None
+        counts = dict.fromkeys((REDIRECT, EXTERNAL_LOCAL, DROP, REJECT), 0)
+        for cls in classes.values():
+            counts[cls] += 1
+        return SyncStats(
+            mode=self.name,
+            node=node.name,
+            seconds=time.perf_counter() - start,
+            full=True,  # the proxy always gets the whole table
+            services=len(view.services),
+            rules=sum(len(rules) for rules in chains.values()) + len(JUMPS),
+            payload_bytes=len(payload) + len(sets_payload) + len(done["rules"]),
+            changed=len(udp_changed),
+            extra={
+                "portals": len(classes),
+                **{f"portals_{cls.replace('-', '_')}": n for cls, n in counts.items()},
+                "rules_rewritten": bool(done["rules"]),
+                "table_s": round(table_s, 6),
+                "proxy_apply_s": reply.get("seconds"),
+                "proxy_spawned": spawned,
+                "udp_sessions_closed": reply.get("udp_sessions_closed", 0),
+                "conntrack_deletes": done["conntrack_deletes"],
+            },
+        )
+
+    def uninstall(self, node: NodeHandle) -> None:
+        self._stop_proxy(node)
+        try:
+            node.call(_unprogram)
+        except DataplaneError as exc:
+            raise DataplaneError(f"userspace mode on {node.name}: {exc}") from None
+        try:
+            os.unlink(self._log_path(node))
+        except FileNotFoundError:
+            pass
+
+    # ------------------------------------------------------------------ beyond the protocol
+
+    def stats(self, node: NodeHandle, services: bool = False) -> dict[str, Any]:
+        """The proxy's counters: connections, UDP sessions, retries, failures (per Service port
+        with services=True, keyed "ns/svc:port/PROTO"), its pid and CPU seconds."""
+        return self._request(node, {"op": "stats", "services": services})
+
+    def proxy_pid(self, node: NodeHandle) -> int | None:
+        try:
+            return self._request(node, {"op": "ping"}, timeout=2.0).get("pid")
+        except (OSError, DataplaneError):
+            return None
+
+    # ------------------------------------------------------------------ pieces
+
+    def _request(self, node: NodeHandle, request: dict[str, Any],
+                 timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
+        reply = node.call(_control, json.dumps(request).encode(), timeout)
+        if not reply.get("ok"):
+            raise DataplaneError(f"userspace proxy on {node.name}: {reply.get('error', reply)}")
+        return reply
+
+    def _log_path(self, node: NodeHandle) -> str:
+        # A node that names its run's folder keeps the log there, removed with the run.
+        run_dir = getattr(node, "run_dir", None)
+        if run_dir:
+            return os.path.join(run_dir, f"userspace-{node.name}.log")
+        return os.path.join(LOG_DIR, f"{node.netns.rsplit('/', 1)[-1]}.log")
+
+    def _settings(self) -> list:
+        return [self.proxy_port, self.connect_timeout_s, self.udp_idle_timeout_s]
+
+    def _ensure_proxy(self, node: NodeHandle) -> int:
+        """The pid of the node's proxy, started when none answers with our settings."""
+        try:
+            ping = self._request(node, {"op": "ping"}, timeout=2.0)
+        except (OSError, DataplaneError):
+            ping = {}
+        if ping.get("settings") == self._settings():
+            return ping["pid"]
+        if ping:
+            self._stop_proxy(node)
+        log_path = self._log_path(node)
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        _sweep_logs()
+        argv = [sys.executable, "-m", "dataplanes.userspace_proxy",
+                "--port", str(self.proxy_port),
+                "--netns", node.netns,
+                "--connect-timeout", str(self.connect_timeout_s),
+                "--udp-idle-timeout", str(self.udp_idle_timeout_s)]
+        proc = node.call(_spawn, argv, log_path)
+        # Reap it whenever it exits, so it never lingers as a zombie of this process.
+        threading.Thread(target=proc.wait, name=f"reap:userspace:{node.name}", daemon=True).start()
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise DataplaneError(
+                    f"userspace proxy on {node.name} exited with status {proc.returncode} before "
+                    f"answering; {log_path} ends with:\n{_log_tail(log_path)}")
+            if self.proxy_pid(node) == proc.pid:
+                return proc.pid
+            time.sleep(0.02)
+        proc.kill()
+        raise DataplaneError(f"userspace proxy on {node.name} did not answer within "
+                             f"{SPAWN_TIMEOUT_S:.0f} s; {log_path} ends with:\n{_log_tail(log_path)}")
+
+    def _stop_proxy(self, node: NodeHandle) -> None:
+        pid = self.proxy_pid(node)
+        if pid is None:
+            return
+        try:
+            self._request(node, {"op": "stop"}, timeout=STOP_TIMEOUT_S)
+        except (OSError, DataplaneError):
+            pass  # killed below
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if _alive(pid):
+            os.kill(pid, 9)
