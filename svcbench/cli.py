@@ -371,6 +371,12 @@ def cmd_conformance(args) -> int:
     return exit_status(data)
 
 
+def cmd_report(args) -> int:
+    from reports.render import run_report_command
+
+    return run_report_command(args)
+
+
 def cmd_gc(args) -> int:
     from clusters.netns import gc
 
@@ -509,6 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     from conformance.runner import add_arguments as conformance_arguments
 
     conformance_arguments(sp)
+
+    sp = command("report", cmd_report, "render a run folder as one self-contained HTML file")
+    from reports.render import add_report_arguments
+
+    add_report_arguments(sp)
 
     sp = command("gc", cmd_gc, "remove what killed runs left behind")
     sp.add_argument("--all", action="store_true", help="remove every run, live ones too")

@@ -57,14 +57,18 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("iptables-legacy", "iptables mode (legacy backend)",
                 lambda: _which("iptables-legacy-restore"), apt=("iptables",)),
     Requirement("nft", "nftables mode", lambda: _which("nft"), apt=("nftables",)),
-    Requirement("ipset", "IPVS mode", lambda: _which("ipset"), apt=("ipset",)),
+    Requirement("ipset", "IPVS and userspace modes", lambda: _which("ipset"), apt=("ipset",)),
     Requirement("conntrack", "stale UDP flow cleanup", lambda: _which("conntrack"),
                 apt=("conntrack",)),
     Requirement("sysctl", "namespace settings", lambda: _which("sysctl"), apt=("procps",)),
+    Requirement("chromium", "report tests (headless browser)", lambda: _which("chromium"),
+                apt=("chromium",)),
     Requirement("pyroute2", "netlink", lambda: _python_module("pyroute2"), pip=("pyroute2",)),
     Requirement("yaml", "manifests", lambda: _python_module("yaml"), pip=("PyYAML",)),
     Requirement("rich", "progress and tables", lambda: _python_module("rich"), pip=("rich",)),
-    Requirement("uvloop", "echo backends", lambda: _python_module("uvloop"), pip=("uvloop",)),
+    Requirement("uvloop", "echo backends, userspace proxy", lambda: _python_module("uvloop"),
+                pip=("uvloop",)),
+    Requirement("pandas", "report", lambda: _python_module("pandas"), pip=("pandas",)),
 )
 
 
