@@ -164,6 +164,7 @@ class Bench:
         self.installed = False
         self._memo: dict[tuple, Any] = {}
         self._node1_changed = False
+        self._tracer: Any = None
 
     # ------------------------------------------------------------------ cluster
 
@@ -263,6 +264,19 @@ class Bench:
             "agents_sys_s": (agent1 - agent0) / CLK_TCK,
             "host_sys_s": (host1 - host0) / CLK_TCK,
         }
+
+    def handshake_tracer(self):
+        """The sweep's one sock:inet_sock_set_state tracer for the client pod (started once)."""
+        if self._tracer is None:
+            from bench.trace import HandshakeTrace
+
+            self._tracer = HandshakeTrace(self.client.ip)
+        return self._tracer
+
+    def close(self) -> None:
+        if self._tracer is not None:
+            self._tracer.close()
+            self._tracer = None
 
     # ------------------------------------------------------------------ programming
 

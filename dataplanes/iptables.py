@@ -522,21 +522,30 @@ class IptablesDataplane:
         payloads = []
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            payload = ruleset.payload(
-                only=batch, delete=stale if last else (), extra=extra if last else None
-            )
+            payload = ruleset.payload(only=batch, extra=extra if last else None)
             self._restore(node, payload)
             payloads.append(payload)
+        # Stale chains go after nothing jumps to them any more, in batches as well: one -X
+        # payload naming N chains is O(N^2) too (5,000 Services -> 0 took 60-170 s unsplit).
+        for batch in self._batches(set(stale), roots_first=True):
+            if batch:
+                payload = ruleset.payload(only=set(), delete=sorted(batch, key=_write_order, reverse=True))
+                self._restore(node, payload)
+                payloads.append(payload)
         return payloads, written, stale, differ
 
-    def _batches(self, chains: set[tuple[str, str]]) -> list[set[tuple[str, str]]]:
+    def _batches(
+        self, chains: set[tuple[str, str]], roots_first: bool = False
+    ) -> list[set[tuple[str, str]]]:
         """Chains to write, split so each restore names at most max_chains_per_restore.
 
         iptables-nft-restore --noflush (1.8.9) keeps the chains a payload names in a sorted
         linked list and walks it for every line: one payload naming N chains costs O(N^2)
-        (10,000 Services: minutes). Leaves go first, so every jump target already exists.
+        (10,000 Services: minutes). Leaves go first, so every jump target already exists;
+        for deletion (roots_first) the chains that jump go first, so nothing left refers to a
+        deleted chain.
         """
-        ordered = sorted(chains, key=_write_order)
+        ordered = sorted(chains, key=_write_order, reverse=roots_first)
         size = self.max_chains_per_restore or len(ordered) or 1
         return [set(ordered[i : i + size]) for i in range(0, len(ordered), size)] or [set()]
 
