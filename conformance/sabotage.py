@@ -7,6 +7,7 @@ without an entry here skips the check with the reason.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from dataplanes.base import Dataplane, NodeHandle
@@ -27,11 +28,21 @@ def flush_nft_ruleset(dataplane: Dataplane, node: NodeHandle) -> str:
     return f"flushed the whole nftables ruleset on {node.name}"
 
 
+def detach_xdp(dataplane: Dataplane, node: NodeHandle) -> str:
+    """An administrator turning XDP off on every interface of the node."""
+    links = json.loads(node.run(["ip", "-j", "link", "show"]).stdout)
+    names = [link["ifname"] for link in links if "xdp" in link]
+    for name in names:
+        node.run(["ip", "link", "set", "dev", name, "xdp", "off"])
+    return f"detached XDP from {', '.join(names)} on {node.name}"
+
+
 SABOTAGES: dict[str, Callable[[Dataplane, NodeHandle], str]] = {
     "iptables": flush_iptables_nat,
     "nftables": flush_nft_ruleset,
     # The userspace proxy steers with iptables-nft nat REDIRECT rules.
     "userspace": flush_iptables_nat,
+    "ebpf": detach_xdp,
 }
 
 

@@ -333,6 +333,8 @@ def cmd_down(args) -> int:
             for node in cluster.nodes:
                 dp.uninstall(node)
         finally:
+            if cluster.meta.get("mode") == "ebpf":
+                _gc_bpf(cluster.namespaces)
             cluster.destroy()
     out.print(f"cluster {cluster.run_id} removed")
     return 0
@@ -371,16 +373,52 @@ def cmd_conformance(args) -> int:
     return exit_status(data)
 
 
+def cmd_service_list(args) -> int:
+    cluster = _attach(args.run)
+    if args.mode != "ebpf":
+        raise UsageError(f"--mode {args.mode}: service list reads the eBPF maps; accepted: ebpf")
+    from dataplanes.ebpf import service_list
+
+    nodes = [cluster.node(args.node)] if args.node else cluster.nodes
+    data = {node.name: service_list(node) for node in nodes}
+    if args.json:
+        _emit_json(data)
+        return 0
+    for name, rows in data.items():
+        t = Table("ID", "Frontend", "Type", "Backends", title=f"{name}: lb4_services")
+        for row in rows:
+            backends = "\n".join(
+                f"{b['address']}{' (local)' if b.get('local') else ''}" for b in row["backends"]
+            ) or (row.get("empty") or "")
+            kind = row["type"] + (f" affinity {row['affinity_timeout_s']}s" if row.get("affinity_timeout_s") else "")
+            t.add_row(str(row["id"]), row["frontend"], kind, backends)
+        out.print(t)
+    return 0
+
+
 def cmd_report(args) -> int:
     from reports.render import run_report_command
 
     return run_report_command(args)
 
 
-def cmd_gc(args) -> int:
-    from clusters.netns import gc
+def _gc_bpf(netns_names: list[str] | None) -> list[str]:
+    """eBPF hooks and cgroups outlive namespaces; an import failure means none were made."""
+    try:
+        from dataplanes.ebpf import gc_bpf
+    except ImportError:
+        return []
+    return gc_bpf(netns_names)
 
-    removed = gc(all_runs=args.all)
+
+def cmd_gc(args) -> int:
+    from clusters.netns import gc, list_netns
+    from clusters.uml import gc_guests
+
+    removed = gc_guests(all_guests=args.all)
+    removed += _gc_bpf(list_netns() if args.all else None)
+    removed += gc(all_runs=args.all)
+    removed += _gc_bpf(None)  # hooks of the runs just removed
     for line in removed:
         out.print(line)
     if not removed:
@@ -515,6 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     from conformance.runner import add_arguments as conformance_arguments
 
     conformance_arguments(sp)
+
+    sp = command("service", cmd_service_list, "list the services a node's data plane holds (service list)")
+    sp.add_argument("action", choices=("list",))
+    sp.add_argument("--mode", choices=("ebpf",), default="ebpf")
+    sp.add_argument("--node", help="node name (default: every node)")
+    run_flag(sp)
+    sp.add_argument("--json", action="store_true")
 
     sp = command("report", cmd_report, "render a run folder as one self-contained HTML file")
     from reports.render import add_report_arguments

@@ -1,0 +1,722 @@
+"""The eBPF/XDP data plane: layouts and rendering, the XDP programs on crafted packets, and
+real traffic through a two-node namespace cluster.
+
+Three layers, cheapest first:
+- no root: the render (one map element per frontend), naming, header inlining;
+- root, no namespaces: BPF_PROG_TEST_RUN pushes hand-built packets through the real
+  programs with real maps; every output checksum is recomputed from scratch;
+- root, a NetnsCluster (2 nodes, echo agents): pods, node processes and the external
+  client talk through the data plane; teardown and gc must leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+
+import pytest
+
+from bpf import loader, maps, syscall
+from dataplanes import ebpf
+from kube.model import (
+    AFFINITY_CLIENT_IP,
+    POLICY_LOCAL,
+    TCP,
+    TYPE_NODE_PORT,
+    UDP,
+    Node,
+    Pod,
+    Service,
+    ServicePort,
+)
+from kube.state import ClusterState
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XDP_DROP, XDP_PASS = 1, 2
+EXTERNAL = "198.18.0.200"
+EXTERNAL_IP = "198.18.64.10"
+NODES = [Node.numbered(1), Node.numbered(2)]
+PODS = [
+    Pod("ns1", "client-a", {"app": "client", "hairpin": "yes"}, node_name="node1"),
+    Pod("ns1", "web-1", {"app": "web"}, node_name="node1"),
+    Pod("ns1", "web-2", {"app": "web", "tier": "b"}, node_name="node2"),
+    Pod("ns1", "web-3", {"app": "web", "tier": "b"}, node_name="node2"),
+    Pod("ns1", "client-b", {"app": "client"}, node_name="node2"),
+]
+
+
+def services(**web) -> list[Service]:
+    return [
+        Service("ns1", "web", (ServicePort(80, TCP, "http", 8080), ServicePort(80, UDP, "udp", 8080)),
+                selector={"app": "web"}, **web),
+        Service("ns1", "empty", (ServicePort(80, TCP, "", 8080), ServicePort(81, UDP, "u", 8080)),
+                selector={"app": "none"}),
+        Service("ns1", "self", (ServicePort(80, TCP, "", 8080),), selector={"hairpin": "yes"}),
+        Service("ns1", "np", (ServicePort(80, TCP, "", 8080),), type=TYPE_NODE_PORT,
+                selector={"app": "web"}, external_ips=(EXTERNAL_IP,)),
+        Service("ns1", "local", (ServicePort(80, TCP, "", 8080),), type=TYPE_NODE_PORT,
+                selector={"tier": "b"}, external_traffic_policy=POLICY_LOCAL),
+        Service("ns1", "sticky", (ServicePort(80, TCP, "", 8080),), selector={"app": "web"},
+                session_affinity=AFFINITY_CLIENT_IP, affinity_timeout_s=1),
+    ]
+
+
+def state_of(svcs=None, pods=PODS) -> ClusterState:
+    return ClusterState.build(NODES, pods, services() if svcs is None else svcs)
+
+
+def needs_root():
+    if os.geteuid() != 0:
+        pytest.skip("needs root for BPF and network namespaces")
+
+
+# --------------------------------------------------------------------------- no root
+
+
+def test_render_writes_one_element_per_frontend_and_keeps_ids():
+    state = state_of()
+    view = state.node_view("node1")
+    st = ebpf._Node("t", 0, None)
+    first = ebpf._Render(st, view)
+    frontends = {k: v for k, v in first.entries.items() if k != ebpf.CANARY_KEY}
+    # web TCP+UDP, empty TCP+UDP, self, np (ClusterIP, node IP, externalIP), local
+    # (ClusterIP, node IP all + node IP internal), sticky
+    assert len(frontends) == 2 + 2 + 1 + 3 + 3 + 1
+    web = state.service_obj("ns1", "web").cluster_ip
+    key = maps.LB4_KEY.pack(socket.inet_aton(web), socket.htons(80), 0, socket.IPPROTO_TCP,
+                            maps.LB_SCOPE_ALL, 0)
+    count, flags, svc_id, timeout, _ = maps.LB4_HEADER.unpack_from(frontends[key])
+    assert (count, flags, timeout) == (3, 0, 0)
+    st.svc_ids = first.svc_ids
+    again = ebpf._Render(st, view)
+    assert again.entries == first.entries  # same ids, same bytes: an unchanged sync writes nothing
+
+
+def test_render_marks_policy_drops_and_overflows_past_the_inline_backends():
+    node3 = Node.numbered(3)
+    pods = [Pod("ns1", f"web-{i}", {"app": "web"}, node_name="node2") for i in range(11)]
+    svcs = [
+        Service("ns1", "big", (ServicePort(80, TCP, "", 8080),), selector={"app": "web"}),
+        Service("ns1", "local", (ServicePort(80, TCP, "", 8080),), type=TYPE_NODE_PORT,
+                selector={"app": "web"}, external_traffic_policy=POLICY_LOCAL),
+    ]
+    state = ClusterState.build([*NODES, node3], pods, svcs)
+    rows = {}
+    render = ebpf._Render(ebpf._Node("t", 0, None), state.node_view("node1"))
+    for k, v in render.entries.items():
+        address, port, slot, proto, scope, _ = maps.LB4_KEY.unpack(k)
+        rows[(socket.inet_ntoa(address), socket.ntohs(port), slot, scope)] = maps.LB4_HEADER.unpack_from(v)
+    big = state.service_obj("ns1", "big").cluster_ip
+    assert rows[(big, 80, 0, 0)][0] == 11
+    assert {slot for (ip, _, slot, _) in rows if ip == big} == {0, 9, 10, 11}
+    assert len(render.slot_keys) == 9  # big, local ClusterIP, local NodePort (in-cluster scope)
+    # node1 has no endpoint of "local": external traffic is dropped, in-cluster goes everywhere
+    node_port = state.service_obj("ns1", "local").ports[0].node_port
+    count, flags, *_ = rows[("198.18.0.1", node_port, 0, maps.LB_SCOPE_ALL)]
+    assert count == 0 and flags & maps.SVC_F_DROP_EMPTY
+    assert rows[("198.18.0.1", node_port, 0, maps.LB_SCOPE_INTERNAL)][0] == 11
+
+
+def test_source_text_inlines_every_local_header_once():
+    text = loader.source_text()
+    assert '#include "' not in text  # bcc rewrites map calls in its main file only
+    assert text.count("#ifndef SVB_MAPS_H") == 1
+    for program in loader.PROGRAMS:
+        assert f"int {program}(" in text
+
+
+def test_relocate_maps_rewrites_only_map_references():
+    ld_map = struct.pack("=BBhi", 0x18, 0x11, 0, 7) + bytes(8)  # ld_imm64 r1, map fd 7
+    ld_imm = struct.pack("=BBhi", 0x18, 0x01, 0, 7) + bytes(8)  # ld_imm64 r1, 7 (a number)
+    out = syscall.relocate_maps(ld_map + ld_imm, {7: 42})
+    assert struct.unpack_from("=i", out, 4)[0] == 42
+    assert out[16:] == ld_imm
+
+
+def test_run_group_is_the_run_prefix_of_a_node_namespace():
+    assert ebpf.run_group("svb-1a2b3c-node1") == "svb-1a2b3c"
+    assert ebpf.run_group("svb-1a2b3c-node12") == "svb-1a2b3c"
+
+
+def test_fix_bcc_installs_what_is_missing_and_links_generic_headers(monkeypatch, tmp_path):
+    from bpf import setup
+
+    if os.geteuid() != 0:
+        pytest.skip("fix_bcc refuses to run without root")
+    release = os.uname().release
+    arch = setup._arch()
+    src, modules, dist = tmp_path / "src", tmp_path / "modules", tmp_path / "dist"
+    for tree in (f"linux-headers-6.1.0-9-{arch}", "linux-headers-6.1.0-9-common"):
+        (src / tree / "include").mkdir(parents=True)
+    monkeypatch.setattr(setup, "HEADERS_DIR", str(src))
+    monkeypatch.setattr(setup, "MODULES_DIR", str(modules))
+    monkeypatch.setattr(setup, "DIST_PACKAGES", str(dist))
+    monkeypatch.setattr(setup, "headers_package", lambda r: f"linux-headers-{arch}")
+    installed = []
+
+    def fake_apt(packages, echo):  # apt "installs" bcc into the fake dist-packages
+        installed.extend(packages)
+        (dist / "bcc").mkdir(parents=True)
+        (dist / "bcc" / "__init__.py").write_text("")
+
+    monkeypatch.setattr(setup, "apt_install", fake_apt)
+    missing = setup.bcc_missing()
+    assert any("python3-bpfcc" in m for m in missing) or os.path.isdir("/usr/lib/python3/dist-packages/bcc")
+    assert any("kernel headers" in m and "ln -s" in m for m in missing)
+    done = setup.fix_bcc(echo=lambda _line: None)
+    assert installed == ["python3-bpfcc", f"linux-headers-{arch}"]
+    assert os.readlink(modules / release / "build") == str(src / f"linux-headers-6.1.0-9-{arch}")
+    assert os.readlink(modules / release / "source") == str(src / "linux-headers-6.1.0-9-common")
+    assert len(done) == 3 and setup.bcc_missing() == []
+    assert setup.fix_bcc(echo=lambda _line: None) == []  # nothing left to do
+
+
+# --------------------------------------------------------------------------- packets
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+ETH = bytes.fromhex("020000000001" "020000000002" "0800")
+
+
+def _ip(src: str, dst: str, proto: int, length: int, ident: int = 1, frag: int = 0) -> bytes:
+    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, ident, frag, 64, proto, 0,
+                       socket.inet_aton(src), socket.inet_aton(dst))
+    return head[:10] + struct.pack("!H", _csum(head)) + head[12:]
+
+
+def _with_l4_csum(src: str, dst: str, proto: int, seg: bytes, total: int | None = None) -> bytes:
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, proto, total or len(seg))
+    offset = 16 if proto == socket.IPPROTO_TCP else 6
+    check = _csum(pseudo + seg) or 0xFFFF
+    return seg[:offset] + struct.pack("!H", check) + seg[offset + 2:]
+
+
+def tcp(src, sport, dst, dport, flags=0x02, payload=b""):
+    seg = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, flags, 65535, 0, 0) + payload
+    seg = _with_l4_csum(src, dst, socket.IPPROTO_TCP, seg)
+    return ETH + _ip(src, dst, socket.IPPROTO_TCP, len(seg)) + seg
+
+
+def udp(src, sport, dst, dport, payload=b"hello"):
+    seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    seg = _with_l4_csum(src, dst, socket.IPPROTO_UDP, seg)
+    return ETH + _ip(src, dst, socket.IPPROTO_UDP, len(seg)) + seg
+
+
+def udp_fragments(src, sport, dst, dport, payload: bytes, ident=77):
+    """Two IP fragments of one UDP datagram (8-byte aligned split), the checksum over all."""
+    seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    seg = _with_l4_csum(src, dst, socket.IPPROTO_UDP, seg)
+    cut = 8 + 64
+    first = ETH + _ip(src, dst, socket.IPPROTO_UDP, cut, ident, 0x2000) + seg[:cut]
+    second = ETH + _ip(src, dst, socket.IPPROTO_UDP, len(seg) - cut, ident, cut // 8) + seg[cut:]
+    return first, second, seg
+
+
+def parse(frame: bytes) -> dict:
+    """The frame's addresses, with every checksum verified from scratch."""
+    ip = frame[14:34]
+    assert _csum(ip) == 0, "bad IPv4 header checksum"
+    proto = ip[9]
+    length = struct.unpack("!H", ip[2:4])[0]
+    seg = frame[34:14 + length]
+    out = {"src": socket.inet_ntoa(ip[12:16]), "dst": socket.inet_ntoa(ip[16:20]), "proto": proto,
+           "seg": seg, "frag": struct.unpack("!H", ip[6:8])[0]}
+    if proto == socket.IPPROTO_ICMP:
+        assert _csum(seg) == 0, "bad ICMP checksum"
+    elif out["frag"] & 0x3FFF == 0:
+        pseudo = ip[12:20] + struct.pack("!BBH", 0, proto, len(seg))
+        assert _csum(pseudo + seg) == 0, f"bad L4 checksum (protocol {proto})"
+    if proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP) and not out["frag"] & 0x1FFF:
+        out["sport"], out["dport"] = struct.unpack("!HH", seg[:4])
+    return out
+
+
+@pytest.fixture
+def bpf_node():
+    """One node's programs and maps, with node1's view programmed; no interface attached."""
+    needs_root()
+    obj = loader.compile_object()
+    config = maps.NodeConfig()
+    config.netns_cookie = 1
+    config.node_ip[:] = socket.inet_aton("198.18.0.1")
+    config.hairpin_ip[:] = socket.inet_aton(ebpf.HAIRPIN_IP)
+    config.cluster_cidr[:] = socket.inet_aton("198.18.128.0")
+    config.cluster_mask[:] = socket.inet_aton("255.255.128.0")
+    config.snat_port_min, config.snat_port_max = ebpf.SNAT_PORTS
+    objects = loader.create_node_objects(obj, config)
+    state = state_of()
+    st = ebpf._Node("test", 1, objects)
+
+    def program(new_state: ClusterState) -> None:
+        render = ebpf._Render(st, new_state.node_view("node1"))
+        objects.map("lb4_services").delete_batch([k for k in st.entries if k not in render.entries])
+        objects.map("lb4_services").update_batch(list(render.entries.items()))
+        st.entries, st.svc_ids = render.entries, render.svc_ids
+
+    program(state)
+    try:
+        yield objects, state, program
+    finally:
+        objects.close()
+
+
+def run(objects, program: str, frame: bytes) -> tuple[int, bytes]:
+    rc, out, _ns = syscall.prog_test_run(objects.programs[program], frame)
+    return rc, out
+
+
+def test_compiled_maps_match_the_python_mirrors():
+    needs_root()
+    obj = loader.compile_object()
+    assert maps.check_layouts({m.name: (m.key_size, m.value_size) for m in obj.maps.values()}) == []
+
+
+def test_pod_to_clusterip_is_dnated_and_the_reply_comes_from_the_vip(bpf_node):
+    objects, state, _ = bpf_node
+    client = state.pod("ns1", "client-a").ip
+    vip = state.service_obj("ns1", "web").cluster_ip
+    backends = {state.pod("ns1", f"web-{i}").ip for i in (1, 2, 3)}
+    seen = set()
+    for port in range(40000, 40060):
+        rc, out = run(objects, "svb_xdp_lxc", tcp(client, port, vip, 80))
+        pkt = parse(out)
+        assert rc == XDP_PASS and pkt["src"] == client and pkt["sport"] == port
+        assert pkt["dst"] in backends and pkt["dport"] == 8080
+        seen.add(pkt["dst"])
+        rc, out = run(objects, "svb_xdp_host", tcp(pkt["dst"], 8080, client, port, flags=0x12))
+        back = parse(out)
+        assert (back["src"], back["sport"], back["dst"], back["dport"]) == (vip, 80, client, port)
+    assert seen == backends
+
+
+def test_udp_fragments_follow_the_first_one(bpf_node):
+    objects, state, _ = bpf_node
+    client = state.pod("ns1", "client-a").ip
+    vip = state.service_obj("ns1", "web").cluster_ip
+    first, second, original = udp_fragments(client, 41000, vip, 80, bytes(range(256)) * 4)
+    rc1, out1 = run(objects, "svb_xdp_lxc", first)
+    rc2, out2 = run(objects, "svb_xdp_lxc", second)
+    a, b = parse(out1), parse(out2)
+    assert rc1 == rc2 == XDP_PASS
+    assert a["dst"] == b["dst"] != vip and a["dport"] == 8080
+    # reassembled, the datagram's checksum must be right for the rewritten addresses
+    seg = a["seg"] + b["seg"]
+    pseudo = socket.inet_aton(a["src"]) + socket.inet_aton(a["dst"]) + struct.pack("!BBH", 0, 17, len(seg))
+    assert len(seg) == len(original) and _csum(pseudo + seg) == 0
+
+
+def test_no_endpoints_answers_rst_and_icmp_port_unreachable(bpf_node):
+    objects, state, _ = bpf_node
+    client = state.pod("ns1", "client-a").ip
+    vip = state.service_obj("ns1", "empty").cluster_ip
+    rc, out = run(objects, "svb_xdp_lxc", tcp(client, 42000, vip, 80, payload=b"hello"))
+    rst = parse(out)
+    flags = rst["seg"][13]
+    ack = struct.unpack("!I", rst["seg"][8:12])[0]
+    assert rc == XDP_PASS and (rst["src"], rst["sport"], rst["dst"], rst["dport"]) == (vip, 80, client, 42000)
+    assert flags == 0x14 and ack == 1000 + 1 + 5  # RST|ACK for SYN + 5 payload bytes
+    assert out[:14] == ETH  # as received: the node's stack forwards it back to the client
+    datagram = udp(client, 42001, vip, 81, b"x" * 300)
+    rc, out = run(objects, "svb_xdp_lxc", datagram)
+    icmp = parse(out)
+    assert rc == XDP_PASS and icmp["proto"] == socket.IPPROTO_ICMP
+    assert (icmp["src"], icmp["dst"]) == (vip, client) and icmp["seg"][:2] == b"\x03\x03"
+    assert icmp["seg"][8:36] == datagram[14:42]  # quotes the IP header and 8 bytes of UDP
+
+
+def test_icmp_errors_from_a_backend_are_about_the_service(bpf_node):
+    objects, state, _ = bpf_node
+    client = state.pod("ns1", "client-a").ip
+    vip = state.service_obj("ns1", "web").cluster_ip
+    sent = parse(run(objects, "svb_xdp_lxc", udp(client, 51000, vip, 80, b"q" * 20))[1])
+    backend = sent["dst"]
+    quoted = udp(client, 51000, backend, 8080, b"q" * 20)[14:14 + 28]
+    body = struct.pack("!BBHI", 3, 3, 0, 0) + quoted
+    body = body[:2] + struct.pack("!H", _csum(body)) + body[4:]
+    frame = ETH + _ip(backend, client, socket.IPPROTO_ICMP, len(body)) + body
+    rc, out = run(objects, "svb_xdp_host", frame)
+    icmp = parse(out)  # outer and ICMP checksums verified
+    inner = icmp["seg"][8:36]
+    assert rc == XDP_PASS and (icmp["src"], icmp["dst"]) == (vip, client)
+    assert _csum(inner[:20]) == 0
+    assert (socket.inet_ntoa(inner[12:16]), socket.inet_ntoa(inner[16:20])) == (client, vip)
+    assert struct.unpack("!HH", inner[20:24]) == (51000, 80)
+
+
+def test_hairpin_is_snated_to_the_link_local_address(bpf_node):
+    objects, state, _ = bpf_node
+    client = state.pod("ns1", "client-a").ip
+    vip = state.service_obj("ns1", "self").cluster_ip
+    rc, out = run(objects, "svb_xdp_lxc", tcp(client, 43000, vip, 80))
+    pkt = parse(out)
+    assert (pkt["src"], pkt["dst"], pkt["dport"]) == (ebpf.HAIRPIN_IP, client, 8080)
+    rc, out = run(objects, "svb_xdp_lxc", tcp(client, 8080, ebpf.HAIRPIN_IP, pkt["sport"], 0x12))
+    back = parse(out)
+    assert (back["src"], back["sport"], back["dst"], back["dport"]) == (vip, 80, client, 43000)
+
+
+def test_nodeport_snat_only_for_remote_endpoints_and_policy_local_drops(bpf_node):
+    objects, state, _ = bpf_node
+    node_port = state.service_obj("ns1", "np").ports[0].node_port
+    local = state.pod("ns1", "web-1").ip
+    sources = set()
+    for port in range(44000, 44040):
+        rc, out = run(objects, "svb_xdp_host", tcp(EXTERNAL, port, "198.18.0.1", node_port))
+        pkt = parse(out)
+        assert rc == XDP_PASS and pkt["dport"] == 8080
+        if pkt["dst"] == local:
+            assert (pkt["src"], pkt["sport"]) == (EXTERNAL, port)  # source kept
+        else:
+            assert pkt["src"] == "198.18.0.1" and ebpf.SNAT_PORTS[0] <= pkt["sport"] <= ebpf.SNAT_PORTS[1]
+            rc, out = run(objects, "svb_xdp_host",
+                          tcp(pkt["dst"], 8080, "198.18.0.1", pkt["sport"], 0x12))
+            back = parse(out)
+            assert (back["src"], back["sport"], back["dst"], back["dport"]) == (
+                "198.18.0.1", node_port, EXTERNAL, port)
+        sources.add(pkt["src"])
+    assert sources == {EXTERNAL, "198.18.0.1"}
+    # externalTrafficPolicy Local, node1 without a local endpoint: dropped, not rejected;
+    # a pod of another node reaching it is short-circuited to every endpoint
+    local_np = state.service_obj("ns1", "local").ports[0].node_port
+    rc, _ = run(objects, "svb_xdp_host", tcp(EXTERNAL, 45000, "198.18.0.1", local_np))
+    assert rc == XDP_DROP
+    pod_b = state.pod("ns1", "client-b").ip
+    rc, out = run(objects, "svb_xdp_host", tcp(pod_b, 45001, "198.18.0.1", local_np))
+    assert rc == XDP_PASS and parse(out)["dst"] in {state.pod("ns1", p).ip for p in ("web-2", "web-3")}
+
+
+def test_a_removed_backend_loses_its_flows_and_the_others_keep_theirs(bpf_node):
+    objects, state, program = bpf_node
+    client = state.pod("ns1", "client-a").ip
+    vip = state.service_obj("ns1", "web").cluster_ip
+    web3 = state.pod("ns1", "web-3").ip
+    flows = {port: parse(run(objects, "svb_xdp_lxc", udp(client, port, vip, 80))[1])["dst"]
+             for port in range(46000, 46060)}
+    assert web3 in flows.values()
+    program(state_of(pods=[p for p in PODS if p.name != "web-3"]))
+    for port, before in flows.items():
+        after = parse(run(objects, "svb_xdp_lxc", udp(client, port, vip, 80))[1])["dst"]
+        assert after != web3
+        if before != web3:
+            assert after == before  # a flow keeps its backend while the Service lists it
+
+
+def test_closed_flows_never_rewrite_a_direct_connection_on_the_same_ports(bpf_node):
+    objects, state, _ = bpf_node
+    client = state.pod("ns1", "client-a").ip
+    vip = state.service_obj("ns1", "web").cluster_ip
+    for port, close in ((50000, 0x14), (50001, None)):  # RST|ACK close; no close at all
+        backend = parse(run(objects, "svb_xdp_lxc", tcp(client, port, vip, 80))[1])["dst"]
+        if close:
+            run(objects, "svb_xdp_lxc", tcp(client, port, vip, 80, flags=close))
+        # the client now connects straight to the backend from the same port
+        rc, out = run(objects, "svb_xdp_lxc", tcp(client, port, backend, 8080))
+        assert rc == XDP_PASS and parse(out)["dst"] == backend
+        rc, out = run(objects, "svb_xdp_host", tcp(backend, 8080, client, port, flags=0x12))
+        reply = parse(out)
+        assert (reply["src"], reply["sport"]) == (backend, 8080), f"rewritten after close={close}"
+
+
+def test_affinity_sticks_to_one_backend_until_the_timeout(bpf_node):
+    objects, state, _ = bpf_node
+    client = state.pod("ns1", "client-a").ip
+    vip = state.service_obj("ns1", "sticky").cluster_ip
+
+    def picks(src: str, ports: range) -> set[str]:
+        return {parse(run(objects, "svb_xdp_lxc", tcp(src, p, vip, 80))[1])["dst"] for p in ports}
+
+    assert len(picks(client, range(47000, 47030))) == 1
+    assert len(picks(state.pod("ns1", "client-b").ip, range(47000, 47010))) == 1
+    key = bytes(maps.AffinityKey(client=tuple(socket.inet_aton(client)), svc_id=maps.LB4_HEADER.unpack_from(
+        objects.map("lb4_services").lookup(maps.LB4_KEY.pack(
+            socket.inet_aton(vip), socket.htons(80), 0, socket.IPPROTO_TCP, 0, 0)))[2]))
+    affinity = objects.map("affinity")
+    seen = maps.AffinityVal.from_buffer_copy(affinity.lookup(key)).seen_ns
+    time.sleep(1.2)  # timeoutSeconds 1
+    assert len(picks(client, range(48000, 48010))) == 1
+    assert maps.AffinityVal.from_buffer_copy(affinity.lookup(key)).seen_ns > seen + 1e9
+    # each expiry picks afresh: over repeated expiries more than one backend shows up
+    fresh = set()
+    for p in range(49000, 49030):
+        stale = maps.AffinityVal.from_buffer_copy(affinity.lookup(key))
+        stale.seen_ns = 0
+        affinity.update(key, bytes(stale))
+        fresh |= picks(client, range(p, p + 1))
+    assert len(fresh) > 1
+
+
+def test_per_packet_cost_does_not_grow_with_the_number_of_services():
+    """The lookup is a hash: 1 Service and 20,000 cost the same per packet (within noise)."""
+    needs_root()
+    obj = loader.compile_object()
+    costs = {}
+    for n in (1, 20000):
+        objects = loader.create_node_objects(obj, maps.NodeConfig())
+        try:
+            pods = [Pod("b", f"p{i}", node_name="node2") for i in range(3)]
+            base = ClusterState.build(NODES, pods)
+            from bench.synthetic import synthetic_services
+
+            svcs, slices = synthetic_services(n, list(base.pods), 3, nodeport_every=0,
+                                              affinity_every=0)
+            state = ClusterState.build(NODES, base.pods, svcs, slices)
+            render = ebpf._Render(ebpf._Node("t", 0, objects), state.node_view("node1"))
+            objects.map("lb4_services").update_batch(list(render.entries.items()))
+            last = state.services[-1].cluster_ip
+            frame = tcp("198.18.129.9", 40000, last, 80, flags=0x10)
+            costs[n] = min(syscall.prog_test_run(objects.programs["svb_xdp_lxc"], frame, 20000)[2]
+                           for _ in range(5))
+        finally:
+            objects.close()
+    assert costs[20000] < 3 * costs[1] + 100, costs
+
+
+# --------------------------------------------------------------------------- a real cluster
+
+
+@pytest.fixture(scope="module")
+def lab():
+    needs_root()
+    from clusters.netns import NetnsCluster
+
+    state = state_of()
+    dp = ebpf.EbpfDataplane()
+    cluster = NetnsCluster.create(2)
+    try:
+        cluster.set_pods(list(state.pods))
+        for node in cluster.nodes:
+            dp.install(node)
+            dp.sync(node, state.node_view(node.name))
+        yield cluster, dp, state
+    finally:
+        try:
+            for node in cluster.nodes:
+                dp.uninstall(node)
+            leftovers = _leftovers(cluster)
+        finally:
+            cluster.destroy()
+        assert leftovers == [], leftovers
+
+
+def _leftovers(cluster) -> list[str]:
+    """XDP programs on the run's links, and the run's cgroup: none may remain."""
+    out = []
+    for node in cluster.nodes:
+        links = json.loads(node.run(["ip", "-j", "link", "show"]).stdout)
+        out += [f"{node.name}: XDP on {link['ifname']}" for link in links if "xdp" in link]
+        out += [f"{node.name}: {link['ifname']}" for link in links if link["ifname"].startswith("svb-")]
+        rules = node.run(["ip", "rule", "show"]).stdout
+        out += [f"{node.name}: rule {line}" for line in rules.splitlines() if str(ebpf.HOST_TABLE) in line]
+    from bpf import cgroup
+
+    path = cgroup.group_path(ebpf.run_group(cluster.nodes[0].netns))
+    if os.path.exists(path):
+        out.append(f"cgroup {path}")
+    return out
+
+
+def _probe(cluster, source: str, ip: str, port: int, **kw):
+    from clusters.nsenter import in_netns
+    from clusters.workloads.probe import probe
+
+    netns = {"external": cluster.external_netns}.get(source) or cluster.pod_netns(*source.split("/"))
+    return in_netns(netns, probe, ip, port, **kw)
+
+
+def test_clusterip_reaches_every_backend_and_keeps_the_client_ip(lab):
+    cluster, _, state = lab
+    vip = state.service_obj("ns1", "web").cluster_ip
+    for client in ("ns1/client-a", "ns1/client-b"):
+        result = _probe(cluster, client, vip, 80, count=60)
+        summary = result.summary()
+        assert summary["outcomes"] == {"ok": 60}, summary
+        assert set(summary["backends"]) == {"ns1/web-1", "ns1/web-2", "ns1/web-3"}
+        ip = state.pod(*client.split("/")).ip
+        assert {s.seen_client.split(":")[0] for s in result.samples} == {ip}
+
+
+def test_udp_and_large_payloads_pass(lab):
+    cluster, _, state = lab
+    vip = state.service_obj("ns1", "web").cluster_ip
+    for protocol in (UDP, TCP):
+        result = _probe(cluster, "ns1/client-a", vip, 80, protocol=protocol, count=10,
+                        payload=b"p" * 2000, timeout=2.0)
+        assert result.summary()["outcomes"] == {"ok": 10}, result.summary()
+
+
+def test_service_without_endpoints_is_refused_within_a_second(lab):
+    cluster, _, state = lab
+    vip = state.service_obj("ns1", "empty").cluster_ip
+    for protocol, port in ((TCP, 80), (UDP, 81)):
+        result = _probe(cluster, "ns1/client-b", vip, port, protocol=protocol, count=5, timeout=1.0)
+        assert result.summary()["outcomes"] == {"refused": 5}
+        assert max(s.latency_us for s in result.samples) < 1e6
+
+
+def test_hairpin_client_gets_its_own_answer(lab):
+    cluster, _, state = lab
+    result = _probe(cluster, "ns1/client-a", state.service_obj("ns1", "self").cluster_ip, 80, count=5)
+    assert result.summary()["backends"] == {"ns1/client-a": 5}
+    assert {s.seen_client.split(":")[0] for s in result.samples} == {ebpf.HAIRPIN_IP}
+
+
+def test_nodeport_and_external_ip_from_outside(lab):
+    cluster, _, state = lab
+    np = state.service_obj("ns1", "np")
+    for node in cluster.nodes:
+        result = _probe(cluster, "external", node.ip, np.ports[0].node_port, count=30)
+        assert result.summary()["outcomes"] == {"ok": 30}
+    result = _probe(cluster, "external", EXTERNAL_IP, 80, count=10)
+    assert result.summary()["outcomes"] == {"ok": 10}
+    # externalTrafficPolicy Local: node2 serves from its own endpoints and keeps the
+    # client's address; node1 has none and serves nothing
+    local_np = state.service_obj("ns1", "local").ports[0].node_port
+    result = _probe(cluster, "external", cluster.nodes[1].ip, local_np, count=10)
+    assert set(result.summary()["backends"]) <= {"ns1/web-2", "ns1/web-3"}
+    assert {s.seen_client.split(":")[0] for s in result.samples} == {EXTERNAL}
+    result = _probe(cluster, "external", cluster.nodes[0].ip, local_np, count=2, timeout=0.5)
+    assert result.summary()["outcomes"] == {"timeout": 2}
+
+
+def test_host_network_processes_reach_services(lab):
+    cluster, _, state = lab
+    node = cluster.nodes[0]
+    vip = state.service_obj("ns1", "web").cluster_ip
+    from clusters.workloads.probe import probe
+
+    # any process of the node namespace: routed into the XDP host path
+    for protocol, outcome in ((TCP, "ok"), (UDP, "ok")):
+        result = node.call(probe, vip, 80, protocol=protocol, count=20)
+        assert result.summary()["outcomes"] == {outcome: 20}, result.summary()
+    empty = node.call(probe, state.service_obj("ns1", "empty").cluster_ip, 80, count=3)
+    assert empty.summary()["outcomes"] == {"refused": 3}
+    # a process in the run's cgroup: balanced at connect(), getpeername() answers the VIP
+    code = textwrap.dedent("""
+        import json, socket, sys
+        sys.stdin.readline()
+        vip, port = sys.argv[1], int(sys.argv[2])
+        s = socket.create_connection((vip, port), 2)
+        print(json.dumps([s.getpeername()[0], s.recv(200).decode().split()[0]]))
+    """)
+    proc = subprocess.Popen(["ip", "netns", "exec", node.netns, sys.executable, "-c", code, vip, "80"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        path = ebpf.join_host_cgroup(node, proc.pid)
+        out, err = proc.communicate("go\n", timeout=10)
+    finally:
+        proc.kill()
+    peer, backend = json.loads(out)
+    assert peer == vip and backend.startswith("ns1/web-"), err
+    assert str(os.getpid()) not in open(os.path.join(path, "cgroup.procs")).read().split()
+
+
+def test_sync_is_incremental_and_repairs_detached_programs(lab):
+    cluster, dp, state = lab
+    node = cluster.nodes[1]
+    view = state.node_view(node.name)
+    assert dp.sync(node, view).changed == 0
+    web = view.service("ns1/web:http", TCP)
+    fewer = replace(view, services=tuple(
+        replace(sp, internal_endpoints=sp.internal_endpoints[:2]) if sp is web else sp
+        for sp in view.services))
+    assert dp.sync(node, fewer).changed == 1
+    # an administrator's cleanup: XDP off everywhere
+    for link in json.loads(node.run(["ip", "-j", "link", "show"]).stdout):
+        if "xdp" in link:
+            node.run(["ip", "link", "set", "dev", link["ifname"], "xdp", "off"])
+    stats = dp.sync(node, view)
+    assert any("attached XDP" in line for line in stats.extra["repaired"])
+    result = _probe(cluster, "ns1/client-b", state.service_obj("ns1", "web").cluster_ip, 80, count=20)
+    assert result.summary()["outcomes"] == {"ok": 20}
+
+
+def test_another_process_finds_the_node_and_lists_its_services(lab):
+    cluster, _, state = lab
+    node = cluster.nodes[0]
+    fresh = ebpf.EbpfDataplane()  # what a second `svcbench` process starts with
+    stats = fresh.sync(node, state.node_view(node.name))
+    assert stats.full and stats.changed == 0 and "repaired" not in stats.extra
+    rows = fresh.service_list(node)
+    for st in fresh._nodes.values():
+        st.objects.close()  # leave the objects to the module's data plane
+    fresh._nodes.clear()
+    web = state.service_obj("ns1", "web").cluster_ip
+    row = next(r for r in rows if r["frontend"] == f"{web}:80/TCP")
+    assert sorted(b["address"] for b in row["backends"]) == sorted(
+        f"{state.pod('ns1', f'web-{i}').ip}:8080" for i in (1, 2, 3))
+    assert any(r["empty"] == "reject" for r in rows) and any(r["scope"] == "internal" for r in rows)
+
+
+def test_gc_removes_what_a_killed_process_left():
+    needs_root()
+    from clusters.netns import NetnsCluster
+
+    with NetnsCluster.create(1, agents=False) as cluster:
+        node = cluster.nodes[0]
+        code = textwrap.dedent(f"""
+            import sys, time
+            sys.path.insert(0, {REPO!r})
+            from clusters.netns import NetnsCluster
+            from dataplanes.ebpf import EbpfDataplane
+            from kube.model import Node
+            from kube.state import ClusterState
+            node = NetnsCluster.attach({cluster.run_id!r}).nodes[0]
+            dp = EbpfDataplane()
+            dp.install(node)
+            dp.sync(node, ClusterState.build([Node.numbered(1)]).node_view("node1"))
+            print("ready", flush=True)
+            time.sleep(60)
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert _leftovers(cluster), "the killed process left nothing to collect"
+        group = ebpf.run_group(node.netns)
+        assert not [line for line in ebpf.gc_bpf() if group in line]  # a live run is left alone
+        removed = ebpf.gc_bpf([node.netns])
+        assert any("XDP" in line for line in removed) and any("cgroup" in line for line in removed)
+        # the host path is node state, which the namespace takes with it
+        leftovers = [x for x in _leftovers(cluster) if "svb-lb" not in x and "rule" not in x]
+        assert leftovers == []
+
+
+def test_gc_detaches_hooks_of_runs_whose_namespaces_are_gone():
+    needs_root()
+    from bpf import cgroup
+
+    group = "svb-0dead0"  # a run id no namespace carries
+    path = cgroup.group_path(group)
+    objects = loader.create_node_objects(loader.compile_object(), maps.NodeConfig())
+    try:
+        cgroup.ensure(path)
+        cgroup.attach(path, objects.programs["svb_sock4_conn"], syscall.CGROUP_INET4_CONNECT)
+    finally:
+        objects.close()  # the attachment keeps the program alive, as after a crash
+    try:
+        removed = ebpf.gc_bpf()
+        assert any(group in line and "svb_sock4_conn" in line for line in removed), removed
+        assert not os.path.exists(path)
+    finally:
+        if os.path.isdir(path):  # the test failed: do not leave it behind
+            ebpf.gc_bpf([f"{group}-node1"])
