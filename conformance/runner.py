@@ -28,7 +28,7 @@ from reports.results import environment, new_run_dir, write_json
 PLUGIN_NAME = "svcbench_conformance"
 CHECKS_DIR = Path(__file__).resolve().parent / "checks"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ("host",)
+KERNELS = ("host", "uml")  # uml: forwarded into the guest by the CLI before it gets here
 PASSED, FAILED, SKIPPED, DEVIATION = "passed", "failed", "skipped", "deviation"
 OUTCOMES = (PASSED, FAILED, SKIPPED, DEVIATION)
 REASON_CHARS = 500
@@ -205,6 +205,8 @@ def run_conformance(
     `out_dir` (default: a new runs/conformance-* folder). Raises KeyboardInterrupt after
     writing what finished when interrupted, ConformanceError when nothing could run.
     """
+    # Inside the guest (svcbench forwarded `--kernel uml` there) this is the guest's kernel.
+    kernel = os.environ.get("SVCBENCH_KERNEL", kernel)
     if kernel not in KERNELS:
         raise ConformanceError(
             f"--kernel {kernel!r} is not supported yet; accepted: {', '.join(KERNELS)}"
@@ -264,7 +266,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=IPTABLES_BACKENDS, default=None,
                         help="iptables backend (default nft)")
     parser.add_argument("--kernel", choices=("host", "uml"), default="host",
-                        help="kernel to run in (uml is not available yet)")
+                        help="this host's kernel, or a User-Mode-Linux guest kernel (IPVS)")
     parser.add_argument("-k", dest="keyword", metavar="PATTERN",
                         help="run only checks matching PATTERN (pytest -k syntax)")
     parser.add_argument("--out", dest="out_dir", metavar="DIR",

@@ -37,12 +37,23 @@ def detach_xdp(dataplane: Dataplane, node: NodeHandle) -> str:
     return f"detached XDP from {', '.join(names)} on {node.name}"
 
 
+def flush_ipvs(dataplane: Dataplane, node: NodeHandle) -> str:
+    """Someone clears IPVS, its ipsets and the nat table (`ipvsadm -C; ipset flush; iptables -t nat -F`)."""
+    from dataplanes.ipvs import IpvsNetlink
+
+    flushed = flush_iptables_nat(dataplane, node)
+    node.call(lambda: IpvsNetlink().flush())
+    node.run(["ipset", "flush"])
+    return f"{flushed}; flushed IPVS and every ipset on {node.name}"
+
+
 SABOTAGES: dict[str, Callable[[Dataplane, NodeHandle], str]] = {
     "iptables": flush_iptables_nat,
     "nftables": flush_nft_ruleset,
     # The userspace proxy steers with iptables-nft nat REDIRECT rules.
     "userspace": flush_iptables_nat,
     "ebpf": detach_xdp,
+    "ipvs": flush_ipvs,
 }
 
 

@@ -10,7 +10,7 @@ from dataplanes.base import Dataplane
 MODES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "iptables": ("dataplanes.iptables", "IptablesDataplane", ("backend",)),
     "nftables": ("dataplanes.nftables", "NftablesDataplane", ()),
-    "ipvs": ("dataplanes.ipvs", "IpvsDataplane", ("scheduler",)),
+    "ipvs": ("dataplanes.ipvs", "IpvsDataplane", ("scheduler", "backend")),
     "ebpf": ("dataplanes.ebpf", "EbpfDataplane", ()),
     "userspace": ("dataplanes.userspace", "UserspaceDataplane", ()),
 }
