@@ -1,55 +1,92 @@
 """svcbench's sessions. `nox` alone runs the benchmark; `nox -s tests` runs the test suite.
 
-Both need root (network namespaces) and install the system packages they need through
-`svcbench doctor --fix` (Debian/Ubuntu), so they work on a fresh machine.
+Every session needs root (network namespaces) and installs the system packages it needs
+through `svcbench doctor --fix` (Debian/Ubuntu), so it works on a fresh machine.
 """
+
+import glob
+import os
 
 import nox
 
 nox.options.sessions = ["bench"]
 nox.options.reuse_existing_virtualenvs = True
 
-BENCH_ARGS = ["--modes", "iptables", "--services", "1,10,100,1000"]
+RUNS = "runs"
 CONFORMANCE_MODES = ["iptables", "nftables", "userspace", "ebpf", "ipvs"]
+NIGHTLY_ARGS = ["--preset", "nightly"]
+MICRO_COMPARE_ARGS = [
+    "bench/test_micro.py", "-q", "-p", "no:cacheprovider", "--benchmark-autosave",
+    "--benchmark-compare", "--benchmark-compare-fail=mean:25%",
+]
 
 
 def _install(session, *extras):
     spec = f".[{','.join(extras)}]" if extras else "."
     session.install("-e", spec)
-    # System packages (iptables, nftables, ...) come from the distribution, not from pip.
+    # System packages (iptables, nftables, UML, bcc, ...) come from the distribution.
+    # Exit 1 means something optional is still missing: modes that need it skip with why.
     session.run("svcbench", "doctor", "--fix", success_codes=[0, 1])
+    session.run("svcbench", "gc")
+
+
+def _newest(pattern):
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    return found[-1] if found else None
+
+
+def _sweep_and_report(session, args):
+    session.run("svcbench", "bench", "--out", RUNS, *args, success_codes=[0, 1])
+    run = _newest(os.path.join(RUNS, "bench-*"))
+    if run is None:
+        session.error("the bench wrote no run folder")
+    session.run("svcbench", "report", run)
 
 
 @nox.session
 def tests(session):
-    """The suite's own unit and integration tests (root: real namespaces and rules)."""
+    """The suite's own unit and integration tests (root: real namespaces, rules, traffic)."""
     _install(session, "test")
-    session.run("svcbench", "gc")
     session.run("python", "-m", "pytest", *(session.posargs or ["tests"]))
 
 
 @nox.session
 def bench(session):
-    """Sweep the number of Services in every usable mode and print the numbers."""
-    _install(session)
-    session.run("svcbench", "gc")
-    session.run("svcbench", "bench", *(session.posargs or BENCH_ARGS))
+    """Every usable mode, 1 to 10,000 Services, then the HTML report."""
+    _install(session, "bench")
+    _sweep_and_report(session, session.posargs)
+
+
+@nox.session
+def nightly(session):
+    """Up to 30,000 Services with more repeats, the report, and micro benchmarks compared."""
+    _install(session, "test", "bench")
+    _sweep_and_report(session, session.posargs or NIGHTLY_ARGS)
+    session.run("python", "-m", "pytest", *MICRO_COMPARE_ARGS, success_codes=[0, 1])
 
 
 @nox.session
 def conformance(session):
     """Every mode against Kubernetes Service semantics; modes that cannot run here are skipped."""
     _install(session)
-    session.run("svcbench", "gc")
-    modes = session.posargs or CONFORMANCE_MODES
     failed = []
-    for mode in modes:
+    for mode in session.posargs or CONFORMANCE_MODES:
         try:
             session.run("svcbench", "conformance", "--mode", mode)
         except nox.command.CommandFailed:
             failed.append(mode)
     if failed:
         session.error("conformance failed for: " + ", ".join(failed))
+
+
+@nox.session
+def report(session):
+    """Render the newest run folder (or the one given) as HTML."""
+    _install(session)
+    run = session.posargs[0] if session.posargs else _newest(os.path.join(RUNS, "bench-*"))
+    if run is None:
+        session.error("no run folder under runs/: run `nox -s bench` first")
+    session.run("svcbench", "report", run)
 
 
 @nox.session

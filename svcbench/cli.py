@@ -426,55 +426,13 @@ def cmd_gc(args) -> int:
     return 0
 
 
-def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or any(not 1 <= n <= 60000 for n in sizes):
-        raise UsageError(
-            f"--services must be comma-separated whole numbers from 1 to 60000, such as 1,10,100, not {text!r}"
-        )
-    return sorted(set(sizes))
-
-
-def _modes(text: str) -> list[str]:
-    from dataplanes.modes import MODES
-
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if not modes or bad:
-        raise UsageError(f"--modes must list modes from: {', '.join(MODES)}; got {text!r}")
-    return modes
-
-
 def cmd_bench(args) -> int:
-    from bench.sweep import SweepConfig, measure_cluster_lifecycle, summarize, sweep_mode
-    from clusters.safety import guard_root
+    from bench.runner import BenchSpecError, run_bench_command
 
-    cfg = SweepConfig(_modes(args.modes), _sizes(args.services), args.endpoints, args.count,
-                      args.backend)
-    rows, lifecycle = [], {}
-    with guard_root(), err.status("measuring") as status:
-        for nodes, pods in ((2, 4), (3, 50)):
-            status.update(f"cluster lifecycle: {nodes} nodes x {pods} pods")
-            lifecycle[f"{nodes}x{pods}"] = measure_cluster_lifecycle(nodes, pods)
-        for mode in cfg.modes:
-            rows.extend(sweep_mode(cfg, mode, status.update))
-    if args.json:
-        _emit_json({"lifecycle": lifecycle, "rows": [r.as_dict() for r in rows]})
-        return 0
-    t = Table("cluster", "up s", "down s", title="cluster lifecycle (goals: 2x4 < 3 s, 3x50 < 15 s)")
-    for name, v in lifecycle.items():
-        t.add_row(name, f"{v['up_s']:.2f}", f"{v['down_s']:.2f}")
-    out.print(t)
-    lines = summarize(rows)
-    columns = list(dict.fromkeys(k for line in lines for k in line))
-    t = Table(*columns, title=f"new-connection latency, {cfg.count} connections per cell")
-    for line in lines:
-        t.add_row(*(str(line.get(c, "")) for c in columns))
-    out.print(t)
-    return 0
+    try:
+        return run_bench_command(args, out, err)
+    except BenchSpecError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- parser
@@ -570,14 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="remove every run, live ones too")
 
     sp = command("bench", cmd_bench, "sweep the number of Services and measure each mode")
-    kernel_flag(sp)
-    sp.add_argument("--modes", default="iptables", help="comma-separated modes")
-    sp.add_argument("--backend", choices=IPTABLES_BACKENDS, default=None)
-    sp.add_argument("--services", default="1,10,100,1000", help="comma-separated sizes")
-    sp.add_argument("--endpoints", type=_positive("--endpoints", 1, 100), default=3)
-    sp.add_argument("--count", type=_positive("--count", 10, 100000), default=500,
-                    help="connections per latency sample")
-    sp.add_argument("--json", action="store_true")
+    from bench.runner import add_bench_arguments
+
+    add_bench_arguments(sp)
     return p
 
 

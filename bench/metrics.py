@@ -1,0 +1,374 @@
+"""What the sweep measures, declared: a name, a unit, a setup and the thing measured.
+
+A `Metric` is measured once per repeat at every size (or, for the floor, at the start
+and the end of a mode's sweep) and reduces each repeat to a few stats (p50/p90/p99, a
+count, one value). The runner (`run_mode`) repeats, records and moves on: it never
+analyses. Traffic metrics go first at each size, interleaved repeat by repeat so a drift
+of the machine touches every target alike; programming metrics (which reprogram node1 or
+build scratch namespaces) follow.
+
+Units are in the names (`_us`, `_s`, `_rps`) and in `unit`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.sweep import Bench, Row, SweepConfig, SweepListener, host_kernel_label, percentile
+
+FLOOR = "floor"
+SIZE = "size"
+TRAFFIC = "traffic"
+PROGRAMMING = "programming"
+LATENCY_STATS = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+
+
+@dataclass
+class Observation:
+    """One repeat of one metric: its stats, and the raw samples kept beside bench.csv."""
+
+    stats: dict[str, float]
+    target: str = ""  # bench.csv's target: first/last/random, or the address probed
+    units: dict[str, str] = field(default_factory=dict)  # stat -> unit, when not the metric's
+    extra: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    unit: str
+    doc: str
+    measure: Callable[[Bench, str, int], Observation]  # (bench, target, repeat)
+    targets: tuple[str, ...] = ("",)
+    phase: str = SIZE  # SIZE: at every size; FLOOR: at the start and the end, no Services
+    group: str = TRAFFIC
+    setup: Callable[[Bench], str | None] | None = None  # once per mode: None or why skipped
+    repeats: Callable[[SweepConfig], int] | None = None  # None: the sweep's --repeats
+    budget_s: float | None = None  # a size stops repeating it once this much time went to it
+    budget_key: str | None = None  # metrics sharing one fixture share one budget
+    noise_stat: str | None = "p50"  # the stat whose spread across repeats flags noise
+
+
+def _latency(run, target_label: str, extra: dict | None = None) -> Observation:
+    ok = run.ok_latencies
+    stats = {stat: round(percentile(ok, q), 1) for stat, q in LATENCY_STATS}
+    stats["failed"] = run.failed
+    return Observation(
+        stats, target_label, units={"failed": "connections"},
+        extra={"outcomes": run.outcomes(), **(extra or {})},
+        raw={"latency_us": [round(s.latency_us, 1) for s in run.samples],
+             "outcome": [s.outcome for s in run.samples],
+             "backend": [s.backend for s in run.samples]},
+    )
+
+
+def _label(bench: Bench, target: str) -> str:
+    # Word targets name a series in the report; an address does not.
+    return target if target in ("first", "last", "random") else bench.address(target)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def measure_connections(bench: Bench, target: str, repeat: int) -> Observation:
+    run = bench.connections(target, bench.cfg.count, repeat)
+    return _latency(run, _label(bench, target), {"count": bench.cfg.count})
+
+
+def measure_rr(bench: Bench, target: str, repeat: int) -> Observation:
+    from bench.probes import request_response
+    from clusters.nsenter import in_netns
+
+    ip, port = bench.endpoints_of(target)[0]
+    rtts = in_netns(bench.client_ns, request_response, ip, port, bench.cfg.rr_count)
+    stats = {stat: round(percentile(rtts, q), 1) for stat, q in LATENCY_STATS}
+    return Observation(stats, ip, extra={"count": len(rtts), "bytes": 64},
+                       raw={"rtt_us": [round(x, 1) for x in rtts]})
+
+
+def measure_cpu(bench: Bench, target: str, repeat: int) -> Observation:
+    count = 2 * bench.cfg.count  # CPU time is sampled at 4 ms ticks: more connections average it
+    cpu = bench.cpu_per_connection(target, count, repeat)
+    return Observation(
+        {"tasks": round(cpu["tasks_us"], 2), "host": round(cpu["host_us"], 2)},
+        bench.address(target),
+        extra={"count": count, "failed": cpu["run"].failed, "thread_sys_s": cpu["thread_sys_s"],
+               "agents_sys_s": cpu["agents_sys_s"], "host_sys_s": cpu["host_sys_s"]},
+        raw={"wall_s": cpu["run"].wall_s, "thread_user_s": cpu["run"].thread_user_s},
+    )
+
+
+def measure_throughput(bench: Bench, target: str, repeat: int) -> Observation:
+    from bench.locust_load import run_load
+
+    ip, port = bench.endpoints_of(target)[0]
+    load = run_load(bench.client_ns, ip, port, seconds=bench.cfg.load_seconds)
+    lat = load.latencies_us
+    return Observation(
+        {"value": round(load.rps, 1)}, ip,
+        extra={"processes": load.processes, "users": load.users, "ok": load.ok,
+               "failed": load.failed, "late_s": load.late_s,
+               "p50_us": round(percentile(lat, 0.5), 1), "p99_us": round(percentile(lat, 0.99), 1)},
+        raw={"latency_us": lat, "per_process": load.per_process},
+    )
+
+
+def measure_handshake(bench: Bench, target: str, repeat: int) -> Observation:
+    tracer = bench.handshake_tracer()
+    ip = bench.address(target)
+    tracer.collect()  # forget handshakes from before this window
+    run = bench.connections(target, bench.cfg.count, repeat)
+    events = [e for e in tracer.collect() if e[2] == ip]
+    # Other runs may use the same addresses: keep the probe's own sockets (by source port).
+    ports = {int(s.seen_client.rsplit(":", 1)[1]) for s in run.samples if s.seen_client}
+    mine = [us for us, sport, _ in events if sport in ports] or [us for us, _, _ in events]
+    stats = {stat: round(percentile(mine, q), 1) for stat, q in LATENCY_STATS}
+    stats["events"] = len(mine)
+    return Observation(stats, ip, units={"events": "connections"},
+                       extra={"probe_p50_us": round(percentile(run.ok_latencies, 0.5), 1)},
+                       raw={"handshake_us": [round(x, 1) for x in mine]})
+
+
+def measure_sync_full(bench: Bench, target: str, repeat: int) -> Observation:
+    s = bench.scratch_sync(repeat)
+    return Observation({"value": round(s.seconds, 6)},
+                       extra={"rules": s.stats.rules, "payload_bytes": s.stats.payload_bytes,
+                              "uninstall_s": s.uninstall_s},
+                       raw={"sync": _stats_dict(s.stats)})
+
+
+def measure_rules(bench: Bench, target: str, repeat: int) -> Observation:
+    s = bench.scratch_sync(repeat)
+    return Observation({"count": s.stats.rules},
+                       extra={"payload_bytes": s.stats.payload_bytes, "changed": s.stats.changed})
+
+
+def measure_kernel_bytes(bench: Bench, target: str, repeat: int) -> Observation:
+    s = bench.scratch_sync(repeat)
+    stats = {"meminfo": s.kernel_bytes_delta}
+    if s.reported_bytes is not None:
+        stats["reported"] = s.reported_bytes
+    return Observation(stats, extra={"source": "host /proc/meminfo SUnreclaim+VmallocUsed+Percpu"})
+
+
+def measure_sync_one(bench: Bench, target: str, repeat: int) -> Observation:
+    c = bench.endpoint_change(repeat)
+    return Observation({"value": round(c.sync_s, 6)}, extra={"direction": c.direction},
+                       raw={"sync": _stats_dict(c.stats)})
+
+
+def measure_programming(bench: Bench, target: str, repeat: int) -> Observation:
+    c = bench.endpoint_change(repeat)
+    stats: dict[str, float] = {"failed": 0 if c.programming_s is not None else 1}
+    if c.programming_s is not None:
+        stats["value"] = round(c.programming_s, 6)
+    return Observation(stats, bench.address("last"), units={"failed": "changes"},
+                       extra={"direction": c.direction, "sync_s": round(c.sync_s, 6),
+                              "probe_connections": c.watched})
+
+
+def _stats_dict(s) -> dict:
+    return {"seconds": s.seconds, "full": s.full, "services": s.services, "rules": s.rules,
+            "payload_bytes": s.payload_bytes, "changed": s.changed,
+            "extra": {k: v for k, v in s.extra.items() if k != "changed_chains"}}
+
+
+def _bcc_reason(bench: Bench) -> str | None:
+    from bench.trace import unavailable_reason
+
+    return unavailable_reason()
+
+
+def _locust_reason(bench: Bench) -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("locust") is None:
+        return "locust is not installed (pip install locust)"
+    return None
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("floor_conn_latency_us", "us",
+           "New connection to the first pool pod's IP with nothing of the mode installed.",
+           measure_connections, ("pod",), phase=FLOOR),
+    Metric("conn_latency_us", "us",
+           "New connection (connect to greeting) to the first, the last and random Services.",
+           measure_connections, ("first", "last", "random")),
+    Metric("podip_conn_latency_us", "us",
+           "New connection to the floor's pod IP while N Services are programmed.",
+           measure_connections, ("pod",)),
+    Metric("cpu_us_per_conn", "us",
+           "Kernel + softirq CPU per new connection to the last Service: probe thread and echo "
+           "agents (tasks), and every CPU of the host (host, includes other load).",
+           measure_cpu, ("last",), noise_stat="tasks"),
+    Metric("rr_latency_us", "us", "64-byte request/response on one established connection.",
+           measure_rr, ("last",)),
+    Metric("syn_to_established_us", "us",
+           "Kernel handshake time from sock:inet_sock_set_state (bcc), to the last Service.",
+           measure_handshake, ("last",), setup=_bcc_reason),
+    Metric("throughput_rps", "rps",
+           "New connections per second to the last Service, locust, one process per core.",
+           measure_throughput, ("last",), setup=_locust_reason,
+           repeats=lambda cfg: cfg.load_repeats, noise_stat="value"),
+    Metric("sync_one_s", "s", "Sync of node1 after one Service's endpoints changed.",
+           measure_sync_one, group=PROGRAMMING, budget_s=40.0, budget_key="change",
+           noise_stat=None),
+    Metric("programming_latency_s", "s",
+           "From the change to the first connection served by the new endpoint (probe).",
+           measure_programming, group=PROGRAMMING, budget_s=40.0, budget_key="change",
+           noise_stat=None),
+    Metric("sync_full_s", "s", "Program all N Services from empty on a fresh node namespace.",
+           measure_sync_full, group=PROGRAMMING, budget_s=60.0, budget_key="scratch",
+           noise_stat=None),
+    Metric("rules", "rules", "Rules, chains and map entries the full sync wrote.",
+           measure_rules, group=PROGRAMMING, repeats=lambda cfg: 1, noise_stat=None),
+    Metric("kernel_bytes", "bytes",
+           "Kernel memory the full sync added (host-wide meminfo; a mode's own figure as reported).",
+           measure_kernel_bytes, group=PROGRAMMING, repeats=lambda cfg: 1, noise_stat=None),
+)
+BY_NAME = {m.name: m for m in METRICS}
+
+
+def selected(cfg: SweepConfig) -> tuple[list[Metric], list[Metric]]:
+    """(floor metrics, size metrics) the sweep runs, in order."""
+    chosen = [m for m in METRICS if cfg.metrics is None or m.name in cfg.metrics]
+    return [m for m in chosen if m.phase == FLOOR], [m for m in chosen if m.phase == SIZE]
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+class _Recording:
+    """Turns observations into Rows and hands them on as they come."""
+
+    def __init__(self, mode: str, kernel: str, listener: SweepListener):
+        self.mode, self.kernel, self.listener = mode, kernel, listener
+        self.rows: list[Row] = []
+
+    def add(self, metric: Metric, n: int, repeat: int, obs: Observation, when: str = "",
+            elapsed_s: float | None = None) -> None:
+        extra = {"target": obs.target, **({"when": when} if when else {}), **obs.extra}
+        rows = [
+            Row(self.mode, self.kernel, n, metric.name, stat, value,
+                obs.units.get(stat, metric.unit), repeat, extra)
+            for stat, value in obs.stats.items()
+        ]
+        self.rows.extend(rows)
+        raw = {"mode": self.mode, "metric": metric.name, "n_services": n, "target": obs.target,
+               "repeat": repeat, "when": when, "unit": metric.unit, "stats": obs.stats,
+               "elapsed_s": None if elapsed_s is None else round(elapsed_s, 3), **obs.raw}
+        self.listener.observed(rows, raw)
+
+
+def _repeats(metric: Metric, cfg: SweepConfig) -> int:
+    return max(1, metric.repeats(cfg) if metric.repeats else cfg.repeats)
+
+
+def run_mode(cfg: SweepConfig, mode: str, dp: Any, listener: SweepListener) -> list[Row]:
+    """One mode's sweep on its own cluster; the cluster is gone when this returns or raises."""
+    from clusters.netns import NetnsCluster
+
+    floor, size = selected(cfg)
+    rec = _Recording(mode, host_kernel_label(), listener)
+    say = listener.progress
+    with NetnsCluster.create(2, progress=say) as cluster:
+        listener.cluster_created(mode, cluster.run_id)
+        bench = Bench(cfg, mode, dp, cluster, rec.kernel)
+        try:
+            bench.start()
+            skipped: set[str] = set()
+            for metric in floor + size:
+                reason = metric.setup(bench) if metric.setup else None
+                if reason:
+                    skipped.add(metric.name)
+                    listener.metric_skipped(mode, metric.name, reason)
+            floor = [m for m in floor if m.name not in skipped]
+            size = [m for m in size if m.name not in skipped]
+            _floor(bench, floor, rec, "start", listener)
+            say(f"{mode}: installing")
+            bench.install()
+            for n in cfg.sizes:
+                say(f"{mode}: programming {n:,} Services")
+                started = time.perf_counter()
+                stats = bench.grow(n)
+                listener.observed([], {"mode": mode, "phase": "sweep", "metric": "grow", "n_services": n,
+                                       "seconds": time.perf_counter() - started,
+                                       "sync": [{"node": s.node, "seconds": s.seconds, "full": s.full,
+                                                 "rules": s.rules} for s in stats]})
+                listener.step()
+                for group in (TRAFFIC, PROGRAMMING):
+                    _size(bench, [m for m in size if m.group == group], rec, listener)
+                bench.settle()
+            say(f"{mode}: uninstalling")
+            uninstall_s = bench.uninstall()
+            listener.observed([], {"mode": mode, "phase": "sweep", "metric": "uninstall",
+                                   "seconds": uninstall_s})
+            _floor(bench, floor, rec, "end", listener)
+        finally:
+            bench.close()
+            if bench.installed:
+                try:
+                    bench.uninstall()
+                except Exception:  # noqa: BLE001 - the namespaces go with the cluster anyway
+                    pass
+    return rec.rows
+
+
+def _floor(bench: Bench, metrics: list[Metric], rec: _Recording, when: str,
+           listener: SweepListener) -> None:
+    for metric in metrics:
+        for target in metric.targets:
+            for repeat in range(_repeats(metric, bench.cfg)):
+                listener.progress(f"{bench.mode}: {metric.name} ({when}) {repeat + 1}")
+                started = time.perf_counter()
+                try:
+                    obs = metric.measure(bench, target, repeat)
+                    rec.add(metric, 0, repeat, obs, when, time.perf_counter() - started)
+                except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
+                    listener.metric_failed(bench.mode, metric.name, 0, f"{type(exc).__name__}: {exc}")
+                    break
+        listener.step()
+
+
+def _size(bench: Bench, metrics: list[Metric], rec: _Recording, listener: SweepListener) -> None:
+    """Repeat-major: repeat r of every metric before repeat r+1 of any."""
+    cfg, n = bench.cfg, bench.n
+    spent: dict[str, float] = {}
+    allowed: dict[tuple[str, int], bool] = {}
+    broken: set[str] = set()
+    most = max((_repeats(m, cfg) for m in metrics), default=0)
+    for repeat in range(most):
+        for metric in metrics:
+            if metric.name in broken or repeat >= _repeats(metric, cfg):
+                continue
+            key = metric.budget_key or metric.name
+            if (key, repeat) not in allowed:
+                over = metric.budget_s is not None and spent.get(key, 0.0) >= metric.budget_s
+                allowed[(key, repeat)] = repeat == 0 or not over
+            if not allowed[(key, repeat)]:
+                continue
+            for target in metric.targets:
+                listener.progress(f"{bench.mode}: {n:,} Services: {metric.name}"
+                                  f"{' ' + target if target else ''} {repeat + 1}/{_repeats(metric, cfg)}")
+                started = time.perf_counter()
+                try:
+                    obs = metric.measure(bench, target, repeat)
+                    rec.add(metric, n, repeat, obs, elapsed_s=time.perf_counter() - started)
+                except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
+                    listener.metric_failed(bench.mode, metric.name, n, f"{type(exc).__name__}: {exc}")
+                    broken.add(metric.name)
+                    break
+                finally:
+                    spent[key] = spent.get(key, 0.0) + time.perf_counter() - started
+    for _ in metrics:
+        listener.step()
+
+
+def catalog() -> list[dict[str, Any]]:
+    """Every metric as run.json records it."""
+    return [{"name": m.name, "unit": m.unit, "doc": m.doc, "phase": m.phase, "group": m.group,
+             "targets": [t for t in m.targets if t], "budget_s": m.budget_s} for m in METRICS]

@@ -1,0 +1,593 @@
+"""`svcbench bench`: every usable mode over the same sweep, into one run folder.
+
+The folder (reports/results.py holds its schema) gets run.json (environment, arguments,
+status, skipped modes and metrics, spread of the repeats), bench.csv (one row per
+measurement) and raw/<mode>/<phase>.json (every sample), each written atomically while
+the sweep runs. Ctrl-C keeps what was measured and marks the run incomplete. A rich
+progress bar runs on stderr; a one-screen summary ends the run.
+
+The CLI calls `add_bench_arguments` and `run_bench_command`; `python -m bench.runner`
+does the same on its own. Bad input raises `BenchSpecError` (exit status 2) before
+anything is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from bench.sweep import ModeUnavailable, Row, SweepConfig, SweepListener, load_mode, steps_of
+from reports.results import (
+    RAW_DIR,
+    environment,
+    new_run_dir,
+    write_bench_csv,
+    write_json,
+    write_run_json,
+)
+
+DEFAULT_SIZES = (1, 10, 100, 1000, 5000, 10000)
+MAX_SERVICES = 60000  # the Service CIDR 198.19.0.0/16 holds 65,534 ClusterIPs
+NOISE = 0.05  # the goal: repeats of a p50 differ by less than 5 %
+FLUSH_EVERY_S = 2.0  # bench.csv and raw files are rewritten at most this often (and at the end)
+
+# Flag values a preset gives when the flag itself is not given. `bench` is the default and
+# what `nox -s bench` runs: every usable mode, 1 to 10,000 Services, sized for 15 minutes
+# on a quiet 2-core machine. `nightly`: up to 30,000 Services, more repeats and connections.
+PRESETS: dict[str, dict[str, str]] = {
+    "bench": {"services": "1,10,100,1000,5000,10000", "repeats": "3", "count": "200",
+              "load_seconds": "2", "load_repeats": "1"},
+    "nightly": {"services": "1,10,100,1000,5000,10000,20000,30000", "repeats": "5",
+                "count": "1000", "load_seconds": "5", "load_repeats": "3"},
+}
+FLAG_DEFAULTS = {"modes": "all", "kernel": "host", "endpoints": "3", "metrics": "all",
+                 "pool_size": "6", "out": "runs"}
+BENCH_ARGS: list[str] = []  # the default preset is `bench`
+NIGHTLY_ARGS = ["--preset", "nightly"]
+# pytest-benchmark's render/sync micro benchmarks, saved as JSON; nightly compares runs.
+MICRO_ARGS = ["bench/test_micro.py", "-q", "-p", "no:cacheprovider", "--benchmark-autosave",
+              "--benchmark-storage=file://runs/micro"]
+MICRO_COMPARE_ARGS = [*MICRO_ARGS, "--benchmark-compare", "--benchmark-compare-fail=mean:25%"]
+
+
+class BenchSpecError(ValueError):
+    """A bench flag the user can fix: one sentence naming the flag and the accepted values."""
+
+
+@dataclass
+class BenchSpec:
+    modes: list[str]
+    sizes: list[int]
+    endpoints: int
+    repeats: int
+    count: int
+    out: str
+    kernel: str
+    backend: str | None
+    metrics: list[str] | None
+    pool_size: int
+    load_seconds: float
+    load_repeats: int
+    modes_given: bool = False  # --modes named them: an unusable one is still only skipped
+    preset: str = "bench"
+
+    def sweep_config(self) -> SweepConfig:
+        return SweepConfig(
+            modes=self.modes, sizes=self.sizes, endpoints=self.endpoints, count=self.count,
+            backend=self.backend, pool_size=self.pool_size, repeats=self.repeats,
+            metrics=tuple(self.metrics) if self.metrics else None,
+            load_seconds=self.load_seconds, load_repeats=self.load_repeats,
+        )
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of `svcbench bench`; values are checked by run_bench_command (BenchSpecError)."""
+    bench, nightly = PRESETS["bench"], PRESETS["nightly"]
+    parser.add_argument("--preset", default="bench",
+                        help=f"defaults for the flags below: bench (nox -s bench) or nightly "
+                             f"(up to {nightly['services'].rsplit(',', 1)[1]} Services)")
+    parser.add_argument("--modes", help="comma-separated proxy modes, or all (default: every "
+                                        "mode; those this host cannot run are skipped with why)")
+    parser.add_argument("--kernel", help="host (default), or uml to run inside a User-Mode-Linux "
+                                         "guest kernel")
+    parser.add_argument("--services", help="comma-separated numbers of Services, swept in "
+                                           f"ascending order (default {bench['services']})")
+    parser.add_argument("--endpoints", help="endpoints per Service (default 3)")
+    parser.add_argument("--repeats", help=f"repeats of every measurement (default {bench['repeats']})")
+    parser.add_argument("--count", help=f"new connections per latency sample (default {bench['count']})")
+    parser.add_argument("--out", help="folder that receives the run folder (default runs)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--backend", help="iptables backend: nft (default) or legacy")
+    parser.add_argument("--metrics", help="comma-separated metrics, or all (default)")
+    parser.add_argument("--pool-size", help="backend pods shared by every Service (default 6)")
+    parser.add_argument("--load-seconds", help="locust window per throughput sample, seconds "
+                                               f"(default {bench['load_seconds']})")
+    parser.add_argument("--load-repeats", help="throughput samples per size "
+                                               f"(default {bench['load_repeats']})")
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags with the preset's values, then the defaults, where none was given."""
+    preset = getattr(args, "preset", None) or "bench"
+    if preset not in PRESETS:
+        raise BenchSpecError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    values = {**FLAG_DEFAULTS, **PRESETS[preset]}
+    filled = argparse.Namespace(**vars(args))
+    for key, value in values.items():
+        if getattr(filled, key, None) is None:
+            setattr(filled, key, value)
+    return filled
+
+
+def _whole(flag: str, text: Any, lo: int, hi: int) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise BenchSpecError(f"{flag} must be a whole number from {lo:,} to {hi:,}, not {text!r}")
+    return value
+
+
+def _list(flag: str, text: str, accepted: Sequence[str]) -> list[str] | None:
+    words = [w.strip() for w in str(text).split(",") if w.strip()]
+    if words == ["all"]:
+        return None
+    bad = [w for w in words if w not in accepted]
+    if not words or bad:
+        raise BenchSpecError(f"{flag} must be all or a comma-separated list of: "
+                             f"{', '.join(accepted)}; got {text!r}")
+    return list(dict.fromkeys(words))
+
+
+def parse_spec(args: argparse.Namespace) -> BenchSpec:
+    """The sweep the flags ask for, or BenchSpecError naming the flag and its accepted values."""
+    from bench.metrics import BY_NAME
+    from dataplanes.modes import IPTABLES_BACKENDS, MODES
+
+    args = _flags(args)
+    modes = _list("--modes", args.modes, list(MODES))
+    sizes_text = str(args.services)
+    try:
+        sizes = sorted({int(x) for x in sizes_text.split(",") if x.strip()})
+    except ValueError:
+        sizes = []
+    if not sizes or not all(1 <= n <= MAX_SERVICES for n in sizes):
+        raise BenchSpecError(f"--services must be comma-separated whole numbers from 1 to "
+                             f"{MAX_SERVICES:,}, such as 1,10,100,1000; got {sizes_text!r}")
+    kernel = str(args.kernel)
+    if kernel not in ("host", "uml"):
+        raise BenchSpecError(f"--kernel must be host or uml, not {kernel!r}")
+    if kernel == "uml" and not in_guest():
+        raise BenchSpecError("--kernel uml runs through `svcbench bench --kernel uml`, which boots "
+                             "the guest kernel; this entry point only measures the kernel it runs on")
+    backend = getattr(args, "backend", None)
+    if backend is not None and backend not in IPTABLES_BACKENDS:
+        raise BenchSpecError(f"--backend must be one of {', '.join(IPTABLES_BACKENDS)}, not {backend!r}")
+    pool = _whole("--pool-size", args.pool_size, 2, 250)
+    endpoints = _whole("--endpoints", args.endpoints, 1, 100)
+    if endpoints >= pool:
+        raise BenchSpecError(f"--endpoints must be smaller than --pool-size ({pool}) so a Service "
+                             f"can move to a pod it does not use; got {endpoints}")
+    try:
+        load_seconds = float(args.load_seconds)
+    except ValueError:
+        load_seconds = -1.0
+    if not 0.5 <= load_seconds <= 120:
+        raise BenchSpecError(f"--load-seconds must be a number from 0.5 to 120, not {args.load_seconds!r}")
+    out = str(args.out)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise BenchSpecError(f"--out must be a folder, and {out!r} is a file")
+    return BenchSpec(
+        modes=modes or list(MODES),
+        sizes=sizes,
+        endpoints=endpoints,
+        repeats=_whole("--repeats", args.repeats, 1, 100),
+        count=_whole("--count", args.count, 10, 100_000),
+        out=out,
+        kernel=kernel,
+        backend=backend,
+        metrics=_list("--metrics", args.metrics, list(BY_NAME)),
+        pool_size=pool,
+        load_seconds=load_seconds,
+        load_repeats=_whole("--load-repeats", args.load_repeats, 1, 20),
+        modes_given=modes is not None,
+        preset=args.preset or "bench",
+    )
+
+
+def in_guest() -> bool:
+    """True inside the User-Mode-Linux guest clusters/uml.py boots."""
+    return os.environ.get("SVCBENCH_KERNEL") == "uml"
+
+
+def nightly_args() -> list[str]:
+    """What `nox -s nightly` passes to `svcbench bench`."""
+    return list(NIGHTLY_ARGS)
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+@dataclass
+class RunFolder:
+    """Everything the run measured so far, on disk: run.json, bench.csv, raw/."""
+
+    path: Path
+    meta: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    raw: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
+    _dirty: set[tuple[str, str]] = field(default_factory=set)
+    _rows_dirty: bool = False
+    _flushed: float = 0.0
+
+    def add(self, rows: list[Row], raw: dict) -> None:
+        self.rows.extend(rows)
+        self._rows_dirty = self._rows_dirty or bool(rows)
+        when = raw.get("when") or ""
+        phase = raw.get("phase") or (f"floor-{when}" if when else f"n{raw.get('n_services', 0)}")
+        key = (raw.get("mode", "unknown"), phase)
+        self.raw.setdefault(key, []).append(raw)
+        self._dirty.add(key)
+        if time.monotonic() - self._flushed >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._rows_dirty:
+            write_bench_csv(self.path, [r.as_dict() for r in self.rows])
+            self._rows_dirty = False
+        for mode, phase in sorted(self._dirty):
+            write_json(self.path / RAW_DIR / mode / f"{phase}.json", self.raw[(mode, phase)])
+        self._dirty.clear()
+        self._flushed = time.monotonic()
+
+    def save_meta(self) -> None:
+        write_run_json(self.path, self.meta)
+
+
+class _Listener(SweepListener):
+    def __init__(self, folder: RunFolder, progress: Progress | None, task: Any, err: Console):
+        self.folder, self.bar, self.task, self.err = folder, progress, task, err
+
+    def progress(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=message)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def observed(self, rows: list[Row], raw: dict) -> None:
+        self.folder.add(rows, raw)
+
+    def cluster_created(self, mode: str, run_id: str) -> None:
+        self.folder.meta["modes"].setdefault(mode, {})["cluster"] = run_id
+        self.folder.save_meta()
+
+    def metric_skipped(self, mode: str, metric: str, reason: str) -> None:
+        self.folder.meta["metrics_skipped"].setdefault(mode, {})[metric] = reason
+        self.folder.save_meta()
+
+    def metric_failed(self, mode: str, metric: str, n_services: int, error: str) -> None:
+        self.folder.meta["errors"].append(
+            {"mode": mode, "metric": metric, "n_services": n_services, "error": error})
+        self.folder.save_meta()
+        self.err.print(f"[yellow]{mode}: {metric} at {n_services:,} Services failed:[/] {error}",
+                       markup=True, highlight=False)
+
+
+# --------------------------------------------------------------------------- spread
+
+
+def spread(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per (mode, size, metric, target, noise stat): repeats' values and their spread."""
+    from bench.metrics import BY_NAME
+
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        metric = BY_NAME.get(r.metric)
+        if metric is None or metric.noise_stat != r.stat or r.value != r.value:  # NaN
+            continue
+        key = (r.mode, r.n_services, r.metric, r.extra.get("target", ""), r.extra.get("when", ""),
+               r.stat)
+        groups.setdefault(key, []).append(float(r.value))
+    out = []
+    for (mode, n, metric, target, when, stat), values in groups.items():
+        if len(values) < 2:
+            continue
+        mid = sorted(values)[len(values) // 2]
+        width = (max(values) - min(values)) / mid if mid else float("inf")
+        out.append({"mode": mode, "n_services": n, "metric": metric, "target": target,
+                    "when": when, "stat": stat, "values": values, "spread": round(width, 4),
+                    "noisy": width > NOISE})
+    return out
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_bench_command(args: argparse.Namespace, out: Console | None = None,
+                      err: Console | None = None, argv: Sequence[str] | None = None) -> int:
+    """Sweep every selected mode into a new run folder.
+
+    Exit status: 0 done, 1 a mode or a measurement failed (the rest is kept), 130 Ctrl-C.
+    """
+    out = out or Console(highlight=False)
+    err = err or Console(stderr=True, highlight=False)
+    spec = parse_spec(args)  # BenchSpecError before anything exists
+    cfg = spec.sweep_config()
+    from bench.metrics import catalog
+    from clusters.safety import guard_root
+
+    folder = RunFolder(new_run_dir(spec.out, "bench"), {})
+    env = environment(argv)
+    folder.meta = {
+        **env,
+        "kind": "bench",
+        "cpu": env.get("cpu_model"),
+        "versions": {**(env.get("tools") or {}), **(env.get("packages") or {})},
+        "kernel_kind": "uml" if in_guest() else "host",
+        "args": {k: v for k, v in asdict(spec).items() if k != "modes_given"},
+        "started": env["time_utc"],
+        "finished": None,
+        "complete": False,
+        "status": "running",
+        "modes": {},
+        "modes_skipped": {},
+        "metrics_skipped": {},
+        "errors": [],
+        "metrics": catalog(),
+        "noisy": [],
+        "spread": [],
+        "wall_s": None,
+    }
+    folder.save_meta()
+    started = time.perf_counter()
+    status = "complete"
+    usable: list[tuple[str, Any]] = []
+    for mode in spec.modes:
+        try:
+            usable.append((mode, load_mode(mode, spec.backend)))
+        except ModeUnavailable as exc:
+            folder.meta["modes_skipped"][mode] = str(exc)
+            folder.meta["modes"][mode] = {"status": "skipped", "reason": str(exc)}
+    folder.save_meta()
+    for mode, reason in folder.meta["modes_skipped"].items():
+        err.print(f"[dim]{mode}: skipped: {reason}[/]", highlight=False)
+    progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=False)
+    task = progress.add_task("starting", total=max(1, steps_of(cfg) * len(usable)))
+    listener = _Listener(folder, progress, task, err)
+    restore_sigint = _cleanup_survives_second_ctrl_c()
+    failure: BaseException | None = None
+    try:
+        with guard_root(), progress:
+            for mode, dp in usable:
+                mode_started = time.perf_counter()
+                # Other work on the host shows up as noise; the load says how much there was.
+                folder.meta["modes"][mode] = {"status": "running", "loadavg_start": os.getloadavg()}
+                folder.save_meta()
+                try:
+                    from bench.metrics import run_mode
+
+                    run_mode(cfg, mode, dp, listener)
+                    folder.meta["modes"][mode]["status"] = "done"
+                except KeyboardInterrupt:
+                    folder.meta["modes"][mode]["status"] = "interrupted"
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one mode failing leaves the others to run
+                    folder.meta["modes"][mode].update(status="failed",
+                                                      error=f"{type(exc).__name__}: {exc}")
+                    status = "failed"
+                    err.print(f"[red]{mode} failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+                folder.meta["modes"][mode]["wall_s"] = round(time.perf_counter() - mode_started, 1)
+                folder.meta["modes"][mode]["loadavg_end"] = os.getloadavg()
+                folder.flush()
+                folder.save_meta()
+    except KeyboardInterrupt:
+        status = "incomplete"
+    except Exception as exc:  # the root-namespace guard, or a bug: recorded, then raised
+        status, failure = "failed", exc
+        folder.meta["errors"].append({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        try:
+            _finish(folder, status, time.perf_counter() - started)
+        finally:
+            restore_sigint()
+    if failure is not None:
+        raise failure
+    if not usable and status == "complete":
+        status = "failed"
+        err.print("svcbench bench: no selected mode can run here: "
+                  + "; ".join(f"{m}: {r}" for m, r in folder.meta["modes_skipped"].items()))
+    _print_summary(folder, out, err, as_json=bool(getattr(args, "json", False)))
+    if status == "complete" and folder.meta["errors"]:
+        return 1  # every mode ran, but some measurement failed: a failure while working
+    return {"complete": 0, "failed": 1, "incomplete": 130}[status]
+
+
+def _cleanup_survives_second_ctrl_c():
+    """The first Ctrl-C interrupts the sweep; later ones are ignored until cleanup is done.
+
+    Returns the function that puts the previous handler back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(_signum, _frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
+def _finish(folder: RunFolder, status: str, wall_s: float) -> None:
+    folder.flush()
+    rows_spread = spread(folder.rows)
+    folder.meta.update(
+        status=status,
+        complete=status == "complete",
+        finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        wall_s=round(wall_s, 1),
+        spread=rows_spread,
+        noisy=[s for s in rows_spread if s["noisy"]],
+        rows=len(folder.rows),
+    )
+    folder.save_meta()
+
+
+# --------------------------------------------------------------------------- summary
+
+SUMMARY_COLUMNS = (
+    # (header, metric, target or None for any, stat, scale to the shown unit)
+    ("full", "sync_full_s", "", "value", 1000.0),
+    ("one", "sync_one_s", "", "value", 1000.0),
+    ("prog", "programming_latency_s", None, "value", 1000.0),
+    ("1st", "conn_latency_us", "first", "p50", 1.0),
+    ("last", "conn_latency_us", "last", "p50", 1.0),
+    ("rand", "conn_latency_us", "random", "p50", 1.0),
+    ("pod", "podip_conn_latency_us", None, "p50", 1.0),
+    ("rr", "rr_latency_us", None, "p50", 1.0),
+    ("rps", "throughput_rps", None, "value", 1.0),
+    ("cpu", "cpu_us_per_conn", None, "tasks", 1.0),
+    ("rules", "rules", "", "count", 1.0),
+)
+SUMMARY_LEGEND = ("full/one/prog: ms to program all Services from empty, one Service's change, "
+                  "change to first connection served; 1st/last/rand/pod: p50 µs of a new "
+                  "connection (pod at start/end = the floor, nothing installed); rr: p50 µs "
+                  "request/response; rps: new connections/s (locust); cpu: kernel µs per "
+                  "connection; yellow = repeats spread > 5 %")
+SHORT_MODE = {"iptables": "ipt", "nftables": "nft", "userspace": "user"}
+
+
+def summary_lines(rows: list[Row], noisy: list[dict]) -> list[dict[str, Any]]:
+    """One line per (mode, size): the median over repeats of each column; '!' marks noise."""
+    flagged = {(s["mode"], s["n_services"], s["metric"], s["target"], s["when"]) for s in noisy}
+    cells: dict[tuple[str, int, str], dict[str, list[float]]] = {}
+    marks: dict[tuple[str, int, str], set[str]] = {}
+    for r in rows:
+        when = r.extra.get("when", "")
+        line_key = (r.mode, r.n_services, when)
+        target = r.extra.get("target", "")
+        for header, metric, want, stat, scale in SUMMARY_COLUMNS:
+            floor = r.metric == "floor_conn_latency_us" and header == "pod"
+            if (r.metric == metric or floor) and r.stat == stat and (
+                want is None or want == target or floor
+            ):
+                cells.setdefault(line_key, {}).setdefault(header, []).append(r.value * scale)
+                if (r.mode, r.n_services, r.metric, target, when) in flagged:
+                    marks.setdefault(line_key, set()).add(header)
+    lines = []
+    for (mode, n, when), columns in cells.items():
+        line: dict[str, Any] = {"mode": mode, "services": n, "when": when}
+        for header, values in columns.items():
+            good = sorted(v for v in values if v == v)
+            line[header] = good[len(good) // 2] if good else None
+        line["noisy"] = sorted(marks.get((mode, n, when), ()))
+        lines.append(line)
+    order = {"start": 0, "": 1, "end": 2}
+    return sorted(lines, key=lambda ln: (ln["mode"], order.get(ln["when"], 1), ln["services"]))
+
+
+def _fmt(value: Any) -> str:
+    """At most five characters: 433, 1.2k, 12k, 0.52, 61."""
+    if value is None:
+        return "-"
+    v = float(value)
+    if v != v:
+        return "-"
+    if abs(v) >= 99_500:
+        return f"{v / 1e6:.1f}M" if abs(v) >= 999_500 else f"{v / 1e3:.0f}k"
+    if abs(v) >= 9_950:
+        return f"{v / 1e3:.0f}k"
+    if abs(v) >= 1000:
+        return f"{v / 1e3:.1f}k"
+    if abs(v) >= 100 or v == int(v):
+        return f"{v:.0f}"
+    return f"{v:.3g}" if abs(v) >= 1 else f"{v:.2g}"
+
+
+def _print_summary(folder: RunFolder, out: Console, err: Console, as_json: bool) -> None:
+    meta = folder.meta
+    lines = summary_lines(folder.rows, meta.get("noisy", []))
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps({"run": str(folder.path), "status": meta["status"],
+                                     "wall_s": meta["wall_s"], "modes": meta["modes"],
+                                     "lines": lines, "noisy": len(meta["noisy"])}, indent=2) + "\n")
+        return
+    from rich import box
+
+    headers = [h for h, *_ in SUMMARY_COLUMNS]
+    # 13 columns of at most five characters and one space: 78 columns, one screen.
+    table = Table("mode", "N", *headers, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1),
+                  title=f"{folder.path}: {meta['status']} in {meta['wall_s']:.0f} s")
+    for column in table.columns[1:]:
+        column.justify = "right"
+    previous = None
+    for line in lines:
+        if previous is not None and line["mode"] != previous:
+            table.add_section()
+        shown = SHORT_MODE.get(line["mode"], line["mode"]) if line["mode"] != previous else ""
+        previous = line["mode"]
+        n = line["when"] or str(line["services"])
+        # Noise is a colour, not a character: every cell keeps to five characters.
+        table.add_row(shown, n, *(Text(_fmt(line.get(h)), style="yellow" if h in line["noisy"] else "")
+                                  for h in headers))
+    out.print(table)
+    out.print(SUMMARY_LEGEND, highlight=False, markup=False, style="dim")
+    for mode, info in meta["modes"].items():
+        if info.get("status") != "done":
+            out.print(f"{mode}: {info.get('status')}: {info.get('reason') or info.get('error') or ''}",
+                      highlight=False, markup=False)
+    for mode, metrics in meta["metrics_skipped"].items():
+        for metric, reason in metrics.items():
+            out.print(f"{mode}: {metric} skipped: {reason}", highlight=False, markup=False)
+    if meta["errors"]:
+        out.print(f"{len(meta['errors'])} measurement(s) failed (run.json 'errors')", highlight=False)
+    if meta["noisy"]:
+        out.print(f"{len(meta['noisy'])} of {len(meta['spread'])} repeated measurements spread more "
+                  f"than 5 % between repeats (run.json 'noisy')", highlight=False)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m bench.runner",
+                                     description="Sweep the number of Services in every usable mode.")
+    add_bench_arguments(parser)
+    args = parser.parse_args(argv)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return run_bench_command(args, Console(highlight=False), err, argv=["svcbench", "bench", *argv])
+    except BenchSpecError as exc:
+        err.print(f"svcbench bench: error: {exc}", markup=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("svcbench bench: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

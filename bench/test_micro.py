@@ -1,0 +1,110 @@
+"""Micro benchmarks (pytest-benchmark): render and sync of each mode at 1,000 and 10,000 Services.
+
+Not part of `tests/` (they take minutes at 10,000 Services); run them with the arguments
+in bench.runner.MICRO_ARGS, which save the timings as JSON under runs/micro, and
+MICRO_COMPARE_ARGS, which compare with the previous saved run (`nox -s nightly`):
+
+    python -m pytest bench/test_micro.py --benchmark-autosave --benchmark-storage=file://runs/micro
+
+Render needs no root and runs for modes with a text form (`render(view) -> str`); sync
+programs a fresh, agentless node namespace from empty in every round and needs root.
+A mode this host cannot run is skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+
+from bench.sweep import NAMESPACE_SCOPED, ModeUnavailable, load_mode
+from bench.synthetic import AFFINITY_EVERY, NODEPORT_EVERY, pool_pods, synthetic_services
+from dataplanes.modes import MODES, make
+from kube.model import Node
+from kube.state import ClusterState, NodeView
+
+pytest.importorskip("pytest_benchmark")
+
+SIZES = (1000, 10000)
+ROUNDS = {1000: 3, 10000: 1}  # a sync of 10,000 Services takes seconds to a minute
+
+
+@functools.cache
+def view(n: int) -> NodeView:
+    """node1's view of the sweep's n synthetic Services (NodePorts and affinity mixed in)."""
+    nodes = [Node.numbered(1), Node.numbered(2)]
+    pool = list(ClusterState.build(nodes, pool_pods(["node2"], 6)).pods)
+    services, slices = synthetic_services(n, pool, 3, NODEPORT_EVERY, AFFINITY_EVERY)
+    return ClusterState.build(nodes, pool, services, slices).node_view("node1")
+
+
+def _loadable(mode: str):
+    try:
+        return make(mode)
+    except ImportError as exc:
+        pytest.skip(f"{mode}: its data plane does not load here ({exc})")
+
+
+@pytest.fixture(scope="module")
+def root_untouched():
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    from clusters.safety import guard_root
+
+    with guard_root():
+        yield
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_render(benchmark, mode, n):
+    dp = _loadable(mode)
+    if not callable(getattr(dp, "render", None)):
+        pytest.skip(f"{mode} programs the kernel directly and has no text form to render")
+    v = view(n)
+    text = benchmark.pedantic(dp.render, args=(v,), rounds=ROUNDS[n] + 2, iterations=1)
+    benchmark.extra_info.update(services=n, bytes=len(text))
+    # Every Service is in the text: the last one's ClusterIP as much as the first one's.
+    assert v.services[0].cluster_ip in text and v.services[-1].cluster_ip in text
+
+
+@pytest.mark.root
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sync(benchmark, root_untouched, mode, n):
+    from clusters.netns import NetnsCluster
+
+    try:
+        load_mode(mode)
+    except ModeUnavailable as exc:
+        pytest.skip(f"{mode} cannot run here: {exc}")
+    v = view(n)
+    rounds: list[tuple[NetnsCluster, object]] = []
+
+    def drop_rounds() -> None:
+        while rounds:
+            cluster, dp = rounds.pop()
+            try:
+                if mode not in NAMESPACE_SCOPED:
+                    dp.uninstall(cluster.nodes[0])
+            finally:
+                cluster.destroy()
+
+    def fresh_node():
+        drop_rounds()  # the previous round's namespace goes before the next is timed
+        cluster = NetnsCluster.create(1, agents=False)
+        dp = make(mode)
+        rounds.append((cluster, dp))
+        dp.install(cluster.nodes[0])
+        return (dp, cluster.nodes[0]), {}
+
+    try:
+        stats = benchmark.pedantic(lambda dp, node: dp.sync(node, v), setup=fresh_node,
+                                   rounds=ROUNDS[n], iterations=1)
+    finally:
+        drop_rounds()
+    benchmark.extra_info.update(services=n, rules=stats.rules, payload_bytes=stats.payload_bytes)
+    # the sync saw every Service port (what `rules` counts is each mode's own business)
+    assert stats.services == len(v.services)

@@ -1,0 +1,219 @@
+"""syn_to_established_us: the kernel's own handshake time, from the `sock:inet_sock_set_state`
+tracepoint, as a check of the probe's latencies that does not depend on the probe.
+
+A bcc program remembers when a socket from the client pod's address went to SYN_SENT
+and reports SYN_SENT -> ESTABLISHED with the time in between and the destination. It reads only
+the tracepoint's own fields (no kernel struct layouts), so the headers bcc compiles
+against need not match the running kernel.
+
+bcc finds tracepoints through tracefs, which this host does not mount. The tracer is
+therefore a child process in a mount namespace of its own (`unshare --mount`) that
+mounts tracefs there: nothing changes in the host's mounts, and libbcc never loads into
+the sweep's process. Other runs on the host may use the same RFC 2544 addresses, so the
+caller keeps only the handshakes of its own sockets (by source port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+TRACEFS = "/sys/kernel/tracing"
+READY_TIMEOUT_S = 90.0  # clang compiles the program first; slow on a loaded 2-core host
+PROGRAM = r"""
+#include <uapi/linux/ptrace.h>
+
+struct handshake {
+    u64 delta_ns;
+    u32 daddr;
+    u16 sport;
+};
+
+BPF_HASH(syn_sent, u64, u64, 131072);
+BPF_PERF_OUTPUT(handshakes);
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    if (args->family != 2 || args->protocol != 6)  /* AF_INET, IPPROTO_TCP */
+        return 0;
+    u32 saddr = 0, daddr = 0;
+    __builtin_memcpy(&saddr, args->saddr, 4);
+    __builtin_memcpy(&daddr, args->daddr, 4);
+    if (saddr != CLIENT_IP)
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    if (args->newstate == 2) {  /* TCP_SYN_SENT */
+        u64 now = bpf_ktime_get_ns();
+        syn_sent.update(&sk, &now);
+        return 0;
+    }
+    u64 *t0 = syn_sent.lookup(&sk);
+    if (!t0)
+        return 0;
+    if (args->oldstate == 2 && args->newstate == 1) {  /* SYN_SENT -> ESTABLISHED */
+        struct handshake h = {};
+        h.delta_ns = bpf_ktime_get_ns() - *t0;
+        h.daddr = daddr;
+        h.sport = args->sport;
+        handshakes.perf_submit(args, &h, sizeof(h));
+    }
+    syn_sent.delete(&sk);
+    return 0;
+}
+"""
+
+
+class TraceUnavailable(RuntimeError):
+    """The tracer cannot run here; the message is the reason recorded in run.json."""
+
+
+def load_bcc() -> Any:
+    """The bcc module, through the eBPF mode's loader when it exists (bpf/setup.py)."""
+    try:
+        from bpf.setup import bcc_import  # finds Debian's python3-bpfcc from any interpreter
+    except ImportError:
+        bcc_import = None
+    try:
+        if bcc_import is not None:
+            return bcc_import()
+        import bcc
+
+        return bcc
+    except Exception as exc:  # noqa: BLE001 - any failure is a reason to skip the metric
+        raise TraceUnavailable(f"bcc is not importable ({exc}); apt-get install python3-bpfcc") from None
+
+
+_checked: list[str | None] = []
+
+
+def unavailable_reason() -> str | None:
+    """None when the tracer loads here, else why not (one sentence); tried once per process."""
+    if not _checked:
+        try:
+            load_bcc()
+            HandshakeTrace("198.18.0.1").close()
+            _checked.append(None)
+        except TraceUnavailable as exc:
+            _checked.append(str(exc))
+    return _checked[0]
+
+
+def _le_u32(ip: str) -> int:
+    """An IPv4 address as the u32 a memcpy of its network-order bytes gives on this host."""
+    return int.from_bytes(socket.inet_aton(ip), sys.byteorder)
+
+
+class HandshakeTrace:
+    """A tracer child for one client address, kept for a whole sweep.
+
+    `collect()` returns the handshakes (µs, source port, destination) completed since the
+    previous call; `close()` stops the child. Usable as a context manager.
+    """
+
+    def __init__(self, client_ip: str):
+        self.client_ip = client_ip
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+        script = f'mount -t tracefs nodev {TRACEFS} && exec "$0" -m bench.trace --client {client_ip}'
+        self._proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env, start_new_session=True,
+        )
+        ready = self._read_line(READY_TIMEOUT_S)
+        if ready != "ready":
+            self._kill()
+            err = (self._proc.stderr.read() if self._proc.stderr else "").strip()
+            reason = err.splitlines()[-1] if err else f"no 'ready' from the tracer (got {ready!r})"
+            raise TraceUnavailable(f"the sock:inet_sock_set_state tracer did not start: {reason}")
+
+    def __enter__(self) -> HandshakeTrace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read_line(self, timeout: float) -> str | None:
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        return self._proc.stdout.readline().strip()
+
+    def _kill(self) -> None:
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait()
+
+    def collect(self) -> list[tuple[float, int, str]]:
+        """(handshake µs, source port, destination IP) of each handshake since the last call."""
+        if self._proc.poll() is not None:
+            raise TraceUnavailable(f"the tracer exited with status {self._proc.returncode}")
+        self._proc.stdin.write("collect\n")
+        self._proc.stdin.flush()
+        line = self._read_line(30.0)
+        if not line:
+            self._kill()
+            raise TraceUnavailable("the tracer did not answer within 30 s")
+        return [(us, sport, socket.inet_ntoa(daddr.to_bytes(4, sys.byteorder)))
+                for us, sport, daddr in json.loads(line)]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._proc.communicate("stop\n", timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill()
+
+
+# --------------------------------------------------------------------------- the tracer child
+
+
+def _tracer(client_ip: str, max_s: float) -> int:
+    bcc = load_bcc()
+    bpf = bcc.BPF(text=PROGRAM, cflags=[f"-DCLIENT_IP={_le_u32(client_ip)}u"])
+    events: list[tuple[float, int, int]] = []
+
+    def on_event(_cpu: int, data: Any, _size: int) -> None:
+        e = bpf["handshakes"].event(data)
+        events.append((round(e.delta_ns / 1000.0, 2), int(e.sport), int(e.daddr)))
+
+    bpf["handshakes"].open_perf_buffer(on_event, page_cnt=256)
+    print("ready", flush=True)
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        bpf.perf_buffer_poll(timeout=50)
+        if not select.select([sys.stdin], [], [], 0)[0]:
+            continue
+        command = sys.stdin.readline().strip()
+        for _ in range(4):  # what was in flight when asked
+            bpf.perf_buffer_poll(timeout=25)
+        print(json.dumps(events), flush=True)
+        events.clear()
+        if command != "collect":
+            break
+    bpf.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.trace",
+                                     description="SYN_SENT -> ESTABLISHED times of one client address; "
+                                                 "'collect' on stdin prints them, 'stop' ends.")
+    parser.add_argument("--client", required=True, help="the client's IPv4 address")
+    parser.add_argument("--max-seconds", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    return _tracer(args.client, args.max_seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The bench runner: bad sweep specs exit 2 with nothing created; a tiny real sweep writes
+run.json, bench.csv and raw samples in the schema; Ctrl-C keeps what was measured and
+marks the run incomplete; repeats' spread flags noisy rows.
+
+The real sweeps run `python -m bench.runner` as a child process (the CLI's `svcbench
+bench` calls the same `run_bench_command`), over real namespaces and real iptables rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.runner import (
+    BenchSpecError,
+    add_bench_arguments,
+    parse_spec,
+    spread,
+    summary_lines,
+)
+from bench.sweep import Row
+from bench.synthetic import (
+    AFFINITY_EVERY,
+    NODEPORT_EVERY,
+    pool_pods,
+    synthetic_services,
+    with_endpoints,
+)
+from kube.model import PLAN, TYPE_NODE_PORT, Node
+from kube.state import ClusterState
+from reports.results import BENCH_COLUMNS, read_bench_csv, read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def runner(*args: str, out: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.runner", *args, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def namespaces_of(run_ids) -> list[str]:
+    try:
+        names = os.listdir("/run/netns")
+    except FileNotFoundError:
+        return []
+    return [n for n in names for r in run_ids if r and n.startswith(f"svb-{r}-")]
+
+
+def run_folder(out: Path) -> Path:
+    folders = [p for p in out.iterdir() if p.is_dir() and p.name.startswith("bench-")]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def spec(*argv: str):
+    return parse_spec(add_bench_arguments(argparse.ArgumentParser()).parse_args(list(argv)))
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--services", "1,ten"], "--services"),
+    (["--services", "0"], "--services"),
+    (["--services", "70000"], "--services"),
+    (["--modes", "iptables,bpfilter"], "--modes"),
+    (["--repeats", "0"], "--repeats"),
+    (["--count", "5"], "--count"),
+    (["--endpoints", "6", "--pool-size", "6"], "--endpoints"),
+    (["--kernel", "mars"], "--kernel"),
+    (["--metrics", "conn_latency_us,vibes"], "--metrics"),
+    (["--load-seconds", "fast"], "--load-seconds"),
+    (["--backend", "ebtables"], "--backend"),
+])
+def test_bad_spec_names_the_flag(argv, flag):
+    with pytest.raises(BenchSpecError) as info:
+        spec(*argv)
+    message = str(info.value)
+    assert message.startswith(flag) and message.count(". ") == 0
+
+
+def test_spec_sorts_sizes_and_defaults_to_every_mode():
+    s = spec("--services", "100,1,10,10")
+    assert s.sizes == [1, 10, 100] and s.modes == ["iptables", "nftables", "ipvs", "ebpf", "userspace"]
+    assert not s.modes_given and s.metrics is None
+    assert spec("--modes", "iptables", "--metrics", "rules").metrics == ["rules"]
+
+
+def test_presets_fill_only_the_flags_not_given():
+    nightly = spec("--preset", "nightly", "--repeats", "2")
+    assert nightly.sizes[-1] == 30_000 and nightly.count == 1000 and nightly.repeats == 2
+    assert spec().sizes == [1, 10, 100, 1000, 5000, 10000]
+    with pytest.raises(BenchSpecError, match=r"^--preset must be one of bench, nightly"):
+        spec("--preset", "weekly")
+
+
+def test_bad_spec_exits_2_and_creates_nothing(tmp_path):
+    out = tmp_path / "runs"
+    result = runner("--services", "1,2,x", out=out, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "--services must be comma-separated whole numbers" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def rows_for(values, metric="conn_latency_us", target="last", stat="p50") -> list[Row]:
+    return [Row("iptables", "6.18", 100, metric, stat, v, "us", i, {"target": target})
+            for i, v in enumerate(values)]
+
+
+def test_spread_flags_repeats_more_than_5_percent_apart():
+    quiet = spread(rows_for([400.0, 410.0, 405.0]))
+    noisy = spread(rows_for([400.0, 460.0, 405.0], target="first"))
+    assert quiet[0]["noisy"] is False and quiet[0]["spread"] == pytest.approx(10 / 405, abs=1e-3)
+    assert noisy[0]["noisy"] is True
+    # p99 is not the stat checked for noise, and a single repeat has no spread
+    assert spread(rows_for([1.0, 100.0], stat="p99")) == [] and spread(rows_for([1.0])) == []
+    lines = summary_lines(rows_for([400.0, 460.0, 405.0], target="first"), noisy)
+    assert lines[0]["1st"] == 405.0 and lines[0]["noisy"] == ["1st"]
+
+
+def test_synthetic_services_grow_by_adding_and_mix_types():
+    nodes = [Node.numbered(1), Node.numbered(2)]
+    pool = list(ClusterState.build(nodes, pool_pods(["node2"], 6)).pods)
+    small, _ = synthetic_services(100, pool, 3, NODEPORT_EVERY, AFFINITY_EVERY)
+    big, slices = synthetic_services(30_000, pool, 3, NODEPORT_EVERY, AFFINITY_EVERY)
+    # the first 99 Services of a larger sweep are those of a smaller one (the 100th was its last)
+    assert small[:99] == big[:99]
+    for services in (small, big):
+        assert services[0].type == services[-1].type == "ClusterIP"
+        assert services[0].session_affinity == services[-1].session_affinity == "None"
+    lo, hi = PLAN.node_port_range
+    node_ports = sum(s.type == TYPE_NODE_PORT for s in big)
+    assert 0 < node_ports <= hi - lo + 1
+    assert 0 < sum(s.session_affinity == "ClientIP" for s in big) < 1000
+    state = ClusterState.build(nodes, pool, big[:10], slices[:10])
+    moved = with_endpoints(state, "svc-00009", [pool[5]])
+    view = moved.node_view("node1").service("bench/svc-00009:http")
+    assert [e.ip for e in view.endpoints] == [pool[5].ip]
+    assert moved.endpoint_slices[:9] == state.endpoint_slices[:9]
+
+
+# --------------------------------------------------------------------------- real sweeps
+
+
+@pytest.mark.root
+def test_tiny_real_sweep_writes_the_run_folder(tmp_path):
+    out = tmp_path / "runs"
+    result = runner("--modes", "iptables", "--services", "1,10", "--repeats", "2", "--count", "20",
+                    "--load-seconds", "1", out=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = run_folder(out)
+    meta = read_json(folder / "run.json")
+    assert meta["complete"] is True and meta["status"] == "complete" and meta["finished"]
+    assert meta["kernel"] == os.uname().release and meta["args"]["sizes"] == [1, 10]
+    assert meta["modes"]["iptables"]["status"] == "done"
+    assert not namespaces_of([meta["modes"]["iptables"]["cluster"]])
+    assert {m["name"] for m in meta["metrics"]} >= {"conn_latency_us", "sync_full_s", "rules"}
+
+    header = (folder / "bench.csv").read_text().splitlines()[0].split(",")
+    assert tuple(header) == BENCH_COLUMNS
+    rows = read_bench_csv(folder / "bench.csv")
+    skipped = meta["metrics_skipped"].get("iptables", {})
+    by = {}
+    for r in rows:
+        by.setdefault((r["metric"], r["n_services"], r["target"], r["stat"]), []).append(r)
+    for n in (1, 10):
+        for target in ("first", "last", "random"):
+            p50 = by[("conn_latency_us", n, target, "p50")]
+            assert sorted(r["repeat"] for r in p50) == [0, 1] and all(r["value"] > 0 for r in p50)
+            assert all(r["value"] == 0 for r in by[("conn_latency_us", n, target, "failed")])
+        assert by[("sync_full_s", n, "", "value")][0]["unit"] == "s"
+        programming = [r for r in rows if r["metric"] == "programming_latency_s" and r["n_services"] == n]
+        assert sorted(r["value"] for r in programming if r["stat"] == "failed") == [0, 0]
+        assert len([r for r in programming if r["stat"] == "value" and r["value"] > 0]) == 2
+    # more Services, more rules: the count is what the mode wrote, not a constant
+    assert by[("rules", 10, "", "count")][0]["value"] > by[("rules", 1, "", "count")][0]["value"]
+    floors = [r for r in rows if r["metric"] == "floor_conn_latency_us" and r["stat"] == "p50"]
+    assert sorted({r["when"] for r in floors}) == ["end", "start"] and all(r["n_services"] == 0 for r in floors)
+    if "syn_to_established_us" not in skipped:
+        # the kernel saw every probe connection's handshake, and it ends before the greeting
+        syn = [r for r in rows if r["metric"] == "syn_to_established_us"]
+        assert [r["value"] for r in syn if r["stat"] == "events"] == [20.0] * 4
+        assert all(0 < r["value"] < r["extra"]["probe_p50_us"] for r in syn if r["stat"] == "p50")
+    if "throughput_rps" not in skipped:
+        assert all(r["value"] > 0 for r in rows if r["metric"] == "throughput_rps")
+
+    raw = read_json(folder / "raw" / "iptables" / "n10.json")
+    random_runs = [r for r in raw if r["metric"] == "conn_latency_us" and r["target"] == "random"]
+    assert len(random_runs) == 2 and all(len(r["latency_us"]) == 20 for r in random_runs)
+    # random Services spread over the pool: more than the three backends of one Service answer
+    assert len({b for r in random_runs for b in r["backend"]}) > 3
+    assert read_json(folder / "raw" / "iptables" / "floor-start.json")[0]["when"] == "start"
+    assert "complete in" in result.stdout and "ipt" in result.stdout
+
+
+@pytest.mark.root
+def test_ctrl_c_keeps_what_was_measured_and_marks_the_run_incomplete(tmp_path):
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.runner", "--modes", "iptables", "--services", "1,10,100,1000",
+         "--repeats", "3", "--count", "50", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        measured = False
+        while time.monotonic() < deadline and proc.poll() is None and not measured:
+            time.sleep(0.5)
+            csvs = list(out.glob("bench-*/bench.csv"))
+            measured = bool(csvs) and any(r["n_services"] >= 1 for r in read_bench_csv(csvs[0]))
+        assert measured, "no size was measured within 240 s"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr[-3000:]
+    folder = run_folder(out)
+    meta = read_json(folder / "run.json")
+    assert meta["complete"] is False and meta["status"] == "incomplete" and meta["finished"]
+    assert meta["modes"]["iptables"]["status"] == "interrupted"
+    rows = read_bench_csv(folder / "bench.csv")
+    assert any(r["n_services"] >= 1 for r in rows)
+    assert not any(r["n_services"] == 1000 for r in rows)
+    assert not namespaces_of([meta["modes"]["iptables"]["cluster"]])
+    assert "incomplete" in stdout
