@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
+from dataplanes.conntrack import run_deletes, stale_udp_flow_deletes
 from kube.state import EndpointView, NodeView, ServicePortView
 
 MASQUERADE_MARK = "0x4000"
@@ -630,15 +631,8 @@ class IptablesDataplane:
             if before.protocol != "UDP":
                 continue
             after = now.get((before.name, before.protocol, before.port))
-            kept = _used_ips(after) if after else set()
-            for ip in sorted(_used_ips(before) - kept):
-                commands += _udp_flow_deletes(before, ["--dst-nat", ip])
-            if after is not None and not _used_ips(before) and kept:
-                # Flows recorded while the Service had no endpoints carry no DNAT: drop them.
-                commands += _udp_flow_deletes(after, [])
-        for argv in commands:
-            node.run(argv, check=False, timeout=30)
-        return len(commands)
+            commands += stale_udp_flow_deletes(before, after)
+        return run_deletes(node, commands)
 
 
 def _write_order(key: tuple[str, str]) -> tuple[int, str, str]:
@@ -659,21 +653,6 @@ def _write_order(key: tuple[str, str]) -> tuple[int, str, str]:
     else:  # KUBE-EXT-, KUBE-FW-: jump to SVC/SVL chains
         rank = 3
     return rank, table, chain
-
-
-def _used_ips(sp: ServicePortView) -> set[str]:
-    return {e.ip for e in sp.internal_endpoints + sp.external_endpoints}
-
-
-def _udp_flow_deletes(sp: ServicePortView, nat: list[str]) -> list[list[str]]:
-    base = ["conntrack", "-D", "-p", "udp"]
-    out = [[*base, "--orig-dst", sp.cluster_ip, "--orig-port-dst", str(sp.port), *nat]]
-    out += [
-        [*base, "--orig-dst", ip, "--orig-port-dst", str(sp.port), *nat] for ip in sp.external_ips
-    ]
-    if sp.node_port is not None:
-        out.append([*base, "--orig-port-dst", str(sp.node_port), *nat])
-    return out
 
 
 def _context(payload: str, err: str) -> str:

@@ -63,6 +63,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
+from dataplanes.conntrack import run_deletes, stale_udp_flow_deletes
 from kube.state import EndpointView, NodeView, ServicePortView
 
 FAMILY = "ip"
@@ -922,15 +923,8 @@ class NftablesDataplane:
                 continue
             before = old.services[key][0]
             after = new.services[key][0] if key in new.services else None
-            kept = _used_ips(after) if after else set()
-            for ip in sorted(_used_ips(before) - kept):
-                commands += _udp_flow_deletes(before, ["--dst-nat", ip])
-            if after is not None and not _used_ips(before) and kept:
-                # Flows recorded while the Service had no endpoints carry no DNAT: drop them.
-                commands += _udp_flow_deletes(after, [])
-        for argv in commands:
-            node.run(argv, check=False, timeout=30)
-        return len(commands)
+            commands += stale_udp_flow_deletes(before, after)
+        return run_deletes(node, commands)
 
 
 def _affinity_elements(text: str) -> list[list[str]]:
@@ -942,21 +936,6 @@ def _affinity_elements(text: str) -> list[list[str]]:
             parts = val.get("concat") if isinstance(val, dict) else None
             if parts and len(parts) == 4:
                 out.append([str(p) for p in parts])
-    return out
-
-
-def _used_ips(sp: ServicePortView) -> set[str]:
-    return {e.ip for e in sp.internal_endpoints + sp.external_endpoints}
-
-
-def _udp_flow_deletes(sp: ServicePortView, nat: list[str]) -> list[list[str]]:
-    base = ["conntrack", "-D", "-p", "udp"]
-    out = [[*base, "--orig-dst", sp.cluster_ip, "--orig-port-dst", str(sp.port), *nat]]
-    out += [
-        [*base, "--orig-dst", ip, "--orig-port-dst", str(sp.port), *nat] for ip in sp.external_ips
-    ]
-    if sp.node_port is not None:
-        out.append([*base, "--orig-port-dst", str(sp.node_port), *nat])
     return out
 
 
