@@ -413,8 +413,13 @@ class _Synced:
 class IptablesDataplane:
     name = "iptables"
 
-    def __init__(self, backend: str = "nft", max_chains_per_restore: int | None = None):
-        """max_chains_per_restore splits big syncs: None means 1,000 on nft, 0 (unsplit) on legacy."""
+    def __init__(self, backend: str | None = None, max_chains_per_restore: int | None = None):
+        """backend None: nft, or legacy where the kernel has no nf_tables IPv4 family (the UML
+        guest). max_chains_per_restore splits big syncs: None means 1,000 on nft, 0 on legacy."""
+        if backend is None:
+            host = Host()
+            no_nft = host.has_proc("/proc/config.gz") and host.kernel_config("CONFIG_NF_TABLES_IPV4") is None
+            backend = "legacy" if no_nft else "nft"
         if backend not in ("nft", "legacy"):
             raise ValueError(f"iptables backend {backend!r}: use 'nft' or 'legacy'")
         self.backend = backend
