@@ -206,7 +206,13 @@ def run_conformance(
     writing what finished when interrupted, ConformanceError when nothing could run.
     """
     # Inside the guest (svcbench forwarded `--kernel uml` there) this is the guest's kernel.
-    kernel = os.environ.get("SVCBENCH_KERNEL", kernel)
+    here = os.environ.get("SVCBENCH_KERNEL", "host")
+    if kernel == "uml" and here != "uml":
+        raise ConformanceError(
+            "--kernel uml: this process runs on the host kernel; use `svcbench conformance "
+            "--kernel uml`, which boots the guest and runs the checks there"
+        )
+    kernel = here
     if kernel not in KERNELS:
         raise ConformanceError(
             f"--kernel {kernel!r} is not supported yet; accepted: {', '.join(KERNELS)}"

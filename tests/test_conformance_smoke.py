@@ -38,10 +38,11 @@ def test_fast_checks_pass_for_iptables(tmp_path):
 # --------------------------------------------------------------------------- no root needed
 
 
-def test_only_the_host_kernel_is_accepted(tmp_path):
+def test_the_guest_kernel_is_refused_outside_the_guest(tmp_path, monkeypatch):
     from conformance.runner import ConformanceError
 
-    with pytest.raises(ConformanceError, match="--kernel 'uml' is not supported yet; accepted: host"):
+    monkeypatch.delenv("SVCBENCH_KERNEL", raising=False)
+    with pytest.raises(ConformanceError, match="--kernel uml: this process runs on the host kernel"):
         run_conformance("iptables", kernel="uml", out_dir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # refused before anything was made
 
