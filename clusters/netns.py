@@ -219,7 +219,7 @@ def _link_index(ipr: IPRoute, ifname: str) -> int:
 # --------------------------------------------------------------------------- processes
 
 
-def _proc_start(pid: int) -> int | None:
+def proc_start(pid: int) -> int | None:
     """The process's start time in clock ticks (tells a pid apart from a reused one)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -239,7 +239,7 @@ def process_alive(pid: int | None, start: int | None = None) -> bool:
     """
     if not pid:
         return False
-    now = _proc_start(pid)
+    now = proc_start(pid)
     return now is not None and (start is None or now == start)
 
 
@@ -276,7 +276,7 @@ def _now() -> float:
 
 
 def _owner() -> dict[str, int | None]:
-    return {"pid": os.getpid(), "start": _proc_start(os.getpid())}
+    return {"pid": os.getpid(), "start": proc_start(os.getpid())}
 
 
 def _read_state(run_dir: str) -> dict | None:
@@ -572,7 +572,7 @@ class NetnsCluster:
 
         control, log = self._agent_paths(node)
         pid = spawn_agent(node.netns, control, log)
-        agent = {"pid": pid, "start": _proc_start(pid), "control": control, "log": log}
+        agent = {"pid": pid, "start": proc_start(pid), "control": control, "log": log}
         with self._lock:
             self._node_state(node.name)["agent"] = agent
             self.save()

@@ -43,6 +43,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from clusters.netns import proc_start, process_alive
+
 UML_KERNEL = "/usr/bin/linux.uml"
 UML_MODULE_ROOT = "/usr/lib/uml/modules"  # the package's tree: <version>/kernel/...
 CACHE_DIR = "/var/cache/svcbench/uml"  # `modprobe -d` root: lib/modules/<version> + depmod index
@@ -183,24 +185,11 @@ def fix_uml(echo: Callable[[str], None] = print) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-def _proc_start(pid: int) -> int | None:
-    """The process's start time in clock ticks; None when gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
-
-
 def _alive(proc: dict | None) -> bool:
-    if not proc or not proc.get("pid"):
+    """A recorded {"pid", "start"} still runs (a start recorded as None never does)."""
+    if not proc or proc.get("start", 0) is None:
         return False
-    now = _proc_start(proc["pid"])
-    return now is not None and now == proc.get("start", now)
+    return process_alive(proc.get("pid"), proc.get("start"))
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -268,7 +257,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _owner() -> dict:
-    return {"pid": os.getpid(), "start": _proc_start(os.getpid())}
+    return {"pid": os.getpid(), "start": proc_start(os.getpid())}
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -380,7 +369,7 @@ class Guest:
             if log is not None:
                 log.close()
         _children[proc.pid] = proc
-        self.record["uml"] = {"pid": proc.pid, "start": _proc_start(proc.pid)}
+        self.record["uml"] = {"pid": proc.pid, "start": proc_start(proc.pid)}
         self.record["mem"] = mem
         self.save()
         return proc
@@ -392,7 +381,7 @@ class Guest:
         if not pid:
             return False
         # A pid whose start time changed is no longer our UML: its group is someone else's.
-        if _proc_start(pid) is not None and not _alive(uml):
+        if proc_start(pid) is not None and not _alive(uml):
             return False
         killed = _kill_group(pid)
         _reap(pid)
