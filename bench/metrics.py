@@ -123,13 +123,15 @@ def measure_handshake(bench: Bench, target: str, repeat: int) -> Observation:
     tracer.collect()  # forget handshakes from before this window
     run = bench.connections(target, bench.cfg.count, repeat)
     events = [e for e in tracer.collect() if e[2] == ip]
-    # Other runs may use the same addresses: keep the probe's own sockets (by source port).
-    ports = {int(s.seen_client.rsplit(":", 1)[1]) for s in run.samples if s.seen_client}
-    mine = [us for us, sport, _ in events if sport in ports] or [us for us, _, _ in events]
+    # Other runs may use the same addresses: keep the probe's own sockets, by the port each
+    # socket had (what the backend saw may be a masqueraded port).
+    ports = {s.local_port for s in run.samples if s.local_port is not None}
+    mine = [us for us, sport, _ in events if sport in ports]
     stats = {stat: round(percentile(mine, q), 1) for stat, q in LATENCY_STATS}
     stats["events"] = len(mine)
     return Observation(stats, ip, units={"events": "connections"},
-                       extra={"probe_p50_us": round(percentile(run.ok_latencies, 0.5), 1)},
+                       extra={"probe_p50_us": round(percentile(run.ok_latencies, 0.5), 1),
+                              "established": len(ports), "probe_failed": run.failed},
                        raw={"handshake_us": [round(x, 1) for x in mine]})
 
 

@@ -188,9 +188,11 @@ def test_tiny_real_sweep_writes_the_run_folder(tmp_path):
     floors = [r for r in rows if r["metric"] == "floor_conn_latency_us" and r["stat"] == "p50"]
     assert sorted({r["when"] for r in floors}) == ["end", "start"] and all(r["n_services"] == 0 for r in floors)
     if "syn_to_established_us" not in skipped:
-        # the kernel saw every probe connection's handshake, and it ends before the greeting
+        # the kernel saw the handshake of every probe connection that got established (a
+        # probe may still time out on a loaded host), and it ends before the greeting
         syn = [r for r in rows if r["metric"] == "syn_to_established_us"]
-        assert [r["value"] for r in syn if r["stat"] == "events"] == [20.0] * 4
+        events = [r for r in syn if r["stat"] == "events"]
+        assert len(events) == 4 and all(r["value"] == r["extra"]["established"] > 15 for r in events)
         assert all(0 < r["value"] < r["extra"]["probe_p50_us"] for r in syn if r["stat"] == "p50")
     if "throughput_rps" not in skipped:
         assert all(r["value"] > 0 for r in rows if r["metric"] == "throughput_rps")

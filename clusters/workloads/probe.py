@@ -51,6 +51,7 @@ class Sample:
     outcome: str  # one of OUTCOMES
     backend: str | None  # the pod that answered, "ns/name"
     seen_client: str | None  # the client address the backend saw, "ip:port"
+    local_port: int | None = None  # the client socket's own port once connected (TCP)
 
 
 @dataclass
@@ -128,7 +129,7 @@ def tcp_sample(ip: str, port: int, timeout: float, payload: bytes,
     """One new TCP connection: connect, read the greeting, echo the payload, reset."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     start = time.perf_counter_ns()
-    backend = seen = None
+    backend = seen = local_port = None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -137,28 +138,29 @@ def tcp_sample(ip: str, port: int, timeout: float, payload: bytes,
         start = time.perf_counter_ns()
         deadline = start + int(timeout * 1e9)
         sock.connect((ip, port))
+        local_port = sock.getsockname()[1]
         buf = b""
         while b"\n" not in buf:
             sock.settimeout(_remaining(deadline))
             chunk = sock.recv(_RECV_BYTES)
             if not chunk:  # closed before greeting: the backend never really answered
-                return Sample(_us(start), RESET, None, None)
+                return Sample(_us(start), RESET, None, None, local_port)
             buf += chunk
         latency = _us(start)
         line, echoed = buf.split(b"\n", 1)
         parsed = _parse_greeting(line)
         if parsed is None:
-            return Sample(latency, ERROR, None, None)
+            return Sample(latency, ERROR, None, None, local_port)
         backend, seen = parsed
         if payload:
             echoed = _echo(sock, payload, echoed, deadline)
             if echoed is None:
-                return Sample(_us(start), RESET, backend, seen)
+                return Sample(_us(start), RESET, backend, seen, local_port)
             if echoed != payload:
-                return Sample(latency, ERROR, backend, seen)
-        return Sample(latency, OK, backend, seen)
+                return Sample(latency, ERROR, backend, seen, local_port)
+        return Sample(latency, OK, backend, seen, local_port)
     except OSError as exc:
-        return Sample(_us(start), _failure(exc), backend, seen)
+        return Sample(_us(start), _failure(exc), backend, seen, local_port)
     finally:
         sock.close()
 
