@@ -38,7 +38,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from clusters.nsenter import NETNS_RUN_DIR, in_netns, pids_in_netns
+from clusters.nsenter import NETNS_RUN_DIR, in_netns, pids_in_netns, run_in_netns
 from kube.model import PLAN, Node, Pod
 
 STATE_DIR = "/run/svcbench/runs"
@@ -75,9 +75,8 @@ class CommandFailed(subprocess.CalledProcessError):
         self.netns = netns
 
     def __str__(self) -> str:
-        argv = self.cmd[4:] if list(self.cmd[:3]) == ["ip", "netns", "exec"] else self.cmd
         err = (self.stderr or "").strip() or "(no stderr)"
-        return f"in {self.netns}: {' '.join(map(str, argv))} exited {self.returncode}: {err}"
+        return f"in {self.netns}: {' '.join(map(str, self.cmd))} exited {self.returncode}: {err}"
 
 
 # --------------------------------------------------------------------------- namespaces
@@ -357,13 +356,7 @@ class NetnsNode:
     ) -> subprocess.CompletedProcess:
         if isinstance(input, bytes):
             input = input.decode()
-        proc = subprocess.run(
-            ["ip", "netns", "exec", self.netns, *map(str, argv)],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        proc = run_in_netns(self.netns, [str(a) for a in argv], input=input, timeout=timeout)
         if check and proc.returncode != 0:
             raise CommandFailed(self.netns, proc)
         return proc
