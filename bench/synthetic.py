@@ -15,17 +15,19 @@ from dataclasses import replace
 from kube.model import (
     AFFINITY_CLIENT_IP,
     AFFINITY_NONE,
+    PLAN,
     TCP,
     TYPE_CLUSTER_IP,
     TYPE_NODE_PORT,
     Endpoint,
     EndpointPort,
     EndpointSlice,
+    Node,
     Pod,
     Service,
     ServicePort,
 )
-from kube.state import ClusterState
+from kube.state import ClusterState, NodeView
 
 NAMESPACE = "bench"
 SERVICE_PORT = 80
@@ -33,6 +35,12 @@ BACKEND_PORT = 8080
 # 30,000 Services / 20 = 1,500 NodePorts, inside the 2,768 of 30000-32767.
 NODEPORT_EVERY = 20
 AFFINITY_EVERY = 100
+# NodePorts are a scarce range (30000-32767): at 50,000 Services one in 20 gets one.
+MAX_NODE_PORTS = 2500
+# The plan's /16 Service CIDR holds 65,534 ClusterIPs: larger views repeat the first
+# DISTINCT Services on further ports (each is still its own frontend and map element).
+DISTINCT = 50000
+SYNC_POOL_PER_NODE = 50
 
 
 def pool_pods(nodes: list[str], per_node: int) -> list[Pod]:
@@ -109,3 +117,39 @@ def with_endpoints(state: ClusterState, service: str, pods: list[Pod]) -> Cluste
             slices[k] = endpoint_slice(service, pods, port)
             return replace(state, endpoint_slices=tuple(slices))
     raise KeyError(f"no EndpointSlice for Service {NAMESPACE}/{service}")
+
+
+def sync_view(n: int, endpoints: int = 3) -> NodeView:
+    """node1's view of n Service ports over a pool of 2 x 50 pods, with the sweep's mix of
+    NodePorts and affinity, for sync benchmarks (no traffic, so no cluster needs them).
+
+    Above DISTINCT the ClusterIPs repeat on ports 81, 82, ... so 100,000 fit the plan.
+    """
+    nodes = [Node.numbered(1), Node.numbered(2)]
+    pool = pool_pods(["node1", "node2"], SYNC_POOL_PER_NODE)
+    pods = list(ClusterState.build(nodes, pool).pods)
+    lo, hi = PLAN.node_port_range
+    distinct = min(n, DISTINCT)
+    every = max(NODEPORT_EVERY, -(-distinct // min(MAX_NODE_PORTS, hi - lo)))
+    services, slices = synthetic_services(distinct, pods, endpoints, nodeport_every=every,
+                                          affinity_every=AFFINITY_EVERY)
+    view = ClusterState.build(nodes, pods, services, slices).node_view("node1")
+    if n == distinct:
+        return view
+    extra = [
+        replace(sp, port=sp.port + 1 + i // distinct, port_name=f"p{1 + i // distinct}",
+                node_port=None)
+        for i, sp in ((i, view.services[i % distinct]) for i in range(n - distinct))
+    ]
+    return replace(view, services=view.services + tuple(extra))
+
+
+def one_endpoint_fewer(view: NodeView, index: int) -> NodeView:
+    """The view with Service `index` losing its last endpoint (the smallest real change)."""
+    sp = view.services[index]
+    changed = replace(sp, endpoints=sp.endpoints[:-1],
+                      internal_endpoints=sp.internal_endpoints[:-1],
+                      external_endpoints=sp.external_endpoints[:-1])
+    services = list(view.services)
+    services[index] = changed
+    return replace(view, services=tuple(services))

@@ -204,19 +204,6 @@ def bench_userspace(
     return rows
 
 
-def summarize(rows: list[Row]) -> list[dict]:
-    """Medians over repeats, with the spread (min-max), one line per metric and size."""
-    groups: dict[tuple[str, int, str], list[float]] = {}
-    for r in rows:
-        groups.setdefault((r.metric, r.n_services, r.unit), []).append(r.value)
-    return [
-        {"metric": metric, "services": n, "median": round(percentile(values, 0.5), 1),
-         "min": round(min(values), 1), "max": round(max(values), 1), "unit": unit,
-         "repeats": len(values)}
-        for (metric, n, unit), values in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))
-    ]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.userspace_rate",
                                      description="Userspace proxy: connection rate and added latency.")
@@ -245,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench_userspace(args.seconds, args.concurrency, args.repeats,
                            [int(s) for s in args.sizes.split(",") if s], args.count,
                            pin=args.pin, progress=lambda m: print(m, file=sys.stderr))
+    from bench.mode_benches import summarize
+
     for line in summarize(rows):
         print(json.dumps(line))
     return 0

@@ -12,8 +12,7 @@ import ctypes.util
 import os
 import subprocess
 import threading
-from collections.abc import Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 NETNS_RUN_DIR = "/run/netns"

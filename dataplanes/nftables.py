@@ -39,16 +39,19 @@ process involved). Loads into a fresh namespace, 10,000 ClusterIP Services x 3 e
 Raw netlink loads elements with 2.4x less CPU but would need every rule expression
 encoded by hand, or a second transaction; libnftables (in-process, on a thread in the
 node's namespace) keeps one `nft -f` transaction and saves a fork and exec per sync.
-Syncs (bench/nftables_sync.py; the range of medians over five runs, min-max of all
-repeats in brackets; ClusterIPs only, and bench.synthetic's mix with a NodePort every
-20th and ClientIP affinity every 100th Service, which measured the same):
+Syncs (bench/mode_benches.py; medians with min-max of the repeats; bench.synthetic's mix
+with a NodePort every 20th and ClientIP affinity every 100th Service):
 
-    Services  sync                 wall s                   CPU s
-    10,000    full                 2.9-4.2 (2.36-5.54)      1.24-1.41 (1.03-1.50)
-    10,000    one Service changed  0.043-0.11 (0.035-0.23)  0.021-0.035
-    10,000    nothing changed      0.001-0.014              0.001-0.004
-    30,000    full                 7.9-13.0                 3.6-4.6
-    30,000    one Service changed  0.16-0.38 (0.12-0.85)    0.07-0.11
+    Services  sync                 quiet machine (load 0.1)        loaded (load 5-7)
+                                   wall s               CPU s      wall s
+    10,000    full, from empty     1.00 (0.95-1.22)     0.99       2.9-4.2 (2.36-5.54)
+    10,000    one Service changed  0.038 (0.027-0.040)  0.021      0.043-0.11 (0.035-0.23)
+    10,000    nothing changed      0.0016               0.0016     0.001-0.014
+    30,000    full                 -                    -          7.9-13.0
+    30,000    one Service changed  -                    -          0.16-0.38 (0.12-0.85)
+
+The full sync is about 0.25 s of rendering in Python and 0.7 s of libnftables parsing
+and the kernel's commit.
 """
 
 from __future__ import annotations

@@ -238,3 +238,47 @@ def test_ctrl_c_keeps_what_was_measured_and_marks_the_run_incomplete(tmp_path):
     assert not any(r["n_services"] == 1000 for r in rows)
     assert not namespaces_of([meta["modes"]["iptables"]["cluster"]])
     assert "incomplete" in stdout
+
+
+# --------------------------------------------------------------------------- mode benches
+
+
+def mode_benches(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.mode_benches", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_mode_benches_reject_bad_input_and_touch_nothing(tmp_path):
+    folder = tmp_path / "bench-x"
+    folder.mkdir()
+    (folder / "run.json").write_text('{"status": "complete"}')
+    bad = mode_benches("--out", str(folder), "--only", "nftables,ipvs")
+    assert bad.returncode == 2 and "--only" in bad.stderr and "nftables, ebpf, userspace" in bad.stderr
+    not_a_run = mode_benches("--out", str(tmp_path), "--only", "nftables")
+    assert not_a_run.returncode == 2 and "not a run folder" in not_a_run.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["run.json"]
+
+
+@pytest.mark.root
+def test_mode_benches_add_their_rows_to_the_run_folder(tmp_path):
+    from reports.results import write_bench_csv
+
+    folder = tmp_path / "bench-x"
+    folder.mkdir()
+    (folder / "run.json").write_text('{"status": "complete"}')
+    earlier = Row("iptables", os.uname().release, 10, "sync_full_s", "value", 0.5, "s")
+    write_bench_csv(folder, [earlier.as_dict()])
+    result = mode_benches("--out", str(folder), "--only", "nftables", "--preset", "quick")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_bench_csv(folder / "bench.csv")
+    assert [r["mode"] for r in rows if r["metric"] == "sync_full_s"] == ["iptables"]
+    mine = [r for r in rows if r["mode"] == "nftables" and r["metric"] == "sync_s"]
+    by_stat = {s: [r for r in mine if r["stat"] == s] for s in ("full", "one_changed", "unchanged")}
+    assert [len(v) for v in by_stat.values()] == [1, 2, 1] and all(r["n_services"] == 100 for r in mine)
+    full = by_stat["full"][0]
+    # a full sync from empty writes every Service; one change writes a few elements, none rewrites nothing
+    assert full["value"] > 0 and full["extra"]["full"] and full["extra"]["changed"] > 100
+    assert all(0 < r["extra"]["changed"] < 10 for r in by_stat["one_changed"])
+    assert by_stat["unchanged"][0]["extra"]["changed"] == 0
+    assert read_json(folder / "run.json")["mode_benches"]["nftables"]["status"] == "done"
+    assert "nftables" in result.stdout and "sync_s" in result.stdout

@@ -1,0 +1,204 @@
+"""Mode goals the common sweep does not reach, written into the sweep's run folder.
+
+- Sync of one node at sizes past the sweep: nftables at 10,000 and 30,000 Services (goal:
+  a full sync under 2 s and one changed Service under 100 ms at 10,000), the ebpf maps at
+  10,000 and 100,000. Each full sync starts from an empty node (the mode is uninstalled
+  and installed again, untimed), then one Service's endpoints change back and forth,
+  then a sync with nothing changed. Rows: metric `sync_s` (wall) and `sync_cpu_s` (this
+  process and its children: nft, bpftool), stat `full`, `one_changed` or `unchanged`.
+- The userspace proxy's connection rate and added latency (bench/userspace_rate.py).
+
+`python -m bench.mode_benches --out RUN_DIR` appends the rows to RUN_DIR/bench.csv, so the
+report shows them beside the sweep, and records what ran (or why not) in run.json under
+`mode_benches`. A mode that cannot run here is skipped with its reason; the exit status
+is 1 when a bench failed, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.sweep import Row, percentile
+from bench.synthetic import one_endpoint_fewer, sync_view
+from clusters.netns import NetnsCluster
+from dataplanes.base import Host
+from dataplanes.modes import make
+from reports.results import (
+    BENCH_CSV,
+    RUN_JSON,
+    read_bench_csv,
+    read_json,
+    write_bench_csv,
+    write_run_json,
+)
+
+# mode -> sizes, per preset; the sweep covers 1 to 10,000 for every mode already.
+SYNC_SIZES = {
+    "default": {"nftables": (10000, 30000), "ebpf": (10000, 100000)},
+    "nightly": {"nftables": (10000, 30000), "ebpf": (10000, 100000)},
+    "quick": {"nftables": (100,), "ebpf": (100,)},
+}
+FULL_REPEATS = {"default": 3, "nightly": 5, "quick": 1}
+CHANGED_REPEATS = {"default": 10, "nightly": 20, "quick": 2}
+BENCHES = ("nftables", "ebpf", "userspace")
+
+Say = Callable[[str], None]
+
+
+def _cpu_s() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def bench_sync(mode: str, sizes: Sequence[int], full_repeats: int, changed_repeats: int,
+               say: Say = lambda _m: None) -> list[Row]:
+    """Rows of one node's sync times for `mode` at each size (see the module's text)."""
+    dp = make(mode)
+    missing = dp.missing(Host())
+    if missing:
+        raise RuntimeError(f"the {mode} mode cannot run here: " + "; ".join(missing))
+    kernel = os.uname().release
+    rows: list[Row] = []
+    with NetnsCluster.create(1, agents=False) as cluster:
+        node = cluster.nodes[0]
+        dp.install(node)
+        try:
+            for n in sizes:
+                say(f"{mode}: building the view of {n:,} Services")
+                view = sync_view(n)
+                fewer = one_endpoint_fewer(view, len(view.services) // 2)
+
+                def measure(v: Any, stat: str, repeat: int, n: int = n) -> None:
+                    cpu0, wall0 = _cpu_s(), time.perf_counter()
+                    stats = dp.sync(node, v)
+                    wall, cpu = time.perf_counter() - wall0, _cpu_s() - cpu0
+                    extra = {"full": stats.full, "changed": stats.changed, "rules": stats.rules,
+                             "payload_bytes": stats.payload_bytes,
+                             **{k: v for k, v in stats.extra.items() if isinstance(v, (int, float, str))}}
+                    base = dict(mode=mode, kernel=kernel, n_services=n, repeat=repeat)
+                    rows.append(Row(**base, metric="sync_s", stat=stat, value=round(wall, 6),
+                                    unit="s", extra=extra))
+                    rows.append(Row(**base, metric="sync_cpu_s", stat=stat, value=round(cpu, 6),
+                                    unit="s"))
+
+                for r in range(full_repeats):
+                    say(f"{mode}: full sync of {n:,} Services ({r + 1}/{full_repeats})")
+                    dp.uninstall(node)
+                    dp.install(node)
+                    measure(view, "full", r)  # from empty: a full sync in every mode
+                say(f"{mode}: one changed Service among {n:,}")
+                for r in range(changed_repeats):
+                    measure(fewer if r % 2 == 0 else view, "one_changed", r)  # each sync changes one
+                measure(view, "unchanged", 0)
+        finally:
+            dp.uninstall(node)
+    return rows
+
+
+def summarize(rows: Sequence[Row | dict]) -> list[dict[str, Any]]:
+    """Median and spread (min-max) per (mode, metric, stat, size)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        d = r if isinstance(r, dict) else r.as_dict()
+        key = (d["mode"], d["metric"], d["stat"], d["n_services"], d["unit"])
+        groups.setdefault(key, []).append(float(d["value"]))
+    return [
+        {"mode": mode, "metric": metric, "stat": stat, "services": n, "unit": unit,
+         "median": round(percentile(v, 0.5), 4), "min": round(min(v), 4), "max": round(max(v), 4),
+         "repeats": len(v)}
+        for (mode, metric, stat, n, unit), v in sorted(groups.items())
+    ]
+
+
+def run_benches(names: Sequence[str], preset: str, say: Say) -> tuple[list[Row], dict[str, Any]]:
+    """(rows, status per bench): a bench that cannot run or fails is recorded, not fatal."""
+    rows: list[Row] = []
+    status: dict[str, Any] = {}
+    for name in names:
+        started = time.perf_counter()
+        try:
+            if name == "userspace":
+                from bench.userspace_rate import bench_userspace
+
+                quick = preset == "quick"
+                got = bench_userspace(1.0 if quick else 5.0, 32, 1 if quick else 3,
+                                      (1, 10) if quick else (1, 10, 100, 1000, 10000),
+                                      50 if quick else 500, progress=say)
+            else:
+                got = bench_sync(name, SYNC_SIZES[preset][name], FULL_REPEATS[preset],
+                                 CHANGED_REPEATS[preset], say)
+        except RuntimeError as exc:
+            status[name] = {"status": "skipped", "reason": str(exc)}
+            say(f"{name}: skipped: {exc}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - one bench failing must not lose the others
+            status[name] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+            continue
+        rows += got
+        status[name] = {"status": "done", "rows": len(got),
+                        "seconds": round(time.perf_counter() - started, 1)}
+    return rows, status
+
+
+def append_to_run(run_dir: Path, rows: Sequence[Row], status: dict[str, Any]) -> None:
+    """Add the rows to run_dir's bench.csv and the status to its run.json (atomically)."""
+    csv_path = run_dir / BENCH_CSV
+    old = read_bench_csv(csv_path) if csv_path.exists() else []
+    write_bench_csv(run_dir, [*old, *(r.as_dict() for r in rows)])
+    meta = read_json(run_dir / RUN_JSON) if (run_dir / RUN_JSON).exists() else {}
+    meta.setdefault("mode_benches", {}).update(status)
+    write_run_json(run_dir, meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.mode_benches",
+                                     description="Sync of nftables and ebpf past the sweep's sizes, "
+                                                 "and the userspace proxy's connection rate.")
+    parser.add_argument("--out", metavar="RUN_DIR", help="a run folder of `svcbench bench`: the "
+                        "rows are added to its bench.csv")
+    parser.add_argument("--only", default=",".join(BENCHES),
+                        help=f"comma-separated subset of {', '.join(BENCHES)}")
+    parser.add_argument("--preset", default="default", choices=sorted(SYNC_SIZES))
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON lines")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    bad = [n for n in names if n not in BENCHES]
+    if bad or not names:
+        print(f"svcbench: --only must name some of {', '.join(BENCHES)}, not {args.only!r}",
+              file=sys.stderr)
+        return 2
+    run_dir = Path(args.out) if args.out else None
+    if run_dir is not None and not (run_dir / RUN_JSON).is_file():
+        print(f"svcbench: --out {str(run_dir)!r} is not a run folder (no {RUN_JSON})", file=sys.stderr)
+        return 2
+    rows, status = run_benches(names, args.preset, lambda m: print(m, file=sys.stderr, flush=True))
+    if run_dir is not None:
+        append_to_run(run_dir, rows, status)
+    lines = summarize(rows)
+    if args.json:
+        for line in lines:
+            print(json.dumps(line))
+    else:
+        for ln in lines:
+            print(f"{ln['mode']:10} {ln['metric']:32} {ln['stat']:12} {ln['services']:>7,}  "
+                  f"median {ln['median']:g} {ln['unit']} (min {ln['min']:g}, max {ln['max']:g}, "
+                  f"n={ln['repeats']})")
+    for name, st in status.items():
+        if st["status"] != "done":
+            print(f"{name}: {st['status']}: {st['reason']}", file=sys.stderr)
+    return 1 if any(st["status"] == "failed" for st in status.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
