@@ -233,8 +233,8 @@ def normalize_bench(raw: pd.DataFrame, default_kernel: str = "unknown") -> pd.Da
     df = df[df["value"].notna() & df["n_services"].notna()].copy()
     df["n_services"] = df["n_services"].astype(int)
     for col in ("kernel", "mode", "metric", "stat", "unit"):
-        df[col] = df[col].fillna(defaults.get(col, "")).astype(str)
-    df["when"] = df["when"].fillna("").astype(str)
+        df[col] = df[col].astype(object).fillna(defaults.get(col, "")).astype(str)
+    df["when"] = df["when"].astype(object).fillna("").astype(str)
     df["target"] = df["target"].map(lambda t: "" if t is None or pd.isna(t) else str(t))
     df["repeat"] = pd.to_numeric(df["repeat"], errors="coerce").fillna(0).astype(int)
 

@@ -484,3 +484,30 @@ def test_real_run_report_opens_in_chromium_with_every_chart_drawn(tmp_path_facto
     if list(run.glob("conformance*/conformance.json")):
         assert "<table class='matrix'>" in page
     print(f"report: {page_path}\nscreenshot: {run / 'report.png'}")
+
+
+def test_merge_adds_the_guest_run_once_and_the_report_shows_both_kernels(tmp_path):
+    from reports.merge import main as merge_main
+    from reports.render import load_run
+    from reports.results import read_bench_csv, read_json, write_bench_csv
+
+    def run(name: str, kernel: str, mode: str, value: float) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        write_json(folder / "run.json", {"kernel": kernel, "status": "complete", "complete": True})
+        write_bench_csv(folder, [{"mode": mode, "kernel": kernel, "n_services": n, "metric": "conn_latency_us",
+                                  "target": "last", "stat": "p50", "value": value + n / 100, "unit": "us",
+                                  "repeat": 0} for n in (1, 100, 1000)])
+        return folder
+
+    host = run("bench-host", "6.18.0", "nftables", 400.0)
+    guest = run("bench-guest", "6.1.176", "ipvs", 900.0)
+    assert merge_main([str(host), str(guest)]) == 0
+    assert merge_main([str(host), str(guest)]) == 0  # a second merge adds nothing
+    rows = read_bench_csv(host / "bench.csv")
+    assert sorted({(r["kernel"], r["mode"]) for r in rows}) == [("6.1.176", "ipvs"), ("6.18.0", "nftables")]
+    assert len(rows) == 6
+    assert read_json(host / "run.json")["other_runs"][str(guest.resolve())]["kernel"] == "6.1.176"
+    loaded = load_run(host)
+    assert set(loaded.bench["kernel"]) == {"6.1.176", "6.18.0"}
+    assert merge_main([str(host), str(tmp_path / "missing")]) == 2
