@@ -20,6 +20,7 @@ from kube.state import EndpointView, NodeView, ServicePortView
 MASQUERADE_MARK = "0x4000"
 CANARY_CHAIN = "KUBE-PROXY-CANARY"
 CANARY_TABLES = ("mangle", "nat", "filter")  # kube-proxy watches all three
+CANARY_CHECKS = {t: [f"-C {CANARY_CHAIN} -j RETURN"] for t in CANARY_TABLES}
 # Above this many endpoint chains kube-proxy drops per-endpoint comments to shrink the payload.
 LARGE_CLUSTER_ENDPOINTS = 1000
 # iptables-nft-restore's cost per line grows with the chains a payload names (see _batches).
@@ -140,22 +141,26 @@ class Ruleset:
         only: set[tuple[str, str]] | None = None,
         delete: Iterable[tuple[str, str]] = (),
         extra: dict[str, list[str]] | None = None,
+        checks: dict[str, list[str]] | None = None,
     ) -> str:
         """Restore text for the chains in `only` (all when None), `delete`d chains and extra lines.
 
-        Per table: chain declarations (which flush), then rules, then -X, then extra rules.
+        Per table: `checks` (-C lines: the restore fails, changing nothing in that table, when
+        one does not hold), chain declarations (which flush), rules, -X, then extra rules.
         """
         delete = list(delete)
         extra = extra or {}
+        checks = checks or {}
         out: list[str] = []
         for table in ("mangle", "filter", "nat"):
             chains = dict(self.tables()).get(table, {})
             names = [c for c in chains if only is None or (table, c) in only]
             gone = [c for t, c in delete if t == table]
             more = extra.get(table, [])
-            if table == "mangle" and not more:
+            if table == "mangle" and not more and not checks.get(table):
                 continue
             out.append(f"*{table}")
+            out.extend(checks.get(table, []))
             out.extend(f":{c} - [0:0]" for c in names + gone)
             out.extend(line for line in more if line.startswith(":"))
             for c in names:
@@ -470,14 +475,15 @@ class IptablesDataplane:
         hooks re-ensured. Partial sync: top-level chains plus the chains whose rules changed."""
         start = time.perf_counter()
         prev = self._synced.pop(node.netns, None)  # forgotten until this sync succeeds
-        full = full or prev is None or not self._canaries_present(node)
+        full = full or prev is None
         ruleset = render_ruleset(view)
         try:
             payloads, written, stale, differ = self._write(node, ruleset, None if full else prev)
         except DataplaneError:
             if full:
                 raise
-            # Someone changed our chains under us: start over from what the kernel holds.
+            # A canary is gone (someone flushed a table) or someone changed our chains under
+            # us: start over from what the kernel holds.
             full = True
             payloads, written, stale, differ = self._write(node, ruleset, None)
         self._synced[node.netns] = _Synced(ruleset.chains(), view)
@@ -525,10 +531,14 @@ class IptablesDataplane:
             }
             written = differ | top
         batches = self._batches(written)
+        # A partial sync trusts what it wrote before only while every canary is there; the
+        # first restore checks them itself, which saves a process per table on every sync.
+        checks = None if prev is None else CANARY_CHECKS
         payloads = []
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            payload = ruleset.payload(only=batch, extra=extra if last else None)
+            payload = ruleset.payload(only=batch, extra=extra if last else None,
+                                      checks=checks if i == 0 else None)
             self._restore(node, payload)
             payloads.append(payload)
         # Stale chains go after nothing jumps to them any more, in batches as well: one -X
@@ -598,16 +608,6 @@ class IptablesDataplane:
             if not saved.jumps_to(j.table, j.chain, j.target):
                 extra.setdefault(j.table, []).append(f"-I {j.chain} 1 {j.spec()}")
         return extra
-
-    def _canaries_present(self, node: NodeHandle) -> bool:
-        """Listing one tiny chain per table is cheap; an empty or missing canary means a flush."""
-        for table in CANARY_TABLES:
-            res = node.run(
-                [*self.iptables_cmd, "-t", table, "-S", CANARY_CHAIN], check=False, timeout=60
-            )
-            if res.returncode != 0 or f"-A {CANARY_CHAIN} " not in res.stdout:
-                return False
-        return True
 
     def _save_text(self, node: NodeHandle) -> str:
         res = node.run(self.save_cmd, check=False, timeout=300)
