@@ -17,7 +17,8 @@ CONFORMANCE_MODES = ["iptables", "nftables", "userspace", "ebpf", "ipvs"]
 NIGHTLY_ARGS = ["--preset", "nightly"]
 MICRO_COMPARE_ARGS = [
     "bench/test_micro.py", "-q", "-p", "no:cacheprovider", "--benchmark-autosave",
-    "--benchmark-compare", "--benchmark-compare-fail=mean:25%",
+    "--benchmark-storage=file://runs/micro", "--benchmark-compare",
+    "--benchmark-compare-fail=mean:25%",
 ]
 
 

@@ -55,13 +55,7 @@ PRESETS: dict[str, dict[str, str]] = {
 }
 FLAG_DEFAULTS = {"modes": "all", "kernel": "host", "endpoints": "3", "metrics": "all",
                  "pool_size": "6", "out": "runs"}
-BENCH_ARGS: list[str] = []  # the default preset is `bench`
 NIGHTLY_ARGS = ["--preset", "nightly"]
-# pytest-benchmark's render/sync micro benchmarks, saved as JSON; nightly compares runs.
-MICRO_ARGS = ["bench/test_micro.py", "-q", "-p", "no:cacheprovider", "--benchmark-autosave",
-              "--benchmark-storage=file://runs/micro"]
-MICRO_COMPARE_ARGS = [*MICRO_ARGS, "--benchmark-compare", "--benchmark-compare-fail=mean:25%"]
-
 
 class BenchSpecError(ValueError):
     """A bench flag the user can fix: one sentence naming the flag and the accepted values."""

@@ -1,8 +1,8 @@
 """Micro benchmarks (pytest-benchmark): render and sync of each mode at 1,000 and 10,000 Services.
 
-Not part of `tests/` (they take minutes at 10,000 Services); run them with the arguments
-in bench.runner.MICRO_ARGS, which save the timings as JSON under runs/micro, and
-MICRO_COMPARE_ARGS, which compare with the previous saved run (`nox -s nightly`):
+Not part of `tests/` (they take minutes at 10,000 Services). `nox -s nightly` runs them
+with noxfile.MICRO_COMPARE_ARGS: timings saved as JSON under runs/micro and compared with
+the previous saved run. By hand:
 
     python -m pytest bench/test_micro.py --benchmark-autosave --benchmark-storage=file://runs/micro
 
