@@ -133,7 +133,9 @@ class HandshakeTrace:
         if ready != "ready":
             self._kill()
             err = (self._proc.stderr.read() if self._proc.stderr else "").strip()
-            reason = err.splitlines()[-1] if err else f"no 'ready' from the tracer (got {ready!r})"
+            reason = err.splitlines()[-1].strip() if err else f"no 'ready' from the tracer (got {ready!r})"
+            if "mount" in err and "tracefs" not in reason:
+                reason = f"this kernel ({os.uname().release}) cannot mount tracefs: {reason}"
             raise TraceUnavailable(f"the sock:inet_sock_set_state tracer did not start: {reason}")
 
     def __enter__(self) -> HandshakeTrace:

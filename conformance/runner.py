@@ -4,9 +4,10 @@ pytest runs in-process over conformance/checks with a plugin that carries the da
 (so a test can hand in a deliberately broken one) and turns pytest's reports into
 conformance.json:
 
-    {"mode", "kernel", "checks": [{"name", "outcome", "reason", "duration_s"}]}
+    {"mode", "kernel", "kernel_kind", "checks": [{"name", "outcome", "reason", "duration_s"}]}
 
-with outcome passed | failed | skipped | deviation. Beside it: junit.xml (pytest's),
+with outcome passed | failed | skipped | deviation; kernel is the release that ran the
+checks (as in bench.csv's kernel column), kernel_kind "host" or "uml". Beside it: junit.xml (pytest's),
 measurements.json (numbers checks record, such as network programming latency),
 environment.json and, when progress goes to a callback, pytest.log (pytest's own output).
 """
@@ -254,7 +255,8 @@ def run_conformance(
                 exit_code = pytest.main([*args, "-rfE", "--color=no"], plugins=[plugin])
     if exit_code in (pytest.ExitCode.USAGE_ERROR, pytest.ExitCode.INTERNAL_ERROR):
         raise ConformanceError(f"pytest could not run the checks (exit {int(exit_code)})")
-    data = {"mode": mode, "kernel": kernel, "checks": plugin.checks()}
+    data = {"mode": mode, "kernel": os.uname().release, "kernel_kind": kernel,
+            "checks": plugin.checks()}
     write_json(out / "conformance.json", data)
     write_json(out / "measurements.json", plugin.measurements)
     write_json(out / "environment.json", environment())

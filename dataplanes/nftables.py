@@ -42,13 +42,14 @@ node's namespace) keeps one `nft -f` transaction and saves a fork and exec per s
 Syncs (bench/mode_benches.py; medians with min-max of the repeats; bench.synthetic's mix
 with a NodePort every 20th and ClientIP affinity every 100th Service):
 
-    Services  sync                 quiet machine (load 0.1)        loaded (load 5-7)
+    Services  sync                 quiet machine (load 0.1-1)      loaded (load 5-7)
                                    wall s               CPU s      wall s
     10,000    full, from empty     1.00 (0.95-1.22)     0.99       2.9-4.2 (2.36-5.54)
-    10,000    one Service changed  0.038 (0.027-0.040)  0.021      0.043-0.11 (0.035-0.23)
-    10,000    nothing changed      0.0016               0.0016     0.001-0.014
-    30,000    full                 -                    -          7.9-13.0
-    30,000    one Service changed  -                    -          0.16-0.38 (0.12-0.85)
+                                   1.28 (1.14-1.31)     1.28       (nox -s bench, 2026-11-28)
+    10,000    one Service changed  0.036 (0.027-0.040)  0.028      0.043-0.11 (0.035-0.23)
+    10,000    nothing changed      0.0017               0.0017     0.001-0.014
+    30,000    full                 4.0 (3.94-4.06)      4.0        7.9-13.0
+    30,000    one Service changed  0.056 (0.048-0.080)  0.050      0.16-0.38 (0.12-0.85)
 
 The full sync is about 0.25 s of rendering in Python and 0.7 s of libnftables parsing
 and the kernel's commit.

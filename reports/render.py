@@ -163,7 +163,9 @@ def load_run(path: str | Path) -> Run:
         except (OSError, ValueError) as exc:
             problems.append(f"{rel} is unreadable ({exc})")
     if not conformance_files:
-        problems.append("no conformance*.json: correctness not checked in this run")
+        problems.append("no conformance*.json: correctness not checked in this run (`nox -s nightly` "
+                        "checks it; `svcbench conformance --mode MODE --out RUN_DIR/conformance-MODE` "
+                        "adds one mode)")
     checks = pd.DataFrame(records, columns=list(CHECK_COLUMNS))
     host = host_kernel(meta, bench)
     for frame in (bench, checks):

@@ -360,7 +360,9 @@ def cmd_conformance(args) -> int:
         _emit_json(data)
         return exit_status(data)
     colours = {"passed": "green", "failed": "red", "deviation": "yellow", "skipped": "dim"}
-    t = Table("check", "outcome", "s", "reason", title=f"conformance: {data['mode']} ({data['kernel']})")
+    kind = data.get("kernel_kind")
+    kernel = f"{kind} kernel {data['kernel']}" if kind else data["kernel"]
+    t = Table("check", "outcome", "s", "reason", title=f"conformance: {data['mode']} ({kernel})")
     for c in data["checks"]:
         colour = colours.get(c["outcome"], "white")
         t.add_row(c["name"], f"[{colour}]{c['outcome']}[/]", f"{c['duration_s']:.1f}", c.get("reason") or "")

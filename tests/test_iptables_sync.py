@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from clusters.nsenter import in_netns
+from clusters.nsenter import in_netns, run_in_netns
 from dataplanes.base import DataplaneError
 from dataplanes.iptables import IptablesDataplane, endpoint_chain, render_ruleset, service_chain
 from dataplanes.iptrace import trace
@@ -72,14 +72,12 @@ class NetnsNode:
         check: bool = True,
         timeout: float | None = 120,
     ) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["ip", "netns", "exec", self.netns, *argv],
-            input=input,
-            capture_output=True,
-            text=not isinstance(input, bytes),
-            check=check,
-            timeout=timeout,
-        )
+        if isinstance(input, bytes):
+            input = input.decode()
+        proc = run_in_netns(self.netns, argv, input=input, timeout=timeout)
+        if check:
+            proc.check_returncode()
+        return proc
 
     def call(self, fn, *args, **kwargs):
         return in_netns(self.netns, fn, *args, **kwargs)
