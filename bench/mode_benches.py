@@ -32,14 +32,7 @@ from bench.synthetic import one_endpoint_fewer, sync_view
 from clusters.netns import NetnsCluster
 from dataplanes.base import Host
 from dataplanes.modes import make
-from reports.results import (
-    BENCH_CSV,
-    RUN_JSON,
-    read_bench_csv,
-    read_json,
-    write_bench_csv,
-    write_run_json,
-)
+from reports.results import RUN_JSON, append_bench_csv, read_json, write_run_json
 
 # mode -> sizes, per preset; the sweep covers 1 to 10,000 for every mode already.
 SYNC_SIZES = {
@@ -153,9 +146,7 @@ def run_benches(names: Sequence[str], preset: str, say: Say) -> tuple[list[Row],
 
 def append_to_run(run_dir: Path, rows: Sequence[Row], status: dict[str, Any]) -> None:
     """Add the rows to run_dir's bench.csv and the status to its run.json (atomically)."""
-    csv_path = run_dir / BENCH_CSV
-    old = read_bench_csv(csv_path) if csv_path.exists() else []
-    write_bench_csv(run_dir, [*old, *(r.as_dict() for r in rows)])
+    append_bench_csv(run_dir, (r.as_dict() for r in rows))
     meta = read_json(run_dir / RUN_JSON) if (run_dir / RUN_JSON).exists() else {}
     meta.setdefault("mode_benches", {}).update(status)
     write_run_json(run_dir, meta)

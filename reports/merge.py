@@ -18,9 +18,9 @@ from typing import Any
 from reports.results import (
     BENCH_CSV,
     RUN_JSON,
+    append_bench_csv,
     read_bench_csv,
     read_json,
-    write_bench_csv,
     write_run_json,
 )
 
@@ -34,18 +34,15 @@ def merge_runs(run_dir: Path, other: Path) -> int:
         if not (folder / RUN_JSON).is_file():
             raise ValueError(f"{str(folder)!r} is not a run folder (no {RUN_JSON})")
     meta = read_json(run_dir / RUN_JSON)
-    done = {str(Path(p).resolve()) for p in meta.get("other_runs", {})}
-    if str(other.resolve()) in done:
+    key = str(other.resolve())
+    if key in meta.get("other_runs", {}):
         return 0  # merged before: adding the rows again would count them twice
-    mine = read_bench_csv(run_dir / BENCH_CSV) if (run_dir / BENCH_CSV).exists() else []
     theirs = read_bench_csv(other / BENCH_CSV) if (other / BENCH_CSV).exists() else []
-    write_bench_csv(run_dir, [*mine, *theirs])
+    added = append_bench_csv(run_dir, theirs)
     other_meta: dict[str, Any] = read_json(other / RUN_JSON)
-    meta.setdefault("other_runs", {})[str(other.resolve())] = {
-        k: other_meta[k] for k in KEPT_META if k in other_meta
-    }
+    meta.setdefault("other_runs", {})[key] = {k: other_meta[k] for k in KEPT_META if k in other_meta}
     write_run_json(run_dir, meta)
-    return len(theirs)
+    return added
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,6 +198,15 @@ def write_bench_csv(run_dir: str | os.PathLike, rows: Iterable[Mapping[str, Any]
     return write_csv(Path(run_dir) / BENCH_CSV, (bench_row(r) for r in rows), BENCH_COLUMNS)
 
 
+def append_bench_csv(run_dir: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Add measurement rows to run_dir/bench.csv (rewritten atomically); returns how many."""
+    path = Path(run_dir) / BENCH_CSV
+    old = read_bench_csv(path) if path.exists() else []
+    new = list(rows)
+    write_bench_csv(run_dir, [*old, *new])
+    return len(new)
+
+
 def read_bench_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """bench.csv back as dicts with numbers as numbers and `extra` as a dict."""
     out = []

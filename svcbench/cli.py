@@ -360,8 +360,7 @@ def cmd_conformance(args) -> int:
         _emit_json(data)
         return exit_status(data)
     colours = {"passed": "green", "failed": "red", "deviation": "yellow", "skipped": "dim"}
-    kind = data.get("kernel_kind")
-    kernel = f"{kind} kernel {data['kernel']}" if kind else data["kernel"]
+    kernel = f"{data['kernel_kind']} kernel {data['kernel']}"
     t = Table("check", "outcome", "s", "reason", title=f"conformance: {data['mode']} ({kernel})")
     for c in data["checks"]:
         colour = colours.get(c["outcome"], "white")
