@@ -3,9 +3,10 @@
 A `Metric` is measured once per repeat at every size (or, for the floor, at the start
 and the end of a mode's sweep) and reduces each repeat to a few stats (p50/p90/p99, a
 count, one value). The runner (`run_mode`) repeats, records and moves on: it never
-analyses. Traffic metrics go first at each size, interleaved repeat by repeat so a drift
-of the machine touches every target alike; programming metrics (which reprogram node1 or
-build scratch namespaces) follow.
+analyses. Repeat r is pass r over the sizes, up for even r and down for odd r (see
+`sweep_order`), so a drift of the machine touches every size alike; at each visit the
+traffic metrics go first, then the programming metrics (which reprogram node1 or build
+scratch namespaces).
 
 Units are in the names (`_us`, `_s`, `_rps`) and in `unit`.
 """
@@ -293,17 +294,22 @@ def run_mode(cfg: SweepConfig, mode: str, dp: Any, listener: SweepListener) -> l
             _floor(bench, floor, rec, "start", listener)
             say(f"{mode}: installing")
             bench.install()
-            for n in cfg.sizes:
-                say(f"{mode}: programming {n:,} Services")
-                started = time.perf_counter()
-                stats = bench.grow(n)
-                listener.observed([], {"mode": mode, "phase": "sweep", "metric": "grow", "n_services": n,
-                                       "seconds": time.perf_counter() - started,
-                                       "sync": [{"node": s.node, "seconds": s.seconds, "full": s.full,
-                                                 "rules": s.rules} for s in stats]})
+            ledgers = {n: SizeLedger() for n in cfg.sizes}
+            for repeat, n in sweep_order(cfg.sizes, passes(size, cfg)):
+                if n != bench.n:
+                    verb = "programming" if n > bench.n else "removing Services down to"
+                    say(f"{mode}: {verb} {n:,} Services")
+                    started = time.perf_counter()
+                    stats = bench.grow(n)
+                    listener.observed([], {"mode": mode, "phase": "sweep", "metric": "grow",
+                                           "n_services": n, "repeat": repeat,
+                                           "seconds": time.perf_counter() - started,
+                                           "sync": [{"node": s.node, "seconds": s.seconds,
+                                                     "full": s.full, "rules": s.rules} for s in stats]})
                 listener.step()
                 for group in (TRAFFIC, PROGRAMMING):
-                    _size(bench, [m for m in size if m.group == group], rec, listener)
+                    _size(bench, [m for m in size if m.group == group], rec, listener, repeat,
+                          ledgers[n])
                 bench.settle()
             say(f"{mode}: uninstalling")
             uninstall_s = bench.uninstall()
@@ -336,37 +342,65 @@ def _floor(bench: Bench, metrics: list[Metric], rec: _Recording, when: str,
         listener.step()
 
 
-def _size(bench: Bench, metrics: list[Metric], rec: _Recording, listener: SweepListener) -> None:
-    """Repeat-major: repeat r of every metric before repeat r+1 of any."""
+def passes(size_metrics: list[Metric], cfg: SweepConfig) -> int:
+    """How many times the sweep visits every size: the most repeats any size metric takes."""
+    return max((_repeats(m, cfg) for m in size_metrics), default=1)
+
+
+def sweep_order(sizes: list[int], count: int) -> list[tuple[int, int]]:
+    """(repeat, size) visits: pass r takes repeat r of every size, up the sizes, then down.
+
+    A repeat is a pass over the whole sweep, not a rerun a second later: this VM's
+    connection latency drifts by up to 1.5x for seconds to minutes at a time (a 10,000
+    Service iptables p50 moved between 600 and 950 us within one minute), and repeats taken
+    back to back let one such episode land on one size and bend the growth fit. Spread over
+    passes, every size samples the drift alike. Going back down removes Services, so the
+    passes cost one extra partial sync per size, not a rebuild.
+    """
+    order: list[tuple[int, int]] = []
+    for r in range(count):
+        order += [(r, n) for n in (sizes if r % 2 == 0 else sizes[::-1])]
+    return order
+
+
+@dataclass
+class SizeLedger:
+    """What earlier passes left at one size: seconds per budget key, metrics that failed."""
+
+    spent: dict[str, float] = field(default_factory=dict)
+    broken: set[str] = field(default_factory=set)
+
+
+def _size(bench: Bench, metrics: list[Metric], rec: _Recording, listener: SweepListener,
+          repeat: int, ledger: SizeLedger) -> None:
+    """Repeat `repeat` of each metric at the current size.
+
+    A metric that failed at this size is not retried in later passes; one whose budget
+    this size has used up is not repeated (metrics sharing a budget key, such as the two
+    read off one endpoint change, are decided together).
+    """
     cfg, n = bench.cfg, bench.n
-    spent: dict[str, float] = {}
-    allowed: dict[tuple[str, int], bool] = {}
-    broken: set[str] = set()
-    most = max((_repeats(m, cfg) for m in metrics), default=0)
-    for repeat in range(most):
-        for metric in metrics:
-            if metric.name in broken or repeat >= _repeats(metric, cfg):
-                continue
-            key = metric.budget_key or metric.name
-            if (key, repeat) not in allowed:
-                over = metric.budget_s is not None and spent.get(key, 0.0) >= metric.budget_s
-                allowed[(key, repeat)] = repeat == 0 or not over
-            if not allowed[(key, repeat)]:
-                continue
-            for target in metric.targets:
-                listener.progress(f"{bench.mode}: {n:,} Services: {metric.name}"
-                                  f"{' ' + target if target else ''} {repeat + 1}/{_repeats(metric, cfg)}")
-                started = time.perf_counter()
-                try:
-                    obs = metric.measure(bench, target, repeat)
-                    rec.add(metric, n, repeat, obs, elapsed_s=time.perf_counter() - started)
-                except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
-                    listener.metric_failed(bench.mode, metric.name, n, f"{type(exc).__name__}: {exc}")
-                    broken.add(metric.name)
-                    break
-                finally:
-                    spent[key] = spent.get(key, 0.0) + time.perf_counter() - started
-    for _ in metrics:
+    over = {m.budget_key or m.name for m in metrics
+            if m.budget_s is not None and ledger.spent.get(m.budget_key or m.name, 0.0) >= m.budget_s}
+    for metric in metrics:
+        key = metric.budget_key or metric.name
+        if (repeat >= _repeats(metric, cfg) or metric.name in ledger.broken
+                or (repeat > 0 and key in over)):
+            listener.step()
+            continue
+        for target in metric.targets:
+            listener.progress(f"{bench.mode}: {n:,} Services: {metric.name}"
+                              f"{' ' + target if target else ''} {repeat + 1}/{_repeats(metric, cfg)}")
+            started = time.perf_counter()
+            try:
+                obs = metric.measure(bench, target, repeat)
+                rec.add(metric, n, repeat, obs, elapsed_s=time.perf_counter() - started)
+            except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
+                listener.metric_failed(bench.mode, metric.name, n, f"{type(exc).__name__}: {exc}")
+                ledger.broken.add(metric.name)
+                break
+            finally:
+                ledger.spent[key] = ledger.spent.get(key, 0.0) + time.perf_counter() - started
         listener.step()
 
 

@@ -4,8 +4,9 @@ Every measurement becomes a `Row`; the sweep never analyses (reports/ does).
 Topology: the client pod on node1, every backend of the pool on node2, so each
 connection - to a ClusterIP or straight to a pod IP - crosses the same path. The floor
 (the pool's first pod IP, nothing of the mode installed) is measured at the start and
-the end of each mode's sweep. Sizes grow in ascending order by adding Services, so a
-mode that syncs incrementally only programs what is new. What is measured at each size
+the end of each mode's sweep. Each repeat is a pass over the sizes, up by adding Services
+and back down by removing them, so a mode that syncs incrementally only programs what
+changed. What is measured at each size
 is declared in bench/metrics.py; `Bench` is the fixture those declarations use.
 """
 
@@ -198,7 +199,8 @@ class Bench:
             return list(pool.map(fn, items))
 
     def grow(self, n: int) -> list[SyncStats]:
-        """Program both nodes with Services 0..n-1 (the ones already there are kept)."""
+        """Program both nodes with Services 0..n-1: the ones already there are kept, the
+        ones past n-1 removed."""
         services, slices = synthetic_services(n, self.pool, self.cfg.endpoints,
                                               NODEPORT_EVERY, AFFINITY_EVERY, BACKEND_PORT)
         state = ClusterState.build(self.nodes, self.base.pods, services, slices, previous=self.state)
@@ -390,10 +392,10 @@ def sweep_mode(cfg: SweepConfig, mode: str, progress: Callable[[str], None] | No
 
 def steps_of(cfg: SweepConfig) -> int:
     """How many `step()` calls one mode's sweep makes (for a progress bar)."""
-    from bench.metrics import selected
+    from bench.metrics import passes, selected
 
     floor, size = selected(cfg)
-    return 2 * len(floor) + len(cfg.sizes) * (1 + len(size))
+    return 2 * len(floor) + passes(size, cfg) * len(cfg.sizes) * (1 + len(size))
 
 
 def measure_cluster_lifecycle(nodes: int, pods_per_node: int) -> dict[str, float]:

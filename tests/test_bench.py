@@ -129,6 +129,19 @@ def test_spread_flags_repeats_more_than_5_percent_apart():
     assert lines[0]["1st"] == 405.0 and lines[0]["noisy"] == ["1st"]
 
 
+def test_repeats_are_passes_up_and_down_the_sizes():
+    from bench.metrics import BY_NAME, passes, sweep_order
+
+    assert sweep_order([1, 10, 100], 3) == [(0, 1), (0, 10), (0, 100), (1, 100), (1, 10), (1, 1),
+                                             (2, 1), (2, 10), (2, 100)]
+    assert sweep_order([5], 2) == [(0, 5), (1, 5)]
+    cfg = spec("--repeats", "2", "--load-repeats", "4").sweep_config()
+    # as many passes as the most repeated metric needs; rules and kernel_bytes take one
+    assert passes([BY_NAME["rules"], BY_NAME["conn_latency_us"]], cfg) == 2
+    assert passes([BY_NAME["rules"], BY_NAME["throughput_rps"]], cfg) == 4
+    assert passes([], cfg) == 1
+
+
 def test_synthetic_services_grow_by_adding_and_mix_types():
     nodes = [Node.numbered(1), Node.numbered(2)]
     pool = list(ClusterState.build(nodes, pool_pods(["node2"], 6)).pods)
@@ -203,6 +216,11 @@ def test_tiny_real_sweep_writes_the_run_folder(tmp_path):
     # random Services spread over the pool: more than the three backends of one Service answer
     assert len({b for r in random_runs for b in r["backend"]}) > 3
     assert read_json(folder / "raw" / "iptables" / "floor-start.json")[0]["when"] == "start"
+    # the second repeat is a pass back down: from 10 Services to 1 by a partial sync that
+    # removes nine, after which the first Service still answers (size 1, repeat 1 above)
+    grows = [(r["n_services"], r["repeat"], r["sync"][0]["full"]) for r in
+             read_json(folder / "raw" / "iptables" / "sweep.json") if r.get("metric") == "grow"]
+    assert grows == [(1, 0, False), (10, 0, False), (1, 1, False)]
     assert "complete in" in result.stdout and "ipt" in result.stdout
 
 
