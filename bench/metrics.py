@@ -80,6 +80,11 @@ def measure_connections(bench: Bench, target: str, repeat: int) -> Observation:
     return _latency(run, _label(bench, target), {"count": bench.cfg.count})
 
 
+def measure_interleaved(bench: Bench, target: str, repeat: int) -> Observation:
+    run = bench.interleaved(target, repeat)
+    return _latency(run, _label(bench, target), {"count": bench.cfg.count, "interleaved": True})
+
+
 def measure_rr(bench: Bench, target: str, repeat: int) -> Observation:
     from bench.probes import request_response
     from clusters.nsenter import in_netns
@@ -199,11 +204,13 @@ METRICS: tuple[Metric, ...] = (
            "New connection to the first pool pod's IP with nothing of the mode installed.",
            measure_connections, ("pod",), phase=FLOOR),
     Metric("conn_latency_us", "us",
-           "New connection (connect to greeting) to the first, the last and random Services.",
-           measure_connections, ("first", "last", "random")),
+           "New connection (connect to greeting) to the first, the last and random Services, "
+           "interleaved connection by connection with each other and the pod IP.",
+           measure_interleaved, ("first", "last", "random")),
     Metric("podip_conn_latency_us", "us",
-           "New connection to the floor's pod IP while N Services are programmed.",
-           measure_connections, ("pod",)),
+           "New connection to the floor's pod IP while N Services are programmed (interleaved "
+           "with the Service connections).",
+           measure_interleaved, ("pod",)),
     Metric("cpu_us_per_conn", "us",
            "Kernel + softirq CPU per new connection to the last Service: probe thread and echo "
            "agents (tasks), and every CPU of the host (host, includes other load).",

@@ -44,6 +44,13 @@ class ConnectionRun:
     def outcomes(self) -> dict[str, int]:
         return dict(Counter(s.outcome for s in self.samples))
 
+    def dealt(self, ways: int) -> list[ConnectionRun]:
+        """Connection i goes to part i % ways (a run that cycled through `ways` targets); each
+        part gets an equal share of the wall and CPU time."""
+        return [ConnectionRun(self.samples[j::ways], self.targets[j::ways], self.wall_s / ways,
+                              self.thread_sys_s / ways, self.thread_user_s / ways)
+                for j in range(ways)]
+
 
 def _thread_cpu() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_THREAD)

@@ -103,7 +103,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--services", help="comma-separated numbers of Services, swept in "
                                            f"ascending order (default {bench['services']})")
     parser.add_argument("--endpoints", help="endpoints per Service (default 3)")
-    parser.add_argument("--repeats", help=f"repeats of every measurement (default {bench['repeats']})")
+    parser.add_argument("--repeats", help="repeats of every measurement, taken as passes up and "
+                                          f"down the sizes (default {bench['repeats']})")
     parser.add_argument("--count", help=f"new connections per latency sample (default {bench['count']})")
     parser.add_argument("--out", help="folder that receives the run folder (default runs)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -13,6 +13,7 @@ is declared in bench/metrics.py; `Bench` is the fixture those declarations use.
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,8 @@ CLIENT = Pod(NAMESPACE, "client", {"app": "client"}, node_name="node1")
 # namespace removes what they programmed, so their (slow at scale) uninstall is skipped there.
 NAMESPACE_SCOPED = frozenset({"iptables", "nftables", "ipvs"})
 PROGRAMMING_TIMEOUT_S = 30.0  # longest wait, after the sync returned, for the new endpoint
-MEMINFO_KEYS = ("SUnreclaim", "VmallocUsed", "Percpu")  # kernel memory a ruleset or map takes
+MEMINFO_KEYS = ("SUnreclaim", "VmallocUsed", "Percpu")
+INTERLEAVED = ("first", "last", "random", "pod")  # the targets of Bench.interleaved, in turn  # kernel memory a ruleset or map takes
 
 
 @dataclass
@@ -244,6 +246,25 @@ class Bench:
         pick = "random" if target == "random" else "cycle"
         return in_netns(self.client_ns, new_connections, self.endpoints_of(target), count,
                         pick=pick, seed=self.cfg.seed * 1000 + repeat)
+
+    def interleaved(self, target: str, repeat: int) -> ConnectionRun:
+        """`count` new connections to `target`, taken from one run that goes round the
+        first Service, the last, a random one and the pod IP, one connection each.
+
+        The four targets of a size share every instant of the run: the VM's latency drifts
+        for seconds at a time, so targets measured one after the other would differ by
+        when they were measured as much as by the rules their packets walk.
+        """
+        key = ("interleaved", repeat)
+        if key not in self._memo:
+            rng = random.Random(self.cfg.seed * 1000 + repeat)
+            first, last, pod = (self.endpoints_of(t)[0] for t in ("first", "last", "pod"))
+            every = self.endpoints_of("random")
+            plan = [t for _ in range(self.cfg.count)
+                    for t in (first, last, every[rng.randrange(len(every))], pod)]
+            run = in_netns(self.client_ns, new_connections, plan, len(plan))
+            self._memo[key] = dict(zip(INTERLEAVED, run.dealt(len(INTERLEAVED)), strict=True))
+        return self._memo[key][target]
 
     def agent_pids(self) -> list[int]:
         return [n["agent"]["pid"] for n in self.cluster.state["nodes"] if n.get("agent")]

@@ -215,6 +215,13 @@ def test_tiny_real_sweep_writes_the_run_folder(tmp_path):
     assert len(random_runs) == 2 and all(len(r["latency_us"]) == 20 for r in random_runs)
     # random Services spread over the pool: more than the three backends of one Service answer
     assert len({b for r in random_runs for b in r["backend"]}) > 3
+    # the targets were measured in one run, connection by connection, and dealt back apart:
+    # the pod IP's connections all reached the floor pod, the last Service's never did
+    pod_backends = {b for r in raw if r["metric"] == "podip_conn_latency_us" for b in r["backend"]}
+    last_backends = {b for r in raw if r["metric"] == "conn_latency_us" and r["target"] == "last"
+                     for b in r["backend"]}
+    assert len(pod_backends) == 1 and 1 <= len(last_backends) <= 3
+    assert not pod_backends & last_backends
     assert read_json(folder / "raw" / "iptables" / "floor-start.json")[0]["when"] == "start"
     # the second repeat is a pass back down: from 10 Services to 1 by a partial sync that
     # removes nine, after which the first Service still answers (size 1, repeat 1 above)
