@@ -126,9 +126,11 @@ def measure_throughput(bench: Bench, target: str, repeat: int) -> Observation:
 def measure_handshake(bench: Bench, target: str, repeat: int) -> Observation:
     tracer = bench.handshake_tracer()
     ip = bench.address(target)
-    tracer.collect()  # forget handshakes from before this window
-    run = bench.connections(target, bench.cfg.count, repeat)
-    events = [e for e in tracer.collect() if e[2] == ip]
+    tracer.arm()
+    try:
+        run = bench.connections(target, bench.cfg.count, repeat)
+    finally:
+        events = [e for e in tracer.collect() if e[2] == ip]
     # Other runs may use the same addresses: keep the probe's own sockets, by the port each
     # socket had (what the backend saw may be a masqueraded port).
     ports = {s.local_port for s in run.samples if s.local_port is not None}
@@ -319,6 +321,7 @@ def run_mode(cfg: SweepConfig, mode: str, dp: Any, listener: SweepListener) -> l
                           ledgers[n])
                 bench.settle()
             say(f"{mode}: uninstalling")
+            bench.close()  # the end floor runs with nothing of the sweep's around, as the start's
             uninstall_s = bench.uninstall()
             listener.observed([], {"mode": mode, "phase": "sweep", "metric": "uninstall",
                                    "seconds": uninstall_s})

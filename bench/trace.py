@@ -2,7 +2,12 @@
 tracepoint, as a check of the probe's latencies that does not depend on the probe.
 
 A bcc program remembers when a socket from the client pod's address went to SYN_SENT
-and reports SYN_SENT -> ESTABLISHED with the time in between and the destination. It reads only
+and reports SYN_SENT -> ESTABLISHED with the time in between and the destination, but
+only inside a window (`arm()` to `collect()`): the tracer stays loaded for the whole
+sweep, and a perf event per handshake wakes the tracer process: on two cores that added
+53 µs to the p50 of a new connection (123 to 176 µs to a pod IP, 8 runs of 300 each way),
+which every measurement after the first window, and the floor at the end of a sweep, paid
+while the program was always on. It reads only
 the tracepoint's own fields (no kernel struct layouts), so the headers bcc compiles
 against need not match the running kernel.
 
@@ -16,6 +21,7 @@ caller keeps only the handshakes of its own sockets (by source port).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import select
@@ -41,9 +47,15 @@ struct handshake {
 
 BPF_HASH(syn_sent, u64, u64, 131072);
 BPF_PERF_OUTPUT(handshakes);
+BPF_ARRAY(armed, u32, 1);  /* 1 while a window is open: outside one the program does nothing */
+BPF_ARRAY(submitted, u64, 1);  /* handshakes reported since the tracer started */
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (args->family != 2 || args->protocol != 6)  /* AF_INET, IPPROTO_TCP */
+        return 0;
+    int slot = 0;
+    u32 *on = armed.lookup(&slot);
+    if (!on || !*on)
         return 0;
     u32 saddr = 0, daddr = 0;
     __builtin_memcpy(&saddr, args->saddr, 4);
@@ -65,6 +77,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         h.daddr = daddr;
         h.sport = args->sport;
         handshakes.perf_submit(args, &h, sizeof(h));
+        u64 *count = submitted.lookup(&slot);
+        if (count)
+            __sync_fetch_and_add(count, 1);
     }
     syn_sent.delete(&sk);
     return 0;
@@ -115,12 +130,14 @@ def _le_u32(ip: str) -> int:
 class HandshakeTrace:
     """A tracer child for one client address, kept for a whole sweep.
 
-    `collect()` returns the handshakes (µs, source port, destination) completed since the
-    previous call; `close()` stops the child. Usable as a context manager.
+    `arm()` opens a window, `collect()` closes it and returns the handshakes (µs, source
+    port, destination) completed inside it; `close()` stops the child. Usable as a context
+    manager.
     """
 
     def __init__(self, client_ip: str):
         self.client_ip = client_ip
+        self.submitted = 0
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
         script = f'mount -t tracefs nodev {TRACEFS} && exec "$0" -m bench.trace --client {client_ip}'
@@ -155,18 +172,30 @@ class HandshakeTrace:
             os.killpg(self._proc.pid, signal.SIGKILL)
         self._proc.wait()
 
-    def collect(self) -> list[tuple[float, int, str]]:
-        """(handshake µs, source port, destination IP) of each handshake since the last call."""
+    def _ask(self, command: str) -> str:
         if self._proc.poll() is not None:
             raise TraceUnavailable(f"the tracer exited with status {self._proc.returncode}")
-        self._proc.stdin.write("collect\n")
+        self._proc.stdin.write(command + "\n")
         self._proc.stdin.flush()
         line = self._read_line(30.0)
         if not line:
             self._kill()
-            raise TraceUnavailable("the tracer did not answer within 30 s")
+            raise TraceUnavailable(f"the tracer did not answer {command!r} within 30 s")
+        return line
+
+    def arm(self) -> None:
+        """Open a window: handshakes that start from now on are recorded."""
+        if self._ask("arm") != "armed":
+            raise TraceUnavailable("the tracer did not arm")
+
+    def collect(self) -> list[tuple[float, int, str]]:
+        """Close the window: (handshake µs, source port, destination IP) of each handshake
+        that began and completed inside it. `submitted` then holds how many handshakes the
+        kernel program has reported since the tracer started, windows or not."""
+        reply = json.loads(self._ask("collect"))
+        self.submitted = reply["submitted"]
         return [(us, sport, socket.inet_ntoa(daddr.to_bytes(4, sys.byteorder)))
-                for us, sport, daddr in json.loads(line)]
+                for us, sport, daddr in reply["handshakes"]]
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -190,6 +219,8 @@ def _tracer(client_ip: str, max_s: float) -> int:
         events.append((round(e.delta_ns / 1000.0, 2), int(e.sport), int(e.daddr)))
 
     bpf["handshakes"].open_perf_buffer(on_event, page_cnt=256)
+    armed = bpf["armed"]
+    zero = ctypes.c_int(0)
     print("ready", flush=True)
     deadline = time.monotonic() + max_s
     while time.monotonic() < deadline:
@@ -197,9 +228,16 @@ def _tracer(client_ip: str, max_s: float) -> int:
         if not select.select([sys.stdin], [], [], 0)[0]:
             continue
         command = sys.stdin.readline().strip()
-        for _ in range(4):  # what was in flight when asked
-            bpf.perf_buffer_poll(timeout=25)
-        print(json.dumps(events), flush=True)
+        if command == "arm":
+            bpf["syn_sent"].clear()  # SYNs from an earlier window that never completed
+            events.clear()
+            armed[zero] = ctypes.c_uint32(1)
+            print("armed", flush=True)
+            continue
+        armed[zero] = ctypes.c_uint32(0)
+        bpf.perf_buffer_consume()  # what was submitted before the window closed
+        print(json.dumps({"handshakes": events, "submitted": bpf["submitted"][zero].value}),
+              flush=True)
         events.clear()
         if command != "collect":
             break
@@ -210,7 +248,8 @@ def _tracer(client_ip: str, max_s: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.trace",
                                      description="SYN_SENT -> ESTABLISHED times of one client address; "
-                                                 "'collect' on stdin prints them, 'stop' ends.")
+                                                 "'arm' on stdin opens a window, 'collect' closes it "
+                                                 "and prints them, 'stop' ends.")
     parser.add_argument("--client", required=True, help="the client's IPv4 address")
     parser.add_argument("--max-seconds", type=float, default=600.0)
     args = parser.parse_args(argv)

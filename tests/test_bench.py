@@ -232,6 +232,36 @@ def test_tiny_real_sweep_writes_the_run_folder(tmp_path):
 
 
 @pytest.mark.root
+def test_handshake_tracer_records_only_inside_a_window():
+    from bench.sweep import Bench, SweepConfig, host_kernel_label, load_mode
+    from bench.trace import unavailable_reason
+    from clusters.netns import NetnsCluster
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cfg = SweepConfig(["nftables"], [1], count=20)
+    with NetnsCluster.create(2) as cluster:
+        bench = Bench(cfg, "nftables", load_mode("nftables"), cluster, host_kernel_label())
+        try:
+            bench.start()
+            tracer = bench.handshake_tracer()
+            tracer.arm()
+            inside = bench.connections("pod", 20, 0)
+            seen = tracer.collect()
+            outside = bench.connections("pod", 20, 1)  # no window open: the program stays quiet
+            tracer.arm()
+            late = tracer.collect()
+        finally:
+            bench.close()
+    ports = {s.local_port for s in inside.samples if s.outcome == "ok"}
+    assert len(ports) > 15 and {sport for _, sport, _ in seen} >= ports
+    assert all(ip == bench.floor_ip and 0 < us < 1e6 for us, _, ip in seen)
+    # the kernel program itself reported nothing outside the window, not just the reader
+    assert outside.failed == 0 and late == [] and tracer.submitted == len(seen)
+
+
+@pytest.mark.root
 def test_ctrl_c_keeps_what_was_measured_and_marks_the_run_incomplete(tmp_path):
     out = tmp_path / "runs"
     proc = subprocess.Popen(
