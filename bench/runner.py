@@ -49,7 +49,7 @@ FLUSH_EVERY_S = 2.0  # bench.csv and raw files are rewritten at most this often 
 # on a quiet 2-core machine. `nightly`: up to 30,000 Services, more repeats and connections.
 PRESETS: dict[str, dict[str, str]] = {
     "bench": {"services": "1,10,100,1000,5000,10000", "repeats": "3", "count": "200",
-              "load_seconds": "2", "load_repeats": "1"},
+              "load_seconds": "1.5", "load_repeats": "1"},
     "nightly": {"services": "1,10,100,1000,5000,10000,20000,30000", "repeats": "5",
                 "count": "1000", "load_seconds": "5", "load_repeats": "3"},
 }
