@@ -53,6 +53,11 @@ class Metric:
     budget_key: str | None = None  # metrics sharing one fixture share one budget
     noise_stat: str | None = "p50"  # the stat whose spread across repeats flags noise
 
+    @property
+    def budget(self) -> str:
+        """The name its time is counted under (shared by metrics read off one fixture)."""
+        return self.budget_key or self.name
+
 
 def _latency(run, target_label: str, extra: dict | None = None) -> Observation:
     ok = run.ok_latencies
@@ -390,10 +395,10 @@ def _size(bench: Bench, metrics: list[Metric], rec: _Recording, listener: SweepL
     read off one endpoint change, are decided together).
     """
     cfg, n = bench.cfg, bench.n
-    over = {m.budget_key or m.name for m in metrics
-            if m.budget_s is not None and ledger.spent.get(m.budget_key or m.name, 0.0) >= m.budget_s}
+    over = {m.budget for m in metrics
+            if m.budget_s is not None and ledger.spent.get(m.budget, 0.0) >= m.budget_s}
     for metric in metrics:
-        key = metric.budget_key or metric.name
+        key = metric.budget
         if (repeat >= _repeats(metric, cfg) or metric.name in ledger.broken
                 or (repeat > 0 and key in over)):
             listener.step()

@@ -100,8 +100,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                                         "mode; those this host cannot run are skipped with why)")
     parser.add_argument("--kernel", help="host (default), or uml to run inside a User-Mode-Linux "
                                          "guest kernel")
-    parser.add_argument("--services", help="comma-separated numbers of Services, swept in "
-                                           f"ascending order (default {bench['services']})")
+    parser.add_argument("--services", help="comma-separated numbers of Services, swept up and "
+                                           f"back down once per repeat (default {bench['services']})")
     parser.add_argument("--endpoints", help="endpoints per Service (default 3)")
     parser.add_argument("--repeats", help="repeats of every measurement, taken as passes up and "
                                           f"down the sizes (default {bench['repeats']})")

@@ -51,8 +51,8 @@ CLIENT = Pod(NAMESPACE, "client", {"app": "client"}, node_name="node1")
 # namespace removes what they programmed, so their (slow at scale) uninstall is skipped there.
 NAMESPACE_SCOPED = frozenset({"iptables", "nftables", "ipvs"})
 PROGRAMMING_TIMEOUT_S = 30.0  # longest wait, after the sync returned, for the new endpoint
-MEMINFO_KEYS = ("SUnreclaim", "VmallocUsed", "Percpu")
-INTERLEAVED = ("first", "last", "random", "pod")  # the targets of Bench.interleaved, in turn  # kernel memory a ruleset or map takes
+MEMINFO_KEYS = ("SUnreclaim", "VmallocUsed", "Percpu")  # kernel memory a ruleset or map takes
+INTERLEAVED = ("first", "last", "random", "pod")  # the targets of Bench.interleaved, in turn
 
 
 @dataclass
