@@ -14,7 +14,9 @@ thread that unshares its own network namespace, and every veth is created inside
 sandbox namespace with its peer placed straight into another.
 
 A run is recorded in STATE_DIR/<run>/state.json before anything else exists, so `gc` can
-always tell a live run from what a killed one left behind.
+always tell a live run from what a killed one left behind. STATE_DIR/<run>/lock serialises
+the commands that change a run (`up` until the run is ready, `apply`, `delete`, `down`): an
+flock, so a holder that is killed frees it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import json
 import os
 import re
@@ -31,14 +34,16 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 
 from clusters.nsenter import NETNS_RUN_DIR, in_netns, pids_in_netns, run_in_netns
+from clusters.signals import interrupts_deferred
 from kube.model import PLAN, Node, Pod
 
 STATE_DIR = "/run/svcbench/runs"
@@ -49,6 +54,10 @@ BRIDGE = "br0"
 STATUS_CREATING = "creating"
 STATUS_READY = "ready"
 STATUS_DESTROYING = "destroying"
+LOCK_FILE = "lock"
+LOCK_WAIT_S = 300.0  # a sync of 10,000 Services takes seconds; a holder this slow is stuck
+# A killed holder's child between fork and exec still holds the lock for a moment.
+GC_LOCK_WAIT_S = 1.0
 
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
@@ -59,6 +68,8 @@ RTNH_F_ONLINK = 4
 RT_SCOPE_LINK = 253
 AGENT_STOP_GRACE_S = 2.0
 POD_WORKERS = 2  # measured: 1, 2, 4 and 8 workers all take ~2 s for 150 pods (unshare is serialised)
+
+T = TypeVar("T")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -149,8 +160,9 @@ def netns_add(name: str, fn: Callable[..., Any] | None = None, *args: Any) -> An
 
     _ensure_netns_dir()
     thread = threading.Thread(target=body, name=f"netns-add:{name}", daemon=True)
-    thread.start()
-    thread.join()
+    with interrupts_deferred():  # cut short, the namespace would appear after cleanup looked
+        thread.start()
+        thread.join()
     if "error" in box:
         raise box["error"]
     return box.get("value")
@@ -274,8 +286,15 @@ def _now() -> float:
     return round(time.time(), 3)
 
 
-def _owner() -> dict[str, int | None]:
-    return {"pid": os.getpid(), "start": proc_start(os.getpid())}
+def boot_id() -> str:
+    """This kernel's boot id: a pid means something only under the kernel that ran it."""
+    with open("/proc/sys/kernel/random/boot_id") as fh:
+        return fh.read().strip()
+
+
+def owner() -> dict[str, Any]:
+    """This process as the owner of something it made: pid, start time and kernel boot id."""
+    return {"pid": os.getpid(), "start": proc_start(os.getpid()), "boot": boot_id()}
 
 
 def _read_state(run_dir: str) -> dict | None:
@@ -292,6 +311,87 @@ def _write_state(run_dir: str, state: dict) -> None:
     with open(tmp, "w") as fh:
         json.dump(state, fh, indent=1, sort_keys=True)
     os.replace(tmp, os.path.join(run_dir, "state.json"))
+
+
+def _new_lock(run_dir: str) -> int:
+    """Create the run's lock file and hold it (the run is born locked by its creator)."""
+    fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _name_holder(fd)
+    return fd
+
+
+def _name_holder(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as a waiter can say it: "pid 123 (svcbench apply -f x.yaml)"."""
+    try:
+        pid = int(os.pread(fd, 32, 0).split()[0])
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except (OSError, ValueError, IndexError):
+        return "another process"
+    words = argv[argv.index("svcbench"):] if "svcbench" in argv else argv[-4:]
+    return f"pid {pid} ({' '.join(words)})"
+
+
+def _flock(fd: int, wait_s: float) -> bool:
+    """Take an exclusive flock on fd within wait_s seconds; False if its holder kept it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+
+def _lock_run(run_dir: str, run_id: str, wait_s: float = LOCK_WAIT_S) -> int:
+    """Take the run's lock, waiting up to wait_s for its holder; returns the fd that holds it."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    # O_CREAT only for a run made before runs had locks: a waiter must not bring back the
+    # lock file of a run that `down` is removing.
+    legacy = not os.path.exists(path) and os.path.exists(os.path.join(run_dir, "state.json"))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if legacy else 0), 0o644)
+    except FileNotFoundError:
+        raise ClusterError(f"run {run_id} is gone: {path} no longer exists") from None
+    try:
+        if not _flock(fd, wait_s):
+            raise ClusterError(f"run {run_id} is busy: {_holder(fd)} has held its lock for more "
+                               f"than {wait_s:.0f} s; try again once it is done")
+        # The holder before us may have been `down`: then the file we hold is no longer there.
+        try:
+            in_place = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            in_place = False
+        if not in_place:
+            raise ClusterError(f"run {run_id} was removed while this command waited for it")
+        _name_holder(fd)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextmanager
+def _lock_if_free(run_dir: str) -> Iterator[bool]:
+    """Hold the run's lock for the block if nobody does (True, also when it has no lock file)."""
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        yield _flock(fd, GC_LOCK_WAIT_S)
+    finally:
+        os.close(fd)
 
 
 def run_liveness(state: dict | None) -> tuple[bool, str]:
@@ -404,6 +504,7 @@ class NetnsCluster:
         self._kept = False
         self._destroyed = False
         self._lock = threading.RLock()  # agent threads save while the main thread builds
+        self._run_lock: int | None = None  # fd holding STATE_DIR/<run>/lock, when we hold it
 
     # ------------------------------------------------------------------ naming
 
@@ -457,7 +558,7 @@ class NetnsCluster:
             "run": run_id,
             "status": STATUS_CREATING,
             "kept": False,
-            "owner": _owner(),
+            "owner": owner(),
             "created": _now(),
             "underlay": cls.netns_name(run_id, "underlay"),
             "external": cls.netns_name(run_id, "external"),
@@ -481,9 +582,11 @@ class NetnsCluster:
         run_dir = os.path.join(state_dir, run_id)
         tmp_dir = os.path.join(state_dir, f".{run_id}.creating")
         os.makedirs(tmp_dir)
+        run_lock = _new_lock(tmp_dir)  # held until the run is ready and kept, or gone
         _write_state(tmp_dir, state)
         os.rename(tmp_dir, run_dir)
         cluster = cls(run_id, state_dir, state)
+        cluster._run_lock = run_lock
         try:
             cluster._build(say)
         except BaseException:
@@ -524,7 +627,8 @@ class NetnsCluster:
                 in_netns(node.netns, _setup_node_uplink, node.ip, others)
                 if spawner is not None:
                     # The agent's interpreter starts while the next node is being wired.
-                    spawning.append(spawner.submit(self._spawn_agent, node))
+                    with interrupts_deferred():  # an agent destroy() does not know would stay
+                        spawning.append(spawner.submit(self._spawn_agent, node))
             say(f"run {self.run_id}: external client {self.external_netns}")
             self._add_netns(self.external_netns, _setup_external_netns)
             in_netns(underlay, _plug_into_bridge, "external", self.external_netns)
@@ -607,6 +711,34 @@ class NetnsCluster:
         cluster._kept = True  # an attached run belongs to whoever created it
         return cluster
 
+    @classmethod
+    @contextmanager
+    def attach_locked(
+        cls, run_id: str | None = None, state_dir: str = STATE_DIR, wait_s: float = LOCK_WAIT_S
+    ) -> Iterator[NetnsCluster]:
+        """`attach` holding the run's lock: commands that change one run take turns.
+
+        The state is read once the lock is held, so each sees what the one before it left;
+        a run that `down` removed meanwhile raises ClusterError saying so.
+        """
+        found = cls.attach(run_id, state_dir)
+        fd = _lock_run(found.run_dir, found.run_id, wait_s)
+        try:
+            cluster = cls.attach(found.run_id, state_dir)
+        except BaseException:
+            os.close(fd)
+            raise
+        cluster._run_lock = fd
+        try:
+            yield cluster
+        finally:
+            cluster._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._run_lock is not None:
+            os.close(self._run_lock)
+            self._run_lock = None
+
     def save(self) -> None:
         """Write the state file (call after changing `meta`)."""
         with self._lock:
@@ -633,6 +765,7 @@ class NetnsCluster:
     def __exit__(self, *exc: object) -> None:
         if not self._kept:
             self.destroy()
+        self._release_lock()
 
     def destroy(self) -> list[str]:
         """Stop agents, kill what runs in the run's namespaces, delete them and the state dir."""
@@ -640,11 +773,12 @@ class NetnsCluster:
             return []
         if os.path.isdir(self.run_dir):
             self.state["status"] = STATUS_DESTROYING
-            self.state["owner"] = _owner()
+            self.state["owner"] = owner()
             self.save()
         removed = self._stop_agents()
         removed += _remove_run(self.run_id, self.run_dir)
         self._destroyed = True
+        self._release_lock()  # a waiter now finds the run gone
         return removed
 
     def _stop_agents(self) -> list[str]:
@@ -673,11 +807,17 @@ class NetnsCluster:
 
     # ------------------------------------------------------------------ pods
 
-    def set_pods(self, pods: Sequence[Pod]) -> None:
-        """Make the run's pod namespaces exactly `pods` and tell each node's agent its backends.
+    def set_pods(self, pods: Sequence[Pod], program: Callable[[], T] | None = None) -> T | None:
+        """Make the run's pod namespaces exactly `pods` around `program`, the sync that points
+        every node's rules at them; returns what `program` returned.
 
-        Pods carry .ip and .node_name (kube.state.ClusterState.build assigns them). A pod
-        whose IP or node changed is recreated; the others are left alone.
+        Kubernetes' order, so clients see no gap: new pods and their echo backends exist
+        before `program` runs; pods that leave are first taken out of every node's rules by
+        `program`, then every node's conntrack entries towards them are cleared (else a
+        half-open entry keeps catching a reused client port), and only then do their
+        namespaces go. Pods carry .ip and .node_name (ClusterState.build assigns them). A
+        pod whose IP or node changed, or whose IP a new pod takes, goes before `program`:
+        two namespaces cannot hold one name or one node one IP.
         """
         wanted: dict[str, Pod] = {}
         for pod in pods:
@@ -686,21 +826,38 @@ class NetnsCluster:
                 raise ClusterError(f"Pod {key}: ip and node_name must be set (ClusterState.build assigns them)")
             self.node(pod.node_name)  # raises naming the nodes
             wanted[key] = pod
-        gone = [
-            rec for key, rec in self.pods.items()
-            if key not in wanted or (wanted[key].ip, wanted[key].node_name) != (rec.ip, rec.node)
-        ]
-        new = [p for key, p in wanted.items() if key not in self.pods or self.pods[key] in gone]
-        if gone:
-            # Agents hold sockets in pod namespaces: drop them before the namespaces go.
-            self._tell_agents(exclude={rec.key for rec in gone})
-            self._remove_pods(gone)
+        kept = {key for key, rec in self.pods.items()
+                if key in wanted and (wanted[key].ip, wanted[key].node_name) == (rec.ip, rec.node)}
+        taken = {pod.ip for key, pod in wanted.items() if key not in kept}
+        first = [rec for key, rec in self.pods.items() if key not in kept and (key in wanted or rec.ip in taken)]
+        last = [rec for key, rec in self.pods.items() if key not in wanted and rec.ip not in taken]
+        if first:
+            self._remove_pods(first)
+            self._clear_conntrack([rec.ip for rec in first])
+        new = [p for key, p in wanted.items() if key not in self.pods]
         if new:
             self._add_pods(new)
         for key, pod in wanted.items():
             self.pods[key].ports = [(cp.port, cp.protocol) for cp in pod.backend_ports()]
         self.save()
-        self._tell_agents()
+        self._tell_agents()  # the leaving pods keep answering until no rule sends to them
+        result = program() if program is not None else None
+        if last:
+            self._clear_conntrack([rec.ip for rec in last])
+            self._remove_pods(last)
+            self.save()
+        return result
+
+    def _clear_conntrack(self, ips: list[str]) -> None:
+        """Delete every node's conntrack entries towards `ips` (pods that are going away)."""
+        from dataplanes.base import Host
+        from dataplanes.conntrack import endpoint_flow_deletes, run_deletes
+
+        if not Host().which("conntrack"):
+            return  # nothing to clear with; the netfilter modes list it as missing
+        commands = endpoint_flow_deletes(ips)
+        for node in self.nodes:
+            run_deletes(node, commands)
 
     def _tell_agents(self, exclude: set[str] = frozenset()) -> None:
         """Converge every node's echo agent to its pods (raises AgentError naming failures)."""
@@ -717,6 +874,8 @@ class NetnsCluster:
             self.agent(node.name).set_backends(specs)
 
     def _remove_pods(self, gone: list[PodRecord]) -> None:
+        # Agents hold sockets in pod namespaces: drop them before the namespaces go.
+        self._tell_agents(exclude={rec.key for rec in gone})
         by_node: dict[str, list[PodRecord]] = {}
         for rec in gone:
             by_node.setdefault(rec.node, []).append(rec)
@@ -753,8 +912,15 @@ class NetnsCluster:
         def make(rec: PodRecord) -> None:
             netns_add(rec.netns, _setup_pod, rec.ip, rec.veth, self.node(rec.node).netns)
 
-        with ThreadPoolExecutor(max_workers=POD_WORKERS) as pool:
-            list(pool.map(make, records))
+        pool = ThreadPoolExecutor(max_workers=POD_WORKERS)
+        try:
+            with interrupts_deferred():  # a pod made after cleanup looked would stay
+                made = [pool.submit(make, rec) for rec in records]
+            for fut in made:
+                fut.result()
+        finally:
+            # Interrupted: pods not yet begun are skipped, those under way finish for cleanup.
+            pool.shutdown(wait=True, cancel_futures=True)
         by_node: dict[str, list[PodRecord]] = {}
         for rec in records:
             by_node.setdefault(rec.node, []).append(rec)
@@ -921,13 +1087,17 @@ def gc(
         live, why = run_liveness(state)
         if live and not all_runs:
             continue
-        removed.append(f"run {run_id}: {why}" if not live else f"run {run_id}: removing live run")
-        for node in (state or {}).get("nodes", []):
-            agent = node.get("agent") or {}
-            if process_alive(agent.get("pid"), agent.get("start")):
-                _kill_and_wait([agent["pid"]])
-                removed.append(f"run {run_id}: killed echo agent of {node['name']} (pid {agent['pid']})")
-        removed += _remove_run(run_id, os.path.join(state_dir, run_id))
+        run_dir = os.path.join(state_dir, run_id)
+        with _lock_if_free(run_dir) as free:
+            if not free and not all_runs:
+                continue  # a command is changing the run: it is not dead while it does
+            removed.append(f"run {run_id}: {why}" if not live else f"run {run_id}: removing live run")
+            for node in (state or {}).get("nodes", []):
+                agent = node.get("agent") or {}
+                if process_alive(agent.get("pid"), agent.get("start")):
+                    _kill_and_wait([agent["pid"]])
+                    removed.append(f"run {run_id}: killed echo agent of {node['name']} (pid {agent['pid']})")
+            removed += _remove_run(run_id, run_dir)
     # A half-made state directory (create() was killed before its rename).
     try:
         leftovers = [e for e in os.listdir(state_dir) if e.startswith(".") and e.endswith(".creating")]

@@ -1,10 +1,14 @@
-"""kube-proxy's conntrack cleanup, shared by the netfilter modes.
+"""kube-proxy's conntrack cleanup, shared by the netfilter modes and the cluster.
 
 UDP has no connection to close: a flow's conntrack entry keeps sending a client to the
-endpoint it was DNATed to, so when that endpoint leaves the entry must go.
+endpoint it was DNATed to, so when that endpoint leaves the entry must go. When a pod goes
+away, every flow towards it must go, TCP too: a half-open entry (SYN_SENT, renewed by each
+retransmission) keeps catching a client port that comes round again for minutes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from dataplanes.base import NodeHandle
 from kube.state import ServicePortView
@@ -37,6 +41,14 @@ def stale_udp_flow_deletes(
         # Flows recorded while the Service had no endpoints carry no DNAT: drop them.
         commands += _udp_flow_deletes(after, [])
     return commands
+
+
+def endpoint_flow_deletes(ips: Iterable[str]) -> list[list[str]]:
+    """`conntrack -D` for every flow, of any protocol, whose replies come from one of `ips`.
+
+    By reply source, so flows DNATed to the pod and flows sent to its IP directly both go.
+    """
+    return [["conntrack", "-D", "--reply-src", ip] for ip in sorted(set(ips))]
 
 
 def run_deletes(node: NodeHandle, commands: list[list[str]]) -> int:
