@@ -3,8 +3,9 @@
 The folder (reports/results.py holds its schema) gets run.json (environment, arguments,
 status, skipped modes and metrics, spread of the repeats), bench.csv (one row per
 measurement) and raw/<mode>/<phase>.json (every sample), each written atomically while
-the sweep runs. Ctrl-C keeps what was measured and marks the run incomplete. A rich
-progress bar runs on stderr; a one-screen summary ends the run.
+the sweep runs. Ctrl-C, SIGTERM and SIGHUP keep what was measured and mark the run
+incomplete; a folder whose process was killed outright is marked killed by the next run or
+`svcbench gc`. A rich progress bar runs on stderr; a one-screen summary ends the run.
 
 The CLI calls `add_bench_arguments` and `run_bench_command`; `python -m bench.runner`
 does the same on its own. Bad input raises `BenchSpecError` (exit status 2) before
@@ -15,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from reports.results import (
     RAW_DIR,
     environment,
     new_run_dir,
+    read_json,
     write_bench_csv,
     write_json,
     write_run_json,
@@ -329,8 +329,11 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
     spec = parse_spec(args)  # BenchSpecError before anything exists
     cfg = spec.sweep_config()
     from bench.metrics import catalog
+    from clusters.netns import owner
     from clusters.safety import guard_root
 
+    for line in mark_killed(spec.out):
+        err.print(line, highlight=False, markup=False)
     folder = RunFolder(new_run_dir(spec.out, "bench"), {})
     env = environment(argv)
     folder.meta = {
@@ -344,6 +347,7 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
         "finished": None,
         "complete": False,
         "status": "running",
+        "owner": owner(),  # a folder left "running" by a dead owner is marked "killed"
         "modes": {},
         "modes_skipped": {},
         "metrics_skipped": {},
@@ -370,7 +374,6 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
                         MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=False)
     task = progress.add_task("starting", total=max(1, steps_of(cfg) * len(usable)))
     listener = _Listener(folder, progress, task, err)
-    restore_sigint = _cleanup_survives_second_ctrl_c()
     failure: BaseException | None = None
     try:
         with guard_root(), progress:
@@ -402,10 +405,7 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
         status, failure = "failed", exc
         folder.meta["errors"].append({"error": f"{type(exc).__name__}: {exc}"})
     finally:
-        try:
-            _finish(folder, status, time.perf_counter() - started)
-        finally:
-            restore_sigint()
+        _finish(folder, status, time.perf_counter() - started)
     if failure is not None:
         raise failure
     if not usable and status == "complete":
@@ -418,20 +418,34 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
     return {"complete": 0, "failed": 1, "incomplete": 130}[status]
 
 
-def _cleanup_survives_second_ctrl_c():
-    """The first Ctrl-C interrupts the sweep; later ones are ignored until cleanup is done.
+def mark_killed(base: str | os.PathLike) -> list[str]:
+    """Mark bench run folders under `base` that a killed process left "running" as "killed".
 
-    Returns the function that puts the previous handler back.
+    Only owners under this kernel can be judged; a folder a guest kernel wrote is judged
+    once no guest kernel runs here any more. Returns one line per folder marked.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+    from clusters.netns import boot_id, process_alive
+    from clusters.uml import list_guests
 
-    def interrupt(_signum, _frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, interrupt)
-    return lambda: signal.signal(signal.SIGINT, previous)
+    marked = []
+    for path in sorted(Path(base).glob("bench-*/run.json")):
+        try:
+            meta = read_json(path)
+        except (OSError, ValueError):
+            continue
+        owner = meta.get("owner") or {}
+        if meta.get("status") != "running" or not owner:
+            continue  # finished, or written before owners were recorded
+        if owner.get("boot") == boot_id():
+            if process_alive(owner.get("pid"), owner.get("start")):
+                continue
+        elif in_guest() or any(g.uml_alive() for g in list_guests()):
+            continue
+        meta["status"] = "killed"
+        write_run_json(path.parent, meta)
+        marked.append(f"bench run {path.parent}: marked killed (its owner pid {owner.get('pid')} "
+                      "is gone)")
+    return marked
 
 
 def _finish(folder: RunFolder, status: str, wall_s: float) -> None:
@@ -574,8 +588,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
     err = Console(stderr=True, highlight=False)
+    from clusters.signals import interrupt_on_signals
+
     try:
-        return run_bench_command(args, Console(highlight=False), err, argv=["svcbench", "bench", *argv])
+        with interrupt_on_signals():  # the CLI's signal path: TERM and HUP unwind like Ctrl-C
+            return run_bench_command(args, Console(highlight=False), err,
+                                     argv=["svcbench", "bench", *argv])
     except BenchSpecError as exc:
         err.print(f"svcbench bench: error: {exc}", markup=False)
         return 2

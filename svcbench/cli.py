@@ -1,7 +1,10 @@
 """The `svcbench` command: the only module that knows every folder.
 
 Exit status: 0 success, 1 a failure while working (a check failed, the kernel refused),
-2 bad input (flags, manifests, sweep specs) with nothing created, 130 interrupted.
+2 bad input (flags, manifests, sweep specs) with nothing created, or a command that needs
+root run without it; 128 + the signal's number when SIGINT (130), SIGTERM or SIGHUP stopped
+it, after the same cleanup as Ctrl-C. Commands that change one run (`apply`, `delete`,
+`down`) take turns on the run's lock.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from clusters.signals import interrupt_on_signals
 from kube.manifests import ManifestError, Manifests, load_files
 from kube.model import Node, Pod
 from kube.state import ClusterState, StateError, allocations, previous_from_allocations
@@ -141,6 +145,9 @@ def _print_sync(stats) -> None:
 def cmd_doctor(args) -> int:
     from svcbench import doctor
 
+    if os.geteuid() != 0 and not args.json:
+        out.print(doctor.NOT_ROOT, soft_wrap=True)  # nothing it checks is usable without root
+        return 1
     findings = doctor.fix(echo=err.print) if args.fix else doctor.examine()
     if args.json:
         _emit_json({"ok": all(f.present for f in findings), "checks": doctor.as_json(findings)})
@@ -191,16 +198,16 @@ def cmd_up(args) -> int:
 
 
 def _change(args, combine) -> int:
+    from clusters.netns import NetnsCluster
     from clusters.safety import guard_root
 
-    cluster = _attach(args.run)
-    nodes, stored, previous = _stored(cluster)
-    manifests = combine(stored, load_files(args.file))
-    state = _build(nodes, manifests, previous)
-    dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
-    with guard_root():
-        cluster.set_pods(list(state.pods))
-        stats = _sync_all(cluster, dp, state)
+    new = load_files(args.file)  # bad input stops here, before waiting for the run
+    with NetnsCluster.attach_locked(args.run) as cluster, guard_root():
+        nodes, stored, previous = _stored(cluster)
+        manifests = combine(stored, new)
+        state = _build(nodes, manifests, previous)
+        dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
+        stats = cluster.set_pods(list(state.pods), lambda: _sync_all(cluster, dp, state))
         _store(cluster, manifests, state)
     if args.json:
         _emit_json({"run": cluster.run_id, "sync": [s.__dict__ for s in stats]})
@@ -324,10 +331,10 @@ def cmd_status(args) -> int:
 
 
 def cmd_down(args) -> int:
+    from clusters.netns import NetnsCluster
     from clusters.safety import guard_root
 
-    cluster = _attach(args.run)
-    with guard_root():
+    with NetnsCluster.attach_locked(args.run) as cluster, guard_root():
         try:
             dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
             for node in cluster.nodes:
@@ -420,6 +427,9 @@ def cmd_gc(args) -> int:
     removed += _gc_bpf(list_netns() if args.all else None)
     removed += gc(all_runs=args.all)
     removed += _gc_bpf(None)  # hooks of the runs just removed
+    from bench.runner import FLAG_DEFAULTS, mark_killed
+
+    removed += mark_killed(FLAG_DEFAULTS["out"])
     for line in removed:
         out.print(line)
     if not removed:
@@ -549,10 +559,19 @@ def _guest_bound(args) -> bool:
     return False
 
 
+NO_ROOT_COMMANDS = ("doctor", "render", "report")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    with interrupt_on_signals() as caught:
+        status = _run(args, argv)
+    return caught.exit_status or status
+
+
+def _run(args, argv: list[str]) -> int:
     try:
         if _guest_bound(args):
             from clusters.uml import forward
@@ -568,6 +587,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a failure while working: one line, not a traceback
         if os.environ.get("SVCBENCH_DEBUG"):
             raise
+        if os.geteuid() != 0 and args.command not in NO_ROOT_COMMANDS:
+            # Without root every namespace, rule and run is out of reach: name the cause.
+            err.print(f"svcbench: error: svcbench {args.command} works in network namespaces and "
+                      "needs root; run it as root", markup=False)
+            return 2
         err.print(f"svcbench: {type(exc).__name__}: {exc}", markup=False)
         return 1
 
