@@ -771,14 +771,15 @@ class NetnsCluster:
         """Stop agents, kill what runs in the run's namespaces, delete them and the state dir."""
         if self._destroyed:
             return []
-        if os.path.isdir(self.run_dir):
-            self.state["status"] = STATUS_DESTROYING
-            self.state["owner"] = owner()
-            self.save()
-        removed = self._stop_agents()
-        removed += _remove_run(self.run_id, self.run_dir)
-        self._destroyed = True
-        self._release_lock()  # a waiter now finds the run gone
+        with interrupts_deferred():  # `down` stopped halfway by SIGTERM would leave half a run
+            if os.path.isdir(self.run_dir):
+                self.state["status"] = STATUS_DESTROYING
+                self.state["owner"] = owner()
+                self.save()
+            removed = self._stop_agents()
+            removed += _remove_run(self.run_id, self.run_dir)
+            self._destroyed = True
+            self._release_lock()  # a waiter now finds the run gone
         return removed
 
     def _stop_agents(self) -> list[str]:

@@ -112,6 +112,26 @@ def test_signal_during_up_cleans_up_like_ctrl_c(signum, moment):
     assert_run_gone(state["run"], agents_of(state))
 
 
+def test_sigterm_during_down_still_removes_everything():
+    up = svcbench("up", "--nodes", "3", "--pods-per-node", "20", "--json")
+    assert up.returncode == 0, up.stderr
+    run = json.loads(up.stdout)["run"]
+    state = json.loads(Path(STATE_DIR, run, "state.json").read_text())
+    proc = start("down", "--run", run)
+
+    def destroying() -> bool:
+        try:
+            return json.loads(Path(STATE_DIR, run, "state.json").read_text())["status"] == "destroying"
+        except FileNotFoundError:
+            return True  # done before we looked: then nothing is left either
+        except ValueError:
+            return False
+
+    _, stderr = signal_once(proc, destroying, signal.SIGTERM, "down to start")
+    assert proc.returncode in (0, 128 + signal.SIGTERM), stderr
+    assert_run_gone(run, agents_of(state))
+
+
 def test_sigterm_during_bench_marks_the_run_incomplete_and_removes_its_cluster(tmp_path):
     proc = start("bench", "--modes", "iptables", "--services", "1,10", "--repeats", "1",
                  "--count", "20", "--metrics", "conn_latency_us", "--out", str(tmp_path))
