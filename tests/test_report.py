@@ -342,7 +342,7 @@ def open_in_chromium(page: Path, screenshot: Path) -> dict:
                   return {id: svg ? svg.id : null, width: r ? r.width : 0, height: r ? r.height : 0,
                           points: svg ? svg.querySelectorAll('g.series circle.pt').length : 0,
                           lines: svg ? svg.querySelectorAll('g.series polyline.line').length : 0,
-                          floor: svg ? svg.querySelectorAll('g.floor line').length : 0,
+                          floor: svg ? svg.querySelectorAll('g.floor line, g.floor polyline').length : 0,
                           caption: f.querySelector('figcaption').textContent};
                 })"""})["result"]["value"]
             # the legend toggles a mode's line in every chart
