@@ -272,7 +272,7 @@ def growth(passes: pd.DataFrame, resamples: int = RESAMPLES, seed: int = 0) -> l
         entry: dict[str, Any] = {
             "kernel": kernel, "mode": mode, "passes": repeats,
             "sizes": sorted(int(n) for n in set(rows["n_services"])),
-            "per_pass": [], "resamples": 0, "verdicts": {}, "k": None,
+            "per_pass": [], "resamples": 0, "sets": 0, "verdicts": {}, "k": None,
         }
         for r in repeats:
             v = verdict((r,))
@@ -281,17 +281,20 @@ def growth(passes: pd.DataFrame, resamples: int = RESAMPLES, seed: int = 0) -> l
         if len(repeats) > 1:
             verdicts: dict[str, int] = {}
             ks = []
+            sets = set()
             for _ in range(resamples):
                 drawn = tuple(int(r) for r in rng.choice(repeats, size=len(repeats)))
                 v = verdict(drawn)
                 if v is None:
                     continue
+                sets.add(frozenset(drawn))
                 verdicts[v] = verdicts.get(v, 0) + 1
                 k = exponent(drawn) if v == GROWS else None
                 if k is not None:
                     ks.append(k)
             done = sum(verdicts.values())
             entry["resamples"] = done
+            entry["sets"] = len(sets)  # distinct sets of passes behind the verdicts
             entry["verdicts"] = dict(sorted(verdicts.items()))
             # An exponent's spread means something only where growth is the usual verdict.
             if ks and verdicts.get(GROWS, 0) * 2 > done:

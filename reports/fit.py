@@ -113,12 +113,12 @@ def decide(added: float, low: float, high: float, resolution: float = 0.0,
     """One verdict for what N Services do to a cost, from the interval [low, high] of what
     the largest size adds (fit_table's added_max columns).
 
-    grows: the interval lies above zero, the growth exceeds `resolution` (a figure counted
-    in clock ticks cannot show less than one tick) and, when given, the cost at the largest
-    size stands above its floor (`above_floor`: the low end of that difference's interval,
-    or the difference itself when it has none), since a cost at or below the floor cannot
-    grow. falls: the interval lies below zero by more than the resolution. Otherwise flat;
-    unknown when there is no interval.
+    grows: the interval lies above `resolution` (zero for most figures; a figure counted
+    in clock ticks moves by one tick with nothing changed, so its growth must clear one)
+    and, when given, the cost at the largest size stands above its floor (`above_floor`:
+    the low end of that difference's interval, or the difference itself when it has none),
+    since a cost at or below the floor cannot grow. falls: the interval lies below minus
+    the resolution. Otherwise flat; unknown when there is no interval.
     """
     values = (added, low, high)
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
@@ -126,9 +126,10 @@ def decide(added: float, low: float, high: float, resolution: float = 0.0,
     resolution = resolution if math.isfinite(resolution) else 0.0
     if above_floor is not None and not math.isfinite(above_floor):
         above_floor = None  # no floor to hold the cost against
-    if low > 0 and added > resolution and (above_floor is None or above_floor > 0):
+    resolution = max(resolution, 0.0)
+    if low > resolution and (above_floor is None or above_floor > 0):
         return GROWS
-    if high < 0 and -added > resolution:
+    if high < -resolution:
         return FALLS
     return FLAT
 

@@ -2,9 +2,12 @@
 
 Reads bench.csv, run.json and conformance*.json with pandas, fits each mode's growth
 (reports/fit.py) and writes, in this order: headline findings, the conformance matrix,
-one log-log chart per metric, the growth-fit table, the environment and, with an older
-run to compare against, the change per metric and mode. Charts are inline SVG drawn here;
-the page loads nothing (no fonts, scripts or images from anywhere), so it opens offline.
+one log-log chart per metric (a table for metrics measured at one size), the growth-fit
+table, the agreement between passes (reports/agreement.py), the environment and, with an
+older run to compare against, the change per metric and mode. Charts are inline SVG drawn
+here; the page loads nothing (no fonts, scripts or images from anywhere), so it opens
+offline. Every statement has one growth verdict (fit.decide), figures counted in clock
+ticks carry their resolution, and a reader never sees nan or inf.
 """
 
 from __future__ import annotations
@@ -738,7 +741,8 @@ def _exponent(fit: dict) -> str:
 
 def _held(passes: dict | None, verdict: str) -> str:
     """How often the bootstrap over passes gave the same verdict."""
-    if not passes or not passes.get("resamples") or len(passes.get("passes") or []) < 2:
+    # One set of passes behind every resample is one fit, not an agreement.
+    if not passes or not passes.get("resamples") or int(passes.get("sets") or 0) < 2:
         return ""
     done = int(passes["resamples"])
     same = int((passes.get("verdicts") or {}).get(verdict, 0))
@@ -1439,7 +1443,10 @@ def section_agreement(agreed: dict | None, source: str, several_kernels: bool) -
             if done:
                 boot = ", ".join(f"{esc(v)} {int(c) * 100 // done} %" for v, c in
                                  sorted((g.get("verdicts") or {}).items(), key=lambda x: -x[1]))
-                boot += f" <span class='muted'>of {done} resamples</span>"
+                sets = int(g.get("sets") or 0)
+                boot += (f" <span class='muted'>of {done} resamples"
+                         + (f", {sets} distinct set{'s' if sets != 1 else ''} of passes"
+                            if sets < 4 else "") + "</span>")
             else:
                 boot = "<span class='muted'>needs two passes or more</span>"
             k = g.get("k") if isinstance(g.get("k"), dict) else None

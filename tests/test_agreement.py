@@ -72,6 +72,7 @@ def test_growth_per_pass_and_bootstrap_over_passes():
     assert [p["verdict"] for p in ipt["per_pass"]] == ["grows"] * 3
     assert all(0.85 < p["k"] < 1.15 for p in ipt["per_pass"])
     assert ipt["resamples"] == 60 and ipt["verdicts"] == {"grows": 60}
+    assert 4 <= ipt["sets"] <= 7  # three passes have seven non-empty subsets
     k = ipt["k"]
     assert k["low"] <= k["median"] <= k["high"] and 0.85 < k["median"] < 1.15 and k["of"] == 60
     assert [p["verdict"] for p in nft["per_pass"]] == ["flat"] * 3
@@ -118,7 +119,7 @@ def test_one_pass_says_nothing_can_be_compared_and_stays_json():
     for g in result["growth"]:
         # three points cannot hold a three-parameter fit with an interval
         assert g["per_pass"] == [{"repeat": 0, "verdict": None, "k": None}]
-        assert g["resamples"] == 0 and g["verdicts"] == {} and g["k"] is None
+        assert g["resamples"] == 0 and g["sets"] == 0 and g["verdicts"] == {} and g["k"] is None
     json.dumps(result, allow_nan=False)  # no NaN or Infinity reaches run.json
 
 

@@ -225,6 +225,16 @@ def test_agreement_is_read_from_run_json_when_it_covers_the_rows_else_computed(t
     assert re.search(r"iptables 6\.18\.0 grows \(k [\d.]+\), grows \(k [\d.]+\), grows", agree), agree
 
 
+def test_the_headline_quotes_agreement_only_when_several_sets_of_passes_were_fitted(tmp_path):
+    # two passes of three sizes: a pass alone cannot be fitted, so every resample is one fit
+    page = render(tmp_path / "two", guest_rows(passes=2))
+    assert "resamples" not in headline(page, "iptables")
+    assert re.search(r"of \d+ resamples, 1 distinct set of passes", text(page, "agreement"))
+    page = render(tmp_path / "five", guest_rows(passes=2, sizes=(1, 10, 100, 1000, 10000)))
+    assert "(the same verdict in 100 % of 200 resamples of its 2 passes)" in headline(page,
+                                                                                     "iptables")
+
+
 # --------------------------------------------------------------------------- in Chromium
 
 
