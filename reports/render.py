@@ -1303,11 +1303,9 @@ def single_size_table(run: Run, keys: list[tuple[str, str, str]], several_kernel
                          *([esc(kernel)] if several_kernels else []), fmt_n(p.n),
                          esc(fmt_measured(p.median, unit, res)) + resolution_note(res, unit), spread,
                          str(p.count)]
-                rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+                rows.append(cells)
     return ("<h3>Measured at one size</h3><p class='muted'>A line needs two sizes; these were "
-            "measured at one.</p><table class='single'><thead><tr>"
-            + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>" + "".join(rows)
-            + "</tbody></table>")
+            "measured at one.</p>" + html_table("single", head, rows))
 
 
 def section_fits(fits: pd.DataFrame, several_kernels: bool) -> str:
@@ -1393,72 +1391,76 @@ def run_agreement(run: Run) -> tuple[dict | None, str]:
     return agreement.agreement(run.bench), BENCH_CSV
 
 
+def html_table(cls: str, head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A table of HTML cells under a header row."""
+    return (f"<table class='{cls}'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
+            + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+            + "</tbody></table>")
+
+
+def _ranking_cells(r: dict, several_kernels: bool) -> list[str]:
+    same = r.get("same")
+    if same is None:
+        verdict = "<span class='muted'>one pass: nothing to compare</span>"
+    elif same:
+        verdict = "<span class='good'>yes</span>"
+    else:
+        verdict = "<span class='bad'>no</span>: " + "; ".join(
+            f"pass {int(d['repeat']) + 1} put "
+            + ", ".join(f"{esc(b)} before {esc(a)}" for a, b in d.get("swapped") or [])
+            for d in r.get("disagreeing") or [] if isinstance(d, dict))
+    order = " &lt; ".join(esc(m) for m in r.get("order") or [])
+    if r.get("basis") != "latency":
+        order += " <span class='muted'>(over the same-moment floor)</span>"
+    return [fmt_n(r.get("n_services", 0)), *([esc(r.get("kernel"))] if several_kernels else []),
+            order, str(len(r.get("passes") or [])), verdict]
+
+
+def _growth_cells(g: dict, several_kernels: bool) -> list[str]:
+    each = ", ".join(
+        f"{esc(p.get('verdict') or 'no fit')}"
+        + (f" (k {float(p['k']):.2f})" if _finite(p.get("k")) else "")
+        for p in g.get("per_pass") or [] if isinstance(p, dict)) or "–"
+    done = int(g.get("resamples") or 0)
+    if done:
+        sets = int(g.get("sets") or 0)
+        boot = ", ".join(f"{esc(v)} {int(c) * 100 // done} %" for v, c in
+                         sorted((g.get("verdicts") or {}).items(), key=lambda x: -x[1]))
+        boot += (f" <span class='muted'>of {done} resamples"
+                 + (f", {sets} distinct set{'s' if sets != 1 else ''} of passes"
+                    if sets < 4 else "") + "</span>")
+    else:
+        boot = "<span class='muted'>needs two passes or more</span>"
+    k = g.get("k") if isinstance(g.get("k"), dict) else None
+    k_text = (f"{float(k['median']):.2f} <span class='muted'>({float(k['low']):.2f}–"
+              f"{float(k['high']):.2f})</span>"
+              if k and all(_finite(k.get(x)) for x in ("median", "low", "high"))
+              else "<span class='muted'>– (growth is not the usual verdict)</span>")
+    return [f"<b>{esc(g.get('mode'))}</b>", *([esc(g.get("kernel"))] if several_kernels else []),
+            each, boot, k_text]
+
+
 def section_agreement(agreed: dict | None, source: str, several_kernels: bool) -> str:
     if not agreed or not agreed.get("series"):
         return "<p class='muted'>No new-connection latency to compare across passes.</p>"
     series, stat = str(agreed["series"]), str(agreed.get("stat") or agreement.PRIMARY_STAT)
+    kernel = ["kernel"] if several_kernels else []
     out = [f"<p class='muted'>A pass is one trip over the sizes (up, then down in the next). "
            f"{esc(metric_label(series))}, {esc(stat)}: each pass ranks the modes by its own "
            f"median (by what the Services add over the floor of the same moments, where one was "
            f"measured at every size), and each mode's growth is fitted on each pass alone and "
            f"on passes drawn with replacement (bootstrap). From {esc(source)}.</p>"]
     ranking = [r for r in agreed.get("ranking") or [] if isinstance(r, dict)]
-    if ranking:
-        head = ["Services", *(["kernel"] if several_kernels else []), "ranking (fastest first)",
-                "passes", "same in every pass?"]
-        rows = []
-        for r in ranking:
-            same = r.get("same")
-            if same is None:
-                verdict = "<span class='muted'>one pass: nothing to compare</span>"
-            elif same:
-                verdict = "<span class='good'>yes</span>"
-            else:
-                verdict = "<span class='bad'>no</span>: " + "; ".join(
-                    f"pass {int(d['repeat']) + 1} put "
-                    + ", ".join(f"{esc(b)} before {esc(a)}" for a, b in d.get("swapped") or [])
-                    for d in r.get("disagreeing") or [] if isinstance(d, dict))
-            cells = [fmt_n(r.get("n_services", 0)), *([esc(r.get("kernel"))] if several_kernels
-                                                     else []),
-                     " &lt; ".join(esc(m) for m in r.get("order") or [])
-                     + ("" if r.get("basis") == "latency" else
-                        " <span class='muted'>(over the same-moment floor)</span>"),
-                     str(len(r.get("passes") or [])), verdict]
-            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        out.append("<table class='agree'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
-                   + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
-    else:
-        out.append("<p class='muted'>No size with two modes or more measured in every pass.</p>")
+    out.append(html_table("agree", ["Services", *kernel, "ranking (fastest first)", "passes",
+                                    "same in every pass?"],
+                          [_ranking_cells(r, several_kernels) for r in ranking]) if ranking
+               else "<p class='muted'>No size with two modes or more measured in every pass.</p>")
     growth = [g for g in agreed.get("growth") or [] if isinstance(g, dict)]
     if growth:
-        head = ["mode", *(["kernel"] if several_kernels else []), "each pass alone",
-                "bootstrap over passes", "k: median (2.5–97.5 %)"]
-        rows = []
-        for g in growth:
-            each = ", ".join(
-                f"{esc(p.get('verdict') or 'no fit')}"
-                + (f" (k {float(p['k']):.2f})" if _finite(p.get("k")) else "")
-                for p in g.get("per_pass") or [] if isinstance(p, dict)) or "–"
-            done = int(g.get("resamples") or 0)
-            if done:
-                boot = ", ".join(f"{esc(v)} {int(c) * 100 // done} %" for v, c in
-                                 sorted((g.get("verdicts") or {}).items(), key=lambda x: -x[1]))
-                sets = int(g.get("sets") or 0)
-                boot += (f" <span class='muted'>of {done} resamples"
-                         + (f", {sets} distinct set{'s' if sets != 1 else ''} of passes"
-                            if sets < 4 else "") + "</span>")
-            else:
-                boot = "<span class='muted'>needs two passes or more</span>"
-            k = g.get("k") if isinstance(g.get("k"), dict) else None
-            k_text = (f"{float(k['median']):.2f} <span class='muted'>({float(k['low']):.2f}–"
-                      f"{float(k['high']):.2f})</span>"
-                      if k and all(_finite(k.get(x)) for x in ("median", "low", "high"))
-                      else "<span class='muted'>– (growth is not the usual verdict)</span>")
-            cells = [f"<b>{esc(g.get('mode'))}</b>", *([esc(g.get("kernel"))] if several_kernels
-                                                       else []), each, boot, k_text]
-            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        out.append("<table class='agree'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
-                   + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+        out.append(html_table("agree", ["mode", *kernel, "each pass alone",
+                                        "bootstrap over passes", "k: median (2.5–97.5 %)"],
+                              [_growth_cells(g, several_kernels) for g in growth]))
     return "".join(out)
 
 

@@ -296,11 +296,7 @@ def read_in_chromium(pages: list[Path]) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="svb-chromium-") as profile:
         browser = Chromium(profile)
         try:
-            target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-            browser.session = browser.send("Target.attachToTarget",
-                                           {"targetId": target, "flatten": True})["sessionId"]
-            for domain in ("Page", "Runtime"):
-                browser.send(f"{domain}.enable")
+            browser.open_tab(("Page", "Runtime"))
             for page in pages:
                 browser.events.clear()
                 browser.send("Page.navigate", {"url": page.as_uri()})
