@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.probes import CLK_TCK
 from bench.sweep import NODES, Bench, Row, SweepConfig, SweepListener, host_kernel_label, percentile
 
 SIZE = "size"
@@ -98,11 +99,14 @@ def measure_rr(bench: Bench, target: str, repeat: int) -> Observation:
 def measure_cpu(bench: Bench, target: str, repeat: int) -> Observation:
     count = 2 * bench.cfg.count  # CPU time is sampled at 4 ms ticks: more connections average it
     cpu = bench.cpu_per_connection(target, count, repeat)
+    # The counters move in USER_HZ ticks: one tick over the connections is the finest step.
+    resolution = 1e6 / CLK_TCK / max(1, count - cpu["run"].failed)
     return Observation(
         {"tasks": round(cpu["tasks_us"], 2), "host": round(cpu["host_us"], 2)},
         bench.address(target),
         extra={"count": count, "failed": cpu["run"].failed, "thread_sys_s": cpu["thread_sys_s"],
-               "agents_sys_s": cpu["agents_sys_s"], "host_sys_s": cpu["host_sys_s"]},
+               "agents_sys_s": cpu["agents_sys_s"], "host_sys_s": cpu["host_sys_s"],
+               "resolution": round(resolution, 3)},
         raw={"wall_s": cpu["run"].wall_s, "thread_user_s": cpu["run"].thread_user_s},
     )
 
