@@ -30,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bench.sweep import ModeUnavailable, Row, SweepConfig, SweepListener, load_mode, steps_of
+from reports.agreement import agreement
 from reports.results import (
     RAW_DIR,
     environment,
@@ -445,6 +446,9 @@ def _finish(folder: RunFolder, status: str, wall_s: float) -> None:
         spread=rows_spread,
         noisy=[s for s in rows_spread if s["noisy"]],
         rows=len(folder.rows),
+        # Do the passes rank the modes alike at every size, and how far does the growth
+        # exponent move between them (a bootstrap over passes)?
+        agreement=agreement([r.as_dict() for r in folder.rows]),
     )
     folder.save_meta()
 

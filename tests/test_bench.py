@@ -179,6 +179,11 @@ def test_tiny_real_sweep_writes_the_run_folder(tmp_path):
     assert meta["modes"]["iptables"]["status"] == "done"
     assert not namespaces_of([meta["modes"]["iptables"]["cluster"]])
     assert {m["name"] for m in meta["metrics"]} >= {"conn_latency_us", "sync_full_s", "rules"}
+    # run.json says how the growth verdict moved between the two passes (one mode: no ranking)
+    agreed = meta["agreement"]
+    assert agreed["series"] and agreed["ranking"] == []
+    assert [(g["mode"], g["passes"], g["sizes"]) for g in agreed["growth"]] == [("iptables", [0, 1], [1, 10])]
+    assert len(agreed["growth"][0]["per_pass"]) == 2
 
     header = (folder / "bench.csv").read_text().splitlines()[0].split(",")
     assert tuple(header) == BENCH_COLUMNS
