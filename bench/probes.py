@@ -44,12 +44,19 @@ class ConnectionRun:
     def outcomes(self) -> dict[str, int]:
         return dict(Counter(s.outcome for s in self.samples))
 
-    def dealt(self, ways: int) -> list[ConnectionRun]:
-        """Connection i goes to part i % ways (a run that cycled through `ways` targets); each
-        part gets an equal share of the wall and CPU time."""
-        return [ConnectionRun(self.samples[j::ways], self.targets[j::ways], self.wall_s / ways,
-                              self.thread_sys_s / ways, self.thread_user_s / ways)
-                for j in range(ways)]
+    def dealt(self, labels: list[str | None]) -> dict[str, ConnectionRun]:
+        """The run split by the label of each connection (None: a warm-up, left out); each
+        part gets its share of the wall and CPU time by its number of connections."""
+        parts: dict[str, list[int]] = {}
+        for i, label in enumerate(labels):
+            if label is not None:
+                parts.setdefault(label, []).append(i)
+        total = max(1, len(labels))
+        return {label: ConnectionRun([self.samples[i] for i in idx], [self.targets[i] for i in idx],
+                                     self.wall_s * len(idx) / total,
+                                     self.thread_sys_s * len(idx) / total,
+                                     self.thread_user_s * len(idx) / total)
+                for label, idx in parts.items()}
 
 
 def _thread_cpu() -> tuple[float, float]:
