@@ -965,7 +965,7 @@ class _Load:
 def _refuse_repeated_keys(node: yaml.Node, source: str, index: int) -> None:
     """PyYAML keeps the last of two equal keys silently; Kubernetes refuses them, so do we."""
     stack = [node]
-    seen_nodes: set[int] = set()  # aliases share nodes and may even form cycles
+    seen_nodes: set[int] = set()  # aliases share nodes
     while stack:
         n = stack.pop()
         if id(n) in seen_nodes:

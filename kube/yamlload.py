@@ -18,7 +18,7 @@ from yaml.events import AliasEvent
 from yaml.resolver import Resolver
 
 try:
-    from yaml._yaml import CParser as _EventSource  # libyaml: the same events, faster
+    from yaml.cyaml import CParser as _EventSource  # libyaml: the same events, faster
 except ImportError:  # PyYAML built without libyaml
     from yaml.parser import Parser
     from yaml.reader import Reader

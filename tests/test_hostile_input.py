@@ -36,6 +36,8 @@ CHILD = """
 import json, resource, sys, time
 if sys.argv[1] == "python":
     sys.modules["yaml._yaml"] = None  # PyYAML as built without libyaml
+    import yaml
+    assert not yaml.__with_libyaml__
 from kube.manifests import ManifestError, load_files
 def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -235,6 +237,17 @@ def test_nesting_beyond_100_is_refused_by_both_event_sources(events, tmp_path):
     report = load_in_child(path, events=events)
     assert report["outcome"] == "refused"
     assert "values nest deeper than 100 levels here" in report["message"]
+
+
+def test_an_alias_counts_the_depth_of_its_tree_where_it_is_used():
+    def nested(levels: int, inner: str = "x") -> str:
+        return "[" * levels + inner + "]" * levels
+
+    anchor = f"a: &a {nested(60)}\n"  # levels 2 to 62 of the document
+    with pytest.raises(ManifestError, match="not a kind svcbench reads"):
+        load_manifests(anchor + f"b: {nested(38, '*a')}\n")  # 39 + 61 = 100 levels: fine
+    with pytest.raises(ManifestError, match=r"^<stdin>:2 \(document 1\): values nest deeper"):
+        load_manifests(anchor + f"b: {nested(39, '*a')}\n")
 
 
 def test_a_file_over_1_mib_is_refused_by_size_before_parsing(tmp_path):
