@@ -230,7 +230,7 @@ def _shown(value: Any) -> str:
         return json.dumps(shortened(value, 60))
     if isinstance(value, dict):
         return "a mapping"
-    if isinstance(value, (list, set)):
+    if isinstance(value, list):
         return "a list"
     return shortened(str(value), 60)
 
@@ -430,7 +430,8 @@ def _read_pod(r: _Reader) -> Pod:
     if r.flag(("spec", "hostNetwork")):
         r.fail(
             ("spec", "hostNetwork"),
-            "must be false or absent (pods here have their own network; probe from node/NAME)",
+            "must be false or absent (every pod gets its own network here; for the host "
+            "network, probe --from node/NAME)",
         )
     ports: list[ContainerPort] = []
     seen_names: dict[str, Field] = {}
