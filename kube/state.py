@@ -184,9 +184,12 @@ class ClusterState:
         pending: list[Pod] = []
         for pod in pods:
             if pod.node_name is not None and pod.node_name not in by_node:
+                names = list(by_node)
+                listed = ", ".join(names) if len(names) <= 4 else f"{names[0]} to {names[-1]}"
                 raise StateError(
                     f"Pod {pod.namespace}/{pod.name}: spec.nodeName {pod.node_name!r} is not a node "
-                    f"of this cluster (nodes: {', '.join(by_node)})"
+                    f"of this cluster (nodes: {listed}; the address plan fits at most "
+                    f"{plan.max_nodes})"
                 )
             prev = prev_pods.get(pod.key)
             if (
