@@ -369,3 +369,57 @@ def test_tracer_refuses_what_it_does_not_model():
            "add rule ip t c tcp flags syn accept\n"
     with pytest.raises(TraceError):
         trace(text, "1.1.1.1", "2.2.2.2", "tcp", 1)
+
+
+# --------------------------------------------------------------------------- both policies Local
+
+EXTERNAL_IP = "198.18.64.10"
+BOTH_LOCAL = {"type": TYPE_NODE_PORT, "node_port": 30000, "external_ips": (EXTERNAL_IP,),
+              "internal_traffic_policy": POLICY_LOCAL, "external_traffic_policy": POLICY_LOCAL}
+NODE1_EPS = {"198.18.129.2:8080": 0.5, "198.18.129.3:8080": 0.5}
+NODE2_EPS = {"198.18.130.2:8080": 0.5, "198.18.130.3:8080": 0.5}
+
+
+def _external_frontends(text: str, src: str, **kw):
+    return [go(text, src, NODE1_IP, 30000, **kw), go(text, src, EXTERNAL_IP, 80, **kw)]
+
+
+def test_both_policies_local_with_local_and_remote_endpoints():
+    text = script(backends(3), [web(**BOTH_LOCAL)])
+    vip = view(backends(3), [web(**BOTH_LOCAL)]).services[0].cluster_ip
+    assert go(text, CLIENT_POD, vip, 80).endpoints() == pytest.approx(NODE1_EPS)
+    for r in _external_frontends(text, EXTERNAL_CLIENT):
+        assert r.endpoints() == pytest.approx(NODE1_EPS) and r.masquerade is False
+    # kube-proxy's short circuit: pods and the node itself reach every endpoint.
+    for r in _external_frontends(text, CLIENT_POD) + _external_frontends(text, NODE1_IP,
+                                                                          from_node=True):
+        assert r.endpoints() == pytest.approx(THREE)
+
+
+def test_both_policies_local_with_only_remote_endpoints_drops_and_short_circuits():
+    pods = backends(2, nodes=("node2",))
+    text = script(pods, [web(**BOTH_LOCAL)])
+    vip = view(pods, [web(**BOTH_LOCAL)]).services[0].cluster_ip
+    # Endpoints exist elsewhere: dropped, never rejected.
+    assert go(text, CLIENT_POD, vip, 80).verdicts() == {"DROP"}
+    assert go(text, NODE1_IP, vip, 80, from_node=True).verdicts() == {"DROP"}
+    for r in _external_frontends(text, EXTERNAL_CLIENT):
+        assert r.verdicts() == {"DROP"}
+    for r in _external_frontends(text, CLIENT_POD):
+        assert r.endpoints() == pytest.approx(NODE2_EPS) and r.masquerade is False
+    for r in _external_frontends(text, NODE1_IP, from_node=True):
+        assert r.endpoints() == pytest.approx(NODE2_EPS) and r.masquerade is True
+    maps = render_ruleset(view(pods, [web(**BOTH_LOCAL)])).maps
+    assert set(maps["no-endpoint-services"].values()) == set(
+        maps["no-endpoint-nodeports"].values()) == {"drop"}
+
+
+def test_both_policies_local_without_endpoints_rejects_everyone():
+    text = script([], [web(**BOTH_LOCAL)])
+    vip = view([], [web(**BOTH_LOCAL)]).services[0].cluster_ip
+    assert go(text, CLIENT_POD, vip, 80).verdicts() == {"REJECT"}
+    assert go(text, NODE1_IP, vip, 80, from_node=True).verdicts() == {"REJECT"}
+    for src in (EXTERNAL_CLIENT, CLIENT_POD):
+        for r in _external_frontends(text, src):
+            assert r.verdicts() == {"REJECT"}, (src, r)
+    assert go(text, NODE1_IP, NODE1_IP, 30000, from_node=True).verdicts() == {"REJECT"}
