@@ -185,7 +185,7 @@ def _filter_rule(sp: ServicePortView, verdict: str) -> tuple[str, str]:
 class _Renderer:
     def __init__(self, view: NodeView):
         self.view = view
-        total = sum(len(sp.internal_endpoints) + len(sp.external_endpoints) for sp in view.services)
+        total = sum(len(sp.all_reachable_endpoints) for sp in view.services)  # KUBE-SEP chains
         self.large = total > LARGE_CLUSTER_ENDPOINTS
         self.rs = Ruleset()
         f, n = self.rs.filter, self.rs.nat
