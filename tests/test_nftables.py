@@ -32,7 +32,17 @@ from kube.model import (
     ServicePort,
 )
 from kube.state import ClusterState, EndpointView
-from tests.scenarios import CLIENT_POD, EXTERNAL_CLIENT, NODE1_IP, NODES, backends, view, web
+from tests.scenarios import (
+    BOTH_LOCAL,
+    CLIENT_POD,
+    EXTERNAL_CLIENT,
+    NODE1_IP,
+    NODES,
+    backends,
+    trace_both_local,
+    view,
+    web,
+)
 
 
 def script(pods, services, node: str = "node1") -> str:
@@ -373,53 +383,15 @@ def test_tracer_refuses_what_it_does_not_model():
 
 # --------------------------------------------------------------------------- both policies Local
 
-EXTERNAL_IP = "198.18.64.10"
-BOTH_LOCAL = {"type": TYPE_NODE_PORT, "node_port": 30000, "external_ips": (EXTERNAL_IP,),
-              "internal_traffic_policy": POLICY_LOCAL, "external_traffic_policy": POLICY_LOCAL}
-NODE1_EPS = {"198.18.129.2:8080": 0.5, "198.18.129.3:8080": 0.5}
-NODE2_EPS = {"198.18.130.2:8080": 0.5, "198.18.130.3:8080": 0.5}
 
-
-def _external_frontends(text: str, src: str, **kw):
-    return [go(text, src, NODE1_IP, 30000, **kw), go(text, src, EXTERNAL_IP, 80, **kw)]
-
-
-def test_both_policies_local_with_local_and_remote_endpoints():
-    text = script(backends(3), [web(**BOTH_LOCAL)])
-    vip = view(backends(3), [web(**BOTH_LOCAL)]).services[0].cluster_ip
-    assert go(text, CLIENT_POD, vip, 80).endpoints() == pytest.approx(NODE1_EPS)
-    for r in _external_frontends(text, EXTERNAL_CLIENT):
-        assert r.endpoints() == pytest.approx(NODE1_EPS) and r.masquerade is False
-    # kube-proxy's short circuit: pods and the node itself reach every endpoint.
-    for r in _external_frontends(text, CLIENT_POD) + _external_frontends(text, NODE1_IP,
-                                                                          from_node=True):
-        assert r.endpoints() == pytest.approx(THREE)
-
-
-def test_both_policies_local_with_only_remote_endpoints_drops_and_short_circuits():
+def test_both_policies_local_as_kube_proxy():
+    trace_both_local(NftablesDataplane().render, go, from_node=True)
     pods = backends(2, nodes=("node2",))
-    text = script(pods, [web(**BOTH_LOCAL)])
-    vip = view(pods, [web(**BOTH_LOCAL)]).services[0].cluster_ip
-    # Endpoints exist elsewhere: dropped, never rejected.
-    assert go(text, CLIENT_POD, vip, 80).verdicts() == {"DROP"}
-    assert go(text, NODE1_IP, vip, 80, from_node=True).verdicts() == {"DROP"}
-    for r in _external_frontends(text, EXTERNAL_CLIENT):
-        assert r.verdicts() == {"DROP"}
-    for r in _external_frontends(text, CLIENT_POD):
-        assert r.endpoints() == pytest.approx(NODE2_EPS) and r.masquerade is False
-    for r in _external_frontends(text, NODE1_IP, from_node=True):
-        assert r.endpoints() == pytest.approx(NODE2_EPS) and r.masquerade is True
     maps = render_ruleset(view(pods, [web(**BOTH_LOCAL)])).maps
     assert set(maps["no-endpoint-services"].values()) == set(
         maps["no-endpoint-nodeports"].values()) == {"drop"}
-
-
-def test_both_policies_local_without_endpoints_rejects_everyone():
+    # A node process is rejected too when there is no endpoint at all (filter-output).
     text = script([], [web(**BOTH_LOCAL)])
     vip = view([], [web(**BOTH_LOCAL)]).services[0].cluster_ip
-    assert go(text, CLIENT_POD, vip, 80).verdicts() == {"REJECT"}
     assert go(text, NODE1_IP, vip, 80, from_node=True).verdicts() == {"REJECT"}
-    for src in (EXTERNAL_CLIENT, CLIENT_POD):
-        for r in _external_frontends(text, src):
-            assert r.verdicts() == {"REJECT"}, (src, r)
     assert go(text, NODE1_IP, NODE1_IP, 30000, from_node=True).verdicts() == {"REJECT"}
