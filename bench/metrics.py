@@ -1,8 +1,8 @@
 """What the sweep measures, declared: a name, a unit, a setup and the thing measured.
 
-A `Metric` is measured once per repeat at every size (or, for the floor, at the start
-and the end of a mode's sweep) and reduces each repeat to a few stats (p50/p90/p99, a
-count, one value). The runner (`run_mode`) repeats, records and moves on: it never
+A `Metric` is measured once per repeat at every size (the floor too: it is interleaved
+with the Service connections, so every "added" figure is a same-moment difference) and
+reduces each repeat to a few stats (p50/p90/p99, a count, one value). The runner (`run_mode`) repeats, records and moves on: it never
 analyses. Repeat r is pass r over the sizes, up for even r and down for odd r (see
 `sweep_order`), so a drift of the machine touches every size alike; at each visit the
 traffic metrics go first, then the programming metrics (which reprogram node1 or build
@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.sweep import Bench, Row, SweepConfig, SweepListener, host_kernel_label, percentile
+from bench.probes import CLK_TCK
+from bench.sweep import NODES, Bench, Row, SweepConfig, SweepListener, host_kernel_label, percentile
 
-FLOOR = "floor"
 SIZE = "size"
 TRAFFIC = "traffic"
 PROGRAMMING = "programming"
@@ -45,7 +45,7 @@ class Metric:
     doc: str
     measure: Callable[[Bench, str, int], Observation]  # (bench, target, repeat)
     targets: tuple[str, ...] = ("",)
-    phase: str = SIZE  # SIZE: at every size; FLOOR: at the start and the end, no Services
+    phase: str = SIZE  # at every size (the only phase today; run.json's catalog records it)
     group: str = TRAFFIC
     setup: Callable[[Bench], str | None] | None = None  # once per mode: None or why skipped
     repeats: Callable[[SweepConfig], int] | None = None  # None: the sweep's --repeats
@@ -74,15 +74,10 @@ def _latency(run, target_label: str, extra: dict | None = None) -> Observation:
 
 def _label(bench: Bench, target: str) -> str:
     # Word targets name a series in the report; an address does not.
-    return target if target in ("first", "last", "random") else bench.address(target)
+    return target if target in ("first", "last", "random", "floor") else bench.address(target)
 
 
 # --------------------------------------------------------------------------- measurements
-
-
-def measure_connections(bench: Bench, target: str, repeat: int) -> Observation:
-    run = bench.connections(target, bench.cfg.count, repeat)
-    return _latency(run, _label(bench, target), {"count": bench.cfg.count})
 
 
 def measure_interleaved(bench: Bench, target: str, repeat: int) -> Observation:
@@ -104,11 +99,14 @@ def measure_rr(bench: Bench, target: str, repeat: int) -> Observation:
 def measure_cpu(bench: Bench, target: str, repeat: int) -> Observation:
     count = 2 * bench.cfg.count  # CPU time is sampled at 4 ms ticks: more connections average it
     cpu = bench.cpu_per_connection(target, count, repeat)
+    # The counters move in USER_HZ ticks: one tick over the connections is the finest step.
+    resolution = 1e6 / CLK_TCK / max(1, count - cpu["run"].failed)
     return Observation(
         {"tasks": round(cpu["tasks_us"], 2), "host": round(cpu["host_us"], 2)},
         bench.address(target),
         extra={"count": count, "failed": cpu["run"].failed, "thread_sys_s": cpu["thread_sys_s"],
-               "agents_sys_s": cpu["agents_sys_s"], "host_sys_s": cpu["host_sys_s"]},
+               "agents_sys_s": cpu["agents_sys_s"], "host_sys_s": cpu["host_sys_s"],
+               "resolution": round(resolution, 3)},
         raw={"wall_s": cpu["run"].wall_s, "thread_user_s": cpu["run"].thread_user_s},
     )
 
@@ -208,8 +206,9 @@ def _locust_reason(bench: Bench) -> str | None:
 
 METRICS: tuple[Metric, ...] = (
     Metric("floor_conn_latency_us", "us",
-           "New connection to the first pool pod's IP with nothing of the mode installed.",
-           measure_connections, ("pod",), phase=FLOOR),
+           "New connection pod to pod across two nodes the mode never programs (the floor), "
+           "interleaved with the Service connections at every size.",
+           measure_interleaved, ("floor",)),
     Metric("conn_latency_us", "us",
            "New connection (connect to greeting) to the first, the last and random Services, "
            "interleaved connection by connection with each other and the pod IP.",
@@ -250,10 +249,9 @@ METRICS: tuple[Metric, ...] = (
 BY_NAME = {m.name: m for m in METRICS}
 
 
-def selected(cfg: SweepConfig) -> tuple[list[Metric], list[Metric]]:
-    """(floor metrics, size metrics) the sweep runs, in order."""
-    chosen = [m for m in METRICS if cfg.metrics is None or m.name in cfg.metrics]
-    return [m for m in chosen if m.phase == FLOOR], [m for m in chosen if m.phase == SIZE]
+def selected(cfg: SweepConfig) -> list[Metric]:
+    """The metrics the sweep runs at every size, in order."""
+    return [m for m in METRICS if cfg.metrics is None or m.name in cfg.metrics]
 
 
 # --------------------------------------------------------------------------- the runner
@@ -266,9 +264,9 @@ class _Recording:
         self.mode, self.kernel, self.listener = mode, kernel, listener
         self.rows: list[Row] = []
 
-    def add(self, metric: Metric, n: int, repeat: int, obs: Observation, when: str = "",
+    def add(self, metric: Metric, n: int, repeat: int, obs: Observation,
             elapsed_s: float | None = None) -> None:
-        extra = {"target": obs.target, **({"when": when} if when else {}), **obs.extra}
+        extra = {"target": obs.target, **obs.extra}
         rows = [
             Row(self.mode, self.kernel, n, metric.name, stat, value,
                 obs.units.get(stat, metric.unit), repeat, extra)
@@ -276,7 +274,7 @@ class _Recording:
         ]
         self.rows.extend(rows)
         raw = {"mode": self.mode, "metric": metric.name, "n_services": n, "target": obs.target,
-               "repeat": repeat, "when": when, "unit": metric.unit, "stats": obs.stats,
+               "repeat": repeat, "unit": metric.unit, "stats": obs.stats,
                "elapsed_s": None if elapsed_s is None else round(elapsed_s, 3), **obs.raw}
         self.listener.observed(rows, raw)
 
@@ -289,23 +287,21 @@ def run_mode(cfg: SweepConfig, mode: str, dp: Any, listener: SweepListener) -> l
     """One mode's sweep on its own cluster; the cluster is gone when this returns or raises."""
     from clusters.netns import NetnsCluster
 
-    floor, size = selected(cfg)
+    size = selected(cfg)
     rec = _Recording(mode, host_kernel_label(), listener)
     say = listener.progress
-    with NetnsCluster.create(2, progress=say) as cluster:
+    with NetnsCluster.create(NODES, progress=say) as cluster:
         listener.cluster_created(mode, cluster.run_id)
         bench = Bench(cfg, mode, dp, cluster, rec.kernel)
         try:
             bench.start()
             skipped: set[str] = set()
-            for metric in floor + size:
+            for metric in size:
                 reason = metric.setup(bench) if metric.setup else None
                 if reason:
                     skipped.add(metric.name)
                     listener.metric_skipped(mode, metric.name, reason)
-            floor = [m for m in floor if m.name not in skipped]
             size = [m for m in size if m.name not in skipped]
-            _floor(bench, floor, rec, "start", listener)
             say(f"{mode}: installing")
             bench.install()
             ledgers = {n: SizeLedger() for n in cfg.sizes}
@@ -326,11 +322,10 @@ def run_mode(cfg: SweepConfig, mode: str, dp: Any, listener: SweepListener) -> l
                           ledgers[n])
                 bench.settle()
             say(f"{mode}: uninstalling")
-            bench.close()  # the end floor runs with nothing of the sweep's around, as the start's
+            bench.close()
             uninstall_s = bench.uninstall()
             listener.observed([], {"mode": mode, "phase": "sweep", "metric": "uninstall",
                                    "seconds": uninstall_s})
-            _floor(bench, floor, rec, "end", listener)
         finally:
             bench.close()
             if bench.installed:
@@ -339,22 +334,6 @@ def run_mode(cfg: SweepConfig, mode: str, dp: Any, listener: SweepListener) -> l
                 except Exception:  # noqa: BLE001 - the namespaces go with the cluster anyway
                     pass
     return rec.rows
-
-
-def _floor(bench: Bench, metrics: list[Metric], rec: _Recording, when: str,
-           listener: SweepListener) -> None:
-    for metric in metrics:
-        for target in metric.targets:
-            for repeat in range(_repeats(metric, bench.cfg)):
-                listener.progress(f"{bench.mode}: {metric.name} ({when}) {repeat + 1}")
-                started = time.perf_counter()
-                try:
-                    obs = metric.measure(bench, target, repeat)
-                    rec.add(metric, 0, repeat, obs, when, time.perf_counter() - started)
-                except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
-                    listener.metric_failed(bench.mode, metric.name, 0, f"{type(exc).__name__}: {exc}")
-                    break
-        listener.step()
 
 
 def passes(size_metrics: list[Metric], cfg: SweepConfig) -> int:

@@ -44,12 +44,19 @@ class ConnectionRun:
     def outcomes(self) -> dict[str, int]:
         return dict(Counter(s.outcome for s in self.samples))
 
-    def dealt(self, ways: int) -> list[ConnectionRun]:
-        """Connection i goes to part i % ways (a run that cycled through `ways` targets); each
-        part gets an equal share of the wall and CPU time."""
-        return [ConnectionRun(self.samples[j::ways], self.targets[j::ways], self.wall_s / ways,
-                              self.thread_sys_s / ways, self.thread_user_s / ways)
-                for j in range(ways)]
+    def dealt(self, labels: list[str | None]) -> dict[str, ConnectionRun]:
+        """The run split by the label of each connection (None: a warm-up, left out); each
+        part gets its share of the wall and CPU time by its number of connections."""
+        parts: dict[str, list[int]] = {}
+        for i, label in enumerate(labels):
+            if label is not None:
+                parts.setdefault(label, []).append(i)
+        total = max(1, len(labels))
+        return {label: ConnectionRun([self.samples[i] for i in idx], [self.targets[i] for i in idx],
+                                     self.wall_s * len(idx) / total,
+                                     self.thread_sys_s * len(idx) / total,
+                                     self.thread_user_s * len(idx) / total)
+                for label, idx in parts.items()}
 
 
 def _thread_cpu() -> tuple[float, float]:
@@ -58,7 +65,7 @@ def _thread_cpu() -> tuple[float, float]:
 
 
 def new_connections(
-    targets: list[tuple[str, int]],
+    targets: list[tuple[str, int]] | list[tuple[str, int, str]],
     count: int,
     *,
     pick: str = "cycle",
@@ -66,22 +73,32 @@ def new_connections(
     timeout: float = 1.0,
 ) -> ConnectionRun:
     """`count` sequential new TCP connections, each to the next target ("cycle") or a
-    seeded random one ("random"); latency is connect() to the backend's greeting."""
+    seeded random one ("random"); latency is connect() to the backend's greeting.
+
+    A target (ip, port, netns) is connected from that network namespace: the thread enters
+    it before the socket is made (outside the timing). Either every target names one or none.
+    """
     if not targets or count < 1:
         raise ValueError("new_connections needs at least one target and count >= 1")
+    if len({len(t) for t in targets}) != 1:
+        raise ValueError("new_connections: either every target names its namespace or none does")
     rng = random.Random(seed)
     chosen = [
         targets[rng.randrange(len(targets))] if pick == "random" else targets[i % len(targets)]
         for i in range(count)
     ]
     samples: list[Sample] = []
+    here = None
     sys0, user0 = _thread_cpu()
     start = time.perf_counter()
-    for ip, port in chosen:
+    for ip, port, *netns in chosen:
+        if netns and netns[0] != here:
+            setns(netns[0])
+            here = netns[0]
         samples.append(tcp_sample(ip, port, timeout, b"", None))
     wall = time.perf_counter() - start
     sys1, user1 = _thread_cpu()
-    return ConnectionRun(samples, [f"{ip}:{port}" for ip, port in chosen], wall,
+    return ConnectionRun(samples, [f"{t[0]}:{t[1]}" for t in chosen], wall,
                          sys1 - sys0, user1 - user0)
 
 

@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bench.sweep import ModeUnavailable, Row, SweepConfig, SweepListener, load_mode, steps_of
+from reports.agreement import agreement
 from reports.results import (
     RAW_DIR,
     environment,
@@ -459,6 +460,9 @@ def _finish(folder: RunFolder, status: str, wall_s: float) -> None:
         spread=rows_spread,
         noisy=[s for s in rows_spread if s["noisy"]],
         rows=len(folder.rows),
+        # Do the passes rank the modes alike at every size, and how far does the growth
+        # exponent move between them (a bootstrap over passes)?
+        agreement=agreement([r.as_dict() for r in folder.rows]),
     )
     folder.save_meta()
 
@@ -474,6 +478,7 @@ SUMMARY_COLUMNS = (
     ("last", "conn_latency_us", "last", "p50", 1.0),
     ("rand", "conn_latency_us", "random", "p50", 1.0),
     ("pod", "podip_conn_latency_us", None, "p50", 1.0),
+    ("floor", "floor_conn_latency_us", None, "p50", 1.0),
     ("rr", "rr_latency_us", None, "p50", 1.0),
     ("rps", "throughput_rps", None, "value", 1.0),
     ("cpu", "cpu_us_per_conn", None, "tasks", 1.0),
@@ -481,7 +486,8 @@ SUMMARY_COLUMNS = (
 )
 SUMMARY_LEGEND = ("full/one/prog: ms to program all Services from empty, one Service's change, "
                   "change to first connection served; 1st/last/rand/pod: p50 µs of a new "
-                  "connection (pod at start/end = the floor, nothing installed); rr: p50 µs "
+                  "connection; floor: p50 µs pod to pod across two unprogrammed nodes, at the same "
+                  "moments; rr: p50 µs "
                   "request/response; rps: new connections/s (locust); cpu: kernel µs per "
                   "connection; yellow = repeats spread > 5 %")
 SHORT_MODE = {"iptables": "ipt", "nftables": "nft", "userspace": "user"}
@@ -497,10 +503,7 @@ def summary_lines(rows: list[Row], noisy: list[dict]) -> list[dict[str, Any]]:
         line_key = (r.mode, r.n_services, when)
         target = r.extra.get("target", "")
         for header, metric, want, stat, scale in SUMMARY_COLUMNS:
-            floor = r.metric == "floor_conn_latency_us" and header == "pod"
-            if (r.metric == metric or floor) and r.stat == stat and (
-                want is None or want == target or floor
-            ):
+            if r.metric == metric and r.stat == stat and (want is None or want == target):
                 cells.setdefault(line_key, {}).setdefault(header, []).append(r.value * scale)
                 if (r.mode, r.n_services, r.metric, target, when) in flagged:
                     marks.setdefault(line_key, set()).add(header)

@@ -3,8 +3,9 @@
 Every measurement becomes a `Row`; the sweep never analyses (reports/ does).
 Topology: the client pod on node1, every backend of the pool on node2, so each
 connection - to a ClusterIP or straight to a pod IP - crosses the same path. The floor
-(the pool's first pod IP, nothing of the mode installed) is measured at the start and
-the end of each mode's sweep. Each repeat is a pass over the sizes, up by adding Services
+takes that path too, from a client pod on node3 to a pod on node4, two nodes the mode
+never programs, and is measured at every size interleaved with the Service connections,
+so what the Services add is a difference taken at the same moments. Each repeat is a pass over the sizes, up by adding Services
 and back down by removing them, so a mode that syncs incrementally only programs what
 changed. What is measured at each size
 is declared in bench/metrics.py; `Bench` is the fixture those declarations use.
@@ -47,12 +48,18 @@ from kube.model import Node, Pod
 from kube.state import ClusterState
 
 CLIENT = Pod(NAMESPACE, "client", {"app": "client"}, node_name="node1")
+# The floor: the same pod-to-pod path across the underlay, between two nodes the mode never
+# touches (on a programmed iptables node even pod-IP traffic walks KUBE-SERVICES).
+FLOOR_CLIENT = Pod(NAMESPACE, "floor-client", {"app": "floor"}, node_name="node3")
+FLOOR_BACKEND = Pod(NAMESPACE, "floor-backend", {"app": "floor"}, node_name="node4")
+NODES = 4  # node1 (client) and node2 (pool) are programmed; node3 and node4 carry the floor
+PROGRAMMED = 2
 # Modes whose whole kernel state lives in the node's network namespace: deleting a scratch
 # namespace removes what they programmed, so their (slow at scale) uninstall is skipped there.
 NAMESPACE_SCOPED = frozenset({"iptables", "nftables", "ipvs"})
 PROGRAMMING_TIMEOUT_S = 30.0  # longest wait, after the sync returned, for the new endpoint
 MEMINFO_KEYS = ("SUnreclaim", "VmallocUsed", "Percpu")  # kernel memory a ruleset or map takes
-INTERLEAVED = ("first", "last", "random", "pod")  # the targets of Bench.interleaved, in turn
+FLOOR_BLOCK = 10  # Bench.interleaved: rounds of the Service targets between floor blocks
 
 
 @dataclass
@@ -157,11 +164,13 @@ class Bench:
         self.dp = dp
         self.cluster = cluster
         self.kernel = kernel
-        self.nodes = [Node.numbered(1), Node.numbered(2)]
-        self.base = ClusterState.build(self.nodes, [CLIENT, *pool_pods(["node2"], cfg.pool_size)])
-        self.pool = [p for p in self.base.pods if p.name != CLIENT.name]
+        self.nodes = [Node.numbered(k) for k in range(1, NODES + 1)]
+        self.base = ClusterState.build(self.nodes, [CLIENT, FLOOR_CLIENT, FLOOR_BACKEND,
+                                                    *pool_pods(["node2"], cfg.pool_size)])
+        self.pool = [p for p in self.base.pods if p.labels.get("app") == "backend"]
         self.client = self.base.pod(NAMESPACE, CLIENT.name)
-        self.floor_ip = self.pool[0].ip
+        self.pod_ip = self.pool[0].ip  # a pool pod's IP: what programmed nodes do to pod traffic
+        self.floor_ip = self.base.pod(NAMESPACE, FLOOR_BACKEND.name).ip
         self.state = self.base
         self.n = 0
         self.installed = False
@@ -174,19 +183,25 @@ class Bench:
     def start(self) -> None:
         self.cluster.set_pods(list(self.base.pods))
         self.client_ns = self.cluster.pod_netns(NAMESPACE, CLIENT.name)
+        self.floor_client_ns = self.cluster.pod_netns(NAMESPACE, FLOOR_CLIENT.name)
+
+    @property
+    def programmed(self) -> list:
+        """The nodes the mode runs on; the rest carry the floor."""
+        return list(self.cluster.nodes[:PROGRAMMED])
 
     def install(self) -> None:
-        for node in self.cluster.nodes:
+        for node in self.programmed:
             self.dp.install(node)
         self.installed = True
-        for node in self.cluster.nodes:
+        for node in self.programmed:
             self.dp.sync(node, self.base.node_view(node.name))
 
     def uninstall(self) -> float:
         started = time.perf_counter()
         if self.installed:
             self.installed = False
-            self._each_node(self.dp.uninstall, list(self.cluster.nodes))
+            self._each_node(self.dp.uninstall, self.programmed)
         return time.perf_counter() - started
 
     def _each_node(self, fn: Callable[[Any], Any], items: list) -> list:
@@ -206,7 +221,7 @@ class Bench:
         services, slices = synthetic_services(n, self.pool, self.cfg.endpoints,
                                               NODEPORT_EVERY, AFFINITY_EVERY, BACKEND_PORT)
         state = ClusterState.build(self.nodes, self.base.pods, services, slices, previous=self.state)
-        views = [(node, state.node_view(node.name)) for node in self.cluster.nodes]
+        views = [(node, state.node_view(node.name)) for node in self.programmed]
         stats = self._each_node(lambda nv: self.dp.sync(*nv), views)
         self.state, self.n = state, n
         self._memo.clear()
@@ -225,6 +240,8 @@ class Bench:
     def endpoints_of(self, target: str) -> list[tuple[str, int]]:
         services = self.state.services
         if target == "pod":
+            return [(self.pod_ip, BACKEND_PORT)]
+        if target == "floor":
             return [(self.floor_ip, BACKEND_PORT)]
         if not services:
             raise ValueError(f"target {target!r} needs Services; none are programmed")
@@ -249,21 +266,37 @@ class Bench:
 
     def interleaved(self, target: str, repeat: int) -> ConnectionRun:
         """`count` new connections to `target`, taken from one run that goes round the
-        first Service, the last, a random one and the pod IP, one connection each.
+        first Service, the last, a random one and the pod IP, one connection each, with the
+        floor's connections in blocks between every FLOOR_BLOCK rounds.
 
-        The four targets of a size share every instant of the run: the VM's latency drifts
-        for seconds at a time, so targets measured one after the other would differ by
-        when they were measured as much as by the rules their packets walk.
+        The targets of a size share the instants of the run: the VM's latency drifts for
+        seconds at a time, so targets measured one after the other would differ by when
+        they were measured as much as by the rules their packets walk. The floor leaves from
+        another namespace; the connection right after the thread switches namespaces runs
+        about 10 us slower (measured: 41 against 28 us p50), so the floor comes in blocks
+        of FLOOR_BLOCK (about 5 ms, far inside the drift's seconds) and the first connection
+        after each switch is a warm-up that no target counts.
         """
         key = ("interleaved", repeat)
         if key not in self._memo:
             rng = random.Random(self.cfg.seed * 1000 + repeat)
-            first, last, pod = (self.endpoints_of(t)[0] for t in ("first", "last", "pod"))
+            here = {t: (*self.endpoints_of(t)[0], self.client_ns) for t in ("first", "last", "pod")}
+            floor = (*self.endpoints_of("floor")[0], self.floor_client_ns)
             every = self.endpoints_of("random")
-            plan = [t for _ in range(self.cfg.count)
-                    for t in (first, last, every[rng.randrange(len(every))], pod)]
+            plan: list[tuple[str, int, str]] = []
+            labels: list[str | None] = []
+            for start in range(0, self.cfg.count, FLOOR_BLOCK):
+                rounds = min(FLOOR_BLOCK, self.cfg.count - start)
+                plan.append(here["first"])
+                labels.append(None)
+                for _ in range(rounds):
+                    pick = (*every[rng.randrange(len(every))], self.client_ns)
+                    plan += [here["first"], here["last"], pick, here["pod"]]
+                    labels += ["first", "last", "random", "pod"]
+                plan += [floor] * (rounds + 1)
+                labels += [None] + ["floor"] * rounds
             run = in_netns(self.client_ns, new_connections, plan, len(plan))
-            self._memo[key] = dict(zip(INTERLEAVED, run.dealt(len(INTERLEAVED)), strict=True))
+            self._memo[key] = run.dealt(labels)
         return self._memo[key][target]
 
     def agent_pids(self) -> list[int]:
@@ -415,8 +448,8 @@ def steps_of(cfg: SweepConfig) -> int:
     """How many `step()` calls one mode's sweep makes (for a progress bar)."""
     from bench.metrics import passes, selected
 
-    floor, size = selected(cfg)
-    return 2 * len(floor) + passes(size, cfg) * len(cfg.sizes) * (1 + len(size))
+    size = selected(cfg)
+    return passes(size, cfg) * len(cfg.sizes) * (1 + len(size))
 
 
 def measure_cluster_lifecycle(nodes: int, pods_per_node: int) -> dict[str, float]:
@@ -435,31 +468,6 @@ def measure_cluster_lifecycle(nodes: int, pods_per_node: int) -> dict[str, float
         cluster.destroy()
         down = time.perf_counter() - t1
     return {"up_s": up, "down_s": down}
-
-
-LATENCY_COLUMNS = {
-    "floor_conn_latency_us": "floor",
-    "conn_latency_us:first": "first svc",
-    "conn_latency_us:last": "last svc",
-    "conn_latency_us:random": "random svc",
-    "podip_conn_latency_us": "pod IP",
-}
-
-
-def summarize(rows: list[Row]) -> list[dict]:
-    """One line per (mode, size, floor start/end): sync time and p50/p99 of each target."""
-    lines: dict[tuple, dict] = {}
-    for r in rows:
-        when = r.extra.get("when", "")
-        line = lines.setdefault((r.mode, r.n_services, when),
-                                {"mode": r.mode, "services": f"{r.n_services}{' ' + when if when else ''}"})
-        target = r.extra.get("target", "")
-        key = f"{r.metric}:{target}" if target in ("first", "last", "random") else r.metric
-        if r.metric == "sync_full_s":
-            line["sync ms"] = round(max(line.get("sync ms", 0.0), r.value * 1000), 1)
-        elif key in LATENCY_COLUMNS and r.stat in ("p50", "p99"):
-            line[f"{LATENCY_COLUMNS[key]} {r.stat} µs"] = r.value
-    return list(lines.values())
 
 
 def host_kernel_label() -> str:

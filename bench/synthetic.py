@@ -147,9 +147,7 @@ def sync_view(n: int, endpoints: int = 3) -> NodeView:
 def one_endpoint_fewer(view: NodeView, index: int) -> NodeView:
     """The view with Service `index` losing its last endpoint (the smallest real change)."""
     sp = view.services[index]
-    changed = replace(sp, endpoints=sp.endpoints[:-1],
-                      internal_endpoints=sp.internal_endpoints[:-1],
-                      external_endpoints=sp.external_endpoints[:-1])
+    changed = replace(sp, endpoints=sp.endpoints[:-1])  # the view derives the rest
     services = list(view.services)
     services[index] = changed
     return replace(view, services=tuple(services))

@@ -28,6 +28,7 @@ UML system calls are slow: compare modes within one kernel, never across kernels
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -36,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -136,7 +138,83 @@ def uml_missing() -> list[str]:
                 fresh = False
             if not fresh:
                 out.append(f"the guest's module tree {tree} is not prepared (svcbench doctor --fix runs depmod)")
+    if not out:
+        refused = boot_refused()
+        if refused:
+            out.append(refused)
     return out
+
+
+BOOT_CHECK = "boot-check.json"
+BOOT_CHECK_TIMEOUT_S = 60.0
+INIT_EXITED_CLEANLY = "Attempted to kill init! exitcode=0x00000000"
+FP_REGS_FAILED = "ptrace set fp regs failed"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _boot_key() -> str:
+    """What decides whether the guest boots: its kernel build, the host kernel, the CPU."""
+    st = os.stat(UML_KERNEL)
+    digest = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16]
+    return f"{st.st_size} {st.st_mtime_ns} {os.uname().release} {digest}"
+
+
+def boot_refused() -> str | None:
+    """None when the guest kernel boots on this host, else one sentence why not.
+
+    Booted once (init=/bin/true, about 2 s) and remembered per guest kernel, host kernel
+    and CPU. Debian's 6.1 guest kernel cannot restore a process's FPU state on hosts whose
+    XSAVE area is larger than it knows (AVX-512, AMX): its first process dies at once.
+    """
+    cache = Path(CACHE_DIR) / BOOT_CHECK
+    key = _boot_key()
+    try:
+        seen = json.loads(cache.read_text())
+        if seen.get("key") == key:
+            return seen.get("refused")
+    except (OSError, ValueError):
+        pass
+    refused = _boot_once()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(cache, {"key": key, "refused": refused})
+    except OSError:
+        pass  # checked again next time
+    return refused
+
+
+def _boot_once() -> str | None:
+    umid = f"svbcheck{secrets.token_hex(4)}"
+    with tempfile.TemporaryDirectory(prefix="svcbench-uml-check-") as scratch:
+        argv = [UML_KERNEL, "mem=64M", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "rw",
+                f"umid={umid}", f"uml_dir={scratch}", "con=null", "ssl=null", "con0=null,fd:1",
+                "init=/bin/true"]
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, timeout=BOOT_CHECK_TIMEOUT_S,
+                                  start_new_session=True, cwd=scratch)
+        except subprocess.TimeoutExpired:
+            return f"the guest kernel {UML_KERNEL} did not boot within {BOOT_CHECK_TIMEOUT_S:.0f} s here"
+        console = done.stdout.decode("utf-8", "replace")
+    if INIT_EXITED_CLEANLY in console:
+        return None
+    if FP_REGS_FAILED in console:
+        return (f"the guest kernel {UML_KERNEL} cannot run processes on this CPU: it cannot "
+                "restore their FPU state where the host's XSAVE area is larger than it knows "
+                "(AVX-512, AMX; its console says 'ptrace set fp regs failed')")
+    last = [ln.strip() for ln in console.splitlines() if ln.strip() and not ln.startswith(" [<")]
+    return (f"the guest kernel {UML_KERNEL} does not boot here (its console ends with: "
+            f"{last[-1][:160] if last else 'nothing'})")
 
 
 def prepare_modules(echo: Callable[[str], None] = print) -> str:

@@ -6,7 +6,8 @@ conformance.json:
 
     {"mode", "kernel", "kernel_kind", "checks": [{"name", "outcome", "reason", "duration_s"}]}
 
-with outcome passed | failed | skipped | deviation; kernel is the release that ran the
+with outcome passed | failed | skipped | deviation (a declared deviation whose check passes
+is failed: the declaration no longer holds); kernel is the release that ran the
 checks (as in bench.csv's kernel column), kernel_kind "host" or "uml". Beside it: junit.xml (pytest's),
 measurements.json (numbers checks record, such as network programming latency),
 environment.json and, when progress goes to a callback, pytest.log (pytest's own output).
@@ -58,10 +59,16 @@ def _short(text: str) -> str:
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 
+XPASS_STRICT = "[XPASS(strict)] "  # pytest's failure text for a strict xfail that passed
+
+
 def _reason(report) -> str:
     longrepr = report.longrepr
     if isinstance(longrepr, tuple):  # a skip: (path, lineno, "Skipped: why")
         return _short(str(longrepr[2]))
+    if isinstance(longrepr, str) and longrepr.startswith(XPASS_STRICT):
+        declared = longrepr[len(XPASS_STRICT):]
+        return _short(f"the check passed: the declared deviation no longer holds ({declared})")
     crash = getattr(longrepr, "reprcrash", None)
     if crash is not None:
         return _short(crash.message)

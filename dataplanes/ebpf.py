@@ -39,7 +39,7 @@ from bpf import cgroup, loader, maps, syscall
 from bpf.setup import bcc_missing
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
 from kube.model import PLAN
-from kube.state import EndpointView, NodeView, ServicePortView
+from kube.state import DROP, REJECT, EndpointView, NodeView, ServicePortView
 
 HAIRPIN_IP = "169.254.42.1"  # link-local, never a pod or node address (Cilium uses it alike)
 # SNAT source ports stay above the ephemeral range (32768-60999), so they never collide
@@ -106,24 +106,6 @@ def _mask(cidr: str) -> tuple[bytes, bytes]:
     return net.network_address.packed, net.netmask.packed
 
 
-def _usable(endpoints: tuple[EndpointView, ...]) -> bool:
-    """Any endpoint kube-proxy would send to (ready, or serving while terminating)."""
-    return any(e.ready or (e.serving and e.terminating) for e in endpoints)
-
-
-def in_cluster_endpoints(sp: ServicePortView) -> tuple[EndpointView, ...]:
-    """Endpoints for pods and nodes reaching a NodePort or externalIP.
-
-    As kube-proxy does, in-cluster clients of an external address with
-    externalTrafficPolicy Local are short-circuited to the cluster-wide set.
-    """
-    if not sp.internal_policy_local:
-        return sp.internal_endpoints
-    if not sp.external_policy_local:
-        return sp.external_endpoints
-    return sp.internal_endpoints
-
-
 # --------------------------------------------------------------------------- node state
 
 
@@ -155,6 +137,8 @@ class _Node:
         self.mirrored = True
 
 
+# A frontend's flags for the view's filter: with no backend, DROP_EMPTY drops, else it rejects.
+_EMPTY_FLAGS = {None: 0, REJECT: 0, DROP: maps.SVC_F_DROP_EMPTY}
 _PADDING = [maps.NO_BACKEND * (maps.LB4_INLINE - n) for n in range(maps.LB4_INLINE + 1)]
 
 
@@ -198,8 +182,8 @@ class _Render:
                 entries[key(vip, vport, 0, proto, 0, 0)] = (
                     head(count, flags, svc_id, timeout, 0) + b"".join(refs) + padding[count])
             else:
-                self._frontend(vip, vport, proto, maps.LB_SCOPE_ALL, svc_id, flags, timeout,
-                               refs, sp)
+                self._frontend(vip, vport, proto, maps.LB_SCOPE_ALL, svc_id,
+                               flags | _EMPTY_FLAGS[sp.internal_traffic_filter], timeout, refs)
             if sp.node_port is not None or sp.external_ips:
                 self._external(sp, proto, svc_id, flags | maps.SVC_F_EXTERNAL, timeout,
                                view.node_ips)
@@ -216,8 +200,10 @@ class _Render:
     def _external(self, sp: ServicePortView, proto: int, svc_id: int, flags: int,
                   timeout: int, node_ips: tuple[str, ...]) -> None:
         outside = self._refs_of(sp.external_endpoints)
-        inside_eps = in_cluster_endpoints(sp)
-        inside = None if inside_eps == sp.external_endpoints else self._refs_of(inside_eps)
+        outside_flags = flags | _EMPTY_FLAGS[sp.external_traffic_filter]
+        # Pods and the node itself are short-circuited to the cluster-wide set.
+        inside = (None if sp.cluster_endpoints == sp.external_endpoints
+                  else self._refs_of(sp.cluster_endpoints))
         frontends = [(ip, sp.port) for ip in sp.external_ips]
         self.external_ips.update(sp.external_ips)
         if sp.node_port is not None:
@@ -225,17 +211,15 @@ class _Render:
         for ip, port in frontends:
             address = socket.inet_aton(ip)
             port = socket.htons(port)
-            self._frontend(address, port, proto, maps.LB_SCOPE_ALL, svc_id, flags, timeout,
-                           outside, sp)
+            self._frontend(address, port, proto, maps.LB_SCOPE_ALL, svc_id, outside_flags,
+                           timeout, outside)
             if inside is not None:
                 self._frontend(address, port, proto, maps.LB_SCOPE_INTERNAL, svc_id, flags,
-                               timeout, inside, sp)
+                               timeout, inside)
 
     def _frontend(self, address: bytes, port: int, proto: int, scope: int, svc_id: int,
-                  flags: int, timeout: int, refs: list[bytes], sp: ServicePortView) -> None:
+                  flags: int, timeout: int, refs: list[bytes]) -> None:
         count = len(refs)
-        if not count and (sp.internal_endpoints or sp.external_endpoints or _usable(sp.endpoints)):
-            flags |= maps.SVC_F_DROP_EMPTY  # endpoints exist, the traffic policy excludes them
         key = maps.LB4_KEY.pack
         head = maps.LB4_HEADER.pack(count, flags, svc_id, timeout, 0)
         inline = maps.LB4_INLINE

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
 from dataplanes.conntrack import run_deletes, stale_udp_flow_deletes
-from kube.state import EndpointView, NodeView, ServicePortView
+from kube.state import REJECT, EndpointView, NodeView, ServicePortView
 
 MASQUERADE_MARK = "0x4000"
 CANARY_CHAIN = "KUBE-PROXY-CANARY"
@@ -175,32 +175,17 @@ def _comment(text: str) -> str:
     return f'-m comment --comment "{text}"'
 
 
-def _endpoint_sets(sp: ServicePortView):
-    """kube-proxy's CategorizeEndpoints, read off the view: (cluster, local) endpoint lists.
-
-    The view's external set is cluster-wide unless externalTrafficPolicy is Local; when
-    both policies are Local the view has no cluster-wide set and the local one stands in.
-    """
-    itp_local, etp_local = sp.internal_policy_local, sp.external_policy_local
-    if not itp_local:
-        cluster = sp.internal_endpoints
-    elif not etp_local:
-        cluster = sp.external_endpoints
-    else:
-        cluster = sp.internal_endpoints
-    if etp_local:
-        local = sp.external_endpoints
-    elif itp_local:
-        local = sp.internal_endpoints
-    else:
-        local = ()
-    return tuple(cluster), tuple(local)
+# How a frontend without usable endpoints answers, by the view's filter: (comment, target).
+def _filter_rule(sp: ServicePortView, verdict: str) -> tuple[str, str]:
+    if verdict == REJECT:
+        return f"{sp.name} has no endpoints", "REJECT --reject-with icmp-port-unreachable"
+    return f"{sp.name} has no local endpoints", "DROP"
 
 
 class _Renderer:
     def __init__(self, view: NodeView):
         self.view = view
-        total = sum(len(sp.internal_endpoints) + len(sp.external_endpoints) for sp in view.services)
+        total = sum(len(sp.all_reachable_endpoints) for sp in view.services)  # KUBE-SEP chains
         self.large = total > LARGE_CLUSTER_ENDPOINTS
         self.rs = Ruleset()
         f, n = self.rs.filter, self.rs.nat
@@ -243,58 +228,51 @@ class _Renderer:
         f, n, cidr = self.rs.filter, self.rs.nat, self.view.cluster_cidr
         proto = sp.protocol.lower()
         name = sp.name
-        cluster, local = _endpoint_sets(sp)
-        itp_local, etp_local = sp.internal_policy_local, sp.external_policy_local
+        etp_local = sp.external_policy_local
         digest = port_proto_hash(name, proto)
         svc, svl, ext = f"KUBE-SVC-{digest}", f"KUBE-SVL-{digest}", f"KUBE-EXT-{digest}"
-        uses_cluster = bool(cluster) and (not itp_local or sp.has_external)
-        uses_local = bool(local) and (itp_local or etp_local)
-        has_endpoints = bool(cluster) or bool(local)
-        internal_chain = svl if itp_local else svc
-        has_internal = bool(sp.internal_endpoints)
-        has_external = bool(sp.external_endpoints)  # for NodePort and externalIP traffic
-        uses_ext = has_endpoints and sp.has_external
-        # No endpoint anywhere: REJECT. Endpoints, but none this traffic policy allows: DROP.
-        if has_endpoints:
-            why, verdict = f"{name} has no local endpoints", "DROP"
-        else:
-            why, verdict = f"{name} has no endpoints", "REJECT --reject-with icmp-port-unreachable"
+        internal_chain = svl if sp.internal_policy_local else svc
+        # The EXT chain exists whenever anything may use it: pods and the node short-circuit.
+        uses_ext = sp.has_any_endpoints and sp.has_external
 
         vip = f"-d {sp.cluster_ip}/32"
-        if has_internal:
+        if sp.internal_endpoints:
             n[KUBE_SERVICES].append(
                 f"-A {KUBE_SERVICES} {vip} -p {proto} {_comment(name + ' cluster IP')}"
                 f" -m {proto} --dport {sp.port} -j {internal_chain}"
             )
         else:
+            why, verdict = _filter_rule(sp, sp.internal_traffic_filter)
             f[KUBE_SERVICES].append(
                 f"-A {KUBE_SERVICES} {vip} -p {proto} {_comment(why)}"
                 f" -m {proto} --dport {sp.port} -j {verdict}"
             )
+        if sp.external_traffic_filter:
+            why, verdict = _filter_rule(sp, sp.external_traffic_filter)
         for eip in sp.external_ips:
-            if has_endpoints:
+            if uses_ext:
                 n[KUBE_SERVICES].append(
                     f"-A {KUBE_SERVICES} -d {eip}/32 -p {proto} {_comment(name + ' external IP')}"
                     f" -m {proto} --dport {sp.port} -j {ext}"
                 )
-            if not has_external:
+            if sp.external_traffic_filter:
                 f[KUBE_EXTERNAL_SERVICES].append(
                     f"-A {KUBE_EXTERNAL_SERVICES} -d {eip}/32 -p {proto} {_comment(why)}"
                     f" -m {proto} --dport {sp.port} -j {verdict}"
                 )
         if sp.node_port is not None:
-            if has_endpoints:
+            if uses_ext:
                 n[KUBE_NODEPORTS].append(
                     f"-A {KUBE_NODEPORTS} -p {proto} {_comment(name)}"
                     f" -m {proto} --dport {sp.node_port} -j {ext}"
                 )
-            if not has_external:
+            if sp.external_traffic_filter:
                 f[KUBE_EXTERNAL_SERVICES].append(
                     f"-A {KUBE_EXTERNAL_SERVICES} -p {proto} {_comment(why)}"
                     f" -m addrtype --dst-type LOCAL -m {proto} --dport {sp.node_port} -j {verdict}"
                 )
 
-        if has_internal:
+        if sp.internal_endpoints:
             # Off-cluster sources (node processes) are masqueraded so replies come back here.
             n.setdefault(internal_chain, []).append(
                 f"-A {internal_chain} ! -s {cidr} {vip} -p {proto} {_comment(name + ' cluster IP')}"
@@ -317,18 +295,15 @@ class _Renderer:
                     f"-A {ext} {_comment(f'route LOCAL traffic for {name} external destinations')}"
                     f" -m addrtype --src-type LOCAL -j {svc}",
                 ]
-            if has_external:
+            if sp.external_endpoints:
                 rules.append(f"-A {ext} -j {svl if etp_local else svc}")
-        seps = {ep.addr: endpoint_chain(sp, ep) for ep in cluster + local}
-        if uses_cluster:
-            self._balance(sp, n.setdefault(svc, []), svc, cluster, seps)
-        if uses_local:
-            self._balance(sp, n.setdefault(svl, []), svl, local, seps)
-        reachable: dict[str, EndpointView] = {}
-        for ep in (cluster if uses_cluster else ()) + (local if uses_local else ()):
-            reachable.setdefault(ep.addr, ep)
+        seps = {ep.addr: endpoint_chain(sp, ep) for ep in sp.all_reachable_endpoints}
+        if sp.cluster_endpoints:
+            self._balance(sp, n.setdefault(svc, []), svc, sp.cluster_endpoints, seps)
+        if sp.local_endpoints:
+            self._balance(sp, n.setdefault(svl, []), svl, sp.local_endpoints, seps)
         tag = "" if self.large else " " + _comment(name)
-        for ep in reachable.values():
+        for ep in sp.all_reachable_endpoints:
             sep = seps[ep.addr]
             affinity = (
                 f" -m recent --set --name {sep} --mask 255.255.255.255 --rsource"

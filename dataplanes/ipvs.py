@@ -43,7 +43,7 @@ from pyroute2.netlink import (
 )
 
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
-from kube.state import EndpointView, NodeView, ServicePortView
+from kube.state import DROP, EndpointView, NodeView, ServicePortView
 
 KUBE_IPVS_IF = "kube-ipvs0"
 MASQUERADE_MARK = "0x4000"
@@ -69,6 +69,10 @@ KUBE_NODE_PORT_UDP = "KUBE-NODE-PORT-UDP"
 KUBE_NODE_PORT_LOCAL_TCP = "KUBE-NODE-PORT-LOCAL-TCP"
 KUBE_NODE_PORT_LOCAL_UDP = "KUBE-NODE-PORT-LOCAL-UDP"
 KUBE_IPVS_IPS = "KUBE-IPVS-IPS"
+# The view's DROP, which kube-proxy's IPVS layout has no set for: a virtual server without
+# real servers answers ICMP port unreachable, which is its REJECT.
+KUBE_DROP_CLUSTER_IP = "KUBE-DROP-CLUSTER-IP"
+KUBE_DROP_EXTERNAL = "KUBE-DROP-EXTERNAL"
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ IPSETS = (
     IpSet(KUBE_NODE_PORT_UDP, "bitmap:port", "Kubernetes nodeport UDP port for masquerade purpose", "range 0-65535"),
     IpSet(KUBE_NODE_PORT_LOCAL_UDP, "bitmap:port", "Kubernetes nodeport UDP port with externalTrafficPolicy=local", "range 0-65535"),
     IpSet(KUBE_IPVS_IPS, "hash:ip", "Kubernetes IPVS ips for filter purpose"),
+    IpSet(KUBE_DROP_CLUSTER_IP, "hash:ip,port", "Kubernetes service cluster ip + port with no endpoint for this node: drop"),
+    IpSet(KUBE_DROP_EXTERNAL, "hash:ip,port", "Kubernetes service external or node ip + port with no endpoint for outside clients: drop them"),
 )
 IPSET_BY_NAME = {s.name: s for s in IPSETS}
 
@@ -157,6 +163,11 @@ def iptables_rules(cluster_cidr: str) -> dict[tuple[str, str], list[str]]:
         f"{_c('kubernetes forwarding conntrack rule')} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
     ]
     ipvs_filter = [
+        # Before IPVS's LOCAL_IN hook: pods, outside clients and (through lo) the node itself.
+        f"-m conntrack --ctstate NEW {_set(KUBE_DROP_CLUSTER_IP, 'dst,dst')} -j DROP",
+        # Pods and the node itself are short-circuited by the virtual server instead.
+        f"! -s {cluster_cidr} -m addrtype ! --src-type LOCAL -m conntrack --ctstate NEW"
+        f" {_set(KUBE_DROP_EXTERNAL, 'dst,dst')} -j DROP",
         f"-m set --match-set {KUBE_CLUSTER_IP} dst,dst -j RETURN",
         f"-m set --match-set {KUBE_EXTERNAL_IP} dst,dst -j RETURN",
         f"-m set --match-set {KUBE_EXTERNAL_IP_LOCAL} dst,dst -j RETURN",
@@ -278,19 +289,32 @@ def desired_layout(view: NodeView, scheduler: str = DEFAULT_SCHEDULER) -> IpvsLa
         def vs(ip: str, port: int, sp: ServicePortView = sp) -> VirtualServer:
             return VirtualServer(sp.protocol, ip, port, scheduler, sp.affinity_timeout_s or 0)
 
-        out.add(vs(sp.cluster_ip, sp.port), sp.internal_endpoints)
+        if sp.internal_traffic_filter == DROP:
+            # No virtual server: IPVS would answer it; the VIP stays local for the DROP rule.
+            sets[KUBE_DROP_CLUSTER_IP].add(f"{sp.cluster_ip},{proto}:{sp.port}")
+        else:
+            out.add(vs(sp.cluster_ip, sp.port), sp.internal_endpoints)
         out.addresses.add(sp.cluster_ip)
         sets[KUBE_CLUSTER_IP].add(f"{sp.cluster_ip},{proto}:{sp.port}")
-        for ep in {(e.ip, e.port) for e in sp.internal_endpoints + sp.external_endpoints}:
+        for ep in {(e.ip, e.port) for e in sp.all_reachable_endpoints}:
             sets[KUBE_LOOP_BACK].add(f"{ep[0]},{proto}:{ep[1]},{ep[0]}")
+        # One virtual server serves every client of an external frontend. While outsiders are
+        # served it holds their set (pods and the node get it too: kube-proxy's IPVS mode does
+        # the same); while they are dropped, only pods and the node reach it: the short circuit.
+        dropped = sp.external_traffic_filter == DROP
+        external = sp.cluster_endpoints if dropped else sp.external_endpoints
         for eip in sp.external_ips:
-            out.add(vs(eip, sp.port), sp.external_endpoints)
+            out.add(vs(eip, sp.port), external)
             out.addresses.add(eip)
             local = KUBE_EXTERNAL_IP_LOCAL if sp.external_policy_local else KUBE_EXTERNAL_IP
             sets[local].add(f"{eip},{proto}:{sp.port}")
+            if dropped:
+                sets[KUBE_DROP_EXTERNAL].add(f"{eip},{proto}:{sp.port}")
         if sp.node_port is not None:
             for node_ip in view.node_ips:
-                out.add(vs(node_ip, sp.node_port), sp.external_endpoints)
+                out.add(vs(node_ip, sp.node_port), external)
+                if dropped:
+                    sets[KUBE_DROP_EXTERNAL].add(f"{node_ip},{proto}:{sp.node_port}")
             if proto == "tcp":
                 name = KUBE_NODE_PORT_LOCAL_TCP if sp.external_policy_local else KUBE_NODE_PORT_TCP
             else:

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
 from dataplanes.conntrack import run_deletes, stale_udp_flow_deletes
-from kube.state import EndpointView, NodeView, ServicePortView
+from kube.state import DROP, REJECT, EndpointView, NodeView, ServicePortView
 
 FAMILY = "ip"
 TABLE = "kube-proxy"
@@ -89,6 +89,8 @@ PROTOCOLS = ("tcp", "udp")
 HAIRPIN = "hairpin-endpoints"
 AFFINITY = "affinity"
 REJECT_CHAIN = "reject-chain"
+# The no-endpoint maps' verdict for the view's filter of a frontend.
+_FILTER_VERDICTS = {REJECT: f"goto {REJECT_CHAIN}", DROP: "drop"}
 
 IP_KEY = "ip daddr . meta l4proto . th dport"
 PORT_KEY = "meta l4proto . th dport"
@@ -382,21 +384,6 @@ def _elements(verb: str, name: str, items: Sequence[str]) -> str:
     return f"{verb} element {FAMILY} {TABLE} {name} {{ {', '.join(items)} }}"
 
 
-def _endpoint_sets(sp: ServicePortView) -> tuple[tuple[EndpointView, ...], tuple[EndpointView, ...]]:
-    """(cluster, local) endpoints, read off the view as kube-proxy's CategorizeEndpoints does.
-
-    The view's external set is cluster-wide unless externalTrafficPolicy is Local; when
-    both policies are Local the view has no cluster-wide set and the local one stands in.
-    """
-    itp, etp = sp.internal_policy_local, sp.external_policy_local
-    if not itp or etp:
-        cluster = sp.internal_endpoints
-    else:
-        cluster = sp.external_endpoints
-    local = sp.external_endpoints if etp else (sp.internal_endpoints if itp else ())
-    return tuple(cluster), tuple(local)
-
-
 def assign_slots(previous: Sequence[str] | None, wanted: Sequence[EndpointView]) -> list[EndpointView]:
     """Endpoints in slot order; one that stays keeps its slot, so affinity stays valid.
 
@@ -436,10 +423,7 @@ def render_service(
     out = ServiceRules()
     before = previous.slots if previous else {}
     proto = sp.protocol.lower()
-    cluster, local = _endpoint_sets(sp)
-    has_endpoints = bool(cluster) or bool(local)
     affinity = sp.affinity_timeout_s
-    none_verdict = f"goto {REJECT_CHAIN}" if not has_endpoints else "drop"
     elements = out.elements
 
     def fill(group: SlotGroup, eps: Sequence[EndpointView]) -> int:
@@ -463,31 +447,32 @@ def render_service(
         n = fill(SlotGroup(ip_map, f"{sp.cluster_ip} . {sp.port}", 0), sp.internal_endpoints)
         elements[SERVICE_IPS, key] = use(ServiceClass("cluster-ip", proto, n, None, affinity))
     else:
-        elements[NO_ENDPOINT_SERVICES, key] = none_verdict
+        elements[NO_ENDPOINT_SERVICES, key] = _FILTER_VERDICTS[sp.internal_traffic_filter]
     if not sp.has_external:
         return out
     # (endpoint map, its key, the dispatch key)
     targets = [(ip_map, f"{ip} . {sp.port}", f"{ip} . {proto} . {sp.port}") for ip in sp.external_ips]
     if sp.node_port is not None:
         targets.append((port_map, f"{sp.node_port}", f"{proto} . {sp.node_port}"))
+    outside, inside = sp.external_endpoints, sp.cluster_endpoints
     for emap, slot_key, key in targets:
         nodeport = emap == port_map
         path = "node-port" if nodeport else "external-ip"
         dispatch = SERVICE_NODEPORTS if nodeport else SERVICE_IPS
         refuse = NO_ENDPOINT_NODEPORTS if nodeport else NO_ENDPOINT_SERVICES
-        if not has_endpoints:
-            elements[refuse, key] = none_verdict
+        if sp.external_traffic_filter:
+            # Clients that were not short-circuited reach the filter hooks untranslated.
+            elements[refuse, key] = _FILTER_VERDICTS[sp.external_traffic_filter]
+        if not inside:
             continue
         if not sp.external_policy_local:
-            n = fill(SlotGroup(emap, slot_key, 0), cluster)
+            n = fill(SlotGroup(emap, slot_key, 0), outside)
             elements[dispatch, key] = use(ServiceClass(path, proto, n, None, affinity))
             continue
-        m = fill(SlotGroup(emap, slot_key, 0), local) if local else 0
-        n = fill(SlotGroup(emap, slot_key, SHORT_CIRCUIT_BASE), cluster) if cluster else 0
+        # Pods and the node itself take the cluster-wide set at SHORT_CIRCUIT_BASE.
+        m = fill(SlotGroup(emap, slot_key, 0), outside) if outside else 0
+        n = fill(SlotGroup(emap, slot_key, SHORT_CIRCUIT_BASE), inside)
         elements[dispatch, key] = use(ServiceClass(path, proto, m, n, affinity))
-        if not local:
-            # Clients that were not short-circuited reach the filter hooks untranslated.
-            elements[refuse, key] = "drop"
     return out
 
 

@@ -117,9 +117,11 @@ def _service(sp: ServicePortView) -> dict[str, Any]:
         "node_port": sp.node_port,
         "external_ips": list(sp.external_ips),
         "affinity_s": sp.affinity_timeout_s,
-        "external_local": sp.external_policy_local,
         "internal": [[e.ip, e.port] for e in sp.internal_endpoints],
         "external": [[e.ip, e.port] for e in sp.external_endpoints],
+        "cluster": [[e.ip, e.port] for e in sp.cluster_endpoints],
+        "internal_filter": sp.internal_traffic_filter,
+        "external_filter": sp.external_traffic_filter,
     }
 
 

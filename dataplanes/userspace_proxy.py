@@ -61,6 +61,8 @@ EXTERNAL_LOCAL = "external-local"  # redirected for pods and the node, dropped f
 DROP = "drop"  # endpoints exist, none for this kind of traffic
 REJECT = "reject"  # no endpoints at all: refused at once
 CLASSES = (REDIRECT, EXTERNAL_LOCAL, DROP, REJECT)
+# A table's "internal_filter" / "external_filter" (the view's) -> the portal's class.
+FILTER_CLASSES = {None: REDIRECT, DROP: DROP, REJECT: REJECT}
 
 PortalKey = tuple[str, str, int]  # (protocol, ip, port)
 
@@ -72,24 +74,15 @@ def portal_key_bytes(ip: str, port: int) -> bytes:
 
 def portal_classes(services: Iterable[dict[str, Any]],
                    node_ips: Iterable[str]) -> dict[PortalKey, str]:
-    """Every portal of a table and its class, as kube-proxy decides REJECT versus DROP."""
+    """Every portal of a table and its class, from the table's reject-or-drop answers."""
     node_ips = list(node_ips)
     out: dict[PortalKey, str] = {}
     for svc in services:
         proto = svc["protocol"]
-        internal, external = svc["internal"], svc["external"]
-        any_endpoint = bool(internal or external)
-        out[(proto, svc["cluster_ip"], svc["port"])] = (
-            REDIRECT if internal else DROP if any_endpoint else REJECT
-        )
-        if external:
-            ext = REDIRECT
-        elif not any_endpoint:
-            ext = REJECT
-        elif svc["external_local"] and internal:
-            ext = EXTERNAL_LOCAL
-        else:
-            ext = DROP
+        out[(proto, svc["cluster_ip"], svc["port"])] = FILTER_CLASSES[svc["internal_filter"]]
+        # Dropped outsiders of a NodePort or externalIP: pods and the node still short-circuit.
+        external = svc["external_filter"]
+        ext = EXTERNAL_LOCAL if external == DROP else FILTER_CLASSES[external]
         for ip in svc["external_ips"]:
             out[(proto, ip, svc["port"])] = ext
         if svc["node_port"] is not None:
@@ -133,15 +126,19 @@ Endpoint = tuple[str, int]
 class ServiceEntry:
     """One Service port as the proxy serves it: endpoints, round robin, affinity."""
 
-    __slots__ = ("name", "protocol", "internal", "external", "external_local", "affinity_s",
-                 "affinity", "next", "counters")
+    __slots__ = ("name", "protocol", "internal", "external", "cluster", "short_circuit",
+                 "affinity_s", "affinity", "next", "counters")
 
     def __init__(self, spec: dict[str, Any], previous: ServiceEntry | None) -> None:
         self.name: str = spec["name"]
         self.protocol: str = spec["protocol"]
+        # ClusterIP clients; outside clients of a NodePort or externalIP; pods and the node
+        # reaching a NodePort or externalIP (kube-proxy's short circuit).
         self.internal: list[Endpoint] = [(ip, port) for ip, port in spec["internal"]]
         self.external: list[Endpoint] = [(ip, port) for ip, port in spec["external"]]
-        self.external_local: bool = spec["external_local"]
+        self.cluster: list[Endpoint] = [(ip, port) for ip, port in spec["cluster"]]
+        # Only then does an external portal care who the client is.
+        self.short_circuit: bool = self.cluster != self.external
         self.affinity_s: int | None = spec["affinity_s"]
         # client IP -> (endpoint, deadline on the loop clock)
         self.affinity: dict[str, tuple[Endpoint, float]] = {}
@@ -152,14 +149,17 @@ class ServiceEntry:
             self.next = previous.next
             self.counters = previous.counters
             if self.affinity_s is not None and previous.affinity_s is not None:
-                alive = set(self.internal) | set(self.external)
+                alive = self.serves()
                 self.affinity = {c: v for c, v in previous.affinity.items() if v[0] in alive}
 
+    def serves(self) -> set[Endpoint]:
+        """Every endpoint some client of this Service port may be sent to."""
+        return set(self.internal) | set(self.external) | set(self.cluster)
+
     def endpoints(self, external: bool, in_cluster: bool) -> list[Endpoint]:
-        # Pods and the node reach an externalTrafficPolicy: Local portal through every endpoint.
-        if external and not (self.external_local and in_cluster):
-            return self.external
-        return self.internal
+        if not external:
+            return self.internal
+        return self.cluster if in_cluster else self.external
 
     def order(self, endpoints: list[Endpoint], client_ip: str, now: float) -> list[Endpoint]:
         """The backends to try, first choice first: the client's affinity, else round robin."""
@@ -276,9 +276,9 @@ class Downstream(asyncio.Protocol):
             return
         entry, external = hit
         client_ip = ""
-        local = external and entry.external_local
+        local = external and entry.short_circuit
         if entry.affinity_s is not None or local:
-            # Only affinity and externalTrafficPolicy: Local care who the client is.
+            # Only affinity and the short circuit care who the client is.
             try:
                 client_ip = sock.getpeername()[0]
             except OSError:
@@ -640,7 +640,7 @@ class UdpFront:
             proxy.unknown += 1
             return None
         entry, external = hit
-        endpoints = entry.endpoints(external, external and entry.external_local
+        endpoints = entry.endpoints(external, external and entry.short_circuit
                                     and proxy.table.in_cluster(client[0]))
         entry.counters.sessions += 1
         order = entry.order(endpoints, client[0], self.loop.time())
@@ -677,7 +677,7 @@ class UdpFront:
         for session in list(self.sessions.values()):
             entry = table.entries.get((session.entry.name, session.entry.protocol))
             endpoint = session.endpoint
-            if entry is None or endpoint not in entry.internal and endpoint not in entry.external:
+            if entry is None or endpoint not in entry.serves():
                 self.close(session)
                 closed += 1
             else:

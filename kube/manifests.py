@@ -4,6 +4,12 @@ Reads v1 Pod, v1 Service and discovery.k8s.io/v1 EndpointSlice (alone, in a mult
 stream, or inside a List) and rejects anything svcbench cannot honour with a `ManifestError`:
 one sentence naming the file and line, the object, the field in Kubernetes path form and the
 values it accepts. Checks that need the rest of the cluster live in kube/state.py.
+
+Field validation is strict, as Kubernetes' `--validate=strict`: every mapping svcbench reads
+refuses a field its Kubernetes type does not have, so a typo such as `lables` is an error
+rather than a pod that silently selects nothing. Fields svcbench ignores (a container's env,
+a pod's volumes) are accepted by name; their contents are not read. Files are read within
+the bounds of kube/yamlload.py: size, nesting and alias expansion.
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import os
 import re
+import stat
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -42,6 +50,7 @@ from kube.model import (
     Service,
     ServicePort,
 )
+from kube.yamlload import MAX_BYTES, ManifestLoader, YAMLLimitError, shortened
 
 
 class ManifestError(ValueError):
@@ -71,8 +80,53 @@ LIST_KINDS = {
 }
 ACCEPTED_KINDS = "v1 Pod, v1 Service, discovery.k8s.io/v1 EndpointSlice or a v1 List of them"
 
-# Fields svcbench reads or knowingly ignores; anything else is most likely a typo.
+# Each Kubernetes type's fields, as of v1.31, for strict validation: anything else is a typo.
 OBJECT_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
+OBJECT_META_FIELDS = frozenset(
+    {
+        "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+        "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
+        "annotations", "ownerReferences", "finalizers", "managedFields",
+    }
+)  # fmt: skip
+LIST_FIELDS = frozenset({"apiVersion", "kind", "metadata", "items"})
+LIST_META_FIELDS = frozenset({"resourceVersion", "continue", "remainingItemCount", "selfLink"})
+POD_SPEC_FIELDS = frozenset(
+    {
+        "activeDeadlineSeconds", "affinity", "automountServiceAccountToken", "containers",
+        "dnsConfig", "dnsPolicy", "enableServiceLinks", "ephemeralContainers", "hostAliases",
+        "hostIPC", "hostNetwork", "hostPID", "hostUsers", "hostname", "imagePullSecrets",
+        "initContainers", "nodeName", "nodeSelector", "os", "overhead", "preemptionPolicy",
+        "priority", "priorityClassName", "readinessGates", "resourceClaims", "resources",
+        "restartPolicy", "runtimeClassName", "schedulerName", "schedulingGates",
+        "securityContext", "serviceAccount", "serviceAccountName", "setHostnameAsFQDN",
+        "shareProcessNamespace", "subdomain", "terminationGracePeriodSeconds", "tolerations",
+        "topologySpreadConstraints", "volumes",
+    }
+)  # fmt: skip
+CONTAINER_FIELDS = frozenset(
+    {
+        "args", "command", "env", "envFrom", "image", "imagePullPolicy", "lifecycle",
+        "livenessProbe", "name", "ports", "readinessProbe", "resizePolicy", "resources",
+        "restartPolicy", "securityContext", "startupProbe", "stdin", "stdinOnce",
+        "terminationMessagePath", "terminationMessagePolicy", "tty", "volumeDevices",
+        "volumeMounts", "workingDir",
+    }
+)  # fmt: skip
+POD_STATUS_FIELDS = frozenset(
+    {
+        "conditions", "containerStatuses", "ephemeralContainerStatuses", "hostIP", "hostIPs",
+        "initContainerStatuses", "message", "nominatedNodeName", "phase", "podIP", "podIPs",
+        "qosClass", "reason", "resize", "resourceClaimStatuses", "startTime",
+    }
+)  # fmt: skip
+POD_CONDITION_FIELDS = frozenset(
+    {"type", "status", "lastProbeTime", "lastTransitionTime", "reason", "message"}
+)
+SERVICE_STATUS_FIELDS = frozenset({"conditions", "loadBalancer"})
+OBJECT_REFERENCE_FIELDS = frozenset(
+    {"apiVersion", "kind", "namespace", "name", "uid", "resourceVersion", "fieldPath"}
+)
 SLICE_FIELDS = frozenset({"apiVersion", "kind", "metadata", "addressType", "endpoints", "ports"})
 SERVICE_SPEC_FIELDS = frozenset(
     {
@@ -93,6 +147,7 @@ ENDPOINT_FIELDS = frozenset(
 )  # fmt: skip
 CONDITION_FIELDS = frozenset({"ready", "serving", "terminating"})
 ENDPOINT_PORT_FIELDS = frozenset({"name", "protocol", "port", "appProtocol"})
+LISTED_FIELDS_MAX = 100  # an unknown-field error lists the accepted fields up to this length
 
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -156,25 +211,28 @@ def field_path(path: Field) -> str:
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "." in part or "/" in part:  # a label key: keep it one segment
-            out += f'["{part}"]'
+            continue
+        shown = shortened(part, 60)  # an unknown key may be any length
+        if "." in part or "/" in part:  # a label key: keep it one segment
+            out += f'["{shown}"]'
         else:
-            out += f".{part}" if out else part
+            out += f".{shown}" if out else shown
     return out
 
 
 def _shown(value: Any) -> str:
+    """A value as an error quotes it: short, and never a walk through a nested value."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "null"
     if isinstance(value, str):
-        return json.dumps(value if len(value) <= 60 else value[:57] + "...")
+        return json.dumps(shortened(value, 60))
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return str(value)
+    return shortened(str(value), 60)
 
 
 def _one_of(choices: Iterable[str]) -> str:
@@ -265,12 +323,14 @@ class _Reader:
         for key in value:
             if key not in known:
                 close = difflib.get_close_matches(str(key), sorted(known), n=1)
-                hint = (
-                    f"did you mean {field_path(path + (close[0],))}"
-                    if close
-                    else "it reads " + ", ".join(sorted(known))
-                )
-                self.fail(path + (str(key),), f"is not a field of {what} ({hint})")
+                listed = ", ".join(sorted(known))
+                if close:
+                    hint = f" (did you mean {field_path(path + (close[0],))})"
+                elif len(listed) <= LISTED_FIELDS_MAX:
+                    hint = f" (it reads {listed})"
+                else:
+                    hint = ""
+                self.fail(path + (str(key),), f"is not a field of {what}{hint}")
 
     def sequence(self, path: Field) -> list:
         value = self.get(path)
@@ -349,11 +409,12 @@ class _Reader:
 
     def metadata(self, name_valid=is_dns1123_label, name_rule: str = DNS1123_LABEL):
         """(namespace, name, labels); afterwards failures name the object."""
-        self.mapping(("metadata",))
+        meta = self.mapping(("metadata",))
         namespace = self.name(("metadata", "namespace"), is_dns1123_label, DNS1123_LABEL)
         namespace = namespace or "default"
         name = self.name(("metadata", "name"), name_valid, name_rule, required=True)
         self.ident = f"{self.ident} {namespace}/{name}"
+        self.known_fields(("metadata",), meta, OBJECT_META_FIELDS, "object metadata")
         labels = self.string_map(("metadata", "labels"), "label value")
         return namespace, name, labels
 
@@ -364,13 +425,19 @@ class _Reader:
 def _read_pod(r: _Reader) -> Pod:
     namespace, name, labels = r.metadata()
     r.known_fields((), r.body, OBJECT_FIELDS, "a Pod")
+    r.mapping(("spec",), POD_SPEC_FIELDS, "a Pod spec")
     node_name = r.name(("spec", "nodeName"), is_dns1123_subdomain, DNS1123_SUBDOMAIN)
+    if r.flag(("spec", "hostNetwork")):
+        r.fail(
+            ("spec", "hostNetwork"),
+            "must be false or absent (every pod gets its own network here; for the host "
+            "network, probe --from node/NAME)",
+        )
     ports: list[ContainerPort] = []
     seen_names: dict[str, Field] = {}
     seen_ports: dict[tuple[int, str], Field] = {}
-    for c, container in enumerate(r.sequence(("spec", "containers"))):
-        if not isinstance(container, dict):
-            r.fail(("spec", "containers", c), f"must be a mapping, not {_shown(container)}")
+    for c, _ in enumerate(r.sequence(("spec", "containers"))):
+        r.mapping(("spec", "containers", c), CONTAINER_FIELDS, "a container")
         for p, _ in enumerate(r.sequence(("spec", "containers", c, "ports"))):
             at = ("spec", "containers", c, "ports", p)
             r.mapping(at, CONTAINER_PORT_FIELDS, "a container port")
@@ -394,9 +461,10 @@ def _read_pod(r: _Reader) -> Pod:
             seen_ports[number, protocol] = at
             ports.append(ContainerPort(number, protocol, port_name))
     ready = True  # no Ready condition: a running pod
+    r.mapping(("status",), POD_STATUS_FIELDS, "a Pod status")
     for i, _ in enumerate(r.sequence(("status", "conditions"))):
         at = ("status", "conditions", i)
-        r.mapping(at)
+        r.mapping(at, POD_CONDITION_FIELDS, "a Pod condition")
         if r.get(at + ("type",)) != "Ready":
             continue
         status = r.get(at + ("status",))
@@ -421,6 +489,7 @@ def _read_service(r: _Reader, plan: AddressPlan) -> Service:
     namespace, name, labels = r.metadata(is_dns1035_label, DNS1035_LABEL)
     r.known_fields((), r.body, OBJECT_FIELDS, "a Service")
     r.mapping(("spec",), SERVICE_SPEC_FIELDS, "a Service spec")
+    r.mapping(("status",), SERVICE_STATUS_FIELDS, "a Service status")
     svc_type = r.choice(
         ("spec", "type"),
         SERVICE_TYPES,
@@ -431,12 +500,10 @@ def _read_service(r: _Reader, plan: AddressPlan) -> Service:
     headless = cluster_ip == HEADLESS
     if headless and svc_type == TYPE_NODE_PORT:
         r.fail(("spec", "type"), 'must be "ClusterIP" when spec.clusterIP is "None" (headless)')
-    families = r.sequence(("spec", "ipFamilies"))
-    if any(f != "IPv4" for f in families):
-        r.fail(
-            ("spec", "ipFamilies"),
-            f'must be ["IPv4"], not {json.dumps(families)} (IPv6 is not supported)',
-        )
+    for i, family in enumerate(r.sequence(("spec", "ipFamilies"))):
+        if family != "IPv4":
+            problem = f'must be "IPv4", not {_shown(family)} (IPv6 is not supported)'
+            r.fail(("spec", "ipFamilies", i), problem)
     if r.get(("spec", "ipFamilyPolicy")) == "RequireDualStack":
         r.fail(("spec", "ipFamilyPolicy"), 'must be "SingleStack" or "PreferDualStack" (IPv4 only)')
     if r.flag(("spec", "publishNotReadyAddresses")):
@@ -628,7 +695,7 @@ def _read_endpoint_slice(r: _Reader) -> EndpointSlice:
         terminating = r.flag(at + ("conditions", "terminating"))
         ready = True if ready is None else ready  # Kubernetes: nil means ready
         pod_name = None
-        r.mapping(at + ("targetRef",))
+        r.mapping(at + ("targetRef",), OBJECT_REFERENCE_FIELDS, "an object reference")
         if r.get(at + ("targetRef", "kind")) in (None, POD):
             pod_name = r.name(at + ("targetRef", "name"), is_dns1123_subdomain, DNS1123_SUBDOMAIN)
         endpoints.append(
@@ -831,17 +898,22 @@ class _Load:
         api, kind = body.get("apiVersion"), body.get("kind")
         if default_kind is not None and api is None and kind is None:
             api, kind = default_kind
-        if (api, kind) in LIST_KINDS:
+        named = isinstance(api, str) and isinstance(kind, str)  # a list is not hashable
+        if named and (api, kind) in LIST_KINDS:
             r = _Reader(place, f"{api} {kind}", body)
+            r.known_fields((), body, LIST_FIELDS, "a List")
+            r.mapping(("metadata",), LIST_META_FIELDS, "list metadata")
             item_kind = LIST_KINDS[api, kind]
             for i, item in enumerate(r.sequence(("items",))):
                 self.document(_Place(place.source, place.document, place.node, i), item, item_kind)
             return
-        if (api, kind) not in KINDS:
+        if not named or (api, kind) not in KINDS:
             what = f"apiVersion {_shown(api)} kind {_shown(kind)}"
             meta = body.get("metadata")
             if isinstance(meta, dict) and isinstance(meta.get("name"), str):
-                what += f" ({meta.get('namespace') or 'default'}/{meta['name']})"
+                namespace = meta.get("namespace")
+                namespace = namespace if isinstance(namespace, str) and namespace else "default"
+                what += f" ({shortened(namespace, 60)}/{shortened(meta['name'], 60)})"
             raise ManifestError(
                 f"{place.at(('kind',))}: {what} is not a kind svcbench reads; "
                 f"it reads {ACCEPTED_KINDS}."
@@ -862,15 +934,22 @@ class _Load:
         self.objects[key] = (obj, place.at())
 
     def text(self, text: str, source: str) -> None:
-        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+        if len(text) > MAX_BYTES:  # a character is at least a byte
+            raise ManifestError(_too_big(source, f"more than {MAX_BYTES:,} characters"))
+        loader = ManifestLoader(text)
+        document = 0
         try:
-            for index, node in enumerate(_nodes(loader), start=1):
-                _refuse_repeated_keys(node, source, index)
-                self.document(_Place(source, index, node), loader.construct_document(node))
+            while loader.check_node():
+                document += 1
+                node = loader.get_node()
+                _refuse_repeated_keys(node, source, document)
+                self.document(_Place(source, document, node), loader.construct_document(node))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             where = f"{source}:{mark.line + 1}" if mark is not None else source
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            if isinstance(e, YAMLLimitError):
+                raise ManifestError(f"{where} (document {document}): {problem}.") from None
             raise ManifestError(f"{where} is not valid YAML: {problem}.") from None
         finally:
             loader.dispose()
@@ -884,17 +963,10 @@ class _Load:
         )
 
 
-def _nodes(loader) -> Iterator[yaml.Node]:
-    while loader.check_node():
-        node = loader.get_node()
-        if node is not None:
-            yield node
-
-
 def _refuse_repeated_keys(node: yaml.Node, source: str, index: int) -> None:
     """PyYAML keeps the last of two equal keys silently; Kubernetes refuses them, so do we."""
     stack = [node]
-    seen_nodes: set[int] = set()  # aliases share nodes and may even form cycles
+    seen_nodes: set[int] = set()  # aliases share nodes
     while stack:
         n = stack.pop()
         if id(n) in seen_nodes:
@@ -939,19 +1011,57 @@ def _manifest_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _too_big(source: str, size: str) -> str:
+    return f"{source} is {size}; svcbench reads manifests of at most {MAX_BYTES:,} bytes (1 MiB)."
+
+
+def _read_stdin() -> str:
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    data = stream.read(MAX_BYTES + 1)  # bounded: stdin may be endless, such as /dev/zero
+    if len(data) > MAX_BYTES:
+        raise ManifestError(_too_big("<stdin>", f"more than {MAX_BYTES:,} bytes"))
+    return _decoded(data, "<stdin>")
+
+
+def _read_file(path: Path) -> str:
+    """A regular file's text, refused by size before it is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not wait for a writer
+    except OSError as e:
+        raise ManifestError(f"{path} cannot be read: {e.strerror or e}.") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ManifestError(
+                f"{path} is not a regular file; give a file, a directory of them or - for stdin."
+            )
+        if info.st_size > MAX_BYTES:
+            raise ManifestError(_too_big(str(path), f"{info.st_size:,} bytes"))
+        try:
+            data = f.read(MAX_BYTES + 1)  # it may have grown since fstat
+        except OSError as e:
+            raise ManifestError(f"{path} cannot be read: {e.strerror or e}.") from None
+    if len(data) > MAX_BYTES:
+        raise ManifestError(_too_big(str(path), f"more than {MAX_BYTES:,} bytes"))
+    return _decoded(data, str(path))
+
+
+def _decoded(data: bytes | str, source: str) -> str:
+    if isinstance(data, str):  # a text stdin without a byte buffer
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError(f"{source} is not a UTF-8 text file.") from None
+
+
 def load_files(paths: Iterable[str | Path], plan: AddressPlan = PLAN) -> Manifests:
     """Read files ("-" is stdin, a directory its *.yaml, *.yml, *.json) as one load."""
     load = _Load(plan)
     for given in paths:
         if str(given) == "-":
-            load.text(sys.stdin.read(), "<stdin>")
+            load.text(_read_stdin(), "<stdin>")
             continue
         for path in _manifest_files(Path(given)):
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                raise ManifestError(f"{path} is not a UTF-8 text file.") from None
-            except OSError as e:
-                raise ManifestError(f"{path} cannot be read: {e.strerror or e}.") from None
-            load.text(text, str(path))
+            load.text(_read_file(path), str(path))
     return load.manifests()

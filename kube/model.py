@@ -43,6 +43,15 @@ class AddressPlan:
     # The pod's default gateway: a link-local address on the node side of every pod veth.
     pod_gateway: str = "169.254.1.1"
 
+    @property
+    def max_nodes(self) -> int:
+        """Node k takes the k-th /24 of the cluster CIDR and .k of the node CIDR below the
+        external client; past that it would take a Service's or the client's address."""
+        pod_cidrs = 2 ** (24 - ipaddress.ip_network(self.cluster_cidr).prefixlen) - 1  # k >= 1
+        underlay = ipaddress.ip_network(self.node_cidr).network_address
+        below_client = int(ipaddress.ip_address(self.external_client_ip)) - int(underlay) - 1
+        return min(pod_cidrs, below_client)
+
     def node_ip(self, index: int) -> str:
         return str(ipaddress.ip_network(self.node_cidr)[index])
 
@@ -75,6 +84,8 @@ class Node:
 
     @classmethod
     def numbered(cls, index: int, plan: AddressPlan = PLAN) -> Node:
+        if not 1 <= index <= plan.max_nodes:
+            raise ValueError(f"node{index} does not fit the address plan ({plan.max_nodes} nodes)")
         return cls(f"node{index}", index, plan.node_ip(index), plan.pod_cidr(index))
 
 

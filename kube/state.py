@@ -51,9 +51,55 @@ class EndpointView:
         return f"{self.ip}:{self.port}"
 
 
+# What traffic with no usable endpoint gets (kube-proxy's internal/externalTrafficFilterTarget).
+REJECT = "reject"  # the Service has no endpoint anywhere: refused at once
+DROP = "drop"  # it has endpoints, none this traffic may use here: dropped, the client times out
+
+
 @dataclass(frozen=True)
 class ServicePortView:
-    """One (Service, port): kube-proxy's ServicePortName with everything a proxy needs."""
+    """One (Service, port) as one node's proxy must serve it.
+
+    kube-proxy's ServicePortName and ServicePort info, with the answers of its
+    `CategorizeEndpoints` (pkg/proxy/topology.go) and of each proxier's reject-or-drop
+    choice, computed once here: a mode renders these fields and never decides which
+    endpoints serve which traffic, nor whether to drop or reject.
+
+    Given (by `ClusterState.node_view`):
+
+    - `endpoints`: every endpoint of the port, usable or not. Per-endpoint facts (`ready`,
+      `serving`, `terminating`, `local`) stay readable for what only a mode knows, such as
+      SNAT to remote endpoints only.
+    - `internal_policy_local`: internalTrafficPolicy is Local (InternalPolicyLocal).
+    - `external_policy_local`: externalTrafficPolicy is Local and the port is reachable
+      from outside, by a NodePort or an externalIP (ExternalPolicyLocal).
+
+    Derived from those when the view is made (so `dataclasses.replace` keeps them true):
+
+    - `cluster_endpoints` (clusterEndpoints): the ready endpoints anywhere, or the
+      serving+terminating ones when none is ready (KEP-1669). Empty when the port never
+      uses Cluster policy, i.e. its internal policy is Local and it is not reachable from
+      outside; a port reachable from outside always needs them, for the short circuit below.
+    - `local_endpoints` (localEndpoints): the same choice among this node's endpoints.
+      Empty when neither policy is Local.
+    - `all_reachable_endpoints` (allReachableEndpoints): both, each endpoint once.
+    - `has_any_endpoints` (hasAnyEndpoints): some ready or serving+terminating endpoint
+      exists somewhere in the cluster, reachable from here or not.
+    - `internal_endpoints`: where ClusterIP traffic goes (the internal policy chain):
+      `local_endpoints` under internal policy Local, else `cluster_endpoints`.
+    - `external_endpoints`: where NodePort and externalIP traffic from outside goes (the
+      external policy chain): `local_endpoints` under external policy Local, else
+      `cluster_endpoints`; empty when the port has neither. Pods (the cluster CIDR) and the
+      node itself reaching a NodePort or externalIP always go to `cluster_endpoints`:
+      kube-proxy's short circuit.
+    - `internal_traffic_filter` (internalTrafficFilterTarget): None while
+      `internal_endpoints` has any; else REJECT when the Service has no endpoint at all,
+      DROP when it has some elsewhere.
+    - `external_traffic_filter` (externalTrafficFilterTarget): the same for traffic from
+      outside to the NodePort and externalIPs (None when the port has neither). DROP
+      concerns only outside clients: pods and the node are still short-circuited to
+      `cluster_endpoints`, which is never empty then.
+    """
 
     namespace: str
     service: str
@@ -67,13 +113,47 @@ class ServicePortView:
     external_policy_local: bool = False
     internal_policy_local: bool = False
     endpoints: tuple[EndpointView, ...] = ()  # every known endpoint, usable or not
-    # Endpoints for traffic from inside the cluster (pods, nodes) to the ClusterIP:
-    # ready ones, or serving+terminating ones when none is ready; local only when
-    # internalTrafficPolicy is Local.
-    internal_endpoints: tuple[EndpointView, ...] = ()
-    # Endpoints for NodePort and externalIP traffic: the same choice, local only when
-    # externalTrafficPolicy is Local.
-    external_endpoints: tuple[EndpointView, ...] = ()
+    # Derived in __post_init__ from the fields above; compare=False since they follow them.
+    cluster_endpoints: tuple[EndpointView, ...] = field(init=False, compare=False, repr=False)
+    local_endpoints: tuple[EndpointView, ...] = field(init=False, compare=False, repr=False)
+    all_reachable_endpoints: tuple[EndpointView, ...] = field(
+        init=False, compare=False, repr=False
+    )
+    has_any_endpoints: bool = field(init=False, compare=False, repr=False)
+    internal_endpoints: tuple[EndpointView, ...] = field(init=False, compare=False, repr=False)
+    external_endpoints: tuple[EndpointView, ...] = field(init=False, compare=False, repr=False)
+    internal_traffic_filter: str | None = field(init=False, compare=False, repr=False)
+    external_traffic_filter: str | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        external = self.has_external
+        external_local = self.external_policy_local and external
+        uses_cluster = not self.internal_policy_local or external
+        uses_local = self.internal_policy_local or external_local
+        cluster = _usable(self.endpoints) if uses_cluster else ()
+        local = _usable([e for e in self.endpoints if e.local]) if uses_local else ()
+        if not local or local == cluster:
+            reachable = cluster or local
+        else:
+            # Local may hold serving+terminating endpoints that cluster, with ready ones, has not.
+            seen = {(e.ip, e.port) for e in cluster}
+            reachable = cluster + tuple(e for e in local if (e.ip, e.port) not in seen)
+        has_any = bool(cluster) or any(e.ready or (e.serving and e.terminating)
+                                       for e in self.endpoints)
+        internal = local if self.internal_policy_local else cluster
+        outside = local if external_local else cluster
+        none = DROP if has_any else REJECT
+        # Written once, here, past the frozen __setattr__.
+        self.__dict__.update(
+            cluster_endpoints=cluster,
+            local_endpoints=local,
+            all_reachable_endpoints=reachable,
+            has_any_endpoints=has_any,
+            internal_endpoints=internal,
+            external_endpoints=outside if external else (),
+            internal_traffic_filter=None if internal else none,
+            external_traffic_filter=None if outside or not external else none,
+        )
 
     @property
     def name(self) -> str:
@@ -91,6 +171,7 @@ class ServicePortView:
 
     @property
     def has_external(self) -> bool:
+        """Reachable from outside: a NodePort or an externalIP (kube-proxy's ExternallyAccessible)."""
         return self.node_port is not None or bool(self.external_ips)
 
 
@@ -184,9 +265,12 @@ class ClusterState:
         pending: list[Pod] = []
         for pod in pods:
             if pod.node_name is not None and pod.node_name not in by_node:
+                names = list(by_node)
+                listed = ", ".join(names) if len(names) <= 4 else f"{names[0]} to {names[-1]}"
                 raise StateError(
                     f"Pod {pod.namespace}/{pod.name}: spec.nodeName {pod.node_name!r} is not a node "
-                    f"of this cluster (nodes: {', '.join(by_node)})"
+                    f"of this cluster (nodes: {listed}; the address plan fits at most "
+                    f"{plan.max_nodes})"
                 )
             prev = prev_pods.get(pod.key)
             if (
@@ -416,10 +500,6 @@ class ClusterState:
         for svc in self.proxied_services(proxy_name):
             for sp in svc.ports:
                 eps = _endpoints_for_port(svc, sp, slices_by_svc.get(svc.key, []), node_name)
-                everyone = _usable(eps)
-                local = _usable([e for e in eps if e.local])
-                internal = local if svc.internal_traffic_policy == POLICY_LOCAL else everyone
-                external = local if svc.external_traffic_policy == POLICY_LOCAL else everyone
                 is_np = svc.type == TYPE_NODE_PORT
                 views.append(
                     ServicePortView(
@@ -438,8 +518,6 @@ class ClusterState:
                         and svc.external_traffic_policy == POLICY_LOCAL,
                         internal_policy_local=svc.internal_traffic_policy == POLICY_LOCAL,
                         endpoints=tuple(eps),
-                        internal_endpoints=internal,
-                        external_endpoints=external,
                     )
                 )
         views.sort(key=lambda v: (v.name, v.protocol, v.port))

@@ -11,6 +11,10 @@ a + added·(N/N_max)^k and b's interval is read where the data are, at the large
 the mode is flat when the interval of what N_max Services add contains zero. b itself and
 b·1000^k ("added per 1,000 Services") follow by the delta method, exact for this
 linearised fit.
+
+`decide` turns such an interval into the one word a report states (grows, flat, falls),
+and says flat too when the growth is smaller than what the values can resolve or the cost
+is not above its floor: an exponent is only ever quoted for a cost that grows.
 """
 
 from __future__ import annotations
@@ -97,11 +101,37 @@ class GrowthFit:
 
     @property
     def verdict(self) -> str:
-        if self.flat:
-            return "flat"
-        if self.shrinks:
-            return "shrinks"
-        return f"N^{self.k:.2f}"
+        """grows, flat or falls: what the largest size adds, read from its interval."""
+        return decide(self.added_max, self.added_max_ci.low, self.added_max_ci.high)
+
+
+GROWS, FLAT, FALLS, UNKNOWN_VERDICT = "grows", "flat", "falls", "unknown"
+
+
+def decide(added: float, low: float, high: float, resolution: float = 0.0,
+           above_floor: float | None = None) -> str:
+    """One verdict for what N Services do to a cost, from the interval [low, high] of what
+    the largest size adds (fit_table's added_max columns).
+
+    grows: the interval lies above `resolution` (zero for most figures; a figure counted
+    in clock ticks moves by one tick with nothing changed, so its growth must clear one)
+    and, when given, the cost at the largest size stands above its floor (`above_floor`:
+    the low end of that difference's interval, or the difference itself when it has none),
+    since a cost at or below the floor cannot grow. falls: the interval lies below minus
+    the resolution. Otherwise flat; unknown when there is no interval.
+    """
+    values = (added, low, high)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        return UNKNOWN_VERDICT
+    resolution = resolution if math.isfinite(resolution) else 0.0
+    if above_floor is not None and not math.isfinite(above_floor):
+        above_floor = None  # no floor to hold the cost against
+    resolution = max(resolution, 0.0)
+    if low > resolution and (above_floor is None or above_floor > 0):
+        return GROWS
+    if high < -resolution:
+        return FALLS
+    return FLAT
 
 
 def _t_quantile(dof: int, confidence: float) -> float:
@@ -277,7 +307,7 @@ def fit_table(
             level=fit.level, level_low=fit.level_ci.low, level_high=fit.level_ci.high,
             flat=fit.flat, verdict=fit.verdict, sizes=",".join(map(str, fit.sizes)),
             n_points=fit.n_points, dof=fit.dof, rmse=fit.rmse,
-            note="k at its bound" if fit.k_at_bound and not fit.flat else "",
+            note="k at its bound" if fit.k_at_bound and fit.verdict == GROWS else "",
         )
         rows.append(row)
     out = pd.DataFrame(rows)

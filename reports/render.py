@@ -2,9 +2,12 @@
 
 Reads bench.csv, run.json and conformance*.json with pandas, fits each mode's growth
 (reports/fit.py) and writes, in this order: headline findings, the conformance matrix,
-one log-log chart per metric, the growth-fit table, the environment and, with an older
-run to compare against, the change per metric and mode. Charts are inline SVG drawn here;
-the page loads nothing (no fonts, scripts or images from anywhere), so it opens offline.
+one log-log chart per metric (a table for metrics measured at one size), the growth-fit
+table, the agreement between passes (reports/agreement.py), the environment and, with an
+older run to compare against, the change per metric and mode. Charts are inline SVG drawn
+here; the page loads nothing (no fonts, scripts or images from anywhere), so it opens
+offline. Every statement has one growth verdict (fit.decide), figures counted in clock
+ticks carry their resolution, and a reader never sees nan or inf.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from reports.fit import fit_table
+from reports import agreement
+from reports.fit import FLAT, GROWS, UNKNOWN_VERDICT, decide, fit_table
 from reports.results import _write_atomic, read_json
 
 BENCH_CSV = "bench.csv"
@@ -35,16 +40,18 @@ NOISE = 0.05  # the bench goal: repeats of a p50 differ by less than 5 %
 OUTCOMES = ("passed", "failed", "deviation", "skipped")
 OUTCOME_MARK = {"passed": "✓", "failed": "✗", "deviation": "≈", "skipped": "–"}
 TARGETS = {"first": "the first Service", "last": "the last Service", "random": "random Services"}
-# The metric the headline is about, best first: the Service that walks the most rules.
-HEADLINE_METRICS = ("conn_latency_us:last", "conn_latency_us:random", "conn_latency_us",
-                    "conn_latency_us:first")
+HEADLINE_METRICS = agreement.PRIMARY_SERIES
 FLOOR_METRIC = "floor_conn_latency_us"
 # Further metrics a headline quotes at the largest size, when the run measured them.
 EXTRA_FINDINGS = (("programming_latency_s", "network programming latency"),
                   ("throughput_rps", "throughput"), ("cpu_us_per_conn", "kernel CPU per connection"))
 FLOORED = ("conn_latency_us", "podip_conn_latency_us")  # new connections: the floor applies
 PERCENTILE_RE = re.compile(r"^p\d+(\.\d+)?$")
-IP_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+# Rows from before bench rows carried their `resolution`: CPU time read in USER_HZ ticks
+# (these extras), one tick spread over the connections counted.
+TICK_S = 0.01
+TICK_EXTRAS = ("host_sys_s", "agents_sys_s")
+SECONDS_IN = {"s": 1.0, "ms": 1e3, "us": 1e6, "µs": 1e6}
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,7 @@ def load_run(path: str | Path) -> Run:
             except (OSError, ValueError) as exc:
                 problems.append(f"{ENVIRONMENT_JSON} is unreadable ({exc})")
 
-    bench = pd.DataFrame(columns=[*BENCH_COLUMNS, "target", "when"])
+    bench = pd.DataFrame(columns=[*BENCH_COLUMNS, "target", "when", "resolution"])
     if (path / BENCH_CSV).exists():
         try:
             raw = pd.read_csv(path / BENCH_CSV)
@@ -219,12 +226,17 @@ def normalize_bench(raw: pd.DataFrame, default_kernel: str = "unknown") -> pd.Da
     missing = [c for c in ("mode", "n_services", "metric", "value") if c not in df.columns]
     if missing:
         raise ValueError(f"missing columns {', '.join(missing)}")
-    if "extra" in df.columns:
-        # A writer may keep the per-row extras as one JSON cell.
-        extras = df["extra"].map(_json_dict)
-        for key in ("target", "when", "node"):
-            if key not in df.columns:
-                df[key] = extras.map(lambda d, key=key: d.get(key))
+    extras = df["extra"].map(_json_dict) if "extra" in df.columns else \
+        pd.Series([{}] * len(df), index=df.index, dtype=object)
+    # A writer may keep the per-row extras as one JSON cell.
+    for key in ("target", "when", "node"):
+        if key not in df.columns:
+            df[key] = extras.map(lambda d, key=key: d.get(key))
+    if "resolution" not in df.columns:
+        df["resolution"] = [_resolution(e, u) for e, u in
+                            zip(extras, df["unit"] if "unit" in df.columns else [""] * len(df),
+                                strict=True)]
+    df["resolution"] = pd.to_numeric(df["resolution"], errors="coerce")
     defaults = {"kernel": default_kernel, "stat": "value", "unit": "", "repeat": 0,
                 "target": None, "when": None}
     for col, value in defaults.items():
@@ -239,17 +251,22 @@ def normalize_bench(raw: pd.DataFrame, default_kernel: str = "unknown") -> pd.Da
     df["when"] = df["when"].astype(object).fillna("").astype(str)
     df["target"] = df["target"].map(lambda t: "" if t is None or pd.isna(t) else str(t))
     df["repeat"] = pd.to_numeric(df["repeat"], errors="coerce").fillna(0).astype(int)
-
-    def key(row) -> str:
-        metric, target = row["metric"], row["target"]
-        # A word target (first/last/random) names a series; an address does not.
-        if ":" not in metric and target and not IP_RE.match(target) and not target.isdigit():
-            return f"{metric}:{target}"
-        return metric
-
-    df["metric"] = df.apply(key, axis=1) if len(df) else df["metric"]
+    df["metric"] = [agreement.series_key(m, t) for m, t in zip(df["metric"], df["target"],
+                                                            strict=True)]
     df["base"] = df["metric"].str.split(":").str[0]
     return df.reset_index(drop=True)
+
+
+def _resolution(extra: dict, unit: Any) -> float:
+    """The smallest step a row's value can take: its own `resolution`, else one clock tick
+    over the connections of a tick-counted CPU figure, else NaN (finer than shown)."""
+    if _finite(extra.get("resolution")):
+        return float(extra["resolution"])
+    count = extra.get("count")
+    if any(k in extra for k in TICK_EXTRAS) and _finite(count) and str(unit) in SECONDS_IN:
+        failed = float(extra["failed"]) if _finite(extra.get("failed")) else 0.0
+        return TICK_S * SECONDS_IN[str(unit)] / max(1.0, float(count) - failed)
+    return math.nan
 
 
 def _json_dict(cell: Any) -> dict:
@@ -284,8 +301,10 @@ def higher_is_better(key: str) -> bool:
 
 
 def significant(v: float, digits: int = 3) -> str:
-    if v == 0 or not math.isfinite(v):
-        return f"{v:g}"
+    if not _finite(v):
+        return "–"  # a reader never sees nan or inf
+    if v == 0:
+        return "0"
     if abs(v) < 1e-3:  # a per-Service coefficient can be tiny: scientific, not 12 zeros
         return f"{v:.{digits - 1}e}"
     decimals = max(digits - 1 - int(math.floor(math.log10(abs(v)))), 0)
@@ -294,8 +313,9 @@ def significant(v: float, digits: int = 3) -> str:
 
 def fmt(v: float, unit: str, signed: bool = False, digits: int = 3) -> str:
     """A value with a unit a reader knows: 430 µs, 0.90 ms, 4.1 s, 12 MiB, 140,006 rules."""
-    if v is None or not math.isfinite(v):
+    if not _finite(v):
         return "–"
+    v = float(v)
 
     def num(x: float) -> str:
         text = significant(x, digits)
@@ -324,6 +344,17 @@ def fmt(v: float, unit: str, signed: bool = False, digits: int = 3) -> str:
     else:
         text = f"{num(a)} {unit}".strip()
     return sign + text
+
+
+def fmt_measured(v: float, unit: str, resolution: float = math.nan) -> str:
+    """A value that cannot be finer than `resolution`: below it, "< resolution"."""
+    if _finite(resolution) and _finite(v) and v < resolution:
+        return f"< {fmt(resolution, unit)}"
+    return fmt(v, unit)
+
+
+def resolution_note(resolution: float, unit: str) -> str:
+    return f" (resolution {fmt(resolution, unit)})" if _finite(resolution) else ""
 
 
 def fmt_tick(v: float, unit: str) -> str:
@@ -368,10 +399,15 @@ class Point:
     high: float
     count: int
     others: dict[str, float]  # the other percentiles at this point, for the hover text
+    resolution: float = math.nan  # the step the values come in (clock ticks), NaN when finer
 
     @property
     def spread(self) -> float:
         return (self.high - self.low) / abs(self.median) if self.median else 0.0
+
+    @property
+    def below_resolution(self) -> bool:
+        return _finite(self.resolution) and self.median < self.resolution
 
 
 def points(bench: pd.DataFrame, kernel: str, mode: str, metric: str, stat: str,
@@ -382,7 +418,8 @@ def points(bench: pd.DataFrame, kernel: str, mode: str, metric: str, stat: str,
         sel = sel[sel["n_services"] > 0]
     out = []
     for n, group in sel.groupby("n_services"):
-        main = group[group["stat"] == stat]["value"]
+        rows = group[group["stat"] == stat]
+        main = rows["value"]
         if main.empty:
             continue
         others = {}
@@ -390,16 +427,79 @@ def points(bench: pd.DataFrame, kernel: str, mode: str, metric: str, stat: str,
             for s, g in group.groupby("stat"):
                 if s != stat and PERCENTILE_RE.match(str(s)):
                     others[str(s)] = float(g["value"].median())
+        res = rows["resolution"].max() if "resolution" in rows.columns else math.nan
         out.append(Point(int(n), float(main.median()), float(main.min()), float(main.max()),
-                         int(main.count()), others))
+                         int(main.count()), others, float(res) if _finite(res) else math.nan))
     return out
 
 
 def floor_values(bench: pd.DataFrame, kernel: str, mode: str | None, stat: str = "p50") -> pd.Series:
-    sel = bench[(bench["kernel"] == kernel) & (bench["metric"] == FLOOR_METRIC) & (bench["stat"] == stat)]
+    """The floor measured at the start and the end of a sweep (no Services)."""
+    sel = bench[(bench["kernel"] == kernel) & (bench["n_services"] == 0) & (bench["stat"] == stat)
+                & bench["metric"].map(agreement.is_floor)]
     if mode is not None:
         sel = sel[sel["mode"] == mode]
     return sel["value"]
+
+
+def same_moment_floor(bench: pd.DataFrame, kernel: str, stat: str,
+                      unit: str) -> dict[int, list[float]]:
+    """The floor measured at each size beside the Service connections, every mode and pass:
+    size -> values. Empty when the run measured it only at the start and the end."""
+    sel = bench[(bench["kernel"] == kernel) & (bench["n_services"] > 0) & (bench["stat"] == stat)
+                & (bench["unit"] == unit) & bench["metric"].map(agreement.is_floor)]
+    return {int(n): g["value"].tolist() for n, g in sel.groupby("n_services")}
+
+
+@dataclass
+class Overhead:
+    """What the Services add over the floor at one size: median over passes, and its interval."""
+
+    n: int
+    value: float
+    floor: float
+    low: float = math.nan
+    high: float = math.nan
+    same_moment: bool = False  # the floor was measured between the same connections
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.floor if _finite(self.floor) and self.floor else math.nan
+
+    @property
+    def known(self) -> bool:
+        return _finite(self.low) and _finite(self.high)
+
+    @property
+    def above_floor(self) -> float:
+        """The low end of the interval, or the value itself when there is no interval."""
+        return self.low if self.known else self.value
+
+
+def overheads(bench: pd.DataFrame, kernel: str, mode: str, metric: str,
+              stat: str = "p50") -> dict[int, Overhead]:
+    """Per size, the series minus its floor: against the floor of the same moments (one
+    difference per pass) where the bench measured one at every size, else against the
+    floor of the start and the end of the sweep (two samples, taken at other moments)."""
+    frame = bench[bench["kernel"] == kernel]
+    rows = agreement.per_pass(frame, metric, stat)
+    rows = rows[rows["mode"] == mode]
+    start_end = floor_values(bench, kernel, mode, stat)
+    if start_end.empty:
+        start_end = floor_values(bench, kernel, None, stat)
+    out = {}
+    for n, g in rows.groupby("n_services"):
+        if g["same_moment"].all():
+            diffs = g["added"].to_numpy(float)
+            low, high = agreement.t_interval(diffs)
+            out[int(n)] = Overhead(int(n), float(np.median(diffs)),
+                                   float(np.median(g["floor"])), low, high, same_moment=True)
+        elif len(start_end):
+            values, floors = g["value"].to_numpy(float), start_end.to_numpy(float)
+            value = float(np.median(values) - np.median(floors))
+            low, high = agreement.t_interval(values, floors, centre=value)
+            out[int(n)] = Overhead(int(n), value, float(np.median(floors)), low, high)
+    return out
 
 
 UNIT_SUFFIXES = {"us": "us", "s": "s", "ms": "ms", "rps": "rps", "bytes": "bytes"}
@@ -433,7 +533,7 @@ def chart_series(bench: pd.DataFrame) -> list[tuple[str, str, str]]:
     """(kernel, metric, stat) for every chart, in reading order."""
     if bench.empty:
         return []
-    data = bench[(bench["n_services"] > 0) & (bench["metric"] != FLOOR_METRIC)]
+    data = bench[bench["n_services"] > 0]
     keys = []
     for (kernel, metric), group in data.groupby(["kernel", "metric"], sort=False):
         # A stat in another unit than the metric's counts something else (events, failures).
@@ -452,23 +552,77 @@ def chart_series(bench: pd.DataFrame) -> list[tuple[str, str, str]]:
     return sorted(keys, key=rank)
 
 
+def split_series(bench: pd.DataFrame, keys: list[tuple[str, str, str]]
+                 ) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(charted, measured at one size): a line needs two sizes in some mode; a floor measured
+    at every size is drawn in the charts it is the floor of, not on its own."""
+    charted, single = [], []
+    for key in keys:
+        kernel, metric, stat = key
+        sel = bench[(bench["kernel"] == kernel) & (bench["metric"] == metric)
+                    & (bench["stat"] == stat) & (bench["n_services"] > 0)]
+        several = bool(len(sel)) and int(sel.groupby("mode")["n_services"].nunique().max()) > 1
+        if not several:
+            single.append(key)
+        elif not agreement.is_floor(metric):
+            charted.append(key)
+    return charted, single
+
+
 def fits_for(bench: pd.DataFrame, series: list[tuple[str, str, str]]) -> pd.DataFrame:
-    """Growth fits for every charted series, over every measurement (repeats are points)."""
+    """Growth fits for every charted series, over every measurement (repeats are points),
+    with one verdict each (fit.decide): the growth must exceed the values' resolution, and
+    a new connection's cost must stand above its floor at the largest size."""
     frames = []
     for kernel, metric, stat in series:
         sel = bench[(bench["kernel"] == kernel) & (bench["metric"] == metric) & (bench["stat"] == stat)]
         frames.append(sel)
     if not frames:
         return fit_table(pd.DataFrame(columns=["kernel", "mode", "metric", "stat", "n_services", "value"]))
-    return fit_table(pd.concat(frames, ignore_index=True))
+    table = fit_table(pd.concat(frames, ignore_index=True))
+    verdicts, reasons, resolutions = [], [], []
+    for r in table.to_dict("records"):
+        sel = bench[(bench["kernel"] == r["kernel"]) & (bench["mode"] == r["mode"])
+                    & (bench["metric"] == r["metric"]) & (bench["stat"] == r["stat"])]
+        res = sel["resolution"].max() if "resolution" in sel.columns and len(sel) else math.nan
+        res = float(res) if _finite(res) else math.nan
+        above = None
+        if r["metric"].partition(":")[0] in FLOORED and _finite(r.get("max_n")):
+            top = overheads(bench, r["kernel"], r["mode"], r["metric"], r["stat"]).get(
+                int(r["max_n"]))
+            above = top.above_floor if top else None
+        numbers = (r.get("added_max"), r.get("added_max_low"), r.get("added_max_high"))
+        if not all(_finite(v) for v in numbers):
+            verdicts.append(None)
+            reasons.append("")
+            resolutions.append(res)
+            continue
+        numbers = tuple(float(v) for v in numbers)
+        verdict = decide(*numbers, resolution=res if _finite(res) else 0.0, above_floor=above)
+        reason = ""
+        if verdict == FLAT and decide(*numbers) == GROWS:
+            reason = ("at the largest size not clearly above the floor"
+                      if above is not None and not above > 0 else
+                      f"grows by less than the resolution ({fmt(res, r.get('unit') or '')})")
+        verdicts.append(verdict)
+        reasons.append(reason)
+        resolutions.append(res)
+    table["verdict"] = verdicts
+    table["why"] = reasons
+    table["resolution"] = resolutions
+    return table
 
 
 def fit_row(fits: pd.DataFrame, kernel: str, mode: str, metric: str, stat: str) -> dict | None:
+    """One fit as a dict; what the fit could not compute is None, never NaN."""
     if fits.empty:
         return None
     sel = fits[(fits["kernel"] == kernel) & (fits["mode"] == mode) & (fits["metric"] == metric)
                & (fits["stat"] == stat)]
-    return sel.iloc[0].to_dict() if len(sel) else None
+    if not len(sel):
+        return None
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in sel.iloc[0].to_dict().items()}
 
 
 # --------------------------------------------------------------------------- text
@@ -485,48 +639,62 @@ class ModeSummary:
     kernel: str
     mode: str
     max_n: int = 0
+    sizes: int = 0  # how many sizes above zero the mode measured anything at
     metric: str = ""
+    stat: str = "p50"
     latency: float = math.nan
-    floor: float = math.nan
+    over: Overhead | None = None  # what the Services add over the floor at max_n
     fit: dict | None = None
-    podip: float = math.nan
+    podip: Overhead | None = None  # a pod IP with the Services installed, over the floor
+    podip_latency: float = math.nan
     sync: tuple[str, float, str] | None = None
     rules: float = math.nan
     failed: int = 0
     checks: dict[str, int] = field(default_factory=dict)
-    extras: list[tuple[str, float, str]] = field(default_factory=list)  # (words, value, unit)
+    # (words, value, unit, resolution) of further metrics at max_n
+    extras: list[tuple[str, float, str, float]] = field(default_factory=list)
+    passes: dict | None = None  # agreement's growth entry for this kernel and mode
+
+    @property
+    def floor(self) -> float:
+        return self.over.floor if self.over else math.nan
 
     @property
     def overhead(self) -> float:
-        return self.latency - self.floor
+        return self.over.value if self.over else math.nan
 
     @property
     def overhead_ratio(self) -> float:
-        return self.overhead / self.floor if self.floor else math.nan
+        return self.over.ratio if self.over else math.nan
 
 
-def summarize_modes(run: Run, fits: pd.DataFrame) -> list[ModeSummary]:
+def summarize_modes(run: Run, fits: pd.DataFrame, agreed: dict | None = None) -> list[ModeSummary]:
     bench, checks = run.bench, run.checks
     kernels = list(dict.fromkeys([*bench["kernel"].tolist(), *checks["kernel"].tolist()]))
+    growth = {(g.get("kernel"), g.get("mode")): g for g in (agreed or {}).get("growth") or []
+              if isinstance(g, dict)}
     out = []
     for kernel in kernels:
         for mode in modes_of(bench[bench["kernel"] == kernel], checks[checks["kernel"] == kernel]):
             s = ModeSummary(kernel, mode)
             rows = bench[(bench["kernel"] == kernel) & (bench["mode"] == mode)]
             s.max_n = int(rows["n_services"].max()) if len(rows) else 0
+            s.sizes = int(rows.loc[rows["n_services"] > 0, "n_services"].nunique())
             for metric in HEADLINE_METRICS:
-                pts = points(bench, kernel, mode, metric, "p50")
+                # p50 where the rows have it, else the metric's own summary (a bare `value`)
+                stat = next(iter(primary_stat(rows.loc[rows["metric"] == metric, "stat"])), "p50")
+                pts = points(bench, kernel, mode, metric, stat)
                 if pts:
-                    s.metric, s.latency = metric, pts[-1].median
-                    s.fit = fit_row(fits, kernel, mode, metric, "p50")
-                    s.max_n = pts[-1].n
+                    s.metric, s.stat, s.latency, s.max_n = metric, stat, pts[-1].median, pts[-1].n
+                    s.fit = fit_row(fits, kernel, mode, metric, stat)
+                    s.over = overheads(bench, kernel, mode, metric, stat).get(s.max_n)
+                    if (agreed or {}).get("series") == metric:
+                        s.passes = growth.get((kernel, mode))
                     break
-            floor = floor_values(bench, kernel, mode)
-            if floor.empty:
-                floor = floor_values(bench, kernel, None)
-            s.floor = float(floor.median()) if len(floor) else math.nan
             pts = points(bench, kernel, mode, "podip_conn_latency_us", "p50")
-            s.podip = pts[-1].median if pts else math.nan
+            if pts:
+                s.podip_latency = pts[-1].median
+                s.podip = overheads(bench, kernel, mode, "podip_conn_latency_us").get(pts[-1].n)
             for metric in ("sync_full_s", "sync_s"):
                 for stat in primary_stat(rows.loc[rows["metric"] == metric, "stat"]):
                     pts = points(bench, kernel, mode, metric, stat)
@@ -538,7 +706,8 @@ def summarize_modes(run: Run, fits: pd.DataFrame) -> list[ModeSummary]:
                 stat = next(iter(primary_stat(rows.loc[rows["metric"] == metric, "stat"])), None)
                 pts = points(bench, kernel, mode, metric, stat) if stat else []
                 if pts and pts[-1].n == s.max_n:
-                    s.extras.append((words, pts[-1].median, unit_of(bench, metric)))
+                    s.extras.append((words, pts[-1].median, unit_of(bench, metric),
+                                     pts[-1].resolution))
             s.failed = int(rows.loc[rows["stat"] == "failed", "value"].sum())
             mc = checks[(checks["kernel"] == kernel) & (checks["mode"] == mode)]
             s.checks = {k: int(v) for k, v in mc["outcome"].value_counts().items()}
@@ -546,8 +715,43 @@ def summarize_modes(run: Run, fits: pd.DataFrame) -> list[ModeSummary]:
     return out
 
 
+def _level(over: Overhead) -> str:
+    """Where a cost that does not grow stands against its floor."""
+    floor = "the floor" if over.same_moment else "the floor (measured at the start and end)"
+    ci = (f", 95 % CI {fmt(over.low, 'us', signed=True)} to {fmt(over.high, 'us', signed=True)}"
+          if over.known else "")
+    if abs(over.ratio) <= NOISE:  # below the floor by this little is noise too
+        return f"within {abs(over.ratio) * 100:.0f} % of {floor}"
+    if over.value < 0:
+        return (f"{fmt(-over.value, 'us')} below {floor} ({pct(over.ratio)}{ci}): the Services "
+                f"add nothing measurable")
+    return f"at {fmt(over.value, 'us', signed=True)} ({pct(over.ratio)}{ci}) over {floor}"
+
+
+def _exponent(fit: dict) -> str:
+    """A growing cost's exponent, with its interval; never one the fit did not determine."""
+    if not (_finite(fit.get("k")) and _finite(fit.get("k_low")) and _finite(fit.get("k_high"))):
+        return "growing with N (its exponent is not determined by these sizes)"
+    text = (f"growing as N<sup>{fit['k']:.2f}</sup> (95 % CI {fit['k_low']:.2f}–"
+            f"{fit['k_high']:.2f})")
+    if _finite(fit.get("per_1000")):
+        text += f", {fmt(fit['per_1000'], 'us', signed=True)} per 1,000 Services"
+    return text
+
+
+def _held(passes: dict | None, verdict: str) -> str:
+    """How often the bootstrap over passes gave the same verdict."""
+    # One set of passes behind every resample is one fit, not an agreement.
+    if not passes or not passes.get("resamples") or int(passes.get("sets") or 0) < 2:
+        return ""
+    done = int(passes["resamples"])
+    same = int((passes.get("verdicts") or {}).get(verdict, 0))
+    return (f" <span class='muted'>(the same verdict in {same * 100 // done} % of {done} "
+            f"resamples of its {len(passes['passes'])} passes)</span>")
+
+
 def headline(s: ModeSummary, several_kernels: bool) -> str:
-    """One sentence per mode, written from the data."""
+    """One sentence per mode, written from the data, with one growth verdict."""
     who = f"<b>{esc(s.mode)}</b>" + (f" ({esc(s.kernel)})" if several_kernels else "")
     if s.max_n:
         who += f" at {fmt_n(s.max_n)} Services"
@@ -555,35 +759,38 @@ def headline(s: ModeSummary, several_kernels: bool) -> str:
     if math.isfinite(s.latency):
         target = metric_label(s.metric).replace("New connection to ", "")
         fit = s.fit or {}
-        has_floor = math.isfinite(s.floor)
-        if fit.get("verdict") == "flat":
-            if not has_floor:
-                level = f"at {fmt(s.latency, 'us')} per new connection"
-            elif s.overhead_ratio <= NOISE:  # below the floor is noise too
-                level = f"within {abs(s.overhead_ratio) * 100:.0f} % of the floor"
-            else:
-                level = (f"at {fmt(s.overhead, 'us', signed=True)} ({pct(s.overhead_ratio)}) "
-                         f"over the floor, not growing with N")
-            parts.append(f"flat, {level} ({target}, p50)")
+        verdict = fit.get("verdict") or UNKNOWN_VERDICT
+        over = s.over
+        if verdict in (FLAT, "falls"):
+            level = _level(over) if over else f"at {fmt(s.latency, 'us')} per new connection"
+            why = f"; {fit['why']}" if fit.get("why") and not (over and over.value < 0) else ""
+            if verdict == "falls":
+                why = "; it fell as Services were added: drift, not their cost"
+            parts.append(f"flat, {level} ({target}, {esc(s.stat)}){why}"
+                         f"{_held(s.passes, verdict)}")
         else:
-            cost = (f"{fmt(s.overhead, 'us', signed=True)} per new connection over the floor"
-                    if has_floor else f"{fmt(s.latency, 'us')} per new connection")
-            text = f"{cost} ({target}, p50" + (f", {pct(s.overhead_ratio)})" if has_floor else ")")
-            if fit.get("verdict") and fit["verdict"] != "flat":
-                k_ci = ""
-                if _finite(fit.get("k_low")) and _finite(fit.get("k_high")):
-                    k_ci = f" (95 % CI {fit['k_low']:.2f}–{fit['k_high']:.2f})"
-                text += (f", growing as N<sup>{fit['k']:.2f}</sup>{k_ci}, "
-                         f"{fmt(fit['per_1000'], 'us', signed=True)} per 1,000 Services")
+            if over:
+                ci = (f", 95 % CI {fmt(over.low, 'us', signed=True)} to "
+                      f"{fmt(over.high, 'us', signed=True)}" if over.known else "")
+                text = (f"{fmt(over.value, 'us', signed=True)} per new connection over the floor "
+                        f"({target}, {esc(s.stat)}, {pct(over.ratio)}{ci})")
+            else:
+                text = f"{fmt(s.latency, 'us')} per new connection ({target}, {esc(s.stat)})"
+            if verdict == GROWS:
+                text += f", {_exponent(fit)}{_held(s.passes, GROWS)}"
             elif fit.get("note"):
-                text += "; too few sizes for a growth fit"
+                text += f"; no growth verdict: {esc(fit['note'])}"
+            else:
+                text += "; no growth verdict: the fit has no interval"
             parts.append(text)
-    if math.isfinite(s.podip) and math.isfinite(s.floor) and s.floor:
-        delta = (s.podip - s.floor) / s.floor
-        if delta > NOISE:  # every connection pays for the rules, Service traffic or not
-            parts.append(f"connections straight to a pod IP {pct(delta)} with the Services installed")
-    for label, value, unit in s.extras:
-        parts.append(f"{label} {fmt(value, unit)}")
+    if s.podip and s.podip.ratio > NOISE and s.podip.above_floor > 0:
+        # every connection pays for the rules, Service traffic or not
+        parts.append(f"connections straight to a pod IP {pct(s.podip.ratio)} with the Services "
+                     f"installed")
+    if not math.isfinite(s.latency) and s.sizes == 1:
+        parts.append("measured at one size only (the table under the charts)")
+    for label, value, unit, res in s.extras:
+        parts.append(f"{label} {esc(fmt_measured(value, unit, res))}{resolution_note(res, unit)}")
     if s.sync:
         metric, value, n = s.sync
         verb = "programs" if metric == "sync_full_s" else "syncs"
@@ -604,18 +811,37 @@ def headline(s: ModeSummary, several_kernels: bool) -> str:
 
 
 def pct(ratio: float) -> str:
+    if not _finite(ratio):
+        return "–"
     return f"{'−' if ratio < 0 else '+'}{abs(ratio) * 100:.0f} %"
 
 
 def _finite(v: Any) -> bool:
     try:
-        return v is not None and math.isfinite(float(v))
+        return v is not None and not isinstance(v, bool) and math.isfinite(float(v))
     except (TypeError, ValueError):
         return False
 
 
-def comparison_sentence(summaries: list[ModeSummary]) -> str:
-    """The modes side by side at the largest size most of them reached."""
+def ranking_sentence(agreed: dict | None, kernel: str) -> str:
+    """Whether every pass ranked the modes alike, at each size of one kernel."""
+    rows = [r for r in (agreed or {}).get("ranking") or []
+            if isinstance(r, dict) and r.get("kernel") == kernel and r.get("same") is not None]
+    if not rows:
+        return ""
+    passes = max(len(r.get("passes") or []) for r in rows)
+    differ = [r for r in rows if not r["same"]]
+    if not differ:
+        return f" Every one of the {passes} passes ranked the modes alike at every size."
+    sizes = ", ".join(fmt_n(r["n_services"]) for r in differ)
+    return (f" The passes ranked the modes differently at {sizes} Services (of "
+            f"{len(rows)} sizes; see <a href='#agreement'>agreement</a>).")
+
+
+def comparison_sentence(summaries: list[ModeSummary], agreed: dict | None = None) -> str:
+    """The modes side by side at the largest size most of them reached, per kernel."""
+    out = []
+    several = len({s.kernel for s in summaries}) > 1
     for kernel in dict.fromkeys(s.kernel for s in summaries):
         group = [s for s in summaries if s.kernel == kernel and math.isfinite(s.latency)]
         if len(group) < 2:
@@ -629,9 +855,10 @@ def comparison_sentence(summaries: list[ModeSummary]) -> str:
         text = ", ".join(f"{esc(s.mode)} {fmt(s.latency, 'us')}" + (
             f" (at {fmt_n(s.max_n)})" if s.max_n != n else "") for s in ranked)
         floor = f"; floor {fmt(sorted(floors)[len(floors) // 2], 'us')}" if floors else ""
-        return (f"At {fmt_n(n)} Services, a new connection (p50) costs: {text}{floor}. "
-                f"Fastest: <b>{esc(ranked[0].mode)}</b>.")
-    return ""
+        where = f" on kernel {esc(kernel)}" if several else ""
+        out.append(f"At {fmt_n(n)} Services{where}, a new connection (p50) costs: {text}{floor}. "
+                   f"Fastest: <b>{esc(ranked[0].mode)}</b>.{ranking_sentence(agreed, kernel)}")
+    return " ".join(out)
 
 
 # --------------------------------------------------------------------------- charts
@@ -674,12 +901,24 @@ class Series:
 
 
 def svg_chart(chart_id: str, series: list[Series], unit: str, stat: str,
-              floor: pd.Series | None = None) -> str:
-    """One log-log chart: a line per mode, its spread as a band, the floor as a reference."""
+              floor: pd.Series | None = None,
+              floor_by_n: dict[int, list[float]] | None = None) -> str:
+    """One log-log chart: a line per mode, its spread as a band, the floor as a reference
+    (a line along N where it was measured at every size, else a level), and the region
+    below the values' resolution shaded."""
     xs = [p.n for s in series for p in s.points]
     ys = [v for s in series for p in s.points for v in (p.low, p.high, p.median) if v > 0]
+    by_n = {n: sorted(v for v in vals if v > 0) for n, vals in (floor_by_n or {}).items()}
+    by_n = {n: vals for n, vals in sorted(by_n.items()) if vals}
+    if len(by_n) < 2:  # one size cannot draw a line: its values are a level like the others
+        floor = pd.Series([v for vals in by_n.values() for v in vals]) if by_n else floor
+        by_n = {}
     floor_vals = [v for v in (floor if floor is not None else []) if v > 0]
-    ys += floor_vals
+    ys += floor_vals + [v for vals in by_n.values() for v in vals]
+    resolution = max((p.resolution for s in series for p in s.points if _finite(p.resolution)),
+                     default=math.nan)
+    if _finite(resolution) and resolution > 0:
+        ys.append(resolution)
     if not xs or not ys:
         return "<p class='muted'>nothing positive to draw on log axes</p>"
     x0, x1 = _domain([float(x) for x in xs], 0.06)
@@ -712,7 +951,27 @@ def svg_chart(chart_id: str, series: list[Series], unit: str, stat: str,
                f"Services (log)</text>")
     out.append(f"<text class='axis' transform='translate(13 {MT + ph / 2}) rotate(-90)' "
                f"text-anchor='middle'>{esc(axis_label(stat, unit))} (log)</text>")
-    if floor_vals:
+    if _finite(resolution) and resolution > 0:
+        top = sy(resolution)
+        why = (f"below {fmt(resolution, unit)}: finer than the values can show (their "
+               f"resolution: one clock tick over the connections counted)")
+        out.append(f"<g class='resolution'><title>{esc(why)}</title>"
+                   f"<rect x='{ML}' y='{top:.1f}' width='{pw}' height='{max(MT + ph - top, 0):.1f}'/>"
+                   f"<text x='{ML + 4}' y='{min(top + 12, MT + ph - 3):.1f}'>below the resolution, "
+                   f"{esc(fmt(resolution, unit))}</text></g>")
+    ends: list[list] = []  # [y, x, series or None for the floor] of each line's name
+    if by_n:
+        mids = {n: vals[len(vals) // 2] for n, vals in by_n.items()}
+        upper = " ".join(f"{sx(n):.1f},{sy(vals[-1]):.1f}" for n, vals in by_n.items())
+        lower = " ".join(f"{sx(n):.1f},{sy(vals[0]):.1f}" for n, vals in reversed(by_n.items()))
+        title = (f"floor: new connection on a path no mode touches, {stat}, measured at every "
+                 f"size between the Service connections (median and range over modes and passes)")
+        out.append(f"<g class='floor'><title>{esc(title)}</title>"
+                   f"<polygon points='{upper} {lower}'/><polyline points='"
+                   + " ".join(f"{sx(n):.1f},{sy(v):.1f}" for n, v in mids.items()) + "'/></g>")
+        last = list(mids)[-1]
+        ends.append([sy(mids[last]) + 4, sx(last) + 6, None])
+    elif floor_vals:
         fl = sorted(floor_vals)
         mid = fl[len(fl) // 2]
         lo_y, hi_y = sy(fl[-1]), sy(fl[0])
@@ -722,8 +981,6 @@ def svg_chart(chart_id: str, series: list[Series], unit: str, stat: str,
         out.append(f"<g class='floor'><title>{esc(title)}</title>"
                    f"<rect x='{ML}' y='{lo_y:.1f}' width='{pw}' height='{max(hi_y - lo_y, 0.5):.1f}'/>"
                    f"<line x1='{ML}' y1='{sy(mid):.1f}' x2='{ML + pw}' y2='{sy(mid):.1f}'/></g>")
-    ends: list[list] = []  # [y, x, series or None for the floor] of each line's name
-    if floor_vals:
         ends.append([sy(mid) + 4, ML + pw + 4, None])
     for s in series:
         pts = sorted(s.points, key=lambda p: p.n)
@@ -734,7 +991,8 @@ def svg_chart(chart_id: str, series: list[Series], unit: str, stat: str,
             g.append(f"<polygon class='band' points='{upper} {lower}'><title>{esc(s.mode)}: "
                      f"range over repeats</title></polygon>")
         fit = s.fit or {}
-        if _finite(fit.get("k")) and _finite(fit.get("a")) and len(pts) > 1:
+        if fit.get("verdict") == GROWS and _finite(fit.get("k")) and _finite(fit.get("a")) \
+                and _finite(fit.get("b")) and len(pts) > 1:
             # The fitted curve, dotted, between the smallest and the largest size.
             n_lo, n_hi = pts[0].n, pts[-1].n
             curve = []
@@ -750,14 +1008,19 @@ def svg_chart(chart_id: str, series: list[Series], unit: str, stat: str,
             line = " ".join(f"{sx(p.n):.1f},{sy(p.median):.1f}" for p in pts)
             g.append(f"<polyline class='line' points='{line}'/>")
         for p in pts:
-            noisy = p.count > 1 and p.spread > NOISE
+            noisy = p.count > 1 and p.spread > NOISE and not p.below_resolution
             others = ", ".join(f"{k} {fmt(v, unit)}" for k, v in sorted(p.others.items()))
-            title = (f"{s.mode} at {fmt_n(p.n)} Services: {stat} {fmt(p.median, unit)}"
+            res = p.resolution
+            title = (f"{s.mode} at {fmt_n(p.n)} Services: {stat} "
+                     f"{fmt_measured(p.median, unit, res)}{resolution_note(res, unit)}"
                      + (f" ({others})" if others else "")
-                     + (f"\n{p.count} measurements, {fmt(p.low, unit)}–{fmt(p.high, unit)}"
-                        f" (spread {p.spread * 100:.1f} %)" if p.count > 1 else "")
+                     + (f"\n{p.count} measurements, {fmt_measured(p.low, unit, res)} to "
+                        f"{fmt_measured(p.high, unit, res)}"
+                        + (f" (spread {p.spread * 100:.1f} %)" if not _finite(res) else "")
+                        if p.count > 1 else "")
                      + ("\nnoisy: repeats differ by more than 5 %" if noisy else ""))
-            g.append(f"<circle class='pt{' noisy' if noisy else ''}' cx='{sx(p.n):.1f}' "
+            cls = "pt" + (" noisy" if noisy else "") + (" under" if p.below_resolution else "")
+            g.append(f"<circle class='{cls}' cx='{sx(p.n):.1f}' "
                      f"cy='{sy(p.median):.1f}' r='3.5'><title>{esc(title)}</title></circle>")
         if pts:
             ends.append([sy(pts[-1].median) + 4, sx(pts[-1].n) + 6, s])
@@ -791,19 +1054,30 @@ def axis_label(stat: str, unit: str) -> str:
 
 
 def _fit_text(fit: dict, unit: str) -> str:
-    if fit.get("verdict") == "flat":
-        return f"flat at {fmt(fit['a'], unit)} (the added part's interval contains zero)"
+    """The hover text of a growing series' fitted curve."""
     return (f"{fmt(fit['a'], unit)} + {significant(fit['b'])}·N^{fit['k']:.2f}; "
-            f"{fmt(fit['per_1000'], unit, signed=True)} per 1,000 Services")
+            f"{fmt(fit.get('per_1000'), unit, signed=True)} per 1,000 Services")
 
 
 # --------------------------------------------------------------------------- sections
 
 
+STOPPED = {  # run.json status -> what the banner says
+    "incomplete": "<b>Partial run</b>: it stopped before the end",
+    "killed": "<b>Killed run</b>: it was stopped from outside before the end",
+}
+
+
 def section_status(run: Run, summaries: list[ModeSummary]) -> str:
     notes = []
     complete = run.complete
-    if complete is False:
+    status = run.meta.get("status")
+    if isinstance(status, str) and status in STOPPED:
+        reason = next((run.meta[k] for k in (f"{status}_reason", "reason")
+                       if isinstance(run.meta.get(k), str) and run.meta[k]), None)
+        notes.append(STOPPED[status] + (f" ({esc(reason)})" if reason else " (no reason recorded)")
+                     + "; everything measured until then is shown.")
+    elif complete is False:
         notes.append("<b>Incomplete run</b>: it stopped before the end (interrupted or failed); "
                      "everything measured until then is shown.")
     elif complete is None and RUN_JSON in run.files:
@@ -816,8 +1090,7 @@ def section_status(run: Run, summaries: list[ModeSummary]) -> str:
             notes.append(f"Mode <b>{esc(mode)}</b> skipped: {esc(reason)}")
     elif isinstance(skipped, list):
         notes.extend(f"Mode skipped: {esc(m)}" for m in skipped)
-    status = run.meta.get("status")
-    if isinstance(status, str) and status not in ("complete", "done"):
+    if isinstance(status, str) and status not in ("complete", "done", *STOPPED):
         notes.append(f"Run status: <b>{esc(status)}</b>.")
     modes = run.meta.get("modes")
     if isinstance(modes, dict):
@@ -837,7 +1110,7 @@ def section_status(run: Run, summaries: list[ModeSummary]) -> str:
                      + (" …" if len(errors) > 5 else ""))
     notes.extend(esc(p) for p in run.problems)
     for kernel in dict.fromkeys(s.kernel for s in summaries):
-        group = [s for s in summaries if s.kernel == kernel and s.max_n]
+        group = [s for s in summaries if s.kernel == kernel and s.max_n and s.sizes > 1]
         if not group:
             continue
         top = max(s.max_n for s in group)
@@ -849,15 +1122,16 @@ def section_status(run: Run, summaries: list[ModeSummary]) -> str:
     notes.extend(drift)
     if not notes:
         return ""
-    cls = ("banner warn" if complete is False or run.problems or run.meta.get("errors")
-           else "banner")
+    cls = ("banner warn" if complete is False or status in STOPPED or run.problems
+           or run.meta.get("errors") else "banner")
     return f"<div class='{cls}'><ul>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul></div>"
 
 
 def floor_drift(bench: pd.DataFrame) -> list[str]:
     """The floor is measured at the start and the end of each sweep; a drift means noise."""
     out = []
-    sel = bench[(bench["metric"] == FLOOR_METRIC) & (bench["stat"] == "p50")]
+    sel = bench[bench["metric"].map(agreement.is_floor) & (bench["n_services"] == 0)
+                & (bench["stat"] == "p50")]
     for (_kernel, mode), g in sel.groupby(["kernel", "mode"]):
         start, end = g[g["when"] == "start"]["value"], g[g["when"] == "end"]["value"]
         if len(start) and len(end) and start.median() > 0:
@@ -869,12 +1143,12 @@ def floor_drift(bench: pd.DataFrame) -> list[str]:
     return out
 
 
-def section_headline(summaries: list[ModeSummary]) -> str:
+def section_headline(summaries: list[ModeSummary], agreed: dict | None = None) -> str:
     if not summaries:
         return "<p class='muted'>No measurements and no conformance results.</p>"
     several = len({s.kernel for s in summaries}) > 1
     out = []
-    lead = comparison_sentence(summaries)
+    lead = comparison_sentence(summaries, agreed)
     if lead:
         out.append(f"<p class='lead'>{lead}</p>")
     out.append("<ul class='findings'>")
@@ -890,10 +1164,7 @@ def scorecard(summaries: list[ModeSummary], several_kernels: bool) -> str:
             "over floor", "growth", "pod IP p50", "sync", "rules", "conformance"]
     rows = []
     for s in summaries:
-        fit = s.fit or {}
-        growth = fit.get("verdict") or ("needs 3 sizes" if fit.get("note") else "–")
-        if growth not in ("flat", "–", "needs 3 sizes") and _finite(fit.get("k")):
-            growth = f"N<sup>{fit['k']:.2f}</sup>"
+        growth = _growth_cell(s.fit or {}) if s.fit else "–"
         checks = s.checks
         conf = (f"{checks.get('passed', 0)}/{sum(checks.values())}" if checks else "–")
         conf_cls = "bad" if checks.get("failed") else ("good" if checks else "muted")
@@ -901,12 +1172,26 @@ def scorecard(summaries: list[ModeSummary], several_kernels: bool) -> str:
                 if math.isfinite(s.latency) and math.isfinite(s.floor) else "–")
         cells = [f"<b>{esc(s.mode)}</b>", *([esc(s.kernel)] if several_kernels else []),
                  fmt_n(s.max_n) if s.max_n else "–", fmt(s.latency, "us"), over, growth,
-                 fmt(s.podip, "us"), fmt(s.sync[1], "s") if s.sync else "–",
+                 fmt(s.podip_latency, "us"), fmt(s.sync[1], "s") if s.sync else "–",
                  fmt(s.rules, "") if math.isfinite(s.rules) else "–",
                  f"<span class='{conf_cls}'>{conf}</span>"]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return ("<table class='score'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
             + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def _growth_cell(fit: dict) -> str:
+    """A fit's one verdict in a table cell: N^k only for a cost that grows."""
+    verdict = fit.get("verdict")
+    if verdict == GROWS:
+        return (f"<span class='grow'>N<sup>{fit['k']:.2f}</sup></span>" if _finite(fit.get("k_low"))
+                and _finite(fit.get("k_high")) and _finite(fit.get("k"))
+                else "<span class='grow'>grows</span> <span class='muted'>(k not determined)</span>")
+    if verdict == FLAT:
+        return "<span class='good'>flat</span>"
+    if verdict == "falls":
+        return "flat <span class='muted'>(fell: drift)</span>"
+    return "<span class='muted'>" + ("needs 3 sizes" if fit.get("note") else "no verdict") + "</span>"
 
 
 def section_conformance(checks: pd.DataFrame) -> str:
@@ -947,21 +1232,31 @@ def section_conformance(checks: pd.DataFrame) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>{legend}")
 
 
-def section_charts(run: Run, series_keys: list[tuple[str, str, str]], fits: pd.DataFrame) -> str:
-    bench = run.bench
-    if not series_keys:
-        return "<p class='muted'>No measurements to chart.</p>"
-    several = len({k for k, _, _ in series_keys}) > 1
-    modes = modes_of(bench, run.checks)
+def metric_docs(run: Run) -> dict[str, str]:
+    """What each metric measures, from run.json's catalog."""
     catalog = run.meta.get("metrics")
-    docs = {m["name"]: str(m.get("doc") or "") for m in catalog
+    return {m["name"]: str(m.get("doc") or "") for m in catalog
             if isinstance(m, dict) and m.get("name")} if isinstance(catalog, list) else {}
-    legend = "".join(f"<button class='key' data-mode='{esc(m)}' style='--c:{mode_color(m, modes)}'>"
-                     f"{esc(m)}</button>" for m in modes if m in set(bench["mode"]))
-    out = [f"<div class='legend'>{legend}<span class='key floor-key'>floor (pod IP, no Services)"
-           f"</span><span class='muted'> · line: median over repeats · band: range over repeats"
-           f" · dotted: growth fit · ringed point: spread over 5 % · click a mode to hide it"
-           f"</span></div><div class='charts'>"]
+
+
+def section_charts(run: Run, series_keys: list[tuple[str, str, str]], fits: pd.DataFrame,
+                   single: list[tuple[str, str, str]] = ()) -> str:
+    bench = run.bench
+    if not series_keys and not single:
+        return "<p class='muted'>No measurements to chart.</p>"
+    several = len({k for k, _, _ in [*series_keys, *single]}) > 1
+    modes = modes_of(bench, run.checks)
+    docs = metric_docs(run)
+    out = []
+    if series_keys:
+        legend = "".join(f"<button class='key' data-mode='{esc(m)}' "
+                         f"style='--c:{mode_color(m, modes)}'>{esc(m)}</button>"
+                         for m in modes if m in set(bench["mode"]))
+        out.append(f"<div class='legend'>{legend}<span class='key floor-key'>floor (no Services "
+                   f"on its path)</span><span class='muted'> · line: median over repeats · band: "
+                   f"range over repeats · dotted: growth fit · ringed point: spread over 5 % · "
+                   f"hollow point: below the resolution (shaded) · click a mode to hide it"
+                   f"</span></div><div class='charts'>")
     for i, (kernel, metric, stat) in enumerate(series_keys):
         unit = unit_of(bench, metric)
         series = []
@@ -970,9 +1265,10 @@ def section_charts(run: Run, series_keys: list[tuple[str, str, str]], fits: pd.D
             if pts:
                 series.append(Series(mode, mode_color(mode, modes), pts,
                                      fit_row(fits, kernel, mode, metric, stat)))
-        floor = None
+        floor = by_n = None
         if metric.partition(":")[0] in FLOORED:
             floor = floor_values(bench, kernel, None, stat)
+            by_n = same_moment_floor(bench, kernel, stat, unit)
         title = metric_label(metric)
         doc = docs.get(metric.partition(":")[0], "")
         sub = f"{stat}, {unit}" if stat not in ("value", "count") else unit
@@ -980,9 +1276,36 @@ def section_charts(run: Run, series_keys: list[tuple[str, str, str]], fits: pd.D
         out.append(f"<figure><figcaption title='{esc(doc)}'><b>{esc(title)}</b> "
                    f"<span class='muted'>{esc(sub)}{kern} · <code>{esc(metric)}</code></span>"
                    f"</figcaption>"
-                   f"{svg_chart(f'chart-{i}', series, unit, stat, floor)}</figure>")
-    out.append("</div>")
+                   f"{svg_chart(f'chart-{i}', series, unit, stat, floor, by_n)}</figure>")
+    if series_keys:
+        out.append("</div>")
+    if single:
+        out.append(single_size_table(run, single, several))
     return "".join(out)
+
+
+def single_size_table(run: Run, keys: list[tuple[str, str, str]], several_kernels: bool) -> str:
+    """Series measured at one size only: a line needs two, so they are a table."""
+    bench, docs = run.bench, metric_docs(run)
+    head = ["metric", "mode", *(["kernel"] if several_kernels else []), "Services", "median",
+            "range over repeats", "measurements"]
+    rows = []
+    for kernel, metric, stat in keys:
+        unit = unit_of(bench, metric)
+        for mode in modes_of(bench, run.checks):
+            for p in points(bench, kernel, mode, metric, stat):
+                res = p.resolution
+                spread = (esc(f"{fmt_measured(p.low, unit, res)} to {fmt_measured(p.high, unit, res)}")
+                          if p.count > 1 else "<span class='muted'>one measurement</span>")
+                cells = [f"<span title='{esc(docs.get(metric.partition(':')[0], ''))}'>"
+                         f"{esc(metric_label(metric))}</span> <span class='muted'>{esc(stat)}"
+                         f"</span>", f"<b>{esc(mode)}</b>",
+                         *([esc(kernel)] if several_kernels else []), fmt_n(p.n),
+                         esc(fmt_measured(p.median, unit, res)) + resolution_note(res, unit), spread,
+                         str(p.count)]
+                rows.append(cells)
+    return ("<h3>Measured at one size</h3><p class='muted'>A line needs two sizes; these were "
+            "measured at one.</p>" + html_table("single", head, rows))
 
 
 def section_fits(fits: pd.DataFrame, several_kernels: bool) -> str:
@@ -998,6 +1321,7 @@ def section_fits(fits: pd.DataFrame, several_kernels: bool) -> str:
         _o=fits["mode"].map(lambda m: modes.index(m) if m in modes else 99),
     ).sort_values(["_m", "metric", "_o", "mode"])
     for r in ordered.to_dict("records"):
+        r = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
         unit = r.get("unit") or ""
         label = f"{esc(metric_label(r['metric']))} <span class='muted'>{esc(r['stat'])}</span>"
         mode = f"<b>{esc(r['mode'])}</b>"
@@ -1006,18 +1330,27 @@ def section_fits(fits: pd.DataFrame, several_kernels: bool) -> str:
             rows.append(f"<tr><td>{label}</td><td>{mode}</td>{''.join(f'<td>{k}</td>' for k in kern)}"
                         f"<td colspan='8' class='muted'>{esc(r.get('note') or 'no fit')}</td></tr>")
             continue
-        flat = r["verdict"] == "flat"
-        growth = ("<span class='good'>flat</span>" if flat
-                  else f"<span class='grow'>N<sup>{r['k']:.2f}</sup></span>" if r["verdict"] != "shrinks"
-                  else "shrinks")
-        added = (_ci_fmt(r["added_max"], r["added_max_low"], r["added_max_high"], unit, signed=True)
-                 + f" <span class='muted'>at {fmt_n(r['max_n'])}</span>")
-        if flat:
+        grows = r.get("verdict") == GROWS
+        growth = _growth_cell(r)
+        res = r.get("resolution")
+        # A constant series fits its added part at 1e-15 of its level: that is a zero.
+        dust = 1e-9 * max(abs(r["a"]), abs(r.get("level") or 0.0))
+        for key in ("added_max", "added_max_low", "added_max_high"):
+            if _finite(r.get(key)) and abs(r[key]) < dust:
+                r[key] = 0.0
+        if _finite(res) and max(abs(r["added_max_low"] or 0), abs(r["added_max_high"] or 0)) < res:
+            added = f"within the resolution ({fmt(res, unit)})"
+        else:
+            added = _ci_fmt(r["added_max"], r["added_max_low"], r["added_max_high"], unit,
+                            signed=True)
+        added += f" <span class='muted'>at {fmt_n(r['max_n'])}</span>"
+        if not grows:
             # No growth to quote: its exponent and rates would be read from noise, and the
             # part that does not grow is then simply the mean.
-            k = per = b = "<span class='muted'>– (flat)</span>"
-            a = _ci_fmt(r["level"], r["level_low"], r["level_high"], unit) + \
-                " <span class='muted'>mean</span>"
+            k = per = b = "<span class='muted'>– (not growing)</span>"
+            a = (esc(fmt_measured(r["level"], unit, res)) if _finite(res) and r["level"] < res
+                 else _ci_fmt(r["level"], r["level_low"], r["level_high"], unit))
+            a += " <span class='muted'>mean</span>"
         else:
             k = _ci(r["k"], r["k_low"], r["k_high"], "{:.2f}")
             per = _ci_fmt(r["per_1000"], r["per_1000_low"], r["per_1000_high"], unit, signed=True)
@@ -1025,18 +1358,115 @@ def section_fits(fits: pd.DataFrame, several_kernels: bool) -> str:
                 per += " <span class='muted'>extrapolated beyond the sweep</span>"
             b = _ci_fmt(r["b"], r["b_low"], r["b_high"], unit)
             a = _ci_fmt(r["a"], r["a_low"], r["a_high"], unit)
-        note = f" <span class='muted'>({esc(r['note'])})</span>" if r.get("note") else ""
+        notes = [n for n in (r.get("why"), r.get("note") if grows else None) if n]
+        if _finite(res) and "resolution" not in (r.get("why") or ""):
+            notes.append(f"values resolve to {fmt(res, unit)}")
+        note = "".join(f" <span class='muted'>({esc(n)})</span>" for n in notes)
         cells = [label, mode, *kern, growth + note, k, added, per, b, a,
                  esc(str(r["sizes"]).replace(",", ", ")), str(int(r["n_points"]))]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return ("<p class='muted'>cost = a + b·N<sup>k</sup> by least squares over every measurement "
-            "(repeats are points), 95 % confidence intervals. Flat when the interval of what the "
-            "largest size adds contains zero; k is then not quoted.</p><table class='fits'><thead><tr>"
+            "(repeats are points), 95 % confidence intervals. One verdict per row: it grows only "
+            "when the interval of what the largest size adds lies above zero, that growth exceeds "
+            "the values' resolution, and a new connection stands above its floor at the largest "
+            "size; otherwise flat, and k is not quoted.</p><table class='fits'><thead><tr>"
             + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
 
 
+def run_agreement(run: Run) -> tuple[dict | None, str]:
+    """(agreement figures, where they come from): run.json's when they cover every kernel
+    and mode the rows hold (a merged guest run adds some), else computed from the rows."""
+    stored = run.meta.get("agreement")
+    if isinstance(stored, dict) and isinstance(stored.get("growth"), list) \
+            and isinstance(stored.get("ranking"), list):
+        bench = run.bench
+        sel = bench[(bench["metric"] == stored.get("series")) & (bench["n_services"] > 0)
+                    & (bench["stat"] == stored.get("stat", agreement.PRIMARY_STAT))]
+        covered = {(g.get("kernel"), g.get("mode")) for g in stored["growth"] if isinstance(g, dict)}
+        if stored.get("series") and set(zip(sel["kernel"], sel["mode"], strict=True)) <= covered:
+            return stored, RUN_JSON
+    if run.bench.empty:
+        return None, ""
+    return agreement.agreement(run.bench), BENCH_CSV
+
+
+def html_table(cls: str, head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A table of HTML cells under a header row."""
+    return (f"<table class='{cls}'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
+            + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+            + "</tbody></table>")
+
+
+def _ranking_cells(r: dict, several_kernels: bool) -> list[str]:
+    same = r.get("same")
+    if same is None:
+        verdict = "<span class='muted'>one pass: nothing to compare</span>"
+    elif same:
+        verdict = "<span class='good'>yes</span>"
+    else:
+        verdict = "<span class='bad'>no</span>: " + "; ".join(
+            f"pass {int(d['repeat']) + 1} put "
+            + ", ".join(f"{esc(b)} before {esc(a)}" for a, b in d.get("swapped") or [])
+            for d in r.get("disagreeing") or [] if isinstance(d, dict))
+    order = " &lt; ".join(esc(m) for m in r.get("order") or [])
+    if r.get("basis") != "latency":
+        order += " <span class='muted'>(over the same-moment floor)</span>"
+    return [fmt_n(r.get("n_services", 0)), *([esc(r.get("kernel"))] if several_kernels else []),
+            order, str(len(r.get("passes") or [])), verdict]
+
+
+def _growth_cells(g: dict, several_kernels: bool) -> list[str]:
+    each = ", ".join(
+        f"{esc(p.get('verdict') or 'no fit')}"
+        + (f" (k {float(p['k']):.2f})" if _finite(p.get("k")) else "")
+        for p in g.get("per_pass") or [] if isinstance(p, dict)) or "–"
+    done = int(g.get("resamples") or 0)
+    if done:
+        sets = int(g.get("sets") or 0)
+        boot = ", ".join(f"{esc(v)} {int(c) * 100 // done} %" for v, c in
+                         sorted((g.get("verdicts") or {}).items(), key=lambda x: -x[1]))
+        boot += (f" <span class='muted'>of {done} resamples"
+                 + (f", {sets} distinct set{'s' if sets != 1 else ''} of passes"
+                    if sets < 4 else "") + "</span>")
+    else:
+        boot = "<span class='muted'>needs two passes or more</span>"
+    k = g.get("k") if isinstance(g.get("k"), dict) else None
+    k_text = (f"{float(k['median']):.2f} <span class='muted'>({float(k['low']):.2f}–"
+              f"{float(k['high']):.2f})</span>"
+              if k and all(_finite(k.get(x)) for x in ("median", "low", "high"))
+              else "<span class='muted'>– (growth is not the usual verdict)</span>")
+    return [f"<b>{esc(g.get('mode'))}</b>", *([esc(g.get("kernel"))] if several_kernels else []),
+            each, boot, k_text]
+
+
+def section_agreement(agreed: dict | None, source: str, several_kernels: bool) -> str:
+    if not agreed or not agreed.get("series"):
+        return "<p class='muted'>No new-connection latency to compare across passes.</p>"
+    series, stat = str(agreed["series"]), str(agreed.get("stat") or agreement.PRIMARY_STAT)
+    kernel = ["kernel"] if several_kernels else []
+    out = [f"<p class='muted'>A pass is one trip over the sizes (up, then down in the next). "
+           f"{esc(metric_label(series))}, {esc(stat)}: each pass ranks the modes by its own "
+           f"median (by what the Services add over the floor of the same moments, where one was "
+           f"measured at every size), and each mode's growth is fitted on each pass alone and "
+           f"on passes drawn with replacement (bootstrap). From {esc(source)}.</p>"]
+    ranking = [r for r in agreed.get("ranking") or [] if isinstance(r, dict)]
+    out.append(html_table("agree", ["Services", *kernel, "ranking (fastest first)", "passes",
+                                    "same in every pass?"],
+                          [_ranking_cells(r, several_kernels) for r in ranking]) if ranking
+               else "<p class='muted'>No size with two modes or more measured in every pass.</p>")
+    growth = [g for g in agreed.get("growth") or [] if isinstance(g, dict)]
+    if growth:
+        out.append(html_table("agree", ["mode", *kernel, "each pass alone",
+                                        "bootstrap over passes", "k: median (2.5–97.5 %)"],
+                              [_growth_cells(g, several_kernels) for g in growth]))
+    return "".join(out)
+
+
 def _ci(v: float, lo: float, hi: float, form: str) -> str:
+    if not _finite(v):
+        return "–"
     if not (_finite(lo) and _finite(hi)):
         return form.format(v) + " <span class='muted'>(CI unknown)</span>"
     return f"{form.format(v)} <span class='muted'>({form.format(lo)} to {form.format(hi)})</span>"
@@ -1085,7 +1515,7 @@ def _value_html(value: Any) -> str:
         if all(not isinstance(v, (dict, list)) for v in value):
             return "<code>" + esc(" ".join(str(v) for v in value)) + "</code>"
         return "<ul>" + "".join(f"<li>{_value_html(v)}</li>" for v in value) + "</ul>"
-    if value is None:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "<span class='muted'>unknown</span>"
     return esc(value)
 
@@ -1106,8 +1536,9 @@ def _noisy_html(noisy: list, spread: Any) -> str:
             f"{' ' + esc(item['when']) if item.get('when') else ''}</td>"
             f"<td>{esc(item.get('metric', ''))}</td><td>{esc(item.get('target', ''))}</td>"
             f"<td>{esc(item.get('stat', ''))}</td><td>"
-            + (f"{float(item['spread']) * 100:.1f} %" if _finite(item.get("spread")) else "")
-            + (f" <span class='muted'>{esc(', '.join(map(str, values)))}</span>"
+            + (f"{float(item['spread']) * 100:.1f} %" if _finite(item.get("spread"))
+               else "no median to compare with")
+            + (f" <span class='muted'>{esc(', '.join(str(v) if _finite(v) else '–' for v in values))}</span>"
                if isinstance(values, list) else "") + "</td></tr>")
     return (f"<b>{len(noisy)}{total}</b> repeated measurements spread more than 5 % between "
             f"repeats<details><summary>which</summary><table class='kv'><tr><th>mode</th>"
@@ -1196,7 +1627,10 @@ def compare_runs(new: Run, old: Run) -> pd.DataFrame:
             if not a.median:
                 continue
             change = b.median / a.median - 1
-            noise = max(NOISE, a.spread, b.spread)
+            # A value counted in clock ticks moves by a tick without anything changing.
+            res = max((x.resolution / abs(a.median) for x in (a, b) if _finite(x.resolution)),
+                      default=0.0)
+            noise = max(NOISE, a.spread, b.spread, res)
             worse = -change if higher_is_better(metric) else change
             verdict = ("regression" if worse > noise else "improvement" if worse < -noise
                        else "within noise")
@@ -1263,7 +1697,8 @@ position:relative}
 table{border-collapse:collapse;font-size:13px}
 th,td{padding:3px 9px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 thead th{background:var(--soft);font-weight:600}
-table.score td:nth-child(n+3),table.fits td:nth-child(n+4){font-variant-numeric:tabular-nums}
+table.score td:nth-child(n+3),table.fits td:nth-child(n+4),table.single td:nth-child(n+3)
+{font-variant-numeric:tabular-nums}h3{font-size:14px;margin:16px 0 4px}table.agree{margin:8px 0}
 table.matrix td{text-align:center;min-width:92px;cursor:help}
 table.matrix th{font-weight:500}table.matrix thead th{text-align:center;font-weight:600}
 table.matrix tr.total td{font-weight:600}
@@ -1284,8 +1719,11 @@ figcaption{font-size:13px;margin:0 0 2px 4px}
 svg.chart{width:100%;height:auto;display:block}
 svg .plot{fill:#fcfcfd;stroke:#c5cad1}svg .grid{stroke:#eceef1}
 svg .tick{font-size:10.5px;fill:#5f6672}svg .axis{font-size:11px;fill:#5f6672}
-svg .floor rect{fill:#8a9099;opacity:.11}svg .floor line{stroke:#707780;stroke-width:1.5;
-stroke-dasharray:6 4}svg .floor text{font-size:11px;fill:#5f6672}
+svg .floor rect,svg .floor polygon{fill:#8a9099;opacity:.11}
+svg .floor line,svg .floor polyline{fill:none;stroke:#707780;stroke-width:1.5;stroke-dasharray:6 4}
+svg .floor text{font-size:11px;fill:#5f6672}
+svg .resolution rect{fill:#6b6b6b;opacity:.09}svg .resolution text{font-size:10.5px;fill:#5f6672}
+svg .series .pt.under{fill:#fff;stroke:var(--c);stroke-width:1.6}
 svg .series .band{fill:var(--c);opacity:.18}
 svg .series .line{fill:none;stroke:var(--c);stroke-width:2.2}
 svg .series .fit{fill:none;stroke:var(--c);stroke-width:1.3;stroke-dasharray:1.5 3;opacity:.9}
@@ -1323,12 +1761,15 @@ document.querySelectorAll('button.key').forEach(function (b) {
 
 def render_html(run: Run, older: Run | None = None) -> str:
     """The whole report as one HTML string (no external resources)."""
-    series_keys = chart_series(run.bench)
+    series_keys, single = split_series(run.bench, chart_series(run.bench))
     fits = fits_for(run.bench, series_keys)
-    summaries = summarize_modes(run, fits)
+    agreed, agreed_from = run_agreement(run)
+    summaries = summarize_modes(run, fits, agreed)
     several_kernels = len({s.kernel for s in summaries}) > 1
     complete = run.complete
+    status = run.meta.get("status")
     chip = ("<span class='chip ok'>complete</span>" if complete
+            else f"<span class='chip partial'>{esc(status)}</span>" if status in STOPPED
             else "<span class='chip partial'>incomplete</span>" if complete is False
             else "<span class='chip partial'>completeness unknown</span>")
     kernels = ", ".join(dict.fromkeys([*run.bench["kernel"], *run.checks["kernel"]])) or \
@@ -1339,16 +1780,18 @@ def render_html(run: Run, older: Run | None = None) -> str:
            f"Services {esc(', '.join(fmt_n(n) for n in sizes) or 'none')}"
            + (f" · {esc(when)}" if when else ""))
     sections = [
-        ("findings", "1. Headline findings", section_headline(summaries)),
+        ("findings", "1. Headline findings", section_headline(summaries, agreed)),
         ("conformance", "2. Conformance: does each mode behave like a Service proxy?",
          section_conformance(run.checks)),
         ("charts", "3. Cost against the number of Services (log-log)",
-         section_charts(run, series_keys, fits)),
+         section_charts(run, series_keys, fits, single)),
         ("fits", "4. Growth fits", section_fits(fits, several_kernels)),
-        ("environment", "5. Environment", section_environment(run)),
+        ("agreement", "5. Agreement between passes",
+         section_agreement(agreed, agreed_from, several_kernels)),
+        ("environment", "6. Environment", section_environment(run)),
     ]
     if older is not None:
-        sections.append(("compare", "6. Change since the older run", section_compare(run, older)))
+        sections.append(("compare", "7. Change since the older run", section_compare(run, older)))
     body = "".join(f"<section id='{sid}'><h2>{title}</h2>{content}</section>"
                    for sid, title, content in sections)
     return (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import math
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from rich.table import Table
 
 from clusters.signals import interrupt_on_signals
 from kube.manifests import ManifestError, Manifests, load_files
-from kube.model import Node, Pod
+from kube.model import PLAN, Node, Pod
 from kube.state import ClusterState, StateError, allocations, previous_from_allocations
 
 out = Console(highlight=False)
@@ -31,6 +32,31 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 class UsageError(ValueError):
     """Bad input the user can fix: one sentence, exit status 2."""
+
+
+MAX_ERROR_CHARS = 300
+
+
+def _one_line(message: str) -> str:
+    """Every error as printed: control characters escaped (input may carry terminal escapes or
+    forged lines) and at most MAX_ERROR_CHARS long, its middle cut if need be."""
+    if len(message) > 4 * MAX_ERROR_CHARS:  # escaping a huge message would be slow for nothing
+        message = message[: 2 * MAX_ERROR_CHARS] + message[-2 * MAX_ERROR_CHARS :]
+    text = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message
+    )
+    if len(text) > MAX_ERROR_CHARS:
+        head = (MAX_ERROR_CHARS - 5) * 2 // 3
+        text = f"{text[:head]} ... {text[head + 5 - MAX_ERROR_CHARS:]}"
+    return text
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """A bad flag is reported as one sanitised line, like every other rejection."""
+
+    def error(self, message: str):
+        err.print(_one_line(f"{self.prog}: error: {message}"), markup=False, emoji=False)
+        sys.exit(2)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -49,6 +75,21 @@ def _positive(flag: str, lo: int = 1, hi: int | None = None):
         if value is None or value < lo or (hi is not None and value > hi):
             upper = f" to {hi}" if hi is not None else " or more"
             raise argparse.ArgumentTypeError(f"{flag} must be a whole number from {lo}{upper}, not {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(flag: str, hi: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= hi:  # nan and inf fail here too
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be a number of seconds above 0 and at most {hi:g}, not {text!r}"
+            )
         return value
 
     return parse
@@ -228,7 +269,9 @@ def cmd_delete(args) -> int:
 def cmd_render(args) -> int:
     manifests = _load(args.file)
     wanted = [p.node_name for p in manifests.pods if p.node_name]
-    count = max([args.nodes] + [int(n[4:]) for n in wanted if n[4:].isdigit()])
+    named = [int(n[4:]) for n in wanted if n.startswith("node") and n[4:].isdigit()]
+    # Grow to the nodes pods name, within the address plan; the state refuses the rest, as in up.
+    count = max([args.nodes] + [k for k in named if k <= PLAN.max_nodes])
     state = _build(_nodes(count), manifests)
     node = args.node or "node1"
     try:
@@ -452,7 +495,7 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from dataplanes.modes import IPTABLES_BACKENDS, MODES
 
-    p = argparse.ArgumentParser(
+    p = _ArgumentParser(
         prog="svcbench",
         description="Benchmark and conformance suite for Kubernetes Service data planes.",
     )
@@ -481,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("up", cmd_up, "create a cluster of network namespaces and program its Services")
     kernel_flag(sp)
-    sp.add_argument("--nodes", type=_positive("--nodes", 1, 100), default=2)
+    sp.add_argument("--nodes", type=_positive("--nodes", 1, PLAN.max_nodes), default=2)
     sp.add_argument("--pods-per-node", type=_positive("--pods-per-node", 0, 250), default=0)
     mode_flags(sp)
     sp.add_argument("-f", "--file", action="append", help="manifest file (repeatable, - for stdin)")
@@ -498,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode_flags(sp)
     sp.add_argument("-f", "--file", action="append", required=True, help="manifest file")
     sp.add_argument("--node", help="node to render for (default node1)")
-    sp.add_argument("--nodes", type=_positive("--nodes", 1, 100), default=2)
+    sp.add_argument("--nodes", type=_positive("--nodes", 1, PLAN.max_nodes), default=2)
 
     sp = command("probe", cmd_probe, "open real connections from a pod, a node or the external client")
     sp.add_argument("--from", dest="source", required=True,
@@ -506,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", type=_target, required=True, help="IP:PORT")
     sp.add_argument("--udp", action="store_true")
     sp.add_argument("--count", type=_positive("--count", 1, 1_000_000), default=10)
-    sp.add_argument("--timeout", type=float, default=1.0, help="seconds per connection")
+    sp.add_argument("--timeout", type=_seconds("--timeout", 60), default=1.0,
+                    help="seconds per connection")
     sp.add_argument("--payload-bytes", type=_positive("--payload-bytes", 0, 60000), default=0)
     run_flag(sp)
     sp.add_argument("--json", action="store_true")
@@ -579,7 +623,7 @@ def _run(args, argv: list[str]) -> int:
             return forward(argv)
         return args.func(args) or 0
     except (ManifestError, StateError, UsageError) as exc:
-        err.print(f"svcbench: error: {exc}", markup=False)
+        err.print(_one_line(f"svcbench: error: {exc}"), markup=False, emoji=False)
         return 2
     except KeyboardInterrupt:
         err.print("svcbench: interrupted")
@@ -590,9 +634,9 @@ def _run(args, argv: list[str]) -> int:
         if os.geteuid() != 0 and args.command not in NO_ROOT_COMMANDS:
             # Without root every namespace, rule and run is out of reach: name the cause.
             err.print(f"svcbench: error: svcbench {args.command} works in network namespaces and "
-                      "needs root; run it as root", markup=False)
+                      "needs root; run it as root", markup=False, emoji=False)
             return 2
-        err.print(f"svcbench: {type(exc).__name__}: {exc}", markup=False)
+        err.print(_one_line(f"svcbench: {type(exc).__name__}: {exc}"), markup=False, emoji=False)
         return 1
 
 

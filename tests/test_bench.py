@@ -179,6 +179,11 @@ def test_tiny_real_sweep_writes_the_run_folder(tmp_path):
     assert meta["modes"]["iptables"]["status"] == "done"
     assert not namespaces_of([meta["modes"]["iptables"]["cluster"]])
     assert {m["name"] for m in meta["metrics"]} >= {"conn_latency_us", "sync_full_s", "rules"}
+    # run.json says how the growth verdict moved between the two passes (one mode: no ranking)
+    agreed = meta["agreement"]
+    assert agreed["series"] and agreed["ranking"] == []
+    assert [(g["mode"], g["passes"], g["sizes"]) for g in agreed["growth"]] == [("iptables", [0, 1], [1, 10])]
+    assert len(agreed["growth"][0]["per_pass"]) == 2
 
     header = (folder / "bench.csv").read_text().splitlines()[0].split(",")
     assert tuple(header) == BENCH_COLUMNS
@@ -198,8 +203,10 @@ def test_tiny_real_sweep_writes_the_run_folder(tmp_path):
         assert len([r for r in programming if r["stat"] == "value" and r["value"] > 0]) == 2
     # more Services, more rules: the count is what the mode wrote, not a constant
     assert by[("rules", 10, "", "count")][0]["value"] > by[("rules", 1, "", "count")][0]["value"]
+    # the floor is measured at every size in every pass, at the same moments as the Services
     floors = [r for r in rows if r["metric"] == "floor_conn_latency_us" and r["stat"] == "p50"]
-    assert sorted({r["when"] for r in floors}) == ["end", "start"] and all(r["n_services"] == 0 for r in floors)
+    assert sorted((r["n_services"], r["repeat"]) for r in floors) == [(1, 0), (1, 1), (10, 0), (10, 1)]
+    assert all(r["value"] > 0 and r["target"] == "floor" for r in floors)
     if "syn_to_established_us" not in skipped:
         # the kernel saw the handshake of every probe connection that got established (a
         # probe may still time out on a loaded host), and it ends before the greeting
@@ -222,7 +229,9 @@ def test_tiny_real_sweep_writes_the_run_folder(tmp_path):
                      for b in r["backend"]}
     assert len(pod_backends) == 1 and 1 <= len(last_backends) <= 3
     assert not pod_backends & last_backends
-    assert read_json(folder / "raw" / "iptables" / "floor-start.json")[0]["when"] == "start"
+    # the floor's connections left from the floor client on node3 and reached node4's pod
+    floor_backends = {b for r in raw if r["metric"] == "floor_conn_latency_us" for b in r["backend"]}
+    assert floor_backends == {"bench/floor-backend"}
     # the second repeat is a pass back down: from 10 Services to 1 by a partial sync that
     # removes nine, after which the first Service still answers (size 1, repeat 1 above)
     grows = [(r["n_services"], r["repeat"], r["sync"][0]["full"]) for r in
@@ -233,7 +242,7 @@ def test_tiny_real_sweep_writes_the_run_folder(tmp_path):
 
 @pytest.mark.root
 def test_handshake_tracer_records_only_inside_a_window():
-    from bench.sweep import Bench, SweepConfig, host_kernel_label, load_mode
+    from bench.sweep import NODES, Bench, SweepConfig, host_kernel_label, load_mode
     from bench.trace import unavailable_reason
     from clusters.netns import NetnsCluster
 
@@ -241,7 +250,7 @@ def test_handshake_tracer_records_only_inside_a_window():
     if reason:
         pytest.skip(reason)
     cfg = SweepConfig(["nftables"], [1], count=20)
-    with NetnsCluster.create(2) as cluster:
+    with NetnsCluster.create(NODES) as cluster:
         bench = Bench(cfg, "nftables", load_mode("nftables"), cluster, host_kernel_label())
         try:
             bench.start()
@@ -256,7 +265,7 @@ def test_handshake_tracer_records_only_inside_a_window():
             bench.close()
     ports = {s.local_port for s in inside.samples if s.outcome == "ok"}
     assert len(ports) > 15 and {sport for _, sport, _ in seen} >= ports
-    assert all(ip == bench.floor_ip and 0 < us < 1e6 for us, _, ip in seen)
+    assert all(ip == bench.pod_ip and 0 < us < 1e6 for us, _, ip in seen)
     # the kernel program itself reported nothing outside the window, not just the reader
     assert outside.failed == 0 and late == [] and tracer.submitted == len(seen)
 

@@ -6,11 +6,12 @@ dropped rules; everything else stays kube-proxy's layout.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
-from conformance.runner import run_conformance
+from conformance.runner import exit_status, run_conformance
 from dataplanes.iptables import IptablesDataplane
 
 pytestmark = pytest.mark.root
@@ -90,6 +91,23 @@ def test_a_declared_deviation_is_recorded_not_passed(tmp_path):
             "deviation", "drops packets for Services without endpoints",
         ),
     }
+
+
+class StaleDeviation(IptablesDataplane):
+    """Rejects as it should, yet still declares that it drops."""
+
+    deviations = NoRejectDeclared.deviations
+
+
+def test_a_declared_deviation_that_no_longer_holds_fails(tmp_path):
+    results = _run(tmp_path, StaleDeviation, ["no_endpoints_refused_fast"])
+    outcome, reason = results["no_endpoints_refused_fast"]
+    assert outcome == "failed", results
+    assert reason == ("the check passed: the declared deviation no longer holds "
+                      "(drops packets for Services without endpoints)")
+    data = json.loads((tmp_path / "conformance.json").read_text())
+    assert exit_status(data) == 1
+    assert "<failure" in (tmp_path / "junit.xml").read_text()
 
 
 class Unusable(IptablesDataplane):

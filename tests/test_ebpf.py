@@ -402,6 +402,82 @@ def test_nodeport_snat_only_for_remote_endpoints_and_policy_local_drops(bpf_node
     assert rc == XDP_PASS and parse(out)["dst"] in {state.pod("ns1", p).ip for p in ("web-2", "web-3")}
 
 
+def both_local(selector: dict[str, str]) -> list[Service]:
+    return [Service("ns1", "both", (ServicePort(80, TCP, "", 8080),), type=TYPE_NODE_PORT,
+                    selector=selector, external_ips=(EXTERNAL_IP,),
+                    internal_traffic_policy=POLICY_LOCAL, external_traffic_policy=POLICY_LOCAL)]
+
+
+def _rows(objects) -> dict[tuple[str, str], dict]:
+    """(frontend address, scope) -> the sync's lb4_services row, read back from the kernel."""
+    return {(r["frontend"].split(":")[0], r["scope"]): r for r in ebpf.service_rows(objects)}
+
+
+def _dests(objects, program: str, frames) -> set[str]:
+    """Where the frames went: backend IPs, or "drop" / "rst" / "icmp"."""
+    out = set()
+    for frame in frames:
+        rc, data = run(objects, program, frame)
+        pkt = parse(data) if rc == XDP_PASS else None
+        if pkt is None:
+            out.add("drop" if rc == XDP_DROP else f"rc {rc}")
+        elif pkt["proto"] == socket.IPPROTO_TCP and pkt["seg"][13] & 0x04:
+            out.add("rst")
+        else:
+            out.add(pkt["dst"])
+    return out
+
+
+def test_both_policies_local_maps_and_packets(bpf_node):
+    objects, _, program = bpf_node
+    state = state_of(both_local({"app": "web"}))
+    program(state)
+    ip = {p: state.pod("ns1", p).ip for p in ("web-1", "web-2", "web-3", "client-a", "client-b")}
+    vip = state.service_obj("ns1", "both").cluster_ip
+    node_port = state.service_obj("ns1", "both").ports[0].node_port
+    external = [(EXTERNAL_IP, 80), ("198.18.0.1", node_port)]
+
+    def backends(row) -> set[str]:
+        return {b["address"].split(":")[0] for b in row["backends"]}
+
+    def from_pod(dst, port, n=30):
+        return _dests(objects, "svb_xdp_lxc", (tcp(ip["client-a"], 52000 + i, dst, port)
+                                               for i in range(n)))
+
+    def from_outside(dst, port, n=3):
+        return _dests(objects, "svb_xdp_host", (tcp(EXTERNAL, 53000 + i, dst, port)
+                                                for i in range(n)))
+
+    # Local and remote endpoints: node1's own for the ClusterIP and outsiders, every one for
+    # pods and the node reaching the NodePort or externalIP (kube-proxy's short circuit).
+    rows = _rows(objects)
+    assert backends(rows[(vip, "")]) == {ip["web-1"]}
+    for address, port in external:
+        assert backends(rows[(address, "")]) == {ip["web-1"]}
+        assert backends(rows[(address, "internal")]) == {ip["web-1"], ip["web-2"], ip["web-3"]}
+        assert from_outside(address, port) == {ip["web-1"]}
+        assert from_pod(address, port) == {ip["web-1"], ip["web-2"], ip["web-3"]}
+    assert from_pod(vip, 80) == {ip["web-1"]}
+
+    # Only remote endpoints: dropped (never rejected), the short circuit still serves pods.
+    program(state_of(both_local({"tier": "b"})))
+    rows = _rows(objects)
+    assert rows[(vip, "")]["empty"] == "drop" and from_pod(vip, 80, 3) == {"drop"}
+    for address, port in external:
+        assert rows[(address, "")]["empty"] == "drop" and from_outside(address, port) == {"drop"}
+        assert backends(rows[(address, "internal")]) == {ip["web-2"], ip["web-3"]}
+        assert from_pod(address, port) == {ip["web-2"], ip["web-3"]}
+
+    # No endpoint anywhere: every frontend answers with a RST.
+    program(state_of(both_local({"app": "none"})))
+    rows = _rows(objects)
+    assert {r["empty"] for r in rows.values()} == {"reject"}
+    assert not any(scope for _, scope in rows)
+    assert from_pod(vip, 80, 3) == {"rst"}
+    for address, port in external:
+        assert from_outside(address, port) == from_pod(address, port, 3) == {"rst"}
+
+
 def test_a_removed_backend_loses_its_flows_and_the_others_keep_theirs(bpf_node):
     objects, state, program = bpf_node
     client = state.pod("ns1", "client-a").ip
@@ -635,7 +711,7 @@ def test_sync_is_incremental_and_repairs_detached_programs(lab):
     assert dp.sync(node, view).changed == 0
     web = view.service("ns1/web:http", TCP)
     fewer = replace(view, services=tuple(
-        replace(sp, internal_endpoints=sp.internal_endpoints[:2]) if sp is web else sp
+        replace(sp, endpoints=sp.endpoints[:2]) if sp is web else sp
         for sp in view.services))
     assert dp.sync(node, fewer).changed == 1
     # an administrator's cleanup: XDP off everywhere

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reports.fit import NotEnoughSizes, fit_growth, fit_table
+from reports.fit import NotEnoughSizes, decide, fit_growth, fit_table
 
 SIZES = np.repeat([1, 10, 100, 1000, 5000, 10000], 3)
 
@@ -23,7 +23,7 @@ def test_linear_growth_like_iptables_is_found_with_its_exponent():
     assert fit.k_ci.contains(1.0)
     assert fit.per_1000_ci.contains(47.0)
     assert fit.a_ci.contains(430.0)
-    assert fit.verdict.startswith("N^")
+    assert fit.verdict == "grows"
     assert fit.added(10_000) == pytest.approx(470, rel=0.1)
 
 
@@ -86,7 +86,7 @@ def test_fit_table_one_row_per_mode_and_metric_and_a_note_when_unfittable():
         rows.append(dict(kernel="k", mode="ebpf", metric="conn_latency_us:last", stat="p50",
                          unit="us", n_services=n, value=430.0, repeat=0))
     table = fit_table(pd.DataFrame(rows)).set_index("mode")
-    assert table.loc["iptables", "verdict"].startswith("N^")
+    assert table.loc["iptables", "verdict"] == "grows"
     assert 0.9 < table.loc["iptables", "k"] < 1.1
     assert table.loc["iptables", "per_1000_low"] > 0
     assert bool(table.loc["nftables", "flat"])
@@ -110,3 +110,22 @@ def test_flatness_is_read_within_the_sweep_not_extrapolated_beyond_it():
     fit = fit_growth(SIZES, y)
     assert fit.added_max_ci.low > 0 and fit.n_max == 10_000
     assert fit.b_ci.contains(0.047)
+
+
+def test_one_verdict_from_the_interval_the_resolution_and_the_floor():
+    # what the largest size adds, and its interval
+    assert decide(470.0, 440.0, 500.0) == "grows"
+    assert decide(5.0, -3.0, 13.0) == "flat"
+    assert decide(-20.0, -30.0, -10.0) == "falls"
+    # a CPU figure counted in 50 µs steps that rose by one step has not shown growth
+    assert decide(50.0, 20.0, 80.0, resolution=50.0) == "flat"
+    assert decide(150.0, 100.0, 200.0, resolution=50.0) == "grows"
+    assert decide(-50.0, -80.0, -20.0, resolution=50.0) == "flat"
+    # a cost not above its floor at the largest size cannot grow, whatever the fit says
+    assert decide(60.0, 30.0, 90.0, above_floor=-15.0) == "flat"
+    assert decide(60.0, 30.0, 90.0, above_floor=0.0) == "flat"
+    assert decide(60.0, 30.0, 90.0, above_floor=12.0) == "grows"
+    assert decide(60.0, 30.0, 90.0, above_floor=math.nan) == "grows"  # no floor to hold it to
+    # no interval: no verdict
+    assert decide(60.0, -math.inf, math.inf) == "unknown"
+    assert decide(math.nan, math.nan, math.nan) == "unknown"

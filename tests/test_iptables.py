@@ -27,7 +27,16 @@ from kube.model import (
     Service,
     ServicePort,
 )
-from tests.scenarios import CLIENT_POD, EXTERNAL_CLIENT, NODE1_IP, backends, view, web
+from tests.scenarios import (
+    BOTH_LOCAL,
+    CLIENT_POD,
+    EXTERNAL_CLIENT,
+    NODE1_IP,
+    backends,
+    trace_both_local,
+    view,
+    web,
+)
 
 
 def payload(pods, services, node: str = "node1") -> str:
@@ -271,3 +280,13 @@ def test_tracer_refuses_what_it_does_not_model():
             1,
             hooks={("nat", "PREROUTING"): ["-A PREROUTING -j KUBE-SERVICES"]},
         )
+
+
+# --------------------------------------------------------------------------- both policies Local
+
+
+def test_both_policies_local_as_kube_proxy():
+    trace_both_local(IptablesDataplane().render, go, hook="OUTPUT")
+    remote_only = payload(backends(2, nodes=("node2",)), [web(**BOTH_LOCAL)])
+    assert "has no endpoints" not in remote_only
+    assert '"ns1/svc1:p80 has no local endpoints"' in remote_only

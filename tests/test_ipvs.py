@@ -27,6 +27,8 @@ from dataplanes.ipvs import (
     IPSETS,
     JUMPS,
     KUBE_CLUSTER_IP,
+    KUBE_DROP_CLUSTER_IP,
+    KUBE_DROP_EXTERNAL,
     KUBE_EXTERNAL_IP,
     KUBE_EXTERNAL_IP_LOCAL,
     KUBE_IPVS_IF,
@@ -167,6 +169,54 @@ def test_local_policies_and_affinity():
     on_node1 = desired_layout(view(services, "node1"))
     assert set(on_node1.dests[("TCP", "198.19.0.23", 80)]) == {("198.18.129.2", 8080)}
     assert on_node1.dests[("TCP", "198.18.0.1", 30081)] == {("198.18.129.2", 8080): RealServer("198.18.129.2", 8080)}
+
+
+def _both_local(selector=None):
+    return svc("both", "198.19.0.31", type=TYPE_NODE_PORT, node_port=30091,
+               external_ips=("198.18.64.7",), internal_traffic_policy=POLICY_LOCAL,
+               external_traffic_policy=POLICY_LOCAL, selector=selector)
+
+
+BOTH_FRONTENDS = (("TCP", "198.19.0.31", 80), ("TCP", "198.18.0.1", 30091),
+                  ("TCP", "198.18.64.7", 80))
+WEB_1 = {("198.18.129.2", 8080)}
+NODE2_WEB = {("198.18.130.2", 8080), ("198.18.130.3", 8080)}
+
+
+def test_both_policies_local_with_local_and_remote_endpoints_serve_the_local_ones():
+    layout = desired_layout(view([_both_local()]))  # node1 holds web-1, node2 web-2 and web-3
+    for key in BOTH_FRONTENDS:
+        assert set(layout.dests[key]) == WEB_1, key
+    assert not layout.ipsets[KUBE_DROP_CLUSTER_IP] and not layout.ipsets[KUBE_DROP_EXTERNAL]
+    # The hairpin set holds every endpoint the view says this node may reach.
+    hairpin = {m.split(",")[0] for m in layout.ipsets[KUBE_LOOP_BACK]}
+    assert hairpin == {"198.18.129.2", "198.18.130.2", "198.18.130.3"}
+
+
+def test_both_policies_local_with_only_remote_endpoints_drops_and_short_circuits():
+    layout = desired_layout(view([_both_local({"node": "node2"})]))
+    cluster_ip, node_port, external_ip = BOTH_FRONTENDS
+    # ClusterIP: no virtual server (IPVS would refuse), the VIP stays for the DROP rule.
+    assert cluster_ip not in layout.services and "198.19.0.31" in layout.addresses
+    assert layout.ipsets[KUBE_DROP_CLUSTER_IP] == {"198.19.0.31,tcp:80"}
+    # NodePort and externalIP: outsiders dropped, pods and the node reach every endpoint.
+    assert set(layout.dests[node_port]) == set(layout.dests[external_ip]) == NODE2_WEB
+    assert layout.ipsets[KUBE_DROP_EXTERNAL] == {"198.18.0.1,tcp:30091", "198.18.64.7,tcp:80"}
+    filter_rules = iptables_rules("198.18.128.0/17")[("filter", "KUBE-IPVS-FILTER")]
+    assert f"--match-set {KUBE_DROP_CLUSTER_IP} dst,dst -j DROP" in filter_rules[0]
+    assert filter_rules[1].startswith("-A KUBE-IPVS-FILTER ! -s 198.18.128.0/17 -m addrtype ! "
+                                      "--src-type LOCAL")
+    assert filter_rules[1].endswith(f"--match-set {KUBE_DROP_EXTERNAL} dst,dst -j DROP")
+    on_node2 = desired_layout(view([_both_local({"node": "node2"})], "node2"))
+    assert set(on_node2.dests[("TCP", "198.19.0.31", 80)]) == NODE2_WEB
+    assert not on_node2.ipsets[KUBE_DROP_CLUSTER_IP] and not on_node2.ipsets[KUBE_DROP_EXTERNAL]
+
+
+def test_both_policies_local_without_endpoints_keeps_empty_virtual_servers_to_refuse():
+    layout = desired_layout(view([_both_local({"app": "nothing"})]))
+    for key in BOTH_FRONTENDS:
+        assert layout.dests[key] == {}, key  # IPVS answers ICMP port unreachable: REJECT
+    assert not layout.ipsets[KUBE_DROP_CLUSTER_IP] and not layout.ipsets[KUBE_DROP_EXTERNAL]
 
 
 def test_changes_hold_only_the_difference():

@@ -32,7 +32,17 @@ from kube.model import (
     ServicePort,
 )
 from kube.state import ClusterState, EndpointView
-from tests.scenarios import CLIENT_POD, EXTERNAL_CLIENT, NODE1_IP, NODES, backends, view, web
+from tests.scenarios import (
+    BOTH_LOCAL,
+    CLIENT_POD,
+    EXTERNAL_CLIENT,
+    NODE1_IP,
+    NODES,
+    backends,
+    trace_both_local,
+    view,
+    web,
+)
 
 
 def script(pods, services, node: str = "node1") -> str:
@@ -369,3 +379,19 @@ def test_tracer_refuses_what_it_does_not_model():
            "add rule ip t c tcp flags syn accept\n"
     with pytest.raises(TraceError):
         trace(text, "1.1.1.1", "2.2.2.2", "tcp", 1)
+
+
+# --------------------------------------------------------------------------- both policies Local
+
+
+def test_both_policies_local_as_kube_proxy():
+    trace_both_local(NftablesDataplane().render, go, from_node=True)
+    pods = backends(2, nodes=("node2",))
+    maps = render_ruleset(view(pods, [web(**BOTH_LOCAL)])).maps
+    assert set(maps["no-endpoint-services"].values()) == set(
+        maps["no-endpoint-nodeports"].values()) == {"drop"}
+    # A node process is rejected too when there is no endpoint at all (filter-output).
+    text = script([], [web(**BOTH_LOCAL)])
+    vip = view([], [web(**BOTH_LOCAL)]).services[0].cluster_ip
+    assert go(text, NODE1_IP, vip, 80, from_node=True).verdicts() == {"REJECT"}
+    assert go(text, NODE1_IP, NODE1_IP, 30000, from_node=True).verdicts() == {"REJECT"}

@@ -266,6 +266,14 @@ class Chromium:
         self.events: list[dict] = []
         self.session: str | None = None
 
+    def open_tab(self, domains: tuple[str, ...]) -> None:
+        """A blank tab that later commands go to, with these DevTools domains enabled."""
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.send("Target.attachToTarget",
+                                 {"targetId": target, "flatten": True})["sessionId"]
+        for domain in domains:
+            self.send(f"{domain}.enable")
+
     def send(self, method: str, params: dict | None = None, timeout: float = 30.0) -> dict:
         self._id += 1
         msg = {"id": self._id, "method": method, "params": params or {}}
@@ -327,11 +335,7 @@ def open_in_chromium(page: Path, screenshot: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="svb-chromium-") as profile:
         browser = Chromium(profile)
         try:
-            target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-            browser.session = browser.send("Target.attachToTarget",
-                                           {"targetId": target, "flatten": True})["sessionId"]
-            for domain in ("Page", "Runtime", "Log", "Network"):
-                browser.send(f"{domain}.enable")
+            browser.open_tab(("Page", "Runtime", "Log", "Network"))
             browser.send("Emulation.setDeviceMetricsOverride",
                          {"width": 1320, "height": 900, "deviceScaleFactor": 1, "mobile": False})
             browser.send("Page.navigate", {"url": page.as_uri()})
@@ -342,7 +346,7 @@ def open_in_chromium(page: Path, screenshot: Path) -> dict:
                   return {id: svg ? svg.id : null, width: r ? r.width : 0, height: r ? r.height : 0,
                           points: svg ? svg.querySelectorAll('g.series circle.pt').length : 0,
                           lines: svg ? svg.querySelectorAll('g.series polyline.line').length : 0,
-                          floor: svg ? svg.querySelectorAll('g.floor line').length : 0,
+                          floor: svg ? svg.querySelectorAll('g.floor line, g.floor polyline').length : 0,
                           caption: f.querySelector('figcaption').textContent};
                 })"""})["result"]["value"]
             # the legend toggles a mode's line in every chart

@@ -22,7 +22,7 @@ from kube.model import (
     Service,
     ServicePort,
 )
-from kube.state import ClusterState, StateError
+from kube.state import DROP, REJECT, ClusterState, StateError
 
 NODES = (Node.numbered(1), Node.numbered(2))
 
@@ -435,6 +435,71 @@ def test_no_usable_endpoint_leaves_the_sets_empty():
         sp = state.node_view(node).service("ns1/web")
         assert sp.internal_endpoints == () and sp.external_endpoints == ()
         assert len(sp.endpoints) == 1
+
+
+BOTH_LOCAL = {"type": "NodePort", "internal_traffic_policy": "Local",
+              "external_traffic_policy": "Local"}
+
+
+def test_both_policies_local_with_local_and_remote_endpoints():
+    state = _spread_state(**BOTH_LOCAL)
+    sp = state.node_view("node1").service("ns1/web")
+    # Reachable from outside, so the cluster-wide set is kept for the short circuit.
+    assert addrs(sp.cluster_endpoints) == _ips(state, "a1", "a2", "b1")
+    assert addrs(sp.local_endpoints) == _ips(state, "a1", "a2")
+    assert sp.internal_endpoints == sp.external_endpoints == sp.local_endpoints
+    assert sp.all_reachable_endpoints == sp.cluster_endpoints
+    assert sp.has_any_endpoints
+    assert sp.internal_traffic_filter is None and sp.external_traffic_filter is None
+
+
+def test_both_policies_local_with_only_remote_endpoints_drops_and_keeps_the_short_circuit():
+    state = ClusterState.build(NODES, [pod("b1", "node2"), pod("b2", "node2")],
+                               [svc(**BOTH_LOCAL)])
+    sp = state.node_view("node1").service("ns1/web")
+    assert addrs(sp.cluster_endpoints) == addrs(sp.all_reachable_endpoints) == _ips(
+        state, "b1", "b2")
+    assert sp.local_endpoints == sp.internal_endpoints == sp.external_endpoints == ()
+    assert sp.has_any_endpoints  # so no REJECT: endpoints exist, on another node
+    assert (sp.internal_traffic_filter, sp.external_traffic_filter) == (DROP, DROP)
+    there = state.node_view("node2").service("ns1/web")
+    assert addrs(there.internal_endpoints) == addrs(there.external_endpoints) == _ips(
+        state, "b1", "b2")
+
+
+def test_both_policies_local_without_endpoints_rejects():
+    state = ClusterState.build(NODES, [pod("u", "node1", ready=False)], [svc(**BOTH_LOCAL)])
+    sp = state.node_view("node1").service("ns1/web")
+    assert sp.cluster_endpoints == sp.local_endpoints == sp.all_reachable_endpoints == ()
+    assert not sp.has_any_endpoints
+    assert (sp.internal_traffic_filter, sp.external_traffic_filter) == (REJECT, REJECT)
+
+
+def test_internal_policy_local_without_external_frontends_never_uses_the_cluster_set():
+    state = ClusterState.build(NODES, [pod("b1", "node2")], [svc(internal_traffic_policy="Local")])
+    sp = state.node_view("node1").service("ns1/web")
+    assert sp.cluster_endpoints == sp.local_endpoints == sp.all_reachable_endpoints == ()
+    assert sp.has_any_endpoints and sp.internal_traffic_filter == DROP
+    assert sp.external_endpoints == () and sp.external_traffic_filter is None
+
+
+def test_all_reachable_endpoints_joins_a_local_terminating_fallback_to_the_cluster_set():
+    pods = [pod("t1", "node1", terminating=True), pod("b1", "node2")]
+    state = ClusterState.build(NODES, pods, [svc(**BOTH_LOCAL)])
+    sp = state.node_view("node1").service("ns1/web")
+    assert addrs(sp.cluster_endpoints) == _ips(state, "b1")  # a ready one exists
+    assert addrs(sp.local_endpoints) == _ips(state, "t1")  # none ready here: fall back
+    assert addrs(sp.all_reachable_endpoints) == _ips(state, "b1", "t1")
+    assert len(sp.all_reachable_endpoints) == 2
+
+
+def test_the_categorisation_follows_a_replaced_endpoint_list():
+    state = ClusterState.build(NODES, [pod("a1", "node1"), pod("b1", "node2")],
+                               [svc(**BOTH_LOCAL)])
+    sp = state.node_view("node1").service("ns1/web")
+    remote_only = replace(sp, endpoints=tuple(e for e in sp.endpoints if not e.local))
+    assert remote_only.internal_traffic_filter == DROP and remote_only.local_endpoints == ()
+    assert replace(sp, endpoints=()).internal_traffic_filter == REJECT
 
 
 def test_headless_and_other_proxy_services_are_absent_from_the_view():

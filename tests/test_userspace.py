@@ -128,6 +128,43 @@ def test_portal_classes_refuse_without_endpoints_and_drop_without_usable_ones():
     assert classes[(TCP, node_ip, sp["etp"].node_port)] == EXTERNAL_LOCAL
 
 
+def _both_local_table(**selector):
+    svc = web("both", type=TYPE_NODE_PORT, external_ips=(EXTERNAL_IP,), selector=selector,
+              internal_traffic_policy=POLICY_LOCAL, external_traffic_policy=POLICY_LOCAL)
+    state, view = _view(svc)
+    table = Table(table_message(view))
+    entry = table.entries[("ns1/both", TCP)]
+    sp = view.services[-1]
+    portals = {"cluster": (TCP, sp.cluster_ip, 80), "node": (TCP, view.node_ip, sp.node_port),
+               "external": (TCP, EXTERNAL_IP, 80)}
+    classes = {name: table.classes[key] for name, key in portals.items()}
+    ips = {(state.pod("ns1", p).ip, 8080): p for p in ("web-1", "web-2", "web-3")}
+    names = {kind: {ips[e] for e in entry.endpoints(*kind)}
+             for kind in ((False, False), (True, False), (True, True))}
+    return classes, names
+
+
+def test_both_policies_local_with_local_and_remote_endpoints():
+    classes, names = _both_local_table(app="web")
+    assert set(classes.values()) == {REDIRECT}
+    assert names[(False, False)] == {"web-1"}  # ClusterIP: node1's own endpoint
+    assert names[(True, False)] == {"web-1"}  # outsiders of the NodePort and externalIP
+    assert names[(True, True)] == {"web-1", "web-2", "web-3"}  # pods and the node: every one
+
+
+def test_both_policies_local_with_only_remote_endpoints_drops_and_short_circuits():
+    classes, names = _both_local_table(node="node2")
+    assert classes == {"cluster": DROP, "node": EXTERNAL_LOCAL, "external": EXTERNAL_LOCAL}
+    assert names[(False, False)] == names[(True, False)] == set()
+    assert names[(True, True)] == {"web-2", "web-3"}
+
+
+def test_both_policies_local_without_endpoints_rejects():
+    classes, names = _both_local_table(app="nothing")
+    assert set(classes.values()) == {REJECT}
+    assert not any(names.values())
+
+
 def test_ipsets_hold_every_portal_in_the_sets_of_its_class():
     classes = {(TCP, "198.19.0.1", 80): REDIRECT, (UDP, "198.19.0.1", 53): REJECT,
                (TCP, "198.18.0.1", 30001): EXTERNAL_LOCAL, (TCP, "198.19.0.2", 80): DROP}
@@ -186,10 +223,11 @@ def test_rules_add_only_the_jumps_that_are_missing_and_see_tampering():
 
 
 def _entry(affinity_s=None, endpoints=(("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80)),
-           previous=None, external_local=False) -> ServiceEntry:
-    spec = {"name": "ns1/svc", "protocol": TCP, "internal": [list(e) for e in endpoints],
-            "external": [list(e) for e in endpoints[:1]], "external_local": external_local,
-            "affinity_s": affinity_s}
+           previous=None, outside=1) -> ServiceEntry:
+    """An entry whose outside clients of external portals get the first `outside` endpoints."""
+    every = [list(e) for e in endpoints]
+    spec = {"name": "ns1/svc", "protocol": TCP, "internal": every,
+            "external": every[:outside], "cluster": every, "affinity_s": affinity_s}
     return ServiceEntry(spec, previous)
 
 
@@ -223,11 +261,14 @@ def test_a_new_table_keeps_rotation_affinity_and_counters_of_the_same_service():
     assert not _entry(previous=old).affinity  # affinity switched off
 
 
-def test_external_local_entries_serve_pods_from_every_endpoint():
-    entry = _entry(external_local=True)
-    assert entry.endpoints(external=True, in_cluster=False) == entry.external
-    assert entry.endpoints(external=True, in_cluster=True) == entry.internal
+def test_pods_and_the_node_reach_external_portals_through_the_cluster_wide_set():
+    entry = _entry()
+    assert entry.short_circuit  # the client's address decides
+    assert entry.endpoints(external=True, in_cluster=False) == entry.external == [("10.0.0.1", 80)]
+    assert entry.endpoints(external=True, in_cluster=True) == entry.cluster
+    assert len(entry.cluster) == 3
     assert entry.endpoints(external=False, in_cluster=False) == entry.internal
+    assert not _entry(outside=3).short_circuit  # everyone gets the same set
 
 
 def test_table_finds_a_portal_by_the_bytes_so_original_dst_returns():

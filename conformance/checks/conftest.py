@@ -50,7 +50,8 @@ def pytest_collection_modifyitems(config, items):
         reason = deviations.get(check_name(item.name))
         if reason:
             # Only an assertion counts as the deviation; any other error is still a failure.
-            item.add_marker(pytest.mark.xfail(reason=reason, raises=AssertionError, strict=False))
+            # Strict: a deviation that no longer holds fails instead of passing unnoticed.
+            item.add_marker(pytest.mark.xfail(reason=reason, raises=AssertionError, strict=True))
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,24 @@
-"""Which Services and endpoints a node's proxy may use: internal traffic policy, proxy name, headless."""
+"""Which Services and endpoints a node's proxy may use: traffic policies, proxy name, headless."""
 
 from __future__ import annotations
 
 import pytest
 
-from clusters.workloads.probe import OK, REFUSED
-from conformance.harness import HTTP_PORT, Probe, backends, describe, outcomes, web_service
+from clusters.workloads.probe import OK, REFUSED, TIMEOUT
+from conformance.harness import (
+    EXTERNAL,
+    HTTP_PORT,
+    Probe,
+    backends,
+    describe,
+    outcomes,
+    web_service,
+)
 from kube.model import HEADLESS, POLICY_LOCAL, PROXY_NAME_LABEL, TCP, ServicePort
 
 NODE1_BACKENDS = {"ns1/web-1"}
 NODE2_BACKENDS = {"ns1/web-2", "ns1/web-3"}
+EXTERNAL_IP = "198.18.64.11"  # in the plan's external-IP range, routed to node1 by the client
 
 
 @pytest.mark.check(9)
@@ -57,3 +66,48 @@ def test_other_proxy_and_headless_not_handled(cluster):
     assert outcomes(direct) == {REFUSED: 5}, (
         f"port 80 of a headless Service's pod was redirected: {describe(direct)}"
     )
+
+
+@pytest.mark.check(27)
+def test_both_policies_local(cluster):
+    """internalTrafficPolicy and externalTrafficPolicy Local, endpoints on node2 only.
+
+    Stands for kube-proxy's TestCategorizeEndpoints cases "iTP: Local, eTP: Local, all
+    endpoints remote" and "... some endpoints local" (pkg/proxy/topology_test.go: a port
+    reachable from outside keeps its cluster-wide endpoints for the short circuit, and
+    hasAnyEndpoints turns "no local endpoint" into a drop, not a reject), and the e2e tests
+    "LoadBalancers ESIPP [Slow] should work from pods" and "Services should respect
+    internalTrafficPolicy=Local Pod to Pod" (test/e2e/network).
+    """
+    svc = web_service("both-local", type="NodePort", external_ips=(EXTERNAL_IP,),
+                      internal_traffic_policy=POLICY_LOCAL, external_traffic_policy=POLICY_LOCAL,
+                      selector={"app": "web", "node": "node2"})
+    cluster.apply([svc])
+    ip, port = cluster.cluster_ip("both-local"), cluster.node_port("both-local")
+    node1, node2 = cluster.node_ip("node1"), cluster.node_ip("node2")
+    silent = {"count": 3, "timeout": 0.5, "expect": TIMEOUT}
+    requests = {
+        # node1 has no local endpoint: its pods and node1 itself are short-circuited to
+        # every endpoint. (A NodePort on the node's own address is left out: the ebpf mode
+        # serves it only to processes in the run's cgroup.)
+        "pod on node1 to node1's NodePort": Probe("ns1/client-a", node1, port, count=30),
+        "pod on node1 to the externalIP": Probe("ns1/client-a", EXTERNAL_IP, 80, count=30),
+        "node1 to the externalIP": Probe("node/node1", EXTERNAL_IP, 80, count=30),
+        "outside client through node2": Probe(EXTERNAL, node2, port, count=30),
+        "pod on node2 to the ClusterIP": Probe("ns1/client-b", ip, 80, count=30),
+        # Endpoints exist, none on node1: its outside clients and ClusterIP users get nothing.
+        "outside client to node1's NodePort": Probe(EXTERNAL, node1, port, **silent),
+        "outside client to the externalIP (node1)": Probe(EXTERNAL, EXTERNAL_IP, 80, **silent),
+        "pod on node1 to the ClusterIP": Probe("ns1/client-a", ip, 80, **silent),
+    }
+    results = dict(zip(requests, cluster.probes(*requests.values()), strict=True))
+    for what, result in results.items():
+        req = requests[what]
+        if req.expect == OK:
+            assert outcomes(result) == {OK: req.count}, f"{what}: {describe(result)}"
+            assert set(backends(result)) == NODE2_BACKENDS, f"{what}: {describe(result)}"
+        else:
+            assert outcomes(result) == {TIMEOUT: req.count}, (
+                f"{what} must be dropped (endpoints exist on node2), not refused or served: "
+                f"{describe(result)}"
+            )
