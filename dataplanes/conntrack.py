@@ -15,7 +15,8 @@ from kube.state import ServicePortView
 
 
 def _used_ips(sp: ServicePortView) -> set[str]:
-    return {e.ip for e in sp.internal_endpoints + sp.external_endpoints}
+    # every endpoint some traffic reaches, the short circuit of both-Local Services included
+    return {e.ip for e in sp.all_reachable_endpoints}
 
 
 def _udp_flow_deletes(sp: ServicePortView, nat: list[str]) -> list[list[str]]:
