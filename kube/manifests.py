@@ -1,9 +1,9 @@
 """Kubernetes YAML -> kube.model objects, validated at the edge.
 
-Reads v1 Pod, v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node (its labels) (alone, in a multi-document
-stream, or inside a List) and rejects anything svcbench cannot honour with a `ManifestError`:
-one sentence naming the file and line, the object, the field in Kubernetes path form and the
-values it accepts. Checks that need the rest of the cluster live in kube/state.py.
+Reads v1 Pod, v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node (its labels), alone,
+in a multi-document stream, or inside a List, and rejects anything svcbench cannot honour
+with a `ManifestError`: one sentence naming the file and line, the object, the field in
+Kubernetes path form and the values it accepts. Checks that need the rest of the cluster live in kube/state.py.
 
 Field validation is strict, as Kubernetes' `--validate=strict`: every mapping svcbench reads
 refuses a field its Kubernetes type does not have, so a typo such as `lables` is an error
@@ -634,10 +634,12 @@ def _read_load_balancer(
         at = ("spec", "loadBalancerSourceRanges", i)
         if not lb:
             r.fail(at, only_lb)
+        net = None
         try:  # Kubernetes trims spaces and reads host bits as the network's
-            net = ipaddress.IPv4Network(value.strip(), strict=False) if isinstance(value, str) else None
+            if isinstance(value, str):
+                net = ipaddress.IPv4Network(value.strip(), strict=False)
         except ValueError:
-            net = None
+            pass
         if net is None or "/" not in value:
             r.fail(at, f"must be an IPv4 CIDR such as 198.18.0.0/24, not {_shown(value)}")
         ranges.append(str(net))
@@ -856,7 +858,8 @@ def _read_zone_hints(r: _Reader, at: Field) -> tuple[str, ...]:
         r.mapping(at + ("forZones", i), FOR_ZONE_FIELDS, "a zone hint")
         zone = r.name(at + ("forZones", i, "name"), _is_zone, ZONE_NAME, required=True)
         if zone in zones:
-            r.fail(at + ("forZones", i, "name"), f"repeats {_shown(zone)}: each zone may appear once")
+            problem = f"repeats {_shown(zone)}: each zone may appear once"
+            r.fail(at + ("forZones", i, "name"), problem)
         zones.append(zone)
     return tuple(zones)
 

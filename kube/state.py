@@ -397,7 +397,8 @@ class ClusterState:
             """index None: the Service's healthCheckNodePort, from the same range."""
             owner = taken_ports.get(node_port)
             if owner and owner != ident(svc):
-                at = "spec.healthCheckNodePort" if index is None else f"spec.ports[{index}].nodePort"
+                at = f"spec.ports[{index}].nodePort" if index is not None else (
+                    "spec.healthCheckNodePort")
                 raise StateError(f"{ident(svc)}: {at} {node_port} is already used by {owner}")
             taken_ports[node_port] = ident(svc)
 
@@ -429,7 +430,8 @@ class ClusterState:
                         ports.append(p)
                     svc = replace(svc, ports=tuple(ports))
                 check = prev.health_check_node_port
-                if svc.needs_health_check_node_port and svc.health_check_node_port is None and check:
+                wants_check = svc.needs_health_check_node_port and svc.health_check_node_port is None
+                if wants_check and check:
                     svc = replace(svc, health_check_node_port=check)
                     take_port(svc, None, check)
             kept.append(svc)

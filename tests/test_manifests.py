@@ -606,7 +606,8 @@ REJECTED = [
     (
         "type-unknown",
         service_yaml({"type": "Ingress", "ports": PORT80}),
-        ['spec.type must be "ClusterIP", "NodePort", "LoadBalancer" or "ExternalName", not "Ingress"'],
+        ['spec.type must be "ClusterIP", "NodePort", "LoadBalancer" or "ExternalName", not '
+         '"Ingress"'],
     ),
     (
         "cluster-ip-outside-service-cidr",

@@ -668,7 +668,8 @@ def test_prefer_close_hints_each_ready_endpoint_for_its_own_zone():
 def test_topology_keeps_cluster_traffic_in_the_zone_when_every_endpoint_is_hinted():
     three = (*NODES, Node.numbered(3))
     pods = [pod("a1", "node1"), pod("a2", "node1"), pod("b1", "node2")]
-    state = ClusterState.build(three, pods, [svc(type="NodePort", traffic_distribution="PreferClose")])
+    services = [svc(type="NodePort", traffic_distribution="PreferClose")]
+    state = ClusterState.build(three, pods, services)
     one = state.node_view("node1").service("ns1/web")
     assert one.node_zone == "zone1"
     assert addrs(one.cluster_endpoints) == addrs(one.external_endpoints) == _ips(state, "a1", "a2")
