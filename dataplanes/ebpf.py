@@ -41,6 +41,12 @@ from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
 from kube.model import PLAN
 from kube.state import DROP, REJECT, EndpointView, NodeView, ServicePortView
 
+# Service ports this mode does not program, and why: the XDP DNAT patches TCP and UDP
+# checksums incrementally (RFC 1624), but SCTP's CRC32c covers the whole packet and cannot be.
+SKIPPED_PROTOCOLS = {
+    "SCTP": "SCTP's CRC32c checksum cannot be patched incrementally by the XDP DNAT",
+}
+
 HAIRPIN_IP = "169.254.42.1"  # link-local, never a pod or node address (Cilium uses it alike)
 # SNAT source ports stay above the ephemeral range (32768-60999), so they never collide
 # with the node's own connections.
@@ -163,6 +169,8 @@ class _Render:
         key, head, htons, aton = maps.LB4_KEY.pack, maps.LB4_HEADER.pack, socket.htons, socket.inet_aton
         inline, padding, protos, ref_of = maps.LB4_INLINE, _PADDING, maps.IPPROTO, self._ref
         for sp in view.services:
+            if sp.protocol not in protos:
+                continue  # SCTP: skipped, see SKIPPED_PROTOCOLS
             proto = protos[sp.protocol]
             vip = aton(sp.cluster_ip)
             vport = htons(sp.port)

@@ -101,6 +101,7 @@ def parse_rule(line: str) -> Rule:
             elif module not in (
                 "tcp",
                 "udp",
+                "sctp",
                 "comment",
                 "addrtype",
                 "mark",

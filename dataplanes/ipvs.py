@@ -45,6 +45,11 @@ from pyroute2.netlink import (
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
 from kube.state import DROP, EndpointView, NodeView, ServicePortView
 
+# Service ports this mode does not program yet, and why.
+SKIPPED_PROTOCOLS = {
+    "SCTP": "its virtual servers, ipsets and rules are written for TCP and UDP only",
+}
+
 KUBE_IPVS_IF = "kube-ipvs0"
 MASQUERADE_MARK = "0x4000"
 DEFAULT_SCHEDULER = "rr"
@@ -284,6 +289,8 @@ def desired_layout(view: NodeView, scheduler: str = DEFAULT_SCHEDULER) -> IpvsLa
     out = IpvsLayout()
     sets = out.ipsets
     for sp in view.services:
+        if sp.protocol in SKIPPED_PROTOCOLS:
+            continue
         proto = sp.protocol.lower()
 
         def vs(ip: str, port: int, sp: ServicePortView = sp) -> VirtualServer:

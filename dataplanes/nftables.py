@@ -83,9 +83,9 @@ SERVICE_IPS = "service-ips"
 SERVICE_NODEPORTS = "service-nodeports"
 NO_ENDPOINT_SERVICES = "no-endpoint-services"
 NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
-SERVICE_ENDPOINTS = "service-endpoints"  # one map per protocol: service-endpoints-tcp, -udp
+SERVICE_ENDPOINTS = "service-endpoints"  # one map per protocol: service-endpoints-tcp, -udp, -sctp
 NODEPORT_ENDPOINTS = "nodeport-endpoints"
-PROTOCOLS = ("tcp", "udp")
+PROTOCOLS = ("tcp", "udp", "sctp")
 HAIRPIN = "hairpin-endpoints"
 AFFINITY = "affinity"
 REJECT_CHAIN = "reject-chain"
@@ -98,6 +98,8 @@ PORT_KEY = "meta l4proto . th dport"
 # rides in the slot number of the affinity key: client . VIP . port . (slot | UDP bit).
 AFFINITY_KEY = "ip saddr . ip daddr . th dport"
 AFFINITY_UDP = 0x40000000
+AFFINITY_SCTP = 0x20000000
+AFFINITY_PROTOCOL_BITS = {"udp": AFFINITY_UDP, "sctp": AFFINITY_SCTP}  # tcp: neither
 SLOT = "numgen random mod 1"  # the typeof of a slot: an integer
 
 # name -> declaration body; elements are added separately.
@@ -239,10 +241,10 @@ class ServiceClass:
         if self.affinity is None:
             offset = f" offset {base}" if base else ""
             return [f"{match}dnat to {lookup} . numgen random mod {n}{offset} map @{emap}"]
-        udp = AFFINITY_UDP if self.protocol == "udp" else 0
+        proto_bit = AFFINITY_PROTOCOL_BITS.get(self.protocol, 0)
 
         def key(k: int) -> str:
-            return f"{AFFINITY_KEY} . {slot(k | udp)}"
+            return f"{AFFINITY_KEY} . {slot(k | proto_bit)}"
 
         out = []
         for k in range(base, base + n):
@@ -878,8 +880,9 @@ class NftablesDataplane:
             return 0
         doomed = []
         for client, daddr, port, slot in _affinity_elements(res.stdout):
-            proto = "udp" if int(slot) & AFFINITY_UDP else "tcp"
-            k = int(slot) & ~AFFINITY_UDP
+            bits = int(slot)
+            proto = next((p for p, b in AFFINITY_PROTOCOL_BITS.items() if bits & b), "tcp")
+            k = bits & ~(AFFINITY_UDP | AFFINITY_SCTP)
             by_ip = stale.get((f"{SERVICE_ENDPOINTS}-{proto}", f"{daddr} . {port}"), ())
             by_port = stale.get((f"{NODEPORT_ENDPOINTS}-{proto}", port), ())
             if k in by_ip or k in by_port:

@@ -215,7 +215,7 @@ class _Walker:
             inside = ipaddress.ip_address(ip) in ipaddress.ip_network(m.group(3), strict=False)
             ok = inside != bool(m.group(2))
             return [("", p, s[m.end():])] if ok else fail(p)
-        m = re.match(r"meta l4proto (tcp|udp)\s*", s)
+        m = re.match(r"meta l4proto (tcp|udp|sctp)\s*", s)
         if m:
             return [("", p, s[m.end():])] if p.proto == m.group(1) else fail(p)
         m = re.match(r"fib (saddr|daddr) type local\s*", s)
@@ -254,8 +254,8 @@ class _Walker:
         if m:
             out = []
             emap = m.group(2)
-            if emap.endswith(("-tcp", "-udp")) and not emap.endswith(p.proto):
-                # nft typed the map's data `tcp dport` (or udp): an implicit l4proto match.
+            if emap.endswith(("-tcp", "-udp", "-sctp")) and not emap.endswith("-" + p.proto):
+                # nft typed the map's data `tcp dport` (or udp, sctp): an implicit l4proto match.
                 return fail(p)
             for k, q in self.key(m.group(1), p):
                 target = self.t.maps.get(emap, {}).get(k)

@@ -44,6 +44,11 @@ from dataplanes.userspace_proxy import (
 )
 from kube.state import NodeView, ServicePortView
 
+# Service ports this mode does not program, and why.
+SKIPPED_PROTOCOLS = {
+    "SCTP": "the proxy relays TCP and UDP sockets; this host has no SCTP sockets",
+}
+
 # nat: kube-proxy's userspace mode named its chains for the "portals" it opened.
 PORTALS_CONTAINER = "KUBE-PORTALS-CONTAINER"  # PREROUTING: pods and outside clients
 PORTALS_HOST = "KUBE-PORTALS-HOST"  # OUTPUT: the node's own processes
@@ -104,7 +109,7 @@ def table_message(view: NodeView) -> dict[str, Any]:
         "node": view.node,
         "node_ips": list(view.node_ips),
         "cluster_cidr": view.cluster_cidr,
-        "services": [_service(sp) for sp in view.services],
+        "services": [_service(sp) for sp in view.services if sp.protocol not in SKIPPED_PROTOCOLS],
     }
 
 

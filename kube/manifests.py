@@ -1,9 +1,9 @@
 """Kubernetes YAML -> kube.model objects, validated at the edge.
 
-Reads v1 Pod, v1 Service and discovery.k8s.io/v1 EndpointSlice (alone, in a multi-document
-stream, or inside a List) and rejects anything svcbench cannot honour with a `ManifestError`:
-one sentence naming the file and line, the object, the field in Kubernetes path form and the
-values it accepts. Checks that need the rest of the cluster live in kube/state.py.
+Reads v1 Pod, v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node (its labels), alone,
+in a multi-document stream, or inside a List, and rejects anything svcbench cannot honour
+with a `ManifestError`: one sentence naming the file and line, the object, the field in
+Kubernetes path form and the values it accepts. Checks that need the rest of the cluster live in kube/state.py.
 
 Field validation is strict, as Kubernetes' `--validate=strict`: every mapping svcbench reads
 refuses a field its Kubernetes type does not have, so a typo such as `lables` is an error
@@ -36,16 +36,21 @@ from kube.model import (
     PLAN,
     POLICY_CLUSTER,
     POLICY_LOCAL,
-    PROTOCOLS,
+    PREFER_CLOSE,
+    PREFER_SAME_ZONE,
+    SERVICE_PROTOCOLS,
     SERVICE_TYPES,
     TCP,
     TYPE_CLUSTER_IP,
+    TYPE_EXTERNAL_NAME,
+    TYPE_LOAD_BALANCER,
     TYPE_NODE_PORT,
     AddressPlan,
     ContainerPort,
     Endpoint,
     EndpointPort,
     EndpointSlice,
+    NodeLabels,
     Pod,
     Service,
     ServicePort,
@@ -62,23 +67,28 @@ API_DISCOVERY = "discovery.k8s.io/v1"
 POD = "Pod"
 SERVICE = "Service"
 ENDPOINT_SLICE = "EndpointSlice"
+NODE = "Node"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MAX_AFFINITY_TIMEOUT_S = 86400
 BENCHMARK_CIDR = "198.18.0.0/15"  # RFC 2544: every address svcbench uses
 MAX_SLICE_ADDRESSES = 100  # Kubernetes' limit per endpoint
+MAX_ZONE_HINTS = 8  # Kubernetes' limit of hints.forZones per endpoint
 # to_documents writes this for a terminating pod: any deletionTimestamp means terminating.
 DELETION_TIMESTAMP = "1970-01-01T00:00:00Z"
 ECHO_IMAGE = "svcbench/echo"  # what runs in a pod here; written only so documents look like pods
 
-KINDS = {(API_V1, POD), (API_V1, SERVICE), (API_DISCOVERY, ENDPOINT_SLICE)}
+KINDS = {(API_V1, POD), (API_V1, SERVICE), (API_DISCOVERY, ENDPOINT_SLICE), (API_V1, NODE)}
 # A List's items name their own kind; the API's typed lists leave it out.
 LIST_KINDS = {
     (API_V1, "List"): None,
     (API_V1, "PodList"): (API_V1, POD),
     (API_V1, "ServiceList"): (API_V1, SERVICE),
     (API_DISCOVERY, "EndpointSliceList"): (API_DISCOVERY, ENDPOINT_SLICE),
+    (API_V1, "NodeList"): (API_V1, NODE),
 }
-ACCEPTED_KINDS = "v1 Pod, v1 Service, discovery.k8s.io/v1 EndpointSlice or a v1 List of them"
+ACCEPTED_KINDS = (
+    "v1 Pod, v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Node or a v1 List of them"
+)
 
 # Each Kubernetes type's fields, as of v1.31, for strict validation: anything else is a typo.
 OBJECT_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
@@ -124,6 +134,8 @@ POD_CONDITION_FIELDS = frozenset(
     {"type", "status", "lastProbeTime", "lastTransitionTime", "reason", "message"}
 )
 SERVICE_STATUS_FIELDS = frozenset({"conditions", "loadBalancer"})
+LOAD_BALANCER_STATUS_FIELDS = frozenset({"ingress"})
+INGRESS_FIELDS = frozenset({"ip", "hostname", "ipMode", "ports"})
 OBJECT_REFERENCE_FIELDS = frozenset(
     {"apiVersion", "kind", "namespace", "name", "uid", "resourceVersion", "fieldPath"}
 )
@@ -146,6 +158,8 @@ ENDPOINT_FIELDS = frozenset(
      "deprecatedTopology"}
 )  # fmt: skip
 CONDITION_FIELDS = frozenset({"ready", "serving", "terminating"})
+HINTS_FIELDS = frozenset({"forZones", "forNodes"})
+FOR_ZONE_FIELDS = frozenset({"name"})
 ENDPOINT_PORT_FIELDS = frozenset({"name", "protocol", "port", "appProtocol"})
 LISTED_FIELDS_MAX = 100  # an unknown-field error lists the accepted fields up to this length
 
@@ -384,7 +398,7 @@ class _Reader:
         return value
 
     def protocol(self, path: Field) -> str:
-        return self.choice(path, PROTOCOLS, TCP, " (SCTP is not supported)")
+        return self.choice(path, SERVICE_PROTOCOLS, TCP)
 
     def string_map(self, path: Field, what: str) -> dict[str, str]:
         value = self.mapping(path)
@@ -490,15 +504,14 @@ def _read_service(r: _Reader, plan: AddressPlan) -> Service:
     r.known_fields((), r.body, OBJECT_FIELDS, "a Service")
     r.mapping(("spec",), SERVICE_SPEC_FIELDS, "a Service spec")
     r.mapping(("status",), SERVICE_STATUS_FIELDS, "a Service status")
-    svc_type = r.choice(
-        ("spec", "type"),
-        SERVICE_TYPES,
-        TYPE_CLUSTER_IP,
-        " (LoadBalancer and ExternalName are not supported)",
-    )
+    svc_type = r.choice(("spec", "type"), SERVICE_TYPES, TYPE_CLUSTER_IP)
     cluster_ip = _read_cluster_ip(r, plan)
     headless = cluster_ip == HEADLESS
-    if headless and svc_type == TYPE_NODE_PORT:
+    external_name = _read_external_name(r, svc_type)
+    if external_name is not None and cluster_ip is not None:
+        at = ("spec", "clusterIP") if r.get(("spec", "clusterIP")) else ("spec", "clusterIPs")
+        r.fail(at, 'must be empty for an ExternalName Service (it has no ClusterIP)')
+    if headless and svc_type in (TYPE_NODE_PORT, TYPE_LOAD_BALANCER):
         r.fail(("spec", "type"), 'must be "ClusterIP" when spec.clusterIP is "None" (headless)')
     for i, family in enumerate(r.sequence(("spec", "ipFamilies"))):
         if family != "IPv4":
@@ -506,14 +519,22 @@ def _read_service(r: _Reader, plan: AddressPlan) -> Service:
             r.fail(("spec", "ipFamilies", i), problem)
     if r.get(("spec", "ipFamilyPolicy")) == "RequireDualStack":
         r.fail(("spec", "ipFamilyPolicy"), 'must be "SingleStack" or "PreferDualStack" (IPv4 only)')
-    if r.flag(("spec", "publishNotReadyAddresses")):
-        r.fail(("spec", "publishNotReadyAddresses"), "must be false or absent (not supported)")
+    publish_not_ready = bool(r.flag(("spec", "publishNotReadyAddresses")))
+    traffic_distribution = r.get(("spec", "trafficDistribution"))
+    if traffic_distribution is not None:
+        traffic_distribution = r.choice(
+            ("spec", "trafficDistribution"),
+            (PREFER_CLOSE, PREFER_SAME_ZONE),
+            PREFER_CLOSE,
+            " (PreferSameNode is not supported)",
+        )
 
     ports = _read_service_ports(r, svc_type, plan)
-    if not ports and not headless:
+    if not ports and not headless and external_name is None:
         r.fail(
             ("spec", "ports"),
-            'must list at least one port (only a headless Service, clusterIP "None", may have none)',
+            "must list at least one port (only a headless Service, clusterIP \"None\", or an "
+            "ExternalName Service may have none)",
         )
     selector = r.string_map(("spec", "selector"), "selector value") or None  # {}: no selector
 
@@ -540,12 +561,15 @@ def _read_service(r: _Reader, plan: AddressPlan) -> Service:
 
     policies = (POLICY_CLUSTER, POLICY_LOCAL)
     external_policy = r.choice(("spec", "externalTrafficPolicy"), policies, POLICY_CLUSTER)
-    if external_policy == POLICY_LOCAL and svc_type != TYPE_NODE_PORT and not external_ips:
+    reachable = svc_type in (TYPE_NODE_PORT, TYPE_LOAD_BALANCER) or external_ips
+    if external_policy == POLICY_LOCAL and not reachable:
         r.fail(
             ("spec", "externalTrafficPolicy"),
-            'may only be "Local" for a NodePort Service or one with spec.externalIPs',
+            'may only be "Local" for a NodePort or LoadBalancer Service or one with '
+            "spec.externalIPs",
         )
     internal_policy = r.choice(("spec", "internalTrafficPolicy"), policies, POLICY_CLUSTER)
+    balancer = _read_load_balancer(r, svc_type, external_policy, ports, plan)
     return Service(
         namespace=namespace,
         name=name,
@@ -559,7 +583,91 @@ def _read_service(r: _Reader, plan: AddressPlan) -> Service:
         affinity_timeout_s=timeout,
         external_traffic_policy=external_policy,
         internal_traffic_policy=internal_policy,
+        publish_not_ready_addresses=publish_not_ready,
+        traffic_distribution=traffic_distribution,
+        external_name=external_name,
+        **balancer,
     )
+
+
+def _read_external_name(r: _Reader, svc_type: str) -> str | None:
+    """spec.externalName: required for, and only for, type ExternalName."""
+    at: Field = ("spec", "externalName")
+    accepted = "a DNS name such as db.example.com (a DNS-1123 subdomain, one trailing dot allowed)"
+    if svc_type != TYPE_EXTERNAL_NAME:
+        if r.get(at) not in (None, ""):
+            r.fail(at, 'may only be set when spec.type is "ExternalName"')
+        return None
+    value = r.string(at, required=accepted)
+    if not is_dns1123_subdomain(value.removesuffix(".")):
+        r.fail(at, f"must be {accepted}, not {_shown(value)}")
+    return value.removesuffix(".")
+
+
+def _read_load_balancer(
+    r: _Reader, svc_type: str, external_policy: str, ports: tuple[ServicePort, ...],
+    plan: AddressPlan,
+) -> dict[str, Any]:
+    """The LoadBalancer fields as Service keyword arguments; each refused on any other type."""
+    lb = svc_type == TYPE_LOAD_BALANCER
+    only_lb = 'may only be set when spec.type is "LoadBalancer"'
+    ingress_at: Field = ("status", "loadBalancer", "ingress")
+    r.mapping(("status", "loadBalancer"), LOAD_BALANCER_STATUS_FIELDS, "a LoadBalancerStatus")
+    ips: list[str] = []
+    for i, _ in enumerate(r.sequence(ingress_at)):
+        at = ingress_at + (i,)
+        if not lb:
+            r.fail(at, only_lb)
+        r.mapping(at, INGRESS_FIELDS, "a LoadBalancerIngress")
+        if r.get(at + ("hostname",)) not in (None, ""):
+            r.fail(at + ("hostname",), "is not supported: give ip, an address this cluster routes")
+        r.choice(at + ("ipMode",), ("VIP",), "VIP", " (no load balancer stands in front to proxy)")
+        value = r.get(at + ("ip",))
+        if value in (None, ""):
+            r.fail(at + ("ip",), f"is required: an IPv4 address inside {plan.load_balancer_cidr}")
+        ip = r.ipv4(at + ("ip",), value, "load-balancer range", plan.load_balancer_cidr)
+        if ip in ips:
+            r.fail(at + ("ip",), f"repeats {ip}: each ingress IP may appear once")
+        ips.append(ip)
+    ranges: list[str] = []
+    for i, value in enumerate(r.sequence(("spec", "loadBalancerSourceRanges"))):
+        at = ("spec", "loadBalancerSourceRanges", i)
+        if not lb:
+            r.fail(at, only_lb)
+        net = None
+        try:  # Kubernetes trims spaces and reads host bits as the network's
+            if isinstance(value, str):
+                net = ipaddress.IPv4Network(value.strip(), strict=False)
+        except ValueError:
+            pass
+        if net is None or "/" not in value:
+            r.fail(at, f"must be an IPv4 CIDR such as 198.18.0.0/24, not {_shown(value)}")
+        ranges.append(str(net))
+    allocate_at: Field = ("spec", "allocateLoadBalancerNodePorts")
+    allocate = r.flag(allocate_at)
+    if allocate is not None and not lb:
+        r.fail(allocate_at, only_lb)
+    check_at: Field = ("spec", "healthCheckNodePort")
+    check = r.get(check_at)
+    if check in (None, 0):  # 0 asks for an allocation, as for nodePort
+        check = None
+    elif not lb or external_policy != POLICY_LOCAL:
+        r.fail(
+            check_at,
+            'may only be set when spec.type is "LoadBalancer" and spec.externalTrafficPolicy '
+            'is "Local"',
+        )
+    else:
+        check = r.integer(check_at, *plan.node_port_range)
+        for i, p in enumerate(ports):
+            if p.node_port == check:
+                r.fail(check_at, f"repeats spec.ports[{i}].nodePort {check}: it needs its own port")
+    return {
+        "load_balancer_ips": tuple(ips),
+        "load_balancer_source_ranges": tuple(ranges),
+        "health_check_node_port": check,
+        "allocate_load_balancer_node_ports": allocate is not False,
+    }
 
 
 def _read_cluster_ip(r: _Reader, plan: AddressPlan) -> str | None:
@@ -628,8 +736,10 @@ def _read_service_ports(r: _Reader, svc_type: str, plan: AddressPlan) -> tuple[S
         node_port = r.get(at + ("nodePort",))
         if node_port in (None, 0):  # 0 asks for an allocation, as in Kubernetes
             node_port = None
-        elif svc_type != TYPE_NODE_PORT:
-            r.fail(at + ("nodePort",), 'may only be set when spec.type is "NodePort"')
+        elif svc_type not in (TYPE_NODE_PORT, TYPE_LOAD_BALANCER):
+            r.fail(
+                at + ("nodePort",), 'may only be set when spec.type is "NodePort" or "LoadBalancer"'
+            )
         else:
             node_port = r.integer(at + ("nodePort",), lo, hi)
             if (node_port, protocol) in seen_node_ports:
@@ -706,6 +816,8 @@ def _read_endpoint_slice(r: _Reader) -> EndpointSlice:
                 terminating=bool(terminating),
                 node_name=r.name(at + ("nodeName",), is_dns1123_subdomain, DNS1123_SUBDOMAIN),
                 pod_name=pod_name,
+                zone=r.name(at + ("zone",), _is_zone, ZONE_NAME),
+                zone_hints=_read_zone_hints(r, at + ("hints",)),
             )
         )
 
@@ -725,6 +837,43 @@ def _read_endpoint_slice(r: _Reader) -> EndpointSlice:
         number = r.integer(at + ("port",), 1, 65535, required=True)
         ports.append(EndpointPort(number, r.protocol(at + ("protocol",)), port_name))
     return EndpointSlice(namespace, name, service_name, tuple(endpoints), tuple(ports))
+
+
+def _is_zone(value: str) -> bool:
+    return value != "" and is_label_value(value)
+
+
+ZONE_NAME = "a zone name (a non-empty label value: at most 63 letters, digits, '-', '_' or '.')"
+
+
+def _read_zone_hints(r: _Reader, at: Field) -> tuple[str, ...]:
+    r.mapping(at, HINTS_FIELDS, "endpoint hints")
+    if r.sequence(at + ("forNodes",)):
+        r.fail(at + ("forNodes",), "must be empty or absent (node hints are not supported)")
+    entries = r.sequence(at + ("forZones",))
+    if len(entries) > MAX_ZONE_HINTS:
+        r.fail(at + ("forZones",), f"must list at most {MAX_ZONE_HINTS} zones, not {len(entries)}")
+    zones: list[str] = []
+    for i, _ in enumerate(entries):
+        r.mapping(at + ("forZones", i), FOR_ZONE_FIELDS, "a zone hint")
+        zone = r.name(at + ("forZones", i, "name"), _is_zone, ZONE_NAME, required=True)
+        if zone in zones:
+            problem = f"repeats {_shown(zone)}: each zone may appear once"
+            r.fail(at + ("forZones", i, "name"), problem)
+        zones.append(zone)
+    return tuple(zones)
+
+
+def _read_node(r: _Reader) -> NodeLabels:
+    """A Node is read for its labels (the zone); the cluster makes the nodes themselves."""
+    r.known_fields((), r.body, OBJECT_FIELDS, "a Node")
+    meta = r.mapping(("metadata",))
+    name = r.name(("metadata", "name"), is_dns1123_subdomain, DNS1123_SUBDOMAIN, required=True)
+    r.ident = f"{r.ident} {name}"
+    r.known_fields(("metadata",), meta, OBJECT_META_FIELDS, "object metadata")
+    if r.get(("metadata", "namespace")) not in (None, ""):
+        r.fail(("metadata", "namespace"), "must be absent: a Node belongs to no namespace")
+    return NodeLabels(name, r.string_map(("metadata", "labels"), "label value"))
 
 
 # --------------------------------------------------------------------------- manifests
@@ -748,9 +897,10 @@ class Manifests:
     pods: tuple[Pod, ...] = ()
     services: tuple[Service, ...] = ()
     endpoint_slices: tuple[EndpointSlice, ...] = ()
+    nodes: tuple[NodeLabels, ...] = ()
 
     def __len__(self) -> int:
-        return len(self.pods) + len(self.services) + len(self.endpoint_slices)
+        return len(self.pods) + len(self.services) + len(self.endpoint_slices) + len(self.nodes)
 
     def merged(self, other: Manifests) -> Manifests:
         """`svcbench apply`: other's objects replace ours with the same kind, namespace, name."""
@@ -758,6 +908,7 @@ class Manifests:
             _merge(self.pods, other.pods),
             _merge(self.services, other.services),
             _merge(self.endpoint_slices, other.endpoint_slices),
+            _merge(self.nodes, other.nodes),
         )
 
     def without(self, other: Manifests) -> Manifests:
@@ -766,6 +917,7 @@ class Manifests:
             _drop(self.pods, other.pods),
             _drop(self.services, other.services),
             _drop(self.endpoint_slices, other.endpoint_slices),
+            _drop(self.nodes, other.nodes),
         )
 
     def to_documents(self) -> list[dict]:
@@ -777,6 +929,7 @@ class Manifests:
             [_pod_document(p) for p in self.pods]
             + [_service_document(s) for s in self.services]
             + [_slice_document(s) for s in self.endpoint_slices]
+            + [_node_document(n) for n in self.nodes]
         )
 
 
@@ -839,12 +992,27 @@ def _service_document(svc: Service) -> dict:
     ):
         spec["externalTrafficPolicy"] = svc.external_traffic_policy
     spec["internalTrafficPolicy"] = svc.internal_traffic_policy
-    return {
+    if svc.publish_not_ready_addresses:
+        spec["publishNotReadyAddresses"] = True
+    if svc.traffic_distribution is not None:
+        spec["trafficDistribution"] = svc.traffic_distribution
+    if svc.external_name is not None:
+        spec["externalName"] = svc.external_name
+    if svc.load_balancer_source_ranges:
+        spec["loadBalancerSourceRanges"] = list(svc.load_balancer_source_ranges)
+    if svc.health_check_node_port is not None:
+        spec["healthCheckNodePort"] = svc.health_check_node_port
+    if not svc.allocate_load_balancer_node_ports:
+        spec["allocateLoadBalancerNodePorts"] = False
+    doc = {
         "apiVersion": API_V1,
         "kind": SERVICE,
         "metadata": _metadata(svc.namespace, svc.name, svc.labels),
         "spec": spec,
     }
+    if svc.load_balancer_ips:
+        doc["status"] = {"loadBalancer": {"ingress": [{"ip": ip} for ip in svc.load_balancer_ips]}}
+    return doc
 
 
 def _slice_document(sl: EndpointSlice) -> dict:
@@ -862,6 +1030,10 @@ def _slice_document(sl: EndpointSlice) -> dict:
             doc["nodeName"] = ep.node_name
         if ep.pod_name is not None:
             doc["targetRef"] = {"kind": POD, "namespace": sl.namespace, "name": ep.pod_name}
+        if ep.zone is not None:
+            doc["zone"] = ep.zone
+        if ep.zone_hints:
+            doc["hints"] = {"forZones": [{"name": z} for z in ep.zone_hints]}
         endpoints.append(doc)
     ports = [
         {"port": p.port, "protocol": p.protocol} | ({"name": p.name} if p.name else {})
@@ -875,6 +1047,13 @@ def _slice_document(sl: EndpointSlice) -> dict:
         "endpoints": endpoints,
         "ports": ports,
     }
+
+
+def _node_document(node: NodeLabels) -> dict:
+    meta: dict[str, Any] = {"name": node.name}
+    if node.labels:
+        meta["labels"] = dict(node.labels)
+    return {"apiVersion": API_V1, "kind": NODE, "metadata": meta}
 
 
 # --------------------------------------------------------------------------- loading
@@ -923,9 +1102,11 @@ class _Load:
             obj = _read_pod(r)
         elif kind == SERVICE:
             obj = _read_service(r, self.plan)
+        elif kind == NODE:
+            obj = _read_node(r)
         else:
             obj = _read_endpoint_slice(r)
-        key = (kind, obj.namespace, obj.name)
+        key = (kind, *obj.key)
         if key in self.objects:
             raise ManifestError(
                 f"{place.at()}: {r.ident} is defined twice in one load, first at "
@@ -960,6 +1141,7 @@ class _Load:
             tuple(o for o in objs if isinstance(o, Pod)),
             tuple(o for o in objs if isinstance(o, Service)),
             tuple(o for o in objs if isinstance(o, EndpointSlice)),
+            tuple(o for o in objs if isinstance(o, NodeLabels)),
         )
 
 

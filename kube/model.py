@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 
 TCP = "TCP"
 UDP = "UDP"
-PROTOCOLS = (TCP, UDP)
+SCTP = "SCTP"
+PROTOCOLS = (TCP, UDP)  # what the echo backends and the probe open sockets for
+# What Services, EndpointSlices and container ports may name; this host has no SCTP sockets
+# (CONFIG_IP_SCTP unset), so SCTP ports are programmed but never served or probed.
+SERVICE_PROTOCOLS = (TCP, UDP, SCTP)
 
 AFFINITY_NONE = "None"
 AFFINITY_CLIENT_IP = "ClientIP"
@@ -22,7 +26,15 @@ POLICY_LOCAL = "Local"
 
 TYPE_CLUSTER_IP = "ClusterIP"
 TYPE_NODE_PORT = "NodePort"
-SERVICE_TYPES = (TYPE_CLUSTER_IP, TYPE_NODE_PORT)
+TYPE_LOAD_BALANCER = "LoadBalancer"
+TYPE_EXTERNAL_NAME = "ExternalName"
+SERVICE_TYPES = (TYPE_CLUSTER_IP, TYPE_NODE_PORT, TYPE_LOAD_BALANCER, TYPE_EXTERNAL_NAME)
+
+# spec.trafficDistribution values that make the endpoint controller hint each endpoint for
+# its own zone (PreferSameZone is PreferClose's newer name).
+PREFER_CLOSE = "PreferClose"
+PREFER_SAME_ZONE = "PreferSameZone"
+ZONE_LABEL = "topology.kubernetes.io/zone"
 
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS = "None"
@@ -36,6 +48,8 @@ class AddressPlan:
     node_cidr: str = "198.18.0.0/24"  # node k is .k on the underlay
     external_client_ip: str = "198.18.0.200"
     external_ip_cidr: str = "198.18.64.0/18"  # Service externalIPs, routed to node1 by the external client
+    # LoadBalancer ingress IPs written in status.loadBalancer.ingress (no cloud assigns them).
+    load_balancer_cidr: str = "198.18.32.0/19"
     cluster_cidr: str = "198.18.128.0/17"  # node k gets 198.18.(128+k).0/24
     service_cidr: str = "198.19.0.0/16"
     dns_ip: str = "198.19.0.10"
@@ -81,12 +95,30 @@ class Node:
     index: int  # 1-based; fixes the node's addresses in the plan
     ip: str
     pod_cidr: str
+    zone: str = ""  # its topology.kubernetes.io/zone label; "" when it has none
 
     @classmethod
     def numbered(cls, index: int, plan: AddressPlan = PLAN) -> Node:
+        """Node k in the plan, alone in its own zone "zone<k>" until a Node manifest says else."""
         if not 1 <= index <= plan.max_nodes:
             raise ValueError(f"node{index} does not fit the address plan ({plan.max_nodes} nodes)")
-        return cls(f"node{index}", index, plan.node_ip(index), plan.pod_cidr(index))
+        return cls(f"node{index}", index, plan.node_ip(index), plan.pod_cidr(index), f"zone{index}")
+
+
+@dataclass(frozen=True)
+class NodeLabels:
+    """What a v1 Node manifest tells about a node the cluster made: its labels."""
+
+    name: str
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return ("", self.name)  # cluster-scoped: no namespace
+
+    @property
+    def zone(self) -> str:
+        return self.labels.get(ZONE_LABEL, "")
 
 
 @dataclass(frozen=True)
@@ -112,8 +144,11 @@ class Pod:
         return (self.namespace, self.name)
 
     def backend_ports(self) -> tuple[ContainerPort, ...]:
-        """The ports its echo backend listens on: the declared ones, or TCP+UDP 8080."""
-        return self.ports or (
+        """The ports its echo backend listens on: the declared TCP and UDP ones (this host has
+        no SCTP sockets), or TCP+UDP 8080 when it declares none."""
+        if self.ports:
+            return tuple(p for p in self.ports if p.protocol in PROTOCOLS)
+        return (
             ContainerPort(DEFAULT_BACKEND_PORT, TCP),
             ContainerPort(DEFAULT_BACKEND_PORT, UDP),
         )
@@ -142,6 +177,16 @@ class Service:
     affinity_timeout_s: int = DEFAULT_AFFINITY_TIMEOUT_S
     external_traffic_policy: str = POLICY_CLUSTER
     internal_traffic_policy: str = POLICY_CLUSTER
+    # LoadBalancer: status.loadBalancer.ingress[].ip, spec.loadBalancerSourceRanges (networks),
+    # spec.healthCheckNodePort (allocated under externalTrafficPolicy Local),
+    # spec.allocateLoadBalancerNodePorts.
+    load_balancer_ips: tuple[str, ...] = ()
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    health_check_node_port: int | None = None
+    allocate_load_balancer_node_ports: bool = True
+    publish_not_ready_addresses: bool = False
+    traffic_distribution: str | None = None  # PREFER_CLOSE, PREFER_SAME_ZONE or None
+    external_name: str | None = None  # type ExternalName: the DNS name it aliases
 
     @property
     def key(self) -> tuple[str, str]:
@@ -150,6 +195,18 @@ class Service:
     @property
     def headless(self) -> bool:
         return self.cluster_ip == HEADLESS
+
+    @property
+    def has_node_ports(self) -> bool:
+        """NodePort and LoadBalancer Services get NodePorts (unless a LoadBalancer opts out)."""
+        return self.type == TYPE_NODE_PORT or (
+            self.type == TYPE_LOAD_BALANCER and self.allocate_load_balancer_node_ports
+        )
+
+    @property
+    def needs_health_check_node_port(self) -> bool:
+        """Kubernetes allocates one to a LoadBalancer whose externalTrafficPolicy is Local."""
+        return self.type == TYPE_LOAD_BALANCER and self.external_traffic_policy == POLICY_LOCAL
 
     @property
     def proxy_name(self) -> str | None:
@@ -171,6 +228,8 @@ class Endpoint:
     terminating: bool = False
     node_name: str | None = None
     pod_name: str | None = None  # targetRef, when the endpoint is a pod
+    zone: str | None = None
+    zone_hints: tuple[str, ...] = ()  # hints.forZones[].name; empty: no hint
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,17 @@ from kube.model import (
     AFFINITY_CLIENT_IP,
     PLAN,
     POLICY_LOCAL,
+    PREFER_CLOSE,
+    PREFER_SAME_ZONE,
+    TYPE_EXTERNAL_NAME,
+    TYPE_LOAD_BALANCER,
     TYPE_NODE_PORT,
     AddressPlan,
     Endpoint,
     EndpointPort,
     EndpointSlice,
     Node,
+    NodeLabels,
     Pod,
     Service,
     ServicePort,
@@ -45,6 +50,8 @@ class EndpointView:
     serving: bool = True
     terminating: bool = False
     pod: str | None = None  # "namespace/name" when the endpoint is a pod
+    zone: str | None = None
+    zone_hints: tuple[str, ...] = ()  # the zones it is hinted for; empty: no hint
 
     @property
     def addr(self) -> str:
@@ -72,12 +79,25 @@ class ServicePortView:
       SNAT to remote endpoints only.
     - `internal_policy_local`: internalTrafficPolicy is Local (InternalPolicyLocal).
     - `external_policy_local`: externalTrafficPolicy is Local and the port is reachable
-      from outside, by a NodePort or an externalIP (ExternalPolicyLocal).
+      from outside, by a NodePort, an externalIP or a load-balancer IP (ExternalPolicyLocal).
+    - `node_zone`: this node's topology.kubernetes.io/zone ("" without one), for the
+      topology rule below.
+    - `load_balancer_ips` (LoadBalancerVIPs): status.loadBalancer.ingress[].ip; traffic to
+      them is external traffic, as to an externalIP.
+    - `load_balancer_source_ranges`: the networks allowed to reach `load_balancer_ips`
+      (kube-proxy's KUBE-FW chain / firewall-ips map); empty allows every source.
+    - `health_check_node_port`: the port on which kube-proxy's health server answers, for
+      this Service, whether this node has a local endpoint (HTTP 200 or 503); None for none.
+
+    SCTP ports come as `protocol` "SCTP". Endpoints of not-ready pods of a Service with
+    publishNotReadyAddresses arrive here already ready, as the endpoint controller makes them.
 
     Derived from those when the view is made (so `dataclasses.replace` keeps them true):
 
     - `cluster_endpoints` (clusterEndpoints): the ready endpoints anywhere, or the
-      serving+terminating ones when none is ready (KEP-1669). Empty when the port never
+      serving+terminating ones when none is ready (KEP-1669). Topology (topology.go): when
+      every ready endpoint has zone hints and one is hinted for `node_zone`, only the ready
+      endpoints hinted for it. Empty when the port never
       uses Cluster policy, i.e. its internal policy is Local and it is not reachable from
       outside; a port reachable from outside always needs them, for the short circuit below.
     - `local_endpoints` (localEndpoints): the same choice among this node's endpoints.
@@ -104,7 +124,7 @@ class ServicePortView:
     namespace: str
     service: str
     port_name: str
-    protocol: str  # "TCP" | "UDP"
+    protocol: str  # "TCP" | "UDP" | "SCTP"
     cluster_ip: str
     port: int
     node_port: int | None = None
@@ -113,6 +133,10 @@ class ServicePortView:
     external_policy_local: bool = False
     internal_policy_local: bool = False
     endpoints: tuple[EndpointView, ...] = ()  # every known endpoint, usable or not
+    node_zone: str = ""
+    load_balancer_ips: tuple[str, ...] = ()
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    health_check_node_port: int | None = None
     # Derived in __post_init__ from the fields above; compare=False since they follow them.
     cluster_endpoints: tuple[EndpointView, ...] = field(init=False, compare=False, repr=False)
     local_endpoints: tuple[EndpointView, ...] = field(init=False, compare=False, repr=False)
@@ -130,7 +154,7 @@ class ServicePortView:
         external_local = self.external_policy_local and external
         uses_cluster = not self.internal_policy_local or external
         uses_local = self.internal_policy_local or external_local
-        cluster = _usable(self.endpoints) if uses_cluster else ()
+        cluster = _usable_in_zone(self.endpoints, self.node_zone) if uses_cluster else ()
         local = _usable([e for e in self.endpoints if e.local]) if uses_local else ()
         if not local or local == cluster:
             reachable = cluster or local
@@ -171,8 +195,9 @@ class ServicePortView:
 
     @property
     def has_external(self) -> bool:
-        """Reachable from outside: a NodePort or an externalIP (kube-proxy's ExternallyAccessible)."""
-        return self.node_port is not None or bool(self.external_ips)
+        """Reachable from outside: a NodePort, an externalIP or a load-balancer IP (kube-proxy's
+        ExternallyAccessible)."""
+        return self.node_port is not None or bool(self.external_ips or self.load_balancer_ips)
 
 
 @dataclass(frozen=True)
@@ -196,12 +221,38 @@ class NodeView:
 # --------------------------------------------------------------------------- state
 
 
+def _labelled(nodes: tuple[Node, ...], labels, plan: AddressPlan) -> tuple[Node, ...]:
+    """The nodes with the zones their Node manifests give (no zone label: no zone)."""
+    by_name = {n.name: n for n in nodes}
+    for given in labels:
+        if given.name not in by_name:
+            names = list(by_name)
+            listed = ", ".join(names) if len(names) <= 4 else f"{names[0]} to {names[-1]}"
+            raise StateError(
+                f"Node {given.name}: metadata.name is not a node of this cluster (nodes: "
+                f"{listed or 'none'}; the address plan fits at most {plan.max_nodes})"
+            )
+        by_name[given.name] = replace(by_name[given.name], zone=given.zone)
+    return tuple(by_name.values())
+
+
 def _usable(endpoints: list[EndpointView]) -> tuple[EndpointView, ...]:
     """Ready endpoints; when none is ready, serving ones that are terminating (KEP-1669)."""
     ready = [e for e in endpoints if e.ready]
     if ready:
         return tuple(ready)
     return tuple(e for e in endpoints if e.serving and e.terminating)
+
+
+def _usable_in_zone(endpoints, zone: str) -> tuple[EndpointView, ...]:
+    """kube-proxy's topology rule: when every ready endpoint has zone hints and one is hinted
+    for this node's zone, the ready endpoints hinted for it; otherwise `_usable`."""
+    ready = [e for e in endpoints if e.ready]
+    if zone and ready and all(e.zone_hints for e in ready):
+        hinted = tuple(e for e in ready if zone in e.zone_hints)
+        if hinted:
+            return hinted
+    return _usable(endpoints)
 
 
 @dataclass(frozen=True)
@@ -225,13 +276,15 @@ class ClusterState:
         endpoint_slices=(),
         previous: ClusterState | None = None,
         plan: AddressPlan = PLAN,
+        node_labels: tuple[NodeLabels, ...] | list[NodeLabels] = (),
     ) -> ClusterState:
         """Allocate what is missing and derive EndpointSlices from selectors.
 
         Allocations already made in `previous` are kept, so applying a manifest again never
-        moves a pod or renumbers a Service. Raises StateError naming object and field.
+        moves a pod or renumbers a Service. `node_labels` (Node manifests) set the zones of
+        nodes of this cluster. Raises StateError naming object and field.
         """
-        nodes = tuple(nodes)
+        nodes = _labelled(tuple(nodes), node_labels, plan)
         by_node = {n.name: n for n in nodes}
         prev_pods = {p.key: p for p in previous.pods} if previous else {}
         prev_svcs = {s.key: s for s in previous.services} if previous else {}
@@ -246,14 +299,18 @@ class ClusterState:
         for pod in placed:
             for k, v in pod.labels.items():
                 labelled.setdefault((pod.namespace, k, v), []).append(pod)
+        zones = {n.name: n.zone for n in nodes}
         for svc in allocated:
+            # The endpoint controller leaves ExternalName Services without endpoints.
+            if svc.type == TYPE_EXTERNAL_NAME:
+                continue
             if svc.selector is not None and svc.key not in given:
                 candidates = min(
                     (labelled.get((svc.namespace, k, v), []) for k, v in svc.selector.items()),
                     key=len,
                     default=[],
                 )
-                slices.extend(cls._endpoint_slices_for(svc, candidates))
+                slices.extend(cls._endpoint_slices_for(svc, candidates, zones))
         return cls(nodes, tuple(placed), tuple(allocated), tuple(slices), plan)
 
     @staticmethod
@@ -336,14 +393,23 @@ class ClusterState:
                 )
             taken_ips[svc.cluster_ip] = ident(svc)
 
-        def take_port(svc: Service, index: int, node_port: int) -> None:
+        def take_port(svc: Service, index: int | None, node_port: int) -> None:
+            """index None: the Service's healthCheckNodePort, from the same range."""
             owner = taken_ports.get(node_port)
             if owner and owner != ident(svc):
-                raise StateError(
-                    f"{ident(svc)}: spec.ports[{index}].nodePort {node_port} is already used "
-                    f"by {owner}"
-                )
+                at = f"spec.ports[{index}].nodePort" if index is not None else (
+                    "spec.healthCheckNodePort")
+                raise StateError(f"{ident(svc)}: {at} {node_port} is already used by {owner}")
             taken_ports[node_port] = ident(svc)
+
+        def free_port(svc: Service) -> int:
+            nonlocal next_port
+            while next_port in taken_ports:
+                next_port += 1
+            if next_port > hi:
+                raise StateError(f"{ident(svc)}: no free NodePort left in {lo}-{hi}")
+            taken_ports[next_port] = ident(svc)
+            return next_port
 
         # What earlier builds allocated is held first: an applied Service keeps its
         # addresses, and a new Service asking for one of them is the one refused.
@@ -354,7 +420,7 @@ class ClusterState:
                 if svc.cluster_ip is None and prev.cluster_ip and not prev.headless:
                     svc = replace(svc, cluster_ip=prev.cluster_ip)
                     take_ip(svc)
-                if svc.type == TYPE_NODE_PORT:
+                if svc.has_node_ports:
                     prev_np = {(p.port, p.protocol): p.node_port for p in prev.ports}
                     ports = []
                     for i, p in enumerate(svc.ports):
@@ -363,6 +429,11 @@ class ClusterState:
                             take_port(svc, i, p.node_port)
                         ports.append(p)
                     svc = replace(svc, ports=tuple(ports))
+                check = prev.health_check_node_port
+                wants_check = svc.needs_health_check_node_port and svc.health_check_node_port is None
+                if wants_check and check:
+                    svc = replace(svc, health_check_node_port=check)
+                    take_port(svc, None, check)
             kept.append(svc)
         # Then explicit values, so an allocation never steals an address asked for later.
         for svc in kept:
@@ -371,11 +442,13 @@ class ClusterState:
             for i, p in enumerate(svc.ports):
                 if p.node_port is not None:
                     take_port(svc, i, p.node_port)
+            if svc.health_check_node_port is not None:
+                take_port(svc, None, svc.health_check_node_port)
         next_ip = int(net.network_address) + 1
         next_port = lo
         out: list[Service] = []
         for svc in kept:
-            if svc.cluster_ip is None:
+            if svc.cluster_ip is None and svc.type != TYPE_EXTERNAL_NAME:
                 while str(ipaddress.ip_address(next_ip)) in taken_ips:
                     next_ip += 1
                 if next_ip >= int(net.broadcast_address):
@@ -384,7 +457,7 @@ class ClusterState:
                     )
                 svc = replace(svc, cluster_ip=str(ipaddress.ip_address(next_ip)))
                 taken_ips[svc.cluster_ip] = ident(svc)
-            if svc.type == TYPE_NODE_PORT:
+            if svc.has_node_ports:
                 ports = []
                 for p in svc.ports:
                     if p.node_port is None:
@@ -395,28 +468,28 @@ class ClusterState:
                             for q in ports
                             if q.port == p.port and q.protocol != p.protocol and q.node_port
                         ]
-                        if shared:
-                            p = replace(p, node_port=shared[0])
-                        else:
-                            while next_port in taken_ports:
-                                next_port += 1
-                            if next_port > hi:
-                                raise StateError(
-                                    f"{ident(svc)}: no free NodePort left in {lo}-{hi}"
-                                )
-                            taken_ports[next_port] = ident(svc)
-                            p = replace(p, node_port=next_port)
+                        p = replace(p, node_port=shared[0] if shared else free_port(svc))
                     ports.append(p)
                 svc = replace(svc, ports=tuple(ports))
+            if svc.needs_health_check_node_port and svc.health_check_node_port is None:
+                svc = replace(svc, health_check_node_port=free_port(svc))
             out.append(svc)
         return out
 
     @staticmethod
-    def _endpoint_slices_for(svc: Service, pods: list[Pod]) -> list[EndpointSlice]:
+    def _endpoint_slices_for(
+        svc: Service, pods: list[Pod], zones: dict[str, str] | None = None
+    ) -> list[EndpointSlice]:
         """The endpoint controller: pods matching the selector, ports resolved by name.
 
-        `pods` may be any superset of the selected ones, in placement order.
+        `pods` may be any superset of the selected ones, in placement order; `zones` maps
+        node names to their zone. An endpoint carries its node's zone; under
+        trafficDistribution PreferClose each ready one is hinted for that zone (the
+        controller's preferClose heuristic: no balancing between zones). With
+        publishNotReadyAddresses every endpoint is ready.
         """
+        zones = zones or {}
+        prefer_close = svc.traffic_distribution in (PREFER_CLOSE, PREFER_SAME_ZONE)
         selected = [
             p
             for p in pods
@@ -444,13 +517,17 @@ class ClusterState:
                 target = _resolve_target(sp, pod)
                 if target is not None:
                     ports.append(EndpointPort(target, sp.protocol, sp.name))
+            ready = svc.publish_not_ready_addresses or (pod.ready and not pod.terminating)
+            zone = zones.get(pod.node_name) or None
             ep = Endpoint(
                 addresses=(pod.ip,),
-                ready=pod.ready and not pod.terminating,
+                ready=ready,
                 serving=pod.ready,
                 terminating=pod.terminating,
                 node_name=pod.node_name,
                 pod_name=pod.name,
+                zone=zone,
+                zone_hints=(zone,) if prefer_close and ready and zone else (),
             )
             groups.setdefault(tuple(ports), []).append(ep)
         if not groups:
@@ -500,7 +577,8 @@ class ClusterState:
         for svc in self.proxied_services(proxy_name):
             for sp in svc.ports:
                 eps = _endpoints_for_port(svc, sp, slices_by_svc.get(svc.key, []), node_name)
-                is_np = svc.type == TYPE_NODE_PORT
+                lb = svc.type == TYPE_LOAD_BALANCER
+                is_np = svc.type == TYPE_NODE_PORT or lb
                 views.append(
                     ServicePortView(
                         namespace=svc.namespace,
@@ -518,6 +596,10 @@ class ClusterState:
                         and svc.external_traffic_policy == POLICY_LOCAL,
                         internal_policy_local=svc.internal_traffic_policy == POLICY_LOCAL,
                         endpoints=tuple(eps),
+                        node_zone=node.zone,
+                        load_balancer_ips=svc.load_balancer_ips if lb else (),
+                        load_balancer_source_ranges=svc.load_balancer_source_ranges if lb else (),
+                        health_check_node_port=svc.health_check_node_port if lb else None,
                     )
                 )
         views.sort(key=lambda v: (v.name, v.protocol, v.port))
@@ -566,6 +648,8 @@ def _endpoints_for_port(
                     serving=ep.serving,
                     terminating=ep.terminating,
                     pod=f"{sl.namespace}/{ep.pod_name}" if ep.pod_name else None,
+                    zone=ep.zone,
+                    zone_hints=ep.zone_hints,
                 )
     return sorted(out.values(), key=lambda e: (ipaddress.ip_address(e.ip), e.port))
 
@@ -583,6 +667,7 @@ def allocations(state: ClusterState) -> dict:
                 s.name,
                 s.cluster_ip,
                 [[p.port, p.protocol, p.node_port] for p in s.ports],
+                s.health_check_node_port,
             ]
             for s in state.services
         ],
@@ -600,7 +685,8 @@ def previous_from_allocations(nodes, data: dict) -> ClusterState:
             name,
             tuple(ServicePort(port, proto, node_port=np) for port, proto, np in ports),
             cluster_ip=ip,
+            health_check_node_port=check[0] if check else None,
         )
-        for ns, name, ip, ports in data.get("services", [])
+        for ns, name, ip, ports, *check in data.get("services", [])  # older runs lack check
     )
     return ClusterState(tuple(nodes), pods, services)

@@ -128,7 +128,8 @@ def _nodes(count: int) -> list[Node]:
 
 def _build(nodes, manifests: Manifests, previous: ClusterState | None = None) -> ClusterState:
     return ClusterState.build(
-        nodes, manifests.pods, manifests.services, manifests.endpoint_slices, previous=previous
+        nodes, manifests.pods, manifests.services, manifests.endpoint_slices, previous=previous,
+        node_labels=manifests.nodes,
     )
 
 

@@ -22,6 +22,7 @@ from dataplanes.iptrace import TraceError, parse_rule, trace
 from kube.model import (
     AFFINITY_CLIENT_IP,
     POLICY_LOCAL,
+    SCTP,
     TYPE_NODE_PORT,
     UDP,
     Service,
@@ -110,6 +111,20 @@ def test_udp_service_port():
     v = view(backends(2), [svc])
     r = go(IptablesDataplane().render(v), CLIENT_POD, v.services[0].cluster_ip, 53, proto="udp")
     assert r.endpoints() == pytest.approx({"198.18.129.2:8080": 0.5, "198.18.130.2:8080": 0.5})
+
+
+def test_sctp_service_port_renders_like_kube_proxy():
+    port = ServicePort(9, SCTP, "sig", 9999, node_port=30009)
+    svc = Service("ns1", "sig", ports=(port,), selector={"app": "web"}, type=TYPE_NODE_PORT)
+    v = view(backends(2), [svc])
+    text = IptablesDataplane().render(v)
+    assert "-p sctp -m comment --comment \"ns1/sig:sig cluster IP\" -m sctp --dport 9 " in text
+    halves = {"198.18.129.2:9999": 0.5, "198.18.130.2:9999": 0.5}
+    vip = v.services[0].cluster_ip
+    assert go(text, CLIENT_POD, vip, 9, proto="sctp").endpoints() == pytest.approx(halves)
+    assert go(text, EXTERNAL_CLIENT, NODE1_IP, 30009, proto="sctp").endpoints() == pytest.approx(
+        halves)
+    assert go(text, CLIENT_POD, vip, 9, proto="tcp").verdicts() == {"ACCEPT"}  # SCTP only
 
 
 def test_hairpin_pod_reaching_itself_is_masqueraded():

@@ -144,6 +144,14 @@ def slice_yaml(**body) -> str:
 PORT80 = [{"port": 80}]
 
 
+def lb_yaml(spec: dict, ingress: list | None = None) -> str:
+    """A LoadBalancer Service ns1/web on port 80, with status.loadBalancer.ingress when given."""
+    doc = yaml.safe_load(service_yaml({"type": "LoadBalancer", "ports": PORT80} | spec))
+    if ingress is not None:
+        doc["status"] = {"loadBalancer": {"ingress": ingress}}
+    return yaml.safe_dump(doc)
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -260,6 +268,87 @@ def test_same_port_number_over_tcp_and_udp_may_share_a_node_port():
     }
     ports = load_manifests(service_yaml(spec)).services[0].ports
     assert [(p.protocol, p.node_port) for p in ports] == [("TCP", 30053), ("UDP", 30053)]
+
+
+def test_load_balancer_reads_ingress_ips_source_ranges_and_health_check_node_port():
+    text = lb_yaml(
+        {
+            "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 30500,
+            "loadBalancerSourceRanges": [" 198.18.0.200/32", "198.18.0.7/24"],
+            "ports": [{"port": 80, "nodePort": 30080}],
+        },
+        ingress=[{"ip": "198.18.32.1", "ipMode": "VIP"}, {"ip": "198.18.63.254"}],
+    )
+    svc = load_manifests(text).services[0]
+    assert (svc.type, svc.load_balancer_ips) == ("LoadBalancer", ("198.18.32.1", "198.18.63.254"))
+    # Spaces trimmed and host bits dropped, as Kubernetes reads a source range.
+    assert svc.load_balancer_source_ranges == ("198.18.0.200/32", "198.18.0.0/24")
+    assert (svc.health_check_node_port, svc.ports[0].node_port) == (30500, 30080)
+    assert svc.allocate_load_balancer_node_ports and svc.has_node_ports
+    assert svc.needs_health_check_node_port
+
+
+def test_load_balancer_without_status_or_node_ports():
+    svc = load_manifests(lb_yaml({"allocateLoadBalancerNodePorts": False})).services[0]
+    assert svc.load_balancer_ips == () and svc.health_check_node_port is None
+    assert not svc.allocate_load_balancer_node_ports and not svc.has_node_ports
+    assert not svc.needs_health_check_node_port  # externalTrafficPolicy is Cluster
+    zero = lb_yaml({"externalTrafficPolicy": "Local", "healthCheckNodePort": 0})
+    assert load_manifests(zero).services[0].health_check_node_port is None  # 0: allocate
+
+
+def test_publish_not_ready_addresses_and_traffic_distribution():
+    spec = {"ports": PORT80, "publishNotReadyAddresses": True, "trafficDistribution": "PreferClose"}
+    svc = load_manifests(service_yaml(spec)).services[0]
+    assert svc.publish_not_ready_addresses and svc.traffic_distribution == "PreferClose"
+    plain = load_manifests(service_yaml({"ports": PORT80})).services[0]
+    assert not plain.publish_not_ready_addresses and plain.traffic_distribution is None
+
+
+def test_external_name_needs_no_ports_and_loses_its_trailing_dot():
+    svc = load_manifests(
+        service_yaml({"type": "ExternalName", "externalName": "db.example.com."})
+    ).services[0]
+    assert (svc.type, svc.external_name, svc.cluster_ip, svc.ports) == (
+        "ExternalName", "db.example.com", None, ()
+    )
+
+
+def test_sctp_ports_on_services_slices_and_pods():
+    spec = {"type": "NodePort", "ports": [{"port": 9, "protocol": "SCTP", "targetPort": "sig"}]}
+    svc = load_manifests(service_yaml(spec)).services[0]
+    assert svc.ports[0].protocol == "SCTP"
+    sl = load_manifests(slice_yaml(ports=[{"port": 9, "protocol": "SCTP"}])).endpoint_slices[0]
+    assert sl.ports[0].protocol == "SCTP"
+    ports = [{"name": "sig", "containerPort": 9, "protocol": "SCTP"}, {"containerPort": 80}]
+    pod = load_manifests(pod_yaml({"containers": [{"name": "c", "ports": ports}]})).pods[0]
+    assert pod.ports[0] == ContainerPort(9, "SCTP", "sig")
+    # The echo backend has no SCTP socket to open here: it serves the TCP port only.
+    assert pod.backend_ports() == (ContainerPort(80, "TCP"),)
+
+
+def test_endpoint_zone_and_zone_hints():
+    endpoints = [
+        {"addresses": ["198.18.129.2"], "zone": "zone1",
+         "hints": {"forZones": [{"name": "zone1"}, {"name": "zone2"}]}},
+        {"addresses": ["198.18.129.3"], "hints": {}},
+    ]
+    eps = load_manifests(slice_yaml(endpoints=endpoints)).endpoint_slices[0].endpoints
+    assert (eps[0].zone, eps[0].zone_hints) == ("zone1", ("zone1", "zone2"))
+    assert (eps[1].zone, eps[1].zone_hints) == (None, ())
+
+
+def test_node_manifests_give_labels_and_zone():
+    text = (
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n"
+        "  labels: {topology.kubernetes.io/zone: east}\nspec: {podCIDR: 10.0.0.0/24}\n"
+        "---\napiVersion: v1\nkind: NodeList\nitems: [{metadata: {name: node2}}]\n"
+    )
+    nodes = load_manifests(text).nodes
+    assert [(n.name, n.zone) for n in nodes] == [("node1", "east"), ("node2", "")]
+    message = error_of(text + "---\napiVersion: v1\nkind: Node\nmetadata: {name: node1}\n")
+    assert "Node node1 is defined twice in one load" in message
 
 
 @pytest.mark.parametrize(
@@ -475,16 +564,16 @@ REJECTED = [
         ["spec.containers[0].ports[1] repeats 80/TCP", "must be unique"],
     ),
     (
-        "protocol-sctp",
-        service_yaml({"ports": [{"port": 80, "protocol": "SCTP"}]}),
-        ['spec.ports[0].protocol must be "TCP" or "UDP", not "SCTP"'],
+        "protocol-unknown",
+        service_yaml({"ports": [{"port": 80, "protocol": "ICMP"}]}),
+        ['spec.ports[0].protocol must be "TCP", "UDP" or "SCTP", not "ICMP"'],
     ),
     (
         "protocol-lowercase",
         pod_yaml(
             {"containers": [{"name": "c", "ports": [{"containerPort": 80, "protocol": "tcp"}]}]}
         ),
-        ['spec.containers[0].ports[0].protocol must be "TCP" or "UDP", not "tcp"'],
+        ['spec.containers[0].ports[0].protocol must be "TCP", "UDP" or "SCTP", not "tcp"'],
     ),
     (
         "node-port-below-range",
@@ -499,7 +588,7 @@ REJECTED = [
     (
         "node-port-on-cluster-ip",
         service_yaml({"ports": [{"port": 80, "nodePort": 30080}]}),
-        ['spec.ports[0].nodePort may only be set when spec.type is "NodePort"'],
+        ['spec.ports[0].nodePort may only be set when spec.type is "NodePort" or "LoadBalancer"'],
     ),
     (
         "node-port-repeated",
@@ -515,17 +604,10 @@ REJECTED = [
         ["spec.ports[1].nodePort repeats 30080/TCP of spec.ports[0]"],
     ),
     (
-        "type-load-balancer",
-        service_yaml({"type": "LoadBalancer", "ports": PORT80}),
-        [
-            'spec.type must be "ClusterIP" or "NodePort", not "LoadBalancer"',
-            "LoadBalancer and ExternalName are not supported",
-        ],
-    ),
-    (
-        "type-external-name",
-        service_yaml({"type": "ExternalName", "externalName": "example.com"}),
-        ['not "ExternalName"', "not supported"],
+        "type-unknown",
+        service_yaml({"type": "Ingress", "ports": PORT80}),
+        ['spec.type must be "ClusterIP", "NodePort", "LoadBalancer" or "ExternalName", not '
+         '"Ingress"'],
     ),
     (
         "cluster-ip-outside-service-cidr",
@@ -634,7 +716,7 @@ REJECTED = [
         "external-policy-local-on-cluster-ip",
         service_yaml({"externalTrafficPolicy": "Local", "ports": PORT80}),
         [
-            'spec.externalTrafficPolicy may only be "Local" for a NodePort Service or one with spec.externalIPs'
+            'spec.externalTrafficPolicy may only be "Local" for a NodePort or LoadBalancer Service or one with spec.externalIPs'
         ],
     ),
     (
@@ -699,9 +781,9 @@ REJECTED = [
         ],
     ),
     (
-        "publish-not-ready",
-        service_yaml({"publishNotReadyAddresses": True, "ports": PORT80}),
-        ["spec.publishNotReadyAddresses must be false or absent (not supported)"],
+        "publish-not-ready-not-a-flag",
+        service_yaml({"publishNotReadyAddresses": "yes", "ports": PORT80}),
+        ['spec.publishNotReadyAddresses must be true, false or null, not "yes"'],
     ),
     (
         "label-value-not-a-string",
@@ -864,6 +946,177 @@ REJECTED = [
         pod_yaml({"containers": []}).replace("containers: []", "x: " + "[" * 990 + "]" * 990),
         ["web.yaml:7 (document 1): values nest deeper than 100 levels here"],
     ),
+    # LoadBalancer, ExternalName, topology and SCTP (issue 14)
+    (
+        "ingress-ip-outside-load-balancer-range",
+        lb_yaml({}, ingress=[{"ip": "198.18.64.1"}]),
+        [
+            "Service ns1/web status.loadBalancer.ingress[0].ip must be an IPv4 address inside "
+            'the load-balancer range 198.18.32.0/19, not "198.18.64.1"'
+        ],
+    ),
+    (
+        "ingress-ip-missing",
+        lb_yaml({}, ingress=[{"ipMode": "VIP"}]),
+        ["status.loadBalancer.ingress[0].ip is required: an IPv4 address inside 198.18.32.0/19"],
+    ),
+    (
+        "ingress-ip-repeated",
+        lb_yaml({}, ingress=[{"ip": "198.18.32.1"}, {"ip": "198.18.32.1"}]),
+        ["status.loadBalancer.ingress[1].ip repeats 198.18.32.1: each ingress IP may appear once"],
+    ),
+    (
+        "ingress-hostname",
+        lb_yaml({}, ingress=[{"hostname": "lb.example.com"}]),
+        ["status.loadBalancer.ingress[0].hostname is not supported: give ip"],
+    ),
+    (
+        "ingress-ip-mode-proxy",
+        lb_yaml({}, ingress=[{"ip": "198.18.32.1", "ipMode": "Proxy"}]),
+        ['status.loadBalancer.ingress[0].ipMode must be "VIP", not "Proxy"'],
+    ),
+    (
+        "ingress-on-cluster-ip",
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                "spec": {"ports": PORT80},
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.18.32.1"}]}},
+            }
+        ),
+        ['status.loadBalancer.ingress[0] may only be set when spec.type is "LoadBalancer"'],
+    ),
+    (
+        "source-range-not-a-cidr",
+        lb_yaml({"loadBalancerSourceRanges": ["198.18.0.0/33"]}),
+        [
+            "spec.loadBalancerSourceRanges[0] must be an IPv4 CIDR such as 198.18.0.0/24, "
+            'not "198.18.0.0/33"'
+        ],
+    ),
+    (
+        "source-range-bare-address",
+        lb_yaml({"loadBalancerSourceRanges": ["198.18.0.200"]}),
+        ['spec.loadBalancerSourceRanges[0] must be an IPv4 CIDR such as 198.18.0.0/24, not "198'],
+    ),
+    (
+        "source-range-on-node-port",
+        service_yaml({"type": "NodePort", "ports": PORT80,
+                      "loadBalancerSourceRanges": ["198.18.0.0/24"]}),
+        ['spec.loadBalancerSourceRanges[0] may only be set when spec.type is "LoadBalancer"'],
+    ),
+    (
+        "health-check-node-port-under-cluster-policy",
+        lb_yaml({"healthCheckNodePort": 30500}),
+        [
+            'spec.healthCheckNodePort may only be set when spec.type is "LoadBalancer" and '
+            'spec.externalTrafficPolicy is "Local"'
+        ],
+    ),
+    (
+        "health-check-node-port-out-of-range",
+        lb_yaml({"externalTrafficPolicy": "Local", "healthCheckNodePort": 80}),
+        ["spec.healthCheckNodePort must be an integer from 30000 to 32767, not 80"],
+    ),
+    (
+        "health-check-node-port-is-a-node-port",
+        lb_yaml({"externalTrafficPolicy": "Local", "healthCheckNodePort": 30080,
+                 "ports": [{"port": 80, "nodePort": 30080}]}),
+        ["spec.healthCheckNodePort repeats spec.ports[0].nodePort 30080: it needs its own port"],
+    ),
+    (
+        "allocate-node-ports-on-node-port",
+        service_yaml({"type": "NodePort", "ports": PORT80, "allocateLoadBalancerNodePorts": False}),
+        ['spec.allocateLoadBalancerNodePorts may only be set when spec.type is "LoadBalancer"'],
+    ),
+    (
+        "allocate-node-ports-not-a-flag",
+        lb_yaml({"allocateLoadBalancerNodePorts": "no"}),
+        ['spec.allocateLoadBalancerNodePorts must be true, false or null, not "no"'],
+    ),
+    (
+        "headless-load-balancer",
+        lb_yaml({"clusterIP": "None"}),
+        ['spec.type must be "ClusterIP" when spec.clusterIP is "None" (headless)'],
+    ),
+    (
+        "traffic-distribution-unknown",
+        service_yaml({"ports": PORT80, "trafficDistribution": "PreferSameNode"}),
+        [
+            'spec.trafficDistribution must be "PreferClose" or "PreferSameZone", not '
+            '"PreferSameNode" (PreferSameNode is not supported)'
+        ],
+    ),
+    (
+        "external-name-missing",
+        service_yaml({"type": "ExternalName"}),
+        ["spec.externalName is required: a DNS name such as db.example.com"],
+    ),
+    (
+        "external-name-not-dns",
+        service_yaml({"type": "ExternalName", "externalName": "db_1.example.com"}),
+        ["spec.externalName must be a DNS name", 'not "db_1.example.com"'],
+    ),
+    (
+        "external-name-on-cluster-ip",
+        service_yaml({"ports": PORT80, "externalName": "db.example.com"}),
+        ['spec.externalName may only be set when spec.type is "ExternalName"'],
+    ),
+    (
+        "external-name-with-cluster-ip",
+        service_yaml({"type": "ExternalName", "externalName": "db.example.com",
+                      "clusterIP": "198.19.0.5"}),
+        ["spec.clusterIP must be empty for an ExternalName Service (it has no ClusterIP)"],
+    ),
+    (
+        "endpoint-zone-not-a-label-value",
+        slice_yaml(endpoints=[{"addresses": ["198.18.129.2"], "zone": "zone 1"}]),
+        ['endpoints[0].zone must be a zone name (a non-empty label value', 'not "zone 1"'],
+    ),
+    (
+        "zone-hint-repeated",
+        slice_yaml(endpoints=[{"addresses": ["198.18.129.2"],
+                               "hints": {"forZones": [{"name": "a"}, {"name": "a"}]}}]),
+        ['endpoints[0].hints.forZones[1].name repeats "a": each zone may appear once'],
+    ),
+    (
+        "zone-hint-empty-name",
+        slice_yaml(endpoints=[{"addresses": ["198.18.129.2"], "hints": {"forZones": [{}]}}]),
+        ["endpoints[0].hints.forZones[0].name is required: a zone name"],
+    ),
+    (
+        "zone-hints-too-many",
+        slice_yaml(endpoints=[{"addresses": ["198.18.129.2"],
+                               "hints": {"forZones": [{"name": f"z{i}"} for i in range(9)]}}]),
+        ["endpoints[0].hints.forZones must list at most 8 zones, not 9"],
+    ),
+    (
+        "zone-hint-typo",
+        slice_yaml(endpoints=[{"addresses": ["198.18.129.2"], "hints": {"forZone": []}}]),
+        ["endpoints[0].hints.forZone is not a field of endpoint hints (did you mean"],
+    ),
+    (
+        "node-hints",
+        slice_yaml(endpoints=[{"addresses": ["198.18.129.2"],
+                               "hints": {"forNodes": [{"name": "node1"}]}}]),
+        ["endpoints[0].hints.forNodes must be empty or absent (node hints are not supported)"],
+    ),
+    (
+        "node-name-not-dns",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: Node_1}\n",
+        ['Node metadata.name must be a DNS-1123 subdomain', 'not "Node_1"'],
+    ),
+    (
+        "node-zone-label-not-a-value",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n"
+        "  labels: {topology.kubernetes.io/zone: 'a b'}\n",
+        ['Node node1 metadata.labels["topology.kubernetes.io/zone"] must be a label value'],
+    ),
+    (
+        "node-namespaced",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node1, namespace: ns1}\n",
+        ["Node node1 metadata.namespace must be absent: a Node belongs to no namespace"],
+    ),
 ]
 
 
@@ -987,6 +1240,23 @@ def test_to_documents_reads_back_equal_through_json_and_yaml():
             + service_yaml({"ports": [{"port": 80, "targetPort": 8080}]}, name="plain")
             + "---\n"
             + pod_yaml(name="plain-pod")
+            + "---\n"
+            + lb_yaml(
+                {"externalTrafficPolicy": "Local", "healthCheckNodePort": 30500,
+                 "loadBalancerSourceRanges": ["198.18.0.0/24"],
+                 "allocateLoadBalancerNodePorts": False, "trafficDistribution": "PreferClose",
+                 "publishNotReadyAddresses": True,
+                 "ports": [{"port": 80, "protocol": "SCTP"}]},
+                ingress=[{"ip": "198.18.32.1"}],
+            ).replace("name: web", "name: lb")
+            + "---\n"
+            + service_yaml({"type": "ExternalName", "externalName": "db.example.com"}, name="db")
+            + "---\n"
+            + slice_yaml(endpoints=[{"addresses": ["198.18.129.2"], "zone": "zone1",
+                                     "hints": {"forZones": [{"name": "zone1"}]}}])
+            + "---\n"
+            + "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n"
+            + "  labels: {topology.kubernetes.io/zone: east}\n"
         )
     )
     docs = m.to_documents()

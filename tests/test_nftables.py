@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 
 from dataplanes.nftables import (
+    AFFINITY_SCTP,
     AFFINITY_UDP,
     SHORT_CIRCUIT_BASE,
     NftablesDataplane,
@@ -24,6 +25,7 @@ from dataplanes.nfttrace import Table, TraceError, trace
 from kube.model import (
     AFFINITY_CLIENT_IP,
     POLICY_LOCAL,
+    SCTP,
     TYPE_NODE_PORT,
     UDP,
     ContainerPort,
@@ -211,6 +213,23 @@ def test_udp_affinity_keeps_its_own_remembered_slots():
     r = go(NftablesDataplane().render(v), CLIENT_POD, v.services[0].cluster_ip, 53, proto="udp")
     slots = sorted(int(o.recorded[0][3]) for o in r.outcomes)
     assert slots == [AFFINITY_UDP, AFFINITY_UDP + 1]  # TCP on the same VIP:port stays apart
+
+
+def test_sctp_service_port_has_its_own_endpoint_maps_and_affinity_slots():
+    port = ServicePort(9, SCTP, "sig", 9999, node_port=30009)
+    svc = Service("ns1", "sig", ports=(port,), selector={"app": "web"}, type=TYPE_NODE_PORT,
+                  session_affinity=AFFINITY_CLIENT_IP)
+    v = view(backends(2), [svc])
+    text = NftablesDataplane().render(v)
+    assert "ip daddr . sctp dport" in text and f"{v.services[0].cluster_ip} . sctp . 9" in text
+    halves = {"198.18.129.2:9999": 0.5, "198.18.130.2:9999": 0.5}
+    r = go(text, CLIENT_POD, v.services[0].cluster_ip, 9, proto="sctp")
+    assert r.endpoints() == pytest.approx(halves)
+    slots = sorted(int(o.recorded[0][3]) for o in r.outcomes)
+    assert slots == [AFFINITY_SCTP, AFFINITY_SCTP + 1]  # apart from TCP and UDP on 9
+    outside = go(text, EXTERNAL_CLIENT, NODE1_IP, 30009, proto="sctp")
+    assert outside.endpoints() == pytest.approx(halves) and outside.masquerade is True
+    assert go(text, CLIENT_POD, v.services[0].cluster_ip, 9).verdicts() == {"ACCEPT"}  # tcp
 
 
 def test_affinity_on_a_node_port_masquerades_and_remembers():

@@ -12,12 +12,14 @@ from kube.manifests import load_manifests
 from kube.model import (
     PLAN,
     PROXY_NAME_LABEL,
+    ZONE_LABEL,
     AddressPlan,
     ContainerPort,
     Endpoint,
     EndpointPort,
     EndpointSlice,
     Node,
+    NodeLabels,
     Pod,
     Service,
     ServicePort,
@@ -574,3 +576,149 @@ def test_manifests_to_node_view():
         f"{state.pod('ns1', 'w1').ip}:8080",
         f"{state.pod('ns1', 'w2').ip}:8081",
     }
+
+
+# --------------------------------------------------------------------------- LoadBalancer
+
+
+def lb(name="web", **kw):
+    kw.setdefault("load_balancer_ips", ("198.18.32.1",))
+    return svc(name, type="LoadBalancer", **kw)
+
+
+def test_load_balancer_gets_node_ports_and_under_local_policy_a_health_check_node_port():
+    services = [
+        lb("cluster"),
+        lb("local", external_traffic_policy="Local"),
+        lb("given", external_traffic_policy="Local", health_check_node_port=30000),
+        lb("bare", allocate_load_balancer_node_ports=False),
+    ]
+    state = ClusterState.build(NODES, services=services)
+    cluster, local, given, bare = state.services
+    assert (cluster.ports[0].node_port, cluster.health_check_node_port) == (30001, None)
+    assert (local.ports[0].node_port, local.health_check_node_port) == (30002, 30003)
+    assert (given.ports[0].node_port, given.health_check_node_port) == (30004, 30000)
+    assert (bare.ports[0].node_port, bare.health_check_node_port) == (None, None)
+    again = ClusterState.build(NODES, services=services[::-1], previous=state)
+    assert again.service_obj("ns1", "local") == local  # kept across builds, as node ports
+    clash = svc("np", type="NodePort", ports=(ServicePort(80, node_port=30000),))
+    with pytest.raises(StateError) as info:
+        ClusterState.build(NODES, services=[services[2], clash])
+    assert str(info.value) == (
+        "Service ns1/np: spec.ports[0].nodePort 30000 is already used by Service ns1/given"
+    )
+
+
+def test_load_balancer_view_carries_ingress_ips_source_ranges_and_health_check_port():
+    ranges = ("198.18.0.200/32",)
+    state = _spread_state(type="LoadBalancer", load_balancer_ips=("198.18.32.1",),
+                          load_balancer_source_ranges=ranges, external_traffic_policy="Local")
+    sp = state.node_view("node2").service("ns1/web")
+    assert sp.load_balancer_ips == ("198.18.32.1",) and sp.load_balancer_source_ranges == ranges
+    assert sp.node_port == 30000 and sp.health_check_node_port == 30001
+    assert sp.external_policy_local and addrs(sp.external_endpoints) == _ips(state, "b1")
+    # An ingress IP alone makes the port reachable from outside, as kube-proxy counts it.
+    bare = replace(sp, node_port=None)
+    assert bare.has_external and bare.external_endpoints == sp.external_endpoints
+    plain = _spread_state(type="NodePort").node_view("node2").service("ns1/web")
+    assert (plain.load_balancer_ips, plain.health_check_node_port) == ((), None)
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+def test_publish_not_ready_addresses_counts_unready_pods_as_ready():
+    pods = [pod("unready", "node1", ready=False), pod("leaving", "node2", terminating=True)]
+    state = ClusterState.build(NODES, pods, [svc(publish_not_ready_addresses=True)])
+    eps = {e.pod_name: e for e in state.endpoint_slices[0].endpoints}
+    assert (eps["unready"].ready, eps["unready"].serving) == (True, False)
+    assert (eps["leaving"].ready, eps["leaving"].terminating) == (True, True)
+    sp = state.node_view("node1").service("ns1/web")
+    assert addrs(sp.internal_endpoints) == _ips(state, "unready", "leaving")
+    plain = ClusterState.build(NODES, pods, [svc()]).node_view("node1").service("ns1/web")
+    assert addrs(plain.internal_endpoints) == _ips(state, "leaving")  # serving+terminating only
+
+
+# --------------------------------------------------------------------------- topology
+
+
+def test_nodes_are_one_zone_each_unless_node_manifests_say_otherwise():
+    assert [n.zone for n in NODES] == ["zone1", "zone2"]
+    east = (NodeLabels("node1", {ZONE_LABEL: "east"}), NodeLabels("node2", {}))
+    state = ClusterState.build(NODES, node_labels=east)
+    assert [n.zone for n in state.nodes] == ["east", ""]
+    with pytest.raises(StateError) as info:
+        ClusterState.build(NODES, node_labels=[NodeLabels("node9")])
+    assert str(info.value) == (
+        "Node node9: metadata.name is not a node of this cluster (nodes: node1, node2; "
+        f"the address plan fits at most {PLAN.max_nodes})"
+    )
+
+
+def test_prefer_close_hints_each_ready_endpoint_for_its_own_zone():
+    pods = [pod("a1", "node1"), pod("b1", "node2"), pod("u", "node2", ready=False)]
+    state = ClusterState.build(NODES, pods, [svc(traffic_distribution="PreferClose")])
+    eps = {e.pod_name: e for e in state.endpoint_slices[0].endpoints}
+    assert [(eps[n].zone, eps[n].zone_hints) for n in ("a1", "b1", "u")] == [
+        ("zone1", ("zone1",)), ("zone2", ("zone2",)), ("zone2", ())]
+    plain = ClusterState.build(NODES, pods, [svc()]).endpoint_slices[0].endpoints
+    assert [e.zone_hints for e in plain] == [(), (), ()] and plain[0].zone == "zone1"
+
+
+def test_topology_keeps_cluster_traffic_in_the_zone_when_every_endpoint_is_hinted():
+    three = (*NODES, Node.numbered(3))
+    pods = [pod("a1", "node1"), pod("a2", "node1"), pod("b1", "node2")]
+    services = [svc(type="NodePort", traffic_distribution="PreferClose")]
+    state = ClusterState.build(three, pods, services)
+    one = state.node_view("node1").service("ns1/web")
+    assert one.node_zone == "zone1"
+    assert addrs(one.cluster_endpoints) == addrs(one.external_endpoints) == _ips(state, "a1", "a2")
+    assert addrs(state.node_view("node2").service("ns1/web").internal_endpoints) == _ips(
+        state, "b1")
+    # zone3 has no hinted endpoint: all of them, as topology.go falls back.
+    assert addrs(state.node_view("node3").service("ns1/web").internal_endpoints) == _ips(
+        state, "a1", "a2", "b1")
+    # One ready endpoint without hints turns topology off everywhere.
+    unhinted = replace(one, endpoints=tuple(
+        replace(e, zone_hints=()) if e.ip == state.pod("ns1", "b1").ip else e
+        for e in one.endpoints))
+    assert addrs(unhinted.cluster_endpoints) == _ips(state, "a1", "a2", "b1")
+    assert one.has_any_endpoints and one.internal_traffic_filter is None
+
+
+def test_topology_leaves_local_policy_alone_and_follows_shared_zones():
+    pods = [pod("a1", "node1"), pod("b1", "node2")]
+    state = ClusterState.build(NODES, pods, [svc(**BOTH_LOCAL)])
+    sp = state.node_view("node1").service("ns1/web")
+    # Hand-written hints send zone1's cluster traffic to b1; the local set ignores hints.
+    crossed = replace(sp, endpoints=tuple(
+        replace(e, zone_hints=("zone2",) if e.local else ("zone1",)) for e in sp.endpoints))
+    assert addrs(crossed.cluster_endpoints) == _ips(state, "b1")
+    assert addrs(crossed.local_endpoints) == addrs(crossed.internal_endpoints) == _ips(
+        state, "a1")
+    assert addrs(crossed.all_reachable_endpoints) == _ips(state, "a1", "b1")
+    one_zone = [NodeLabels(n.name, {ZONE_LABEL: "east"}) for n in NODES]
+    shared = ClusterState.build(NODES, pods, [svc(traffic_distribution="PreferClose")],
+                                node_labels=one_zone)
+    sp = shared.node_view("node1").service("ns1/web")
+    assert sp.node_zone == "east" and addrs(sp.cluster_endpoints) == _ips(shared, "a1", "b1")
+
+
+# --------------------------------------------------------------------------- ExternalName, SCTP
+
+
+def test_external_name_gets_no_cluster_ip_no_endpoints_and_no_view():
+    alias = Service("ns1", "db", (), type="ExternalName", selector={"app": "web"},
+                    external_name="db.example.com")
+    state = ClusterState.build(NODES, [pod("a1")], [alias, svc()])
+    assert state.service_obj("ns1", "db").cluster_ip is None
+    assert [s.service_name for s in state.endpoint_slices] == ["web"]
+    assert [sp.service for sp in state.node_view("node1").services] == ["web"]
+
+
+def test_sctp_ports_reach_the_view():
+    ports = (ServicePort(9, "SCTP", "sig", 9999), ServicePort(80, name="http"))
+    state = ClusterState.build(NODES, [pod("a1", "node1")], [svc(type="NodePort", ports=ports)])
+    sp = state.node_view("node1").service("ns1/web:sig")
+    assert (sp.protocol, sp.port, sp.node_port) == ("SCTP", 9, 30000)
+    assert addrs(sp.internal_endpoints) == {f"{state.pod('ns1', 'a1').ip}:9999"}
