@@ -309,8 +309,9 @@ class SweepClock:
     from the second on.
     """
 
-    def __init__(self, modes: list[str], visits: list[tuple[int, int]], budget_s: float | None):
-        self.modes, self.visits, self.budget_s = modes, visits, budget_s
+    def __init__(self, visits: list[tuple[int, int]], budget_s: float | None):
+        self.visits, self.budget_s = visits, budget_s
+        self.modes: list[str] = []  # the modes that will be swept, in order
         self.started = self.last = time.monotonic()
         self.took: dict[tuple[str, int], list[float]] = {}
         self.done = 0
@@ -439,8 +440,10 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
     err = err or Console(stderr=True, highlight=False)
     spec = parse_spec(args)  # BenchSpecError before anything exists
     cfg = spec.sweep_config()
-    from bench.metrics import catalog
+    from bench.metrics import catalog, passes, selected, sweep_order
     from clusters.safety import guard_root
+
+    clock = SweepClock(sweep_order(cfg.sizes, passes(selected(cfg), cfg)), spec.budget_s)
 
     folder = RunFolder(new_run_dir(spec.out, "bench"), {})
     env = environment(argv)
@@ -477,12 +480,9 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
     folder.save_meta()
     for mode, reason in folder.meta["modes_skipped"].items():
         err.print(f"[dim]{mode}: skipped: {reason}[/]", highlight=False)
-    from bench.metrics import passes, selected, sweep_order
-
+    clock.modes = [m for m, _ in usable]
     # rich draws nothing where stderr is no terminal (a CI log): one line per size there
     lines = not err.is_terminal
-    clock = SweepClock([m for m, _ in usable], sweep_order(cfg.sizes, passes(selected(cfg)[1], cfg)),
-                       spec.budget_s)
     progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=False,
                         disable=lines)
@@ -700,8 +700,11 @@ def _print_summary(folder: RunFolder, out: Console, err: Console, as_json: bool)
         for metric, reason in metrics.items():
             out.print(f"{mode}: {metric} skipped: {reason}", highlight=False, markup=False)
     if meta.get("incomplete_reason") == "budget":
-        out.print(f"stopped at the --budget: {meta['stopped_at']} (run.json 'stopped_at'); "
-                  "later sizes and modes were not measured", highlight=False, markup=False)
+        at = meta["stopped_at"]
+        where = (f"after {at['mode']} pass {at['pass']} at {at['n_services']:,} Services"
+                 if "mode" in at else f"before {at['before_mode']}")
+        out.print(f"incomplete: the {_clock(at['budget_s'])} budget ran out {where}; later sizes and "
+                  "modes were not measured (run.json 'stopped_at')", highlight=False, markup=False)
     if meta["errors"]:
         out.print(f"{len(meta['errors'])} measurement(s) failed (run.json 'errors')", highlight=False)
     if meta["noisy"]:

@@ -801,7 +801,7 @@ def run_in_guest(argv: Sequence[str], *, timeout: float, mem: str = DEFAULT_MEM,
         if found:
             number = -int(found[-1])
             name = signal.Signals(number).name if number in signal.valid_signals() else number
-            reason = f"{argv[0]} was killed by signal {name}"
+            reason = f"{' '.join([module, *argv[:1]])} was killed by signal {name}"
         else:
             reason = f"the guest kernel stopped (UML exited {proc.returncode})"
         cause = death_cause(text, mem)
