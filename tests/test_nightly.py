@@ -24,7 +24,10 @@ from bench.runner import BenchSpecError, SweepClock, parse_budget
 from clusters import uml
 from reports.results import read_bench_csv, read_json
 from tests.test_bench import ROOT, namespaces_of, run_folder, runner
+from tests.test_uml import _needs_guest
+from tests.test_uml import guest_dir as _guest_dir
 
+guest_dir = _guest_dir  # the fixture: a private GUEST_DIR, never someone else's guests
 TINY = ("--modes", "iptables", "--metrics", "conn_latency_us", "--count", "10", "--repeats", "1")
 
 # --------------------------------------------------------------------------- budget and clock
@@ -214,22 +217,6 @@ def test_a_run_the_guest_left_running_is_marked_failed_with_the_reason(tmp_path,
     assert meta["modes"]["ipvs"] == {"status": "failed", "error": "the guest kernel: it died"}
     assert meta["modes"]["iptables"] == {"status": "done"}
     assert read_json(tmp_path / "out" / "bench-done" / "run.json")["status"] == "complete"
-
-
-def _needs_guest() -> None:
-    if os.environ.get("SVCBENCH_KERNEL") == "uml":
-        pytest.skip("already inside a guest kernel")
-    problems = uml.boot_problems()
-    if problems:
-        pytest.skip("no User-Mode-Linux guest: " + "; ".join(problems))
-
-
-@pytest.fixture
-def guest_dir(tmp_path, monkeypatch):
-    """A private GUEST_DIR, so records of other people's guests are never touched."""
-    path = tmp_path / "guests"
-    monkeypatch.setattr(uml, "GUEST_DIR", str(path))
-    return path
 
 
 # Leaves a run folder "running", as a bench does, then grows until the guest's OOM killer acts.
