@@ -30,7 +30,7 @@ Two host limits decide whether a guest runs at all, and how large a guest proces
 - UML maps every guest page into a task's host process on its own, so a guest process
   dies (SIGKILL, "UML ran out of memory on the host side") at about vm.max_map_count
   pages: some 700 MB at Debian's 65,530, less than `bench` needs at 30,000 Services.
-  `svcbench doctor --fix` raises it to 1,048,576 (Ubuntu's and Fedora's default).
+  `svcbench doctor --fix` raises it to 1,048,576 (Fedora's default since Fedora 39).
 A guest command killed by either, or by the guest's own OOM killer, exits 1 with the
 reason, and a bench run folder it left "running" records it (`errors`, status failed).
 
@@ -88,7 +88,7 @@ DEFAULT_MEM = "1024M"
 BENCH_MEM = "4G"  # iptables at 30,000 Services: the bench and two iptables-restore runs at once
 XSTATE_SOURCE = str(Path(__file__).resolve().with_name("uml_xstate.c"))
 UML_XSTATE_BYTES = 832  # the FPU state Debian's UML 6.1 keeps per task (struct _xstate)
-MAP_COUNT = 1_048_576  # vm.max_map_count the guest wants; Ubuntu's and Fedora's default
+MAP_COUNT = 1_048_576  # vm.max_map_count the guest wants; Fedora's default since Fedora 39
 MAP_COUNT_FILE = "/proc/sys/vm/max_map_count"
 BOOT_TIMEOUT_S = 90.0  # boot, module loads and the runner's imports; UML is slow under load
 HEARTBEAT_S = 2.0
@@ -789,8 +789,9 @@ def run_in_guest(argv: Sequence[str], *, timeout: float, mem: str = DEFAULT_MEM,
             guest.kill()
             for t in readers:
                 t.join(timeout=5)
-            sys.stderr.write(f"svcbench: the guest kernel ran out of its {timeout:.0f} s time limit "
-                             "and was killed\n")
+            reason = f"the guest kernel ran out of its {timeout:.0f} s time limit and was killed"
+            sys.stderr.write(f"svcbench: {reason}\n")
+            record_death(argv, booted, reason)
             return 124
         for t in readers:
             t.join(timeout=10)
