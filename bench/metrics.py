@@ -129,6 +129,7 @@ def measure_throughput(bench: Bench, target: str, repeat: int) -> Observation:
 def measure_handshake(bench: Bench, target: str, repeat: int) -> Observation:
     tracer = bench.handshake_tracer()
     ip = bench.address(target)
+    restarted = len(tracer.restarts)
     tracer.arm()
     try:
         run = bench.connections(target, bench.cfg.count, repeat)
@@ -142,7 +143,10 @@ def measure_handshake(bench: Bench, target: str, repeat: int) -> Observation:
     stats["events"] = len(mine)
     return Observation(stats, ip, units={"events": "connections"},
                        extra={"probe_p50_us": round(percentile(run.ok_latencies, 0.5), 1),
-                              "established": len(ports), "probe_failed": run.failed},
+                              "established": len(ports), "probe_failed": run.failed,
+                              # a tracer that died since the last window was replaced: why
+                              **({"tracer_restarted": tracer.restarts[-1]}
+                                 if len(tracer.restarts) > restarted else {})},
                        raw={"handshake_us": [round(x, 1) for x in mine]})
 
 
@@ -321,6 +325,7 @@ def run_mode(cfg: SweepConfig, mode: str, dp: Any, listener: SweepListener) -> l
                     _size(bench, [m for m in size if m.group == group], rec, listener, repeat,
                           ledgers[n])
                 bench.settle()
+                listener.visited(mode, repeat, n)
             say(f"{mode}: uninstalling")
             bench.close()
             uninstall_s = bench.uninstall()

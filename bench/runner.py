@@ -3,9 +3,12 @@
 The folder (reports/results.py holds its schema) gets run.json (environment, arguments,
 status, skipped modes and metrics, spread of the repeats), bench.csv (one row per
 measurement) and raw/<mode>/<phase>.json (every sample), each written atomically while
-the sweep runs. Ctrl-C, SIGTERM and SIGHUP keep what was measured and mark the run
-incomplete; a folder whose process was killed outright is marked killed by the next run or
-`svcbench gc`. A rich progress bar runs on stderr; a one-screen summary ends the run.
+the sweep runs. Ctrl-C, SIGTERM and SIGHUP, or the end of a `--budget` (once the size
+being measured is done), keep what was measured and mark the run incomplete with the
+reason; a folder whose process was killed outright is marked killed by the next run or
+`svcbench gc`. On a terminal a rich progress bar runs on stderr; elsewhere (CI logs) stderr
+gets one line per size visited, with the time spent and an estimate of what remains. A
+one-screen summary ends the run.
 
 The CLI calls `add_bench_arguments` and `run_bench_command`; `python -m bench.runner`
 does the same on its own. Bad input raises `BenchSpecError` (exit status 2) before
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -78,6 +82,7 @@ class BenchSpec:
     load_repeats: int
     modes_given: bool = False  # --modes named them: an unusable one is still only skipped
     preset: str = "bench"
+    budget_s: float | None = None  # stop after the size being measured once this much has passed
 
     def sweep_config(self) -> SweepConfig:
         return SweepConfig(
@@ -116,7 +121,32 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                                                f"(default {bench['load_seconds']})")
     parser.add_argument("--load-repeats", help="throughput samples per size "
                                                f"(default {bench['load_repeats']})")
+    parser.add_argument("--budget", help="time for the whole sweep, such as 3h, 90m or 1h30m: "
+                                         "past it the run stops after the current size and is "
+                                         "marked incomplete (default: no limit)")
     return parser
+
+
+BUDGET_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def parse_budget(text: str | None) -> float | None:
+    """Seconds in a --budget such as 3h, 90m, 1h30m, 600s or 600; None for no budget."""
+    if text is None:
+        return None
+    value = str(text).strip()
+    match = BUDGET_RE.fullmatch(value)
+    if value.isdigit():
+        seconds = float(value)
+    elif value and match:
+        h, m, sec = (int(g or 0) for g in match.groups())
+        seconds = float(h * 3600 + m * 60 + sec)
+    else:
+        seconds = 0.0
+    if not 1 <= seconds <= 7 * 86400:
+        raise BenchSpecError(f"--budget must be a time from 1s to 168h such as 3h, 90m, 1h30m "
+                             f"or 600s, not {text!r}")
+    return seconds
 
 
 def _flags(args: argparse.Namespace) -> argparse.Namespace:
@@ -206,6 +236,7 @@ def parse_spec(args: argparse.Namespace) -> BenchSpec:
         load_repeats=_whole("--load-repeats", args.load_repeats, 1, 20),
         modes_given=modes is not None,
         preset=args.preset or "bench",
+        budget_s=parse_budget(getattr(args, "budget", None)),
     )
 
 
@@ -258,9 +289,72 @@ class RunFolder:
         write_run_json(self.path, self.meta)
 
 
+class BudgetSpent(Exception):
+    """The --budget ran out; raised between two sizes so the mode's cleanup runs as usual."""
+
+
+def _clock(seconds: float) -> str:
+    """1h02m, 14m05s, 42s."""
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class SweepClock:
+    """When each (mode, pass, size) visit ended; what the visits left should take.
+
+    A size not visited yet in this mode is guessed from the same size in modes already
+    swept, else from this mode's visits so far: a rough figure in the first pass, a good one
+    from the second on.
+    """
+
+    def __init__(self, visits: list[tuple[int, int]], budget_s: float | None):
+        self.visits, self.budget_s = visits, budget_s
+        self.modes: list[str] = []  # the modes that will be swept, in order
+        self.started = self.last = time.monotonic()
+        self.took: dict[tuple[str, int], list[float]] = {}
+        self.done = 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def mode_started(self) -> None:
+        self.last = time.monotonic()
+
+    def visited(self, mode: str, n: int) -> float:
+        now = time.monotonic()
+        took, self.last = now - self.last, now
+        self.took.setdefault((mode, n), []).append(took)
+        self.done += 1
+        return took
+
+    def _guess(self, mode: str, n: int) -> float:
+        same = self.took.get((mode, n))
+        same_n = [t for (_, size), ts in self.took.items() if size == n for t in ts]
+        mine = [t for (m, _), ts in self.took.items() if m == mode for t in ts]
+        pool = same or same_n or mine or [t for ts in self.took.values() for t in ts]
+        return sum(pool) / len(pool) if pool else 0.0
+
+    def remaining(self, mode: str) -> float:
+        """Seconds the visits after the current one should take, this mode and those after it."""
+        index = self.modes.index(mode)
+        per_mode = len(self.visits)
+        left_here = self.visits[self.done - index * per_mode:]
+        total = sum(self._guess(mode, n) for _, n in left_here)
+        for later in self.modes[index + 1:]:
+            total += sum(self._guess(later, n) for _, n in self.visits)
+        return total
+
+    def over_budget(self) -> bool:
+        return self.budget_s is not None and self.elapsed() >= self.budget_s
+
+
 class _Listener(SweepListener):
-    def __init__(self, folder: RunFolder, progress: Progress | None, task: Any, err: Console):
+    def __init__(self, folder: RunFolder, progress: Progress | None, task: Any, err: Console,
+                 clock: SweepClock | None = None, lines: bool = False):
         self.folder, self.bar, self.task, self.err = folder, progress, task, err
+        self.clock, self.lines = clock, lines
 
     def progress(self, message: str) -> None:
         if self.bar is not None:
@@ -272,6 +366,23 @@ class _Listener(SweepListener):
 
     def observed(self, rows: list[Row], raw: dict) -> None:
         self.folder.add(rows, raw)
+
+    def visited(self, mode: str, repeat: int, n_services: int) -> None:
+        if self.clock is None:
+            return
+        took = self.clock.visited(mode, n_services)
+        if self.lines:
+            passes = len(self.clock.visits) // max(1, len(self.folder.meta["args"]["sizes"]))
+            way = "up" if repeat % 2 == 0 else "down"
+            self.err.print(f"bench: {mode} pass {repeat + 1}/{passes} ({way}) {n_services:,} Services "
+                           f"in {_clock(took)}; {_clock(self.clock.elapsed())} so far, about "
+                           f"{_clock(self.clock.remaining(mode))} left", markup=False, highlight=False)
+        if self.clock.over_budget():
+            self.folder.meta["stopped_at"] = {
+                "mode": mode, "pass": repeat + 1, "n_services": n_services,
+                "elapsed_s": round(self.clock.elapsed(), 1), "budget_s": self.clock.budget_s}
+            raise BudgetSpent(f"the {_clock(self.clock.budget_s)} budget ran out after {mode} "
+                              f"pass {repeat + 1} at {n_services:,} Services")
 
     def cluster_created(self, mode: str, run_id: str) -> None:
         self.folder.meta["modes"].setdefault(mode, {})["cluster"] = run_id
@@ -329,12 +440,14 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
     err = err or Console(stderr=True, highlight=False)
     spec = parse_spec(args)  # BenchSpecError before anything exists
     cfg = spec.sweep_config()
-    from bench.metrics import catalog
+    from bench.metrics import catalog, passes, selected, sweep_order
     from clusters.netns import owner
     from clusters.safety import guard_root
 
     for line in mark_killed(spec.out):
         err.print(line, highlight=False, markup=False)
+    clock = SweepClock(sweep_order(cfg.sizes, passes(selected(cfg), cfg)), spec.budget_s)
+
     folder = RunFolder(new_run_dir(spec.out, "bench"), {})
     env = environment(argv)
     folder.meta = {
@@ -371,14 +484,29 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
     folder.save_meta()
     for mode, reason in folder.meta["modes_skipped"].items():
         err.print(f"[dim]{mode}: skipped: {reason}[/]", highlight=False)
+    clock.modes = [m for m, _ in usable]
+    # rich draws nothing where stderr is no terminal (a CI log): one line per size there
+    lines = not err.is_terminal
     progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
-                        MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=False)
+                        MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=False,
+                        disable=lines)
     task = progress.add_task("starting", total=max(1, steps_of(cfg) * len(usable)))
-    listener = _Listener(folder, progress, task, err)
+    listener = _Listener(folder, progress, task, err, clock, lines)
     failure: BaseException | None = None
     try:
         with guard_root(), progress:
-            for mode, dp in usable:
+            for index, (mode, dp) in enumerate(usable, 1):
+                if clock.over_budget():
+                    folder.meta["modes"][mode] = {"status": "not run", "reason": "the budget ran out"}
+                    folder.meta.setdefault("stopped_at", {"before_mode": mode,
+                                                          "elapsed_s": round(clock.elapsed(), 1),
+                                                          "budget_s": spec.budget_s})
+                    status = "incomplete"
+                    continue
+                if lines:
+                    err.print(f"bench: {mode}: mode {index} of {len(usable)}, {len(cfg.sizes)} sizes, "
+                              f"{len(clock.visits)} visits", markup=False, highlight=False)
+                clock.mode_started()
                 mode_started = time.perf_counter()
                 # Other work on the host shows up as noise; the load says how much there was.
                 folder.meta["modes"][mode] = {"status": "running", "loadavg_start": os.getloadavg()}
@@ -391,6 +519,11 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
                 except KeyboardInterrupt:
                     folder.meta["modes"][mode]["status"] = "interrupted"
                     raise
+                except BudgetSpent as exc:
+                    folder.meta["modes"][mode].update(status="stopped", reason=str(exc))
+                    status = "incomplete"
+                    err.print(f"bench: {exc}; stopping here (run.json says incomplete)",
+                              markup=False, highlight=False)
                 except Exception as exc:  # noqa: BLE001 - one mode failing leaves the others to run
                     folder.meta["modes"][mode].update(status="failed",
                                                       error=f"{type(exc).__name__}: {exc}")
@@ -402,10 +535,13 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
                 folder.save_meta()
     except KeyboardInterrupt:
         status = "incomplete"
+        folder.meta["incomplete_reason"] = "interrupted"
     except Exception as exc:  # the root-namespace guard, or a bug: recorded, then raised
         status, failure = "failed", exc
         folder.meta["errors"].append({"error": f"{type(exc).__name__}: {exc}"})
     finally:
+        if status == "incomplete":
+            folder.meta.setdefault("incomplete_reason", "budget")
         _finish(folder, status, time.perf_counter() - started)
     if failure is not None:
         raise failure
@@ -414,8 +550,11 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
         err.print("svcbench bench: no selected mode can run here: "
                   + "; ".join(f"{m}: {r}" for m, r in folder.meta["modes_skipped"].items()))
     _print_summary(folder, out, err, as_json=bool(getattr(args, "json", False)))
-    if status == "complete" and folder.meta["errors"]:
+    budget_stop = status == "incomplete" and folder.meta["incomplete_reason"] == "budget"
+    if (status == "complete" or budget_stop) and folder.meta["errors"]:
         return 1  # every mode ran, but some measurement failed: a failure while working
+    if budget_stop:
+        return 0  # stopping at the budget is what was asked for
     return {"complete": 0, "failed": 1, "incomplete": 130}[status]
 
 
@@ -574,6 +713,12 @@ def _print_summary(folder: RunFolder, out: Console, err: Console, as_json: bool)
     for mode, metrics in meta["metrics_skipped"].items():
         for metric, reason in metrics.items():
             out.print(f"{mode}: {metric} skipped: {reason}", highlight=False, markup=False)
+    if meta.get("incomplete_reason") == "budget":
+        at = meta["stopped_at"]
+        where = (f"after {at['mode']} pass {at['pass']} at {at['n_services']:,} Services"
+                 if "mode" in at else f"before {at['before_mode']}")
+        out.print(f"incomplete: the {_clock(at['budget_s'])} budget ran out {where}; later sizes and "
+                  "modes were not measured (run.json 'stopped_at')", highlight=False, markup=False)
     if meta["errors"]:
         out.print(f"{len(meta['errors'])} measurement(s) failed (run.json 'errors')", highlight=False)
     if meta["noisy"]:

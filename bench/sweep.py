@@ -410,6 +410,9 @@ class SweepListener:
     def step(self) -> None:
         """One (size, metric) or floor step is done."""
 
+    def visited(self, mode: str, repeat: int, n_services: int) -> None:
+        """Pass `repeat` is done at this size; raising here stops the mode's sweep cleanly."""
+
     def observed(self, rows: list[Row], raw: dict) -> None:
         pass
 

@@ -16,6 +16,10 @@ therefore a child process in a mount namespace of its own (`unshare --mount`) th
 mounts tracefs there: nothing changes in the host's mounts, and libbcc never loads into
 the sweep's process. Other runs on the host may use the same RFC 2544 addresses, so the
 caller keeps only the handshakes of its own sockets (by source port).
+
+The child lives until it is told to stop or its parent goes (end of file on its stdin),
+never on a clock: a nightly sweep keeps it for hours. Should it die anyway, the next
+window starts a new one, and `restarts` says how often that happened and why.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -138,21 +143,29 @@ class HandshakeTrace:
     def __init__(self, client_ip: str):
         self.client_ip = client_ip
         self.submitted = 0
+        self.restarts: list[str] = []  # why each earlier child ended, one sentence each
+        self._start()
+
+    def _start(self) -> None:
+        client_ip = self.client_ip
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
         script = f'mount -t tracefs nodev {TRACEFS} && exec "$0" -m bench.trace --client {client_ip}'
+        # stderr to a file: a pipe nobody reads during a sweep would stall the child when full.
+        self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
             env=env, start_new_session=True,
         )
         ready = self._read_line(READY_TIMEOUT_S)
         if ready != "ready":
             self._kill()
-            err = (self._proc.stderr.read() if self._proc.stderr else "").strip()
+            err = self._stderr_text()
             reason = err.splitlines()[-1].strip() if err else f"no 'ready' from the tracer (got {ready!r})"
             if "mount" in err and "tracefs" not in reason:
                 reason = f"this kernel ({os.uname().release}) cannot mount tracefs: {reason}"
+            self._stderr.close()
             raise TraceUnavailable(f"the sock:inet_sock_set_state tracer did not start: {reason}")
 
     def __enter__(self) -> HandshakeTrace:
@@ -167,14 +180,24 @@ class HandshakeTrace:
             return None
         return self._proc.stdout.readline().strip()
 
+    def _stderr_text(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().strip()
+
     def _kill(self) -> None:
         if self._proc.poll() is None:
             os.killpg(self._proc.pid, signal.SIGKILL)
         self._proc.wait()
 
+    def _exit_reason(self) -> str:
+        code = self._proc.returncode
+        how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        err = self._stderr_text()
+        return f"the tracer {how}" + (f" ({err.splitlines()[-1].strip()})" if err else "")
+
     def _ask(self, command: str) -> str:
         if self._proc.poll() is not None:
-            raise TraceUnavailable(f"the tracer exited with status {self._proc.returncode}")
+            raise TraceUnavailable(self._exit_reason())
         self._proc.stdin.write(command + "\n")
         self._proc.stdin.flush()
         line = self._read_line(30.0)
@@ -184,7 +207,12 @@ class HandshakeTrace:
         return line
 
     def arm(self) -> None:
-        """Open a window: handshakes that start from now on are recorded."""
+        """Open a window: handshakes that start from now on are recorded. A child that died
+        since the last window is replaced first (and the reason kept in `restarts`)."""
+        if self._proc.poll() is not None:
+            self.restarts.append(self._exit_reason())
+            self._stderr.close()
+            self._start()
         if self._ask("arm") != "armed":
             raise TraceUnavailable("the tracer did not arm")
 
@@ -204,12 +232,13 @@ class HandshakeTrace:
             except subprocess.TimeoutExpired:
                 pass
         self._kill()
+        self._stderr.close()
 
 
 # --------------------------------------------------------------------------- the tracer child
 
 
-def _tracer(client_ip: str, max_s: float) -> int:
+def _tracer(client_ip: str, max_s: float | None) -> int:
     bcc = load_bcc()
     bpf = bcc.BPF(text=PROGRAM, cflags=[f"-DCLIENT_IP={_le_u32(client_ip)}u"])
     events: list[tuple[float, int, int]] = []
@@ -222,12 +251,15 @@ def _tracer(client_ip: str, max_s: float) -> int:
     armed = bpf["armed"]
     zero = ctypes.c_int(0)
     print("ready", flush=True)
-    deadline = time.monotonic() + max_s
-    while time.monotonic() < deadline:
+    deadline = None if max_s is None else time.monotonic() + max_s
+    while deadline is None or time.monotonic() < deadline:
         bpf.perf_buffer_poll(timeout=50)
         if not select.select([sys.stdin], [], [], 0)[0]:
             continue
-        command = sys.stdin.readline().strip()
+        line = sys.stdin.readline()
+        if not line:
+            break  # end of file: the parent is gone
+        command = line.strip()
         if command == "arm":
             bpf["syn_sent"].clear()  # SYNs from an earlier window that never completed
             events.clear()
@@ -251,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "'arm' on stdin opens a window, 'collect' closes it "
                                                  "and prints them, 'stop' ends.")
     parser.add_argument("--client", required=True, help="the client's IPv4 address")
-    parser.add_argument("--max-seconds", type=float, default=600.0)
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop after this long (default: when told to, or at end of file)")
     args = parser.parse_args(argv)
     return _tracer(args.client, args.max_seconds)
 

@@ -20,8 +20,19 @@ UML pid and start time, who booted it, the runs it holds), its job and its conso
   which of its runs are live, for owns_run and gc_guests.
 
 Environment: SVCBENCH_UML_TIMEOUT (seconds a forwarded bench/conformance may run, default
-4 h), SVCBENCH_UML_MEM (guest memory, default 1024M), SVCBENCH_UML_CONSOLE=1 (show the
-guest's console). Guest commands see SVCBENCH_KERNEL=uml.
+4 h), SVCBENCH_UML_MEM (guest memory, default 4G for bench, 1024M otherwise),
+SVCBENCH_UML_CONSOLE=1 (show the guest's console). Guest commands see SVCBENCH_KERNEL=uml.
+
+Two host limits decide whether a guest runs at all, and how large a guest process may grow:
+- Debian's UML 6.1 keeps 832 bytes of FPU state per task; a host with a larger XSAVE area
+  (AVX-512, AMX) refuses that size, and the guest panics at its first process. The
+  preloaded uml_xstate.c gives each task the whole area (`svcbench doctor --fix` builds it).
+- UML maps every guest page into a task's host process on its own, so a guest process
+  dies (SIGKILL, "UML ran out of memory on the host side") at about vm.max_map_count
+  pages: some 700 MB at Debian's 65,530, less than `bench` needs at 30,000 Services.
+  `svcbench doctor --fix` raises it to 1,048,576 (Fedora's default since Fedora 39).
+A guest command killed by either, or by the guest's own OOM killer, exits 1 with the
+reason, and a bench run folder it left "running" records it (`errors`, status failed).
 
 UML system calls are slow: compare modes within one kernel, never across kernels.
 """
@@ -74,6 +85,11 @@ GUEST_MODULES = (
 )  # fmt: skip
 
 DEFAULT_MEM = "1024M"
+BENCH_MEM = "4G"  # iptables at 30,000 Services: the bench and two iptables-restore runs at once
+XSTATE_SOURCE = str(Path(__file__).resolve().with_name("uml_xstate.c"))
+UML_XSTATE_BYTES = 832  # the FPU state Debian's UML 6.1 keeps per task (struct _xstate)
+MAP_COUNT = 1_048_576  # vm.max_map_count the guest wants; Fedora's default since Fedora 39
+MAP_COUNT_FILE = "/proc/sys/vm/max_map_count"
 BOOT_TIMEOUT_S = 90.0  # boot, module loads and the runner's imports; UML is slow under load
 HEARTBEAT_S = 2.0
 STALE_AFTER_S = 60.0  # a kept guest that has not written status.json for this long is dead
@@ -116,8 +132,87 @@ def _stamp(version: str) -> str:
     return f"{version} {st.st_size} {st.st_mtime_ns}\n"
 
 
+def host_xstate_bytes() -> int | None:
+    """The XSAVE area this host's ptrace reads and writes whole (NT_X86_XSTATE); None off x86."""
+    if os.uname().machine != "x86_64" or os.geteuid() != 0:
+        return None
+    if _xstate_bytes:
+        return _xstate_bytes[0]
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.restype = ctypes.c_long
+    ptrace_attach, ptrace_detach, ptrace_getregset, nt_x86_xstate = 16, 17, 0x4204, 0x202
+    area = ctypes.create_string_buffer(65536)
+    iov = (ctypes.c_void_p * 2)(ctypes.cast(area, ctypes.c_void_p), 65536)
+    child = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL)
+    size = None
+    try:
+        if libc.ptrace(ptrace_attach, child.pid, None, None) == 0:
+            os.waitpid(child.pid, 0)
+            if libc.ptrace(ptrace_getregset, child.pid, ctypes.c_void_p(nt_x86_xstate), iov) == 0:
+                size = int(iov[1])
+            libc.ptrace(ptrace_detach, child.pid, None, None)
+    finally:
+        child.kill()
+        child.wait()
+    _xstate_bytes.append(size)
+    return size
+
+
+_xstate_bytes: list[int | None] = []
+
+
+def xstate_shim() -> str:
+    """Where the build of uml_xstate.c lives; the name carries the source's hash."""
+    digest = hashlib.sha256(Path(XSTATE_SOURCE).read_bytes()).hexdigest()[:12]
+    return str(Path(CACHE_DIR) / f"uml_xstate-{digest}.so")
+
+
+def _needs_xstate_shim() -> bool:
+    size = host_xstate_bytes()
+    return size is not None and size > UML_XSTATE_BYTES
+
+
+def build_xstate_shim(echo: Callable[[str], None] = print) -> str:
+    """Compile uml_xstate.c into CACHE_DIR (needs a C compiler)."""
+    cc = _which("cc") or _which("gcc")
+    if cc is None:
+        raise UmlError("a C compiler is missing; apt-get install gcc libc6-dev")
+    target = xstate_shim()
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    argv = [cc, "-shared", "-fPIC", "-O2", "-o", target + ".tmp", XSTATE_SOURCE, "-ldl"]
+    echo("$ " + " ".join(argv))
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+    os.replace(target + ".tmp", target)
+    return target
+
+
+def map_count() -> int | None:
+    try:
+        return int(Path(MAP_COUNT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def map_count_problem() -> str | None:
+    """Why a large guest process would be killed here, or None."""
+    have = map_count()
+    if have is None or have >= MAP_COUNT:
+        return None
+    return (f"vm.max_map_count is {have:,}: UML maps a guest process's pages piecemeal, so one "
+            f"dies at about {have * 11 // 1000:,} MB (bench at 30,000 Services needs more); "
+            f"svcbench doctor --fix raises it to {MAP_COUNT:,}")
+
+
 def uml_missing() -> list[str]:
     """What `--kernel uml` lacks on this host, one sentence each; empty means usable."""
+    problem = map_count_problem()
+    return boot_problems() + ([problem] if problem else [])
+
+
+def boot_problems() -> list[str]:
+    """What keeps a guest from booting here (a low vm.max_map_count only limits its size)."""
     out = []
     if os.geteuid() != 0:
         out.append("guest kernels need root (run svcbench as root)")
@@ -130,14 +225,13 @@ def uml_missing() -> list[str]:
     if os.access(UML_KERNEL, os.X_OK):
         if version is None:
             out.append(f"the guest's modules are missing from {UML_MODULE_ROOT} (apt-get install --reinstall user-mode-linux)")
-        else:
+        elif not _tree_fresh(version):
             tree = Path(CACHE_DIR) / "lib" / "modules" / version
-            try:
-                fresh = (tree / STAMP).read_text() == _stamp(version) and (tree / "modules.dep").exists()
-            except OSError:
-                fresh = False
-            if not fresh:
-                out.append(f"the guest's module tree {tree} is not prepared (svcbench doctor --fix runs depmod)")
+            out.append(f"the guest's module tree {tree} is not prepared (svcbench doctor --fix runs depmod)")
+    if os.access(UML_KERNEL, os.X_OK) and _needs_xstate_shim() and not os.path.exists(xstate_shim()):
+        out.append(f"this CPU's XSAVE area is {host_xstate_bytes():,} bytes and the guest kernel keeps "
+                   f"{UML_XSTATE_BYTES}, so it cannot start a process (AVX-512/AMX host); svcbench "
+                   f"doctor --fix builds {Path(XSTATE_SOURCE).name}, which fills the gap (needs gcc)")
     if not out:
         refused = boot_refused()
         if refused:
@@ -166,7 +260,8 @@ def _boot_key() -> str:
     """What decides whether the guest boots: its kernel build, the host kernel, the CPU."""
     st = os.stat(UML_KERNEL)
     digest = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16]
-    return f"{st.st_size} {st.st_mtime_ns} {os.uname().release} {digest}"
+    shim = f" {Path(xstate_shim()).name}" if _needs_xstate_shim() else ""
+    return f"{st.st_size} {st.st_mtime_ns} {os.uname().release} {digest}{shim}"
 
 
 def boot_refused() -> str | None:
@@ -202,7 +297,7 @@ def _boot_once() -> str | None:
         try:
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, timeout=BOOT_CHECK_TIMEOUT_S,
-                                  start_new_session=True, cwd=scratch)
+                                  start_new_session=True, cwd=scratch, env=_uml_env())
         except subprocess.TimeoutExpired:
             return f"the guest kernel {UML_KERNEL} did not boot within {BOOT_CHECK_TIMEOUT_S:.0f} s here"
         console = done.stdout.decode("utf-8", "replace")
@@ -211,10 +306,27 @@ def _boot_once() -> str | None:
     if FP_REGS_FAILED in console:
         return (f"the guest kernel {UML_KERNEL} cannot run processes on this CPU: it cannot "
                 "restore their FPU state where the host's XSAVE area is larger than it knows "
-                "(AVX-512, AMX; its console says 'ptrace set fp regs failed')")
+                "(AVX-512, AMX; its console says 'ptrace set fp regs failed'), even with "
+                f"{Path(XSTATE_SOURCE).name} preloaded")
     last = [ln.strip() for ln in console.splitlines() if ln.strip() and not ln.startswith(" [<")]
     return (f"the guest kernel {UML_KERNEL} does not boot here (its console ends with: "
             f"{last[-1][:160] if last else 'nothing'})")
+
+
+def _uml_env() -> dict[str, str]:
+    """UML's environment: ours, with the FPU-state shim preloaded where the host needs it."""
+    env = dict(os.environ)
+    if _needs_xstate_shim():
+        env["LD_PRELOAD"] = xstate_shim()
+    return env
+
+
+def _tree_fresh(version: str) -> bool:
+    tree = Path(CACHE_DIR) / "lib" / "modules" / version
+    try:
+        return (tree / STAMP).read_text() == _stamp(version) and (tree / "modules.dep").exists()
+    except OSError:
+        return False
 
 
 def prepare_modules(echo: Callable[[str], None] = print) -> str:
@@ -242,12 +354,15 @@ def prepare_modules(echo: Callable[[str], None] = print) -> str:
 
 
 def fix_uml(echo: Callable[[str], None] = print) -> None:
-    """Install user-mode-linux and kmod with apt-get when missing, then prepare the module tree."""
+    """Install user-mode-linux and kmod with apt-get when missing, prepare the module tree, build
+    the FPU-state shim where the host needs it, and raise vm.max_map_count."""
     packages = []
     if not os.access(UML_KERNEL, os.X_OK) or module_version() is None:
         packages.append("user-mode-linux")
     if not _which("modprobe") or not _which("depmod"):
         packages.append("kmod")
+    if _needs_xstate_shim() and not (_which("cc") or _which("gcc")):
+        packages += ["gcc", "libc6-dev"]
     if packages:
         if os.geteuid() != 0 or not _which("apt-get"):
             raise UmlError("installing " + " ".join(packages) + " needs root on Debian/Ubuntu (apt-get)")
@@ -257,7 +372,14 @@ def fix_uml(echo: Callable[[str], None] = print) -> None:
         # No recommends: uml-utilities would bring a daemon nobody here uses.
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
                        check=True, env=env)
-    prepare_modules(echo)
+    version = module_version()
+    if version is None or not _tree_fresh(version):  # a guest booting now reads the tree
+        prepare_modules(echo)
+    if _needs_xstate_shim() and not os.path.exists(xstate_shim()):
+        build_xstate_shim(echo)
+    if map_count_problem():
+        echo(f"$ sysctl -w vm.max_map_count={MAP_COUNT}")
+        Path(MAP_COUNT_FILE).write_text(f"{MAP_COUNT}\n")
 
 
 # --------------------------------------------------------------------------- processes
@@ -442,6 +564,7 @@ class Guest:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=console_fd, stderr=console_fd,
                 pass_fds=tuple((consoles or {}).values()), start_new_session=True, cwd=str(self.dir),
+                env=_uml_env(),
             )
         finally:
             if log is not None:
@@ -630,11 +753,13 @@ def run_in_guest(argv: Sequence[str], *, timeout: float, mem: str = DEFAULT_MEM,
                  env: dict[str, str] | None = None, module: str = "svcbench") -> int:
     """Boot a guest, run `python -m MODULE ARGV` in it, stream its output here, power it off.
 
-    Returns the command's exit status; 124 when the time limit killed the guest. Nothing
-    stays behind: no UML process, no folder (results go where the command wrote them).
-    SVCBENCH_UML_CONSOLE=1 also shows the guest's console (kernel and runner messages).
+    Returns the command's exit status; 124 when the time limit killed the guest; 1, with
+    the reason on stderr and in the run folders it left "running" (`record_death`), when the
+    command or the guest kernel died. Nothing stays behind: no UML process, no folder
+    (results go where the command wrote them). SVCBENCH_UML_CONSOLE=1 also shows the
+    guest's console (kernel and runner messages).
     """
-    problems = uml_missing()
+    problems = boot_problems()
     if problems:
         raise UmlError("--kernel uml cannot run here: " + "; ".join(problems))
     job = _job("oneshot", argv, module=module, env=env, timeout=timeout,
@@ -650,6 +775,7 @@ def run_in_guest(argv: Sequence[str], *, timeout: float, mem: str = DEFAULT_MEM,
             ends.append(w)
             readers.append(threading.Thread(target=_pump, args=(r, sink, collect), daemon=True,
                                             name=f"uml:{guest.id}:{len(readers)}"))
+        booted = time.time()
         try:
             proc = guest.boot(job, mem, consoles={1: ends[1], 2: ends[2]}, console_fd=ends[0])
         finally:
@@ -663,23 +789,88 @@ def run_in_guest(argv: Sequence[str], *, timeout: float, mem: str = DEFAULT_MEM,
             guest.kill()
             for t in readers:
                 t.join(timeout=5)
-            sys.stderr.write(f"svcbench: the guest kernel ran out of its {timeout:.0f} s time limit "
-                             "and was killed\n")
+            reason = f"the guest kernel ran out of its {timeout:.0f} s time limit and was killed"
+            sys.stderr.write(f"svcbench: {reason}\n")
+            record_death(argv, booted, reason)
             return 124
         for t in readers:
             t.join(timeout=10)
         text = b"".join(console).decode(errors="replace").replace("\r", "")
         found = re.findall(re.escape(EXIT_MARK) + r"(-?\d+)", text)
-        if found:
+        if found and int(found[-1]) >= 0:
             return int(found[-1])
-        raise UmlError(f"the guest kernel stopped without an exit status (UML exited {proc.returncode}); "
-                       "its console ends with:\n" + "\n".join(text.splitlines()[-25:]))
+        if found:
+            number = -int(found[-1])
+            name = signal.Signals(number).name if number in signal.valid_signals() else number
+            reason = f"{' '.join([module, *argv[:1]])} was killed by signal {name}"
+        else:
+            reason = f"the guest kernel stopped (UML exited {proc.returncode})"
+        cause = death_cause(text, mem)
+        reason = f"{reason}: {cause}" if cause else reason
+        sys.stderr.write(f"svcbench: {reason}\n")
+        if not cause:
+            sys.stderr.write("svcbench: the guest's console ends with:\n"
+                             + "\n".join(text.splitlines()[-25:]) + "\n")
+        for folder in record_death(argv, booted, reason):
+            sys.stderr.write(f"svcbench: recorded in {folder}/run.json\n")
+        return 1
     finally:
         guest.kill()
         for t in readers:
             if t.is_alive():
                 t.join(timeout=5)
         guest.remove()
+
+
+def death_cause(console: str, mem: str) -> str | None:
+    """Why the guest's console says a process or the guest died, with what to do; None if it
+    does not say."""
+    oom = re.findall(r"Out of memory: Killed process \d+ \(([^)]*)\).*?anon-rss:(\d+)kB", console)
+    if oom:
+        comm, kb = oom[-1]
+        return (f"the guest kernel ran out of its memory (mem={mem}) and killed {comm} at "
+                f"{int(kb) // 1024:,} MB; give it more with SVCBENCH_UML_MEM (such as 8G)")
+    if "UML ran out of memory on the host side" in console:
+        return (f"a guest process needed more host memory maps than vm.max_map_count "
+                f"({map_count() or 0:,}) allows (UML maps its pages piecemeal); svcbench doctor "
+                f"--fix raises it to {MAP_COUNT:,}")
+    if "ptrace set fp regs failed" in console:
+        return (f"this host's XSAVE area ({host_xstate_bytes() or 0:,} bytes) is larger than the "
+                f"guest kernel's; svcbench doctor --fix builds {Path(XSTATE_SOURCE).name}")
+    if "Kernel panic" in console:
+        return "the guest kernel panicked: " + console.split("Kernel panic", 1)[1].splitlines()[0].strip(" -:")
+    return None
+
+
+def record_death(argv: Sequence[str], since: float, reason: str) -> list[str]:
+    """Mark run folders a guest command left "running" as failed, with the reason.
+
+    The folders are the run.json files under the command's --out (default runs) written
+    since `since`; the command inside the guest can no longer say why it stopped.
+    """
+    from reports.results import read_json, write_run_json
+
+    base = Path(_flag_value(argv, "--out") or "runs")
+    marked = []
+    for path in sorted(base.glob("*/run.json")):
+        try:
+            if path.stat().st_mtime < since:
+                continue
+            meta = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict) or meta.get("status") != "running":
+            continue
+        error = f"the guest kernel: {reason}"
+        for info in (meta.get("modes") or {}).values():
+            if isinstance(info, dict) and info.get("status") == "running":
+                info.update(status="failed", error=error)
+        meta.setdefault("errors", []).append({"error": error, "where": "guest"})
+        meta.update(status="failed", complete=False,
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        write_run_json(path.parent, meta)
+        marked.append(str(path.parent))
+    return marked
 
 
 # --------------------------------------------------------------------------- kept guests
@@ -721,8 +912,8 @@ def _kept_guests() -> list[Guest]:
     return [g for g in list_guests() if g.kind == "kept" and g.uml_alive()]
 
 
-def _guest_mem() -> str:
-    mem = os.environ.get("SVCBENCH_UML_MEM", DEFAULT_MEM)
+def _guest_mem(default: str = DEFAULT_MEM) -> str:
+    mem = os.environ.get("SVCBENCH_UML_MEM", default)
     if not re.fullmatch(r"\d+[KMG]", mem):
         raise UmlError(f"SVCBENCH_UML_MEM {mem!r} must be a size such as 1024M or 2G")
     return mem
@@ -737,7 +928,7 @@ def _forward_timeout() -> float:
 
 def up_in_guest(argv: Sequence[str], mem: str = DEFAULT_MEM) -> int:
     """`up` in a new kept guest; the guest keeps running with the cluster when it succeeds."""
-    problems = uml_missing()
+    problems = boot_problems()
     if problems:
         raise UmlError("--kernel uml cannot run here: " + "; ".join(problems))
     stdin = sys.stdin.buffer.read() if _reads_stdin(argv) else None
@@ -807,7 +998,8 @@ def forward(argv: Sequence[str]) -> int:
             return up_in_guest(argv, mem=_guest_mem())
         if command in RUN_COMMANDS:
             return to_run(argv)
-        return run_in_guest(argv, timeout=_forward_timeout(), mem=_guest_mem())
+        mem = _guest_mem(BENCH_MEM if command == "bench" else DEFAULT_MEM)
+        return run_in_guest(argv, timeout=_forward_timeout(), mem=mem)
     except UmlError as exc:
         sys.stderr.write(f"svcbench: {exc}\n")
         return 1

@@ -1,7 +1,8 @@
 """Preflight: what svcbench needs on this machine, what is missing, and how to install it.
 
-`svcbench doctor --fix` installs what is missing on Debian/Ubuntu as root; it changes
-nothing else (no kernel settings, no files outside the package manager's).
+`svcbench doctor --fix` installs what is missing on Debian/Ubuntu as root; beyond the
+guest kernel's needs (its module index and FPU-state shim under /var/cache/svcbench, and
+vm.max_map_count raised to 1,048,576 for large guest processes) it changes nothing else.
 """
 
 from __future__ import annotations
