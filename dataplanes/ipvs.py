@@ -145,6 +145,9 @@ def iptables_rules(cluster_cidr: str) -> dict[tuple[str, str], list[str]]:
         f"{_set(KUBE_EXTERNAL_IP, 'dst,dst')} -j {KUBE_MARK_MASQ}",
         # externalIPs never fall through to the NodePort rules below.
         f"{_set(KUBE_EXTERNAL_IP, 'dst,dst')} -j ACCEPT",
+        # The node's own connection to a Local externalIP leaves from that address (it is on
+        # kube-ipvs0): the endpoint's reply could not find its way back without masquerade.
+        f"-m addrtype --src-type LOCAL {_set(KUBE_EXTERNAL_IP_LOCAL, 'dst,dst')} -j {KUBE_MARK_MASQ}",
         f"{_set(KUBE_EXTERNAL_IP_LOCAL, 'dst,dst')} -j ACCEPT",
         f"-m addrtype --dst-type LOCAL -j {KUBE_NODE_PORT}",
         f"-m set --match-set {KUBE_CLUSTER_IP} dst,dst -j ACCEPT",
