@@ -1068,6 +1068,18 @@ STOPPED = {  # run.json status -> what the banner says
 }
 
 
+
+def measured_elsewhere(meta: dict) -> dict[str, str]:
+    """Modes a merged run (the guest kernel's) measured: mode -> that run's kernel."""
+    out: dict[str, str] = {}
+    others = meta.get("other_runs") if isinstance(meta, dict) else None
+    for other in (others or {}).values():
+        modes = other.get("modes") if isinstance(other, dict) else None
+        for mode, info in (modes or {}).items():
+            if isinstance(info, dict) and info.get("status") in ("done", "complete"):
+                out.setdefault(mode, str(other.get("kernel") or "another kernel"))
+    return out
+
 def section_status(run: Run, summaries: list[ModeSummary]) -> str:
     notes = []
     complete = run.complete
@@ -1085,9 +1097,12 @@ def section_status(run: Run, summaries: list[ModeSummary]) -> str:
     if run.meta and not run.meta.get("finished") and complete is not True:
         notes.append("No finish time recorded.")
     skipped = run.meta.get("modes_skipped") or {}
+    elsewhere = measured_elsewhere(run.meta)
     if isinstance(skipped, dict):
         for mode, reason in skipped.items():
-            notes.append(f"Mode <b>{esc(mode)}</b> skipped: {esc(reason)}")
+            where = elsewhere.get(mode)
+            notes.append(f"Mode <b>{esc(mode)}</b> skipped: {esc(reason)}"
+                         + (f"; measured on kernel {esc(where)} instead." if where else ""))
     elif isinstance(skipped, list):
         notes.extend(f"Mode skipped: {esc(m)}" for m in skipped)
     if isinstance(status, str) and status not in ("complete", "done", *STOPPED):
@@ -1096,6 +1111,8 @@ def section_status(run: Run, summaries: list[ModeSummary]) -> str:
     if isinstance(modes, dict):
         for mode, info in modes.items():
             mode_status = info.get("status") if isinstance(info, dict) else None
+            if mode_status == "skipped" and mode in elsewhere:
+                continue  # said above, with the kernel it ran on
             if mode_status and mode_status not in ("done", "complete"):
                 notes.append(f"Mode <b>{esc(mode)}</b> ended <b>{esc(mode_status)}</b>"
                              + (f": {esc(info['error'])}" if info.get("error") else "."))

@@ -338,3 +338,13 @@ def test_reports_of_missing_single_point_and_noisy_runs_read_true_in_chromium(tm
     ipvs = next(h for h in noisy["heads"] if h.startswith("ipvs (6.1.0-um)"))
     assert "no growth verdict" in ipvs and "kernel CPU per connection" in ipvs, ipvs
     assert "proxied conn rate" in noisy["single"] and noisy["charts"] >= 4
+
+
+def test_a_mode_skipped_here_but_measured_in_the_guest_says_where():
+    from reports.render import measured_elsewhere
+
+    meta = {"modes_skipped": {"ipvs": "the kernel has no IPVS"},
+            "other_runs": {"/runs/guest/bench-1": {"kernel": "6.1.176", "modes": {
+                "ipvs": {"status": "done"}, "iptables": {"status": "failed"}}}}}
+    assert measured_elsewhere(meta) == {"ipvs": "6.1.176"}
+    assert measured_elsewhere({"modes_skipped": {"ipvs": "no IPVS"}}) == {}
