@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clusters.netns import proc_start, process_alive
+from reports.results import cpuinfo_field
 
 UML_KERNEL = "/usr/bin/linux.uml"
 UML_MODULE_ROOT = "/usr/lib/uml/modules"  # the package's tree: <version>/kernel/...
@@ -245,21 +246,10 @@ INIT_EXITED_CLEANLY = "Attempted to kill init! exitcode=0x00000000"
 FP_REGS_FAILED = "ptrace set fp regs failed"
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def _boot_key() -> str:
     """What decides whether the guest boots: its kernel build, the host kernel, the CPU."""
     st = os.stat(UML_KERNEL)
-    digest = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16]
+    digest = hashlib.sha256((cpuinfo_field("flags") or "").encode()).hexdigest()[:16]
     shim = f" {Path(xstate_shim()).name}" if _needs_xstate_shim() else ""
     return f"{st.st_size} {st.st_mtime_ns} {os.uname().release} {digest}{shim}"
 

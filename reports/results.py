@@ -113,15 +113,21 @@ def _first_line(argv: Sequence[str]) -> str | None:
     return text.splitlines()[0] if text else None
 
 
-def _cpu_model() -> str:
+def cpuinfo_field(name: str) -> str | None:
+    """The first CPU's `name` line of /proc/cpuinfo ("model name", "flags"), None if absent."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def _git_revision() -> dict[str, Any]:
