@@ -17,9 +17,9 @@ from conformance.harness import (
     with_affinity,
 )
 
-AFFINITY_TIMEOUT_S = 5
-SILENCE_S = 6.0
-MAX_ROUNDS = 6  # each round re-rolls three clients: P(no change in 6 rounds) = 27**-6
+AFFINITY_TIMEOUT_S = 2
+SILENCE_S = 3.0
+MAX_ROUNDS = 4  # each round re-rolls three clients: P(no change in 4 rounds) = 27**-4
 
 
 def _sticky(cluster, ip: str, count: int) -> dict[str, str]:
