@@ -18,7 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,7 +147,8 @@ class ConformancePlugin:
             marker = item.get_closest_marker("check")
             self.numbers[item.nodeid] = marker.args[0] if marker else None
             self.records[item.nodeid] = {
-                "name": check_name(item.name), "outcome": None, "reason": "", "duration_s": 0.0,
+                "name": check_name(item.name), "number": self.numbers[item.nodeid],
+                "outcome": None, "reason": "", "duration_s": 0.0,
             }
 
     def pytest_collectreport(self, report) -> None:
@@ -209,6 +216,7 @@ def run_conformance(
     out_dir: str | None = None,
     dataplane_factory: Callable[[], Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    shard: str | None = None,
 ) -> dict:
     """Run the checks (those matching `keyword`, pytest -k syntax) for `mode`; the conformance.json data.
 
@@ -248,6 +256,8 @@ def run_conformance(
         args.append(f"--backend={backend}")
     if keyword:
         args += ["-k", keyword]
+    if shard:
+        args.append(f"--shard={shard}")
     if importlib.util.find_spec("pytest_timeout") is not None:
         args += ["-p", "pytest_timeout"]
     plugin.say(f"conformance of {mode} ({kernel} kernel) into {out}")
@@ -271,9 +281,148 @@ def run_conformance(
         raise KeyboardInterrupt
     if plugin.collect_errors:
         raise ConformanceError("the checks could not be collected: " + "; ".join(plugin.collect_errors))
-    if exit_code == pytest.ExitCode.NO_TESTS_COLLECTED:
+    if exit_code == pytest.ExitCode.NO_TESTS_COLLECTED and not shard:
+        # (A shard may be empty: -k selected fewer checks than there are shards.)
         raise ConformanceError(f"-k {keyword!r} selects no check; see conformance/checks for names")
     return data
+
+
+def default_jobs() -> int:
+    """Shards run at once by default: one per core, at most two (each builds its own cluster;
+    a guest kernel runs on one core, so two guests use both)."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run_sharded(
+    mode: str,
+    *,
+    jobs: int,
+    backend: str | None = None,
+    kernel: str = "host",
+    keyword: str | None = None,
+    out_dir: str,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """The checks split over `jobs` processes, each with its own cluster (and, for
+    `kernel="uml"`, its own guest kernel), merged into one run folder.
+
+    Shard i runs checks i, i+jobs, ... of the ordered list into `out_dir/shard-i`; their
+    conformance.json, measurements.json and junit.xml are merged into `out_dir` in check
+    order. Same errors as `run_conformance`.
+    """
+    say = progress or (lambda _msg: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    children: list[tuple[int, subprocess.Popen, Path]] = []
+    lines: dict[int, list[str]] = {}
+    threads = []
+
+    def relay(index: int, stream) -> None:
+        for raw in stream:
+            line = raw.rstrip()
+            if line:
+                lines[index].append(line)
+                say(f"[{index}/{jobs}] {line}")
+
+    try:
+        for index in range(1, jobs + 1):
+            shard_dir = out / f"shard-{index}"
+            argv = [sys.executable, "-m", "svcbench", "conformance", "--mode", mode,
+                    "--kernel", kernel, "--jobs", "1", "--shard", f"{index}/{jobs}",
+                    "--out", str(shard_dir), "--json"]
+            if backend:
+                argv += ["--backend", backend]
+            if keyword:
+                argv += ["-k", keyword]
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True, cwd=REPO_ROOT,
+                                    env={**os.environ, "SVCBENCH_PROGRESS_LINES": "1"})
+            children.append((index, proc, shard_dir))
+            lines[index] = []
+            thread = threading.Thread(target=relay, args=(index, proc.stderr), daemon=True)
+            thread.start()
+            threads.append(thread)
+        codes = {index: proc.wait() for index, proc, _ in children}
+    except KeyboardInterrupt:
+        for _, proc, _ in children:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # each shard removes its cluster, then exits
+        for _, proc, _ in children:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        _merge_shards(mode, kernel, out, [d for _, _, d in children])
+        raise
+    for thread in threads:
+        thread.join(5)
+    usage = [lines[i][-1] for i, code in codes.items() if code == 2 and lines[i]]
+    if usage:  # every shard saw the same bad input: report it once
+        raise ConformanceError(usage[0].removeprefix("svcbench: error: "))
+    if any(code == 130 for code in codes.values()):
+        _merge_shards(mode, kernel, out, [d for _, _, d in children])
+        raise KeyboardInterrupt
+    data = _merge_shards(mode, kernel, out, [d for _, _, d in children])
+    broken = [f"shard {i} exited {code}: {lines[i][-1] if lines[i] else 'no output'}"
+              for i, code in codes.items()
+              if code not in (0, 1) or not (out / f"shard-{i}" / "conformance.json").exists()]
+    if broken and not data["checks"]:
+        raise RuntimeError("; ".join(broken))
+    if not data["checks"] and keyword:
+        raise ConformanceError(f"-k {keyword!r} selects no check; see conformance/checks for names")
+    if broken:
+        data["errors"] = broken
+        write_json(out / "conformance.json", data)
+    return data
+
+
+def _merge_shards(mode: str, kernel: str, out: Path, shard_dirs: list[Path]) -> dict:
+    """One conformance.json, measurements.json and junit.xml from the shards' folders."""
+    checks: list[dict[str, Any]] = []
+    measurements: list[dict[str, Any]] = []
+    release = None
+    suites = []
+    for shard_dir in shard_dirs:
+        try:
+            part = json.loads((shard_dir / "conformance.json").read_text())
+        except (OSError, ValueError):
+            continue
+        release = part.get("kernel", release)
+        kernel = part.get("kernel_kind", kernel)
+        checks += part.get("checks", [])
+        with contextlib.suppress(OSError, ValueError):
+            measurements += json.loads((shard_dir / "measurements.json").read_text())
+        with contextlib.suppress(OSError, ET.ParseError):
+            suites.append(ET.parse(shard_dir / "junit.xml").getroot())
+    checks.sort(key=lambda c: (c.get("number") is None, c.get("number") or 0, c["name"]))
+    data = {"mode": mode, "kernel": release or os.uname().release, "kernel_kind": kernel,
+            "checks": checks}
+    write_json(out / "conformance.json", data)
+    write_json(out / "measurements.json", measurements)
+    write_json(out / "environment.json", environment())
+    if suites:
+        _merge_junit(suites).write(out / "junit.xml", encoding="utf-8", xml_declaration=True)
+    return data
+
+
+def _merge_junit(roots: list[ET.Element]) -> ET.ElementTree:
+    """pytest's junit files (one <testsuites><testsuite> each) as one suite, counts summed."""
+    merged = ET.Element("testsuite")
+    totals = dict.fromkeys(("tests", "errors", "failures", "skipped"), 0)
+    seconds = 0.0
+    for root in roots:
+        for suite in (root.iter("testsuite")):
+            merged.set("name", suite.get("name", "conformance"))
+            for key in totals:
+                totals[key] += int(suite.get(key, "0"))
+            seconds += float(suite.get("time", "0"))
+            merged.extend(suite.findall("testcase"))
+    for key, value in totals.items():
+        merged.set(key, str(value))
+    merged.set("time", f"{seconds:.3f}")
+    wrapper = ET.Element("testsuites")
+    wrapper.append(merged)
+    return ET.ElementTree(wrapper)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -290,6 +439,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", dest="out_dir", metavar="DIR",
                         help="folder for junit.xml and conformance.json (default runs/conformance-*)")
     parser.add_argument("--json", action="store_true", help="print conformance.json")
+    parser.add_argument("--jobs", type=_jobs, default=None, metavar="N",
+                        help="split the checks over N clusters run at once, each in its own "
+                             f"process (and guest kernel) (default {default_jobs()}: one per "
+                             "core, at most 2)")
+    parser.add_argument("--shard", type=_shard, metavar="I/N", default=None,
+                        help="run only checks I, I+N, I+2N, ... (what --jobs gives each process)")
+
+
+def _shard(value: str) -> str:
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        index = count = 0
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"{value!r} is not I/N with 1 <= I <= N, such as 1/2")
+    return value
+
+
+def _jobs(value: str) -> int:
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if not 1 <= jobs <= 8:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of jobs from 1 to 8")
+    return jobs
 
 
 def exit_status(data: dict) -> int:

@@ -89,3 +89,41 @@ def test_results_are_written_atomically_into_fresh_run_folders(tmp_path):
     env = environment(["svcbench", "conformance"])
     assert env["argv"] == ["svcbench", "conformance"] and env["kernel"] == os.uname().release
     assert env["python"] and env["cpu_model"] and "iptables" in env["tools"]
+
+
+# --------------------------------------------------------------------------- --jobs
+
+
+def test_jobs_split_the_checks_over_clusters_and_merge_them(tmp_path):
+    """`--jobs 2`: two processes, each its own cluster and half the checks, one run folder."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    from tests.test_cli import svcbench
+
+    picked = SMOKE[:3]
+    done = svcbench("conformance", "--mode", "iptables", "--jobs", "2", "-k", " or ".join(picked),
+                    "--out", str(tmp_path), "--json", timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    # Merged in check order, every picked check once, each from one shard.
+    assert [c["name"] for c in data["checks"]] == list(picked)
+    assert [c["number"] for c in data["checks"]] == [1, 10, 14]
+    assert {c["outcome"] for c in data["checks"]} == {"passed"}
+    shards = [json.loads((tmp_path / f"shard-{i}" / "conformance.json").read_text())
+              for i in (1, 2)]
+    assert sorted(c["name"] for s in shards for c in s["checks"]) == sorted(picked)
+    assert all(s["checks"] for s in shards), "one shard ran every check"
+    junit = (tmp_path / "junit.xml").read_text()
+    assert junit.count("<testcase ") == len(picked) and 'tests="3"' in junit
+    # Progress from both shards reached the parent's stderr, marked with the shard.
+    assert "[1/2] " in done.stderr and "[2/2] " in done.stderr
+
+
+def test_a_bad_shard_is_refused_in_one_line(tmp_path):
+    from tests.test_cli import svcbench
+
+    done = svcbench("conformance", "--mode", "iptables", "--shard", "3/2", "--out",
+                    str(tmp_path / "never"))
+    assert done.returncode == 2
+    assert "--shard: '3/2' is not I/N with 1 <= I <= N" in done.stderr
+    assert not (tmp_path / "never").exists()

@@ -20,6 +20,21 @@ def pytest_addoption(parser):
                     help="proxy mode to check (default iptables)")
     group.addoption("--backend", default=os.environ.get("SVCBENCH_BACKEND"),
                     help="mode option: iptables backend nft|legacy")
+    group.addoption("--shard", default=None, metavar="I/N",
+                    help="run only checks I, I+N, I+2N, ... of the ordered list (1 <= I <= N)")
+
+
+def shard_of(value: str | None) -> tuple[int, int] | None:
+    """"2/3" -> (2, 3); None for no sharding. A bad value is a usage error naming the flag."""
+    if value is None:
+        return None
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        index = count = 0
+    if not 1 <= index <= count:
+        raise pytest.UsageError(f"--shard {value!r}: expected I/N with 1 <= I <= N, such as 1/2")
+    return index, count
 
 
 def pytest_configure(config):
@@ -41,6 +56,15 @@ def _number(item) -> int:
 def pytest_collection_modifyitems(config, items):
     """Checks run in their issue order; a mode's declared deviations become expected failures."""
     items.sort(key=_number)
+    shard = shard_of(config.getoption("--shard"))
+    if shard is not None:
+        # Round-robin over the ordered checks: each shard gets cheap and dear ones alike.
+        index, count = shard
+        kept = [item for k, item in enumerate(items) if k % count == index - 1]
+        dropped = [item for k, item in enumerate(items) if k % count != index - 1]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
     plugin = _plugin(config)
     try:
         deviations = getattr(plugin.dataplane(), "deviations", None) or {}
