@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.probes import CLK_TCK
-from bench.sweep import NODES, Bench, Row, SweepConfig, SweepListener, host_kernel_label, percentile
+from bench.sweep import (
+    NODES,
+    Bench,
+    Row,
+    SweepConfig,
+    SweepListener,
+    host_kernel_label,
+    load_mode,
+    percentile,
+)
 
 SIZE = "size"
 TRAFFIC = "traffic"
@@ -407,3 +416,28 @@ def catalog() -> list[dict[str, Any]]:
     """Every metric as run.json records it."""
     return [{"name": m.name, "unit": m.unit, "doc": m.doc, "phase": m.phase, "group": m.group,
              "targets": [t for t in m.targets if t], "budget_s": m.budget_s} for m in METRICS]
+
+
+def sweep_mode(cfg: SweepConfig, mode: str, progress: Callable[[str], None] | None = None,
+               listener: SweepListener | None = None) -> list[Row]:
+    """Measure `mode` over cfg.sizes with the metrics declared here; returns every Row.
+
+    Raises ModeUnavailable (nothing created) when the mode cannot run here.
+    """
+    listener = listener or _Progress(progress or (lambda _m: None))
+    dp = load_mode(mode, cfg.backend)
+    return run_mode(cfg, mode, dp, listener)
+
+
+def steps_of(cfg: SweepConfig) -> int:
+    """How many `step()` calls one mode's sweep makes (for a progress bar)."""
+    size = selected(cfg)
+    return passes(size, cfg) * len(cfg.sizes) * (1 + len(size))
+
+
+class _Progress(SweepListener):
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+
+    def progress(self, message: str) -> None:
+        self.say(message)

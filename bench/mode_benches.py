@@ -27,8 +27,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.sweep import Row, percentile
+from bench.sweep import Row, summarize
 from bench.synthetic import one_endpoint_fewer, sync_view
+from bench.userspace_rate import bench_userspace
 from clusters.netns import NetnsCluster
 from dataplanes.base import Host
 from dataplanes.modes import make
@@ -98,21 +99,6 @@ def bench_sync(mode: str, sizes: Sequence[int], full_repeats: int, changed_repea
     return rows
 
 
-def summarize(rows: Sequence[Row | dict]) -> list[dict[str, Any]]:
-    """Median and spread (min-max) per (mode, metric, stat, size)."""
-    groups: dict[tuple, list[float]] = {}
-    for r in rows:
-        d = r if isinstance(r, dict) else r.as_dict()
-        key = (d["mode"], d["metric"], d["stat"], d["n_services"], d["unit"])
-        groups.setdefault(key, []).append(float(d["value"]))
-    return [
-        {"mode": mode, "metric": metric, "stat": stat, "services": n, "unit": unit,
-         "median": round(percentile(v, 0.5), 4), "min": round(min(v), 4), "max": round(max(v), 4),
-         "repeats": len(v)}
-        for (mode, metric, stat, n, unit), v in sorted(groups.items())
-    ]
-
-
 def run_benches(names: Sequence[str], preset: str, say: Say) -> tuple[list[Row], dict[str, Any]]:
     """(rows, status per bench): a bench that cannot run or fails is recorded, not fatal."""
     rows: list[Row] = []
@@ -121,8 +107,6 @@ def run_benches(names: Sequence[str], preset: str, say: Say) -> tuple[list[Row],
         started = time.perf_counter()
         try:
             if name == "userspace":
-                from bench.userspace_rate import bench_userspace
-
                 quick = preset == "quick"
                 seconds = {"quick": 1.0, "default": 3.0}.get(preset, 5.0)  # nox -s bench: 15 min
                 got = bench_userspace(seconds, 32, 1 if quick else 3,

@@ -32,7 +32,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from bench.sweep import ModeUnavailable, Row, SweepConfig, SweepListener, load_mode, steps_of
+from bench.metrics import steps_of
+from bench.sweep import ModeUnavailable, Row, SweepConfig, SweepListener, load_mode
 from reports.agreement import agreement
 from reports.results import (
     RAW_DIR,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -105,6 +105,21 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summarize(rows: Sequence[Row | dict]) -> list[dict[str, Any]]:
+    """Median and spread (min-max) per (mode, metric, stat, size)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        d = r if isinstance(r, dict) else r.as_dict()
+        key = (d["mode"], d["metric"], d["stat"], d["n_services"], d["unit"])
+        groups.setdefault(key, []).append(float(d["value"]))
+    return [
+        {"mode": mode, "metric": metric, "stat": stat, "services": n, "unit": unit,
+         "median": round(percentile(v, 0.5), 4), "min": round(min(v), 4), "max": round(max(v), 4),
+         "repeats": len(v)}
+        for (mode, metric, stat, n, unit), v in sorted(groups.items())
+    ]
 
 
 def kernel_memory_bytes() -> int:
@@ -424,35 +439,6 @@ class SweepListener:
 
     def metric_failed(self, mode: str, metric: str, n_services: int, error: str) -> None:
         pass
-
-
-class _Progress(SweepListener):
-    def __init__(self, say: Callable[[str], None]):
-        self.say = say
-
-    def progress(self, message: str) -> None:
-        self.say(message)
-
-
-def sweep_mode(cfg: SweepConfig, mode: str, progress: Callable[[str], None] | None = None,
-               listener: SweepListener | None = None) -> list[Row]:
-    """Measure `mode` over cfg.sizes with the metrics of bench/metrics.py; returns every Row.
-
-    Raises ModeUnavailable (nothing created) when the mode cannot run here.
-    """
-    from bench.metrics import run_mode  # the declarations use this module's fixture
-
-    listener = listener or _Progress(progress or (lambda _m: None))
-    dp = load_mode(mode, cfg.backend)
-    return run_mode(cfg, mode, dp, listener)
-
-
-def steps_of(cfg: SweepConfig) -> int:
-    """How many `step()` calls one mode's sweep makes (for a progress bar)."""
-    from bench.metrics import passes, selected
-
-    size = selected(cfg)
-    return passes(size, cfg) * len(cfg.sizes) * (1 + len(size))
 
 
 def measure_cluster_lifecycle(nodes: int, pods_per_node: int) -> dict[str, float]:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.sweep import Row, percentile
+from bench.sweep import Row, percentile, summarize
 from bench.synthetic import NAMESPACE, SERVICE_PORT, pool_pods, synthetic_services
 from clusters.netns import NetnsCluster
 from clusters.nsenter import in_netns
@@ -232,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench_userspace(args.seconds, args.concurrency, args.repeats,
                            [int(s) for s in args.sizes.split(",") if s], args.count,
                            pin=args.pin, progress=lambda m: print(m, file=sys.stderr))
-    from bench.mode_benches import summarize
-
     for line in summarize(rows):
         print(json.dumps(line))
     return 0

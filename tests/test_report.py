@@ -376,7 +376,8 @@ def open_in_chromium(page: Path, screenshot: Path) -> dict:
 
 
 def _sweep_rows(sizes, count, repeat):
-    from bench.sweep import SweepConfig, sweep_mode
+    from bench.metrics import sweep_mode
+    from bench.sweep import SweepConfig
 
     rows = sweep_mode(SweepConfig(["iptables"], list(sizes), count=count), "iptables", lambda s: None)
     out = []
