@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clusters.netns import proc_start, process_alive
-from reports.results import cpuinfo_field
+from reports.results import cpuinfo_field, read_json, write_run_json
 
 UML_KERNEL = "/usr/bin/linux.uml"
 UML_MODULE_ROOT = "/usr/lib/uml/modules"  # the package's tree: <version>/kernel/...
@@ -98,7 +98,6 @@ POWEROFF_GRACE_S = 30.0
 HOST_POLL_S = 0.05
 GUEST_POLL_S = 0.1
 FORWARD_TIMEOUT_S = 4 * 3600.0  # bench/conformance in a guest; SVCBENCH_UML_TIMEOUT overrides
-RUN_COMMANDS = ("apply", "delete", "probe", "status", "down")
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "COLUMNS", "LINES",
               "NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TZ", "CI")  # fmt: skip
 PASSED_ENV_PREFIXES = ("SVCBENCH_", "PYTEST_")
@@ -740,11 +739,13 @@ def _pump(fd: int, sink, collect: list[bytes] | None = None) -> None:
 
 
 def run_in_guest(argv: Sequence[str], *, timeout: float, mem: str = DEFAULT_MEM,
-                 env: dict[str, str] | None = None, module: str = "svcbench") -> int:
+                 env: dict[str, str] | None = None, module: str = "svcbench",
+                 out_dir: str = "runs") -> int:
     """Boot a guest, run `python -m MODULE ARGV` in it, stream its output here, power it off.
 
     Returns the command's exit status; 124 when the time limit killed the guest; 1, with
-    the reason on stderr and in the run folders it left "running" (`record_death`), when the
+    the reason on stderr and in the run folders under `out_dir` it left "running"
+    (`record_death`), when the
     command or the guest kernel died. Nothing stays behind: no UML process, no folder
     (results go where the command wrote them). SVCBENCH_UML_CONSOLE=1 also shows the
     guest's console (kernel and runner messages).
@@ -781,7 +782,7 @@ def run_in_guest(argv: Sequence[str], *, timeout: float, mem: str = DEFAULT_MEM,
                 t.join(timeout=5)
             reason = f"the guest kernel ran out of its {timeout:.0f} s time limit and was killed"
             sys.stderr.write(f"svcbench: {reason}\n")
-            record_death(argv, booted, reason)
+            record_death(out_dir, booted, reason)
             return 124
         for t in readers:
             t.join(timeout=10)
@@ -801,7 +802,7 @@ def run_in_guest(argv: Sequence[str], *, timeout: float, mem: str = DEFAULT_MEM,
         if not cause:
             sys.stderr.write("svcbench: the guest's console ends with:\n"
                              + "\n".join(text.splitlines()[-25:]) + "\n")
-        for folder in record_death(argv, booted, reason):
+        for folder in record_death(out_dir, booted, reason):
             sys.stderr.write(f"svcbench: recorded in {folder}/run.json\n")
         return 1
     finally:
@@ -832,15 +833,13 @@ def death_cause(console: str, mem: str) -> str | None:
     return None
 
 
-def record_death(argv: Sequence[str], since: float, reason: str) -> list[str]:
+def record_death(out_dir: str, since: float, reason: str) -> list[str]:
     """Mark run folders a guest command left "running" as failed, with the reason.
 
-    The folders are the run.json files under the command's --out (default runs) written
-    since `since`; the command inside the guest can no longer say why it stopped.
+    The folders are the run.json files under `out_dir` (the command's --out) written since
+    `since`; the command inside the guest can no longer say why it stopped.
     """
-    from reports.results import read_json, write_run_json
-
-    base = Path(_flag_value(argv, "--out") or "runs")
+    base = Path(out_dir)
     marked = []
     for path in sorted(base.glob("*/run.json")):
         try:
@@ -866,68 +865,23 @@ def record_death(argv: Sequence[str], since: float, reason: str) -> list[str]:
 # --------------------------------------------------------------------------- kept guests
 
 
-def _drop_kernel_flag(argv: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg == "--kernel" and i + 1 < len(argv):
-            skip = True
-            continue
-        if arg.startswith("--kernel="):
-            continue
-        out.append(arg)
-    return out
-
-
-def _flag_value(argv: Sequence[str], flag: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _reads_stdin(argv: Sequence[str]) -> bool:
-    return any(
-        (a in ("-f", "--file") and i + 1 < len(argv) and argv[i + 1] == "-") or a in ("-f-", "--file=-")
-        for i, a in enumerate(argv)
-    )
-
-
 def _kept_guests() -> list[Guest]:
     return [g for g in list_guests() if g.kind == "kept" and g.uml_alive()]
 
 
-def _guest_mem(default: str = DEFAULT_MEM) -> str:
-    mem = os.environ.get("SVCBENCH_UML_MEM", default)
-    if not re.fullmatch(r"\d+[KMG]", mem):
-        raise UmlError(f"SVCBENCH_UML_MEM {mem!r} must be a size such as 1024M or 2G")
-    return mem
-
-
-def _forward_timeout() -> float:
-    try:
-        return float(os.environ.get("SVCBENCH_UML_TIMEOUT", FORWARD_TIMEOUT_S))
-    except ValueError:
-        return FORWARD_TIMEOUT_S
-
-
-def up_in_guest(argv: Sequence[str], mem: str = DEFAULT_MEM) -> int:
-    """`up` in a new kept guest; the guest keeps running with the cluster when it succeeds."""
+def up_in_guest(argv: Sequence[str], *, stdin: bytes | None = None, mem: str = DEFAULT_MEM,
+                timeout: float = FORWARD_TIMEOUT_S) -> int:
+    """`python -m svcbench ARGV` (an `up`) in a new kept guest; the guest keeps running with
+    the cluster when the command succeeds and leaves a live run, else it stops."""
     problems = boot_problems()
     if problems:
         raise UmlError("--kernel uml cannot run here: " + "; ".join(problems))
-    stdin = sys.stdin.buffer.read() if _reads_stdin(argv) else None
     guest = Guest.new("kept")
     kept = False
     try:
         guest.boot(_job("kept", [], module="svcbench", env=None), mem)
         guest.wait_ready()
-        response = guest.request(argv, stdin=stdin, timeout=_forward_timeout())
+        response = guest.request(argv, stdin=stdin, timeout=timeout)
         rc = int(response.get("rc", 1))
         runs = [r for r, live in response.get("runs", {}).items() if live]
         if rc == 0 and runs:
@@ -955,44 +909,24 @@ def _guest_of(run_id: str | None) -> Guest:
     return holding[0][0]
 
 
-def to_run(argv: Sequence[str]) -> int:
-    """apply/delete/probe/status/down of a run that lives in a kept guest, executed there."""
-    command = argv[0]
-    guest = _guest_of(_flag_value(argv, "--run"))
+def run_in_kept_guest(run_id: str | None, argv: Sequence[str], *, stdin: bytes | None = None,
+                      timeout: float = FORWARD_TIMEOUT_S) -> int:
+    """`python -m svcbench ARGV` in the kept guest holding run `run_id` (None: the only run
+    any guest holds). A guest left holding no run is stopped: nothing else keeps it."""
+    guest = _guest_of(run_id)
     status = guest.status()
     if status is None or status["age_s"] > STALE_AFTER_S:
         how = guest.stop(grace=5)
         raise UmlError(f"guest {guest.id} (runs {', '.join(guest.runs)}) stopped answering; it was {how} "
                        "and its runs are gone")
-    stdin = sys.stdin.buffer.read() if _reads_stdin(argv) else None
-    response = guest.request(argv, stdin=stdin, timeout=_forward_timeout())
+    response = guest.request(argv, stdin=stdin, timeout=timeout)
     rc = int(response.get("rc", 1))
     runs = [r for r, live in response.get("runs", {}).items() if live]
     guest.record["runs"] = runs
     guest.save()
-    if command == "down" and not runs:
+    if not runs:
         guest.stop()
     return rc
-
-
-def forward(argv: Sequence[str]) -> int:
-    """Run a svcbench command line in a guest kernel (the CLI calls this for --kernel uml).
-
-    `up` boots a kept guest; apply/delete/probe/status/down go to the guest holding the run;
-    anything else (bench, conformance) runs in a one-shot guest. `--kernel uml` is dropped.
-    """
-    argv = _drop_kernel_flag(argv)
-    command = argv[0] if argv else ""
-    try:
-        if command == "up":
-            return up_in_guest(argv, mem=_guest_mem())
-        if command in RUN_COMMANDS:
-            return to_run(argv)
-        mem = _guest_mem(BENCH_MEM if command == "bench" else DEFAULT_MEM)
-        return run_in_guest(argv, timeout=_forward_timeout(), mem=mem)
-    except UmlError as exc:
-        sys.stderr.write(f"svcbench: {exc}\n")
-        return 1
 
 
 def owns_run(run_id: str | None) -> bool:

@@ -26,6 +26,7 @@ from clusters.signals import interrupt_on_signals
 from kube.manifests import ManifestError, Manifests, load_files
 from kube.model import PLAN, Node, Pod
 from kube.state import ClusterState, StateError, allocations, previous_from_allocations
+from svcbench.guest import RUN_COMMANDS, forward
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -619,7 +620,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-RUN_COMMANDS = ("apply", "delete", "probe", "status", "down")
 
 
 def _guest_bound(args) -> bool:
@@ -656,8 +656,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args, argv: list[str]) -> int:
     try:
         if _guest_bound(args):
-            from clusters.uml import forward
-
             return forward(argv)
         return args.func(args) or 0
     except (ManifestError, StateError, UsageError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,9 +30,17 @@ def assert_nothing_created(before_ns: set[str], before_runs: set[str]) -> None:
     owned = {f"svb-{run}-" for run in _runs()}
     leaked = {n for n in _netns() - before_ns if not any(n.startswith(p) for p in owned)}
     assert not leaked, leaked
-    for run in new_runs:  # a concurrent run of someone else is fine; ours would be "creating"
-        state = (RUNS / run / "state.json").read_text() if (RUNS / run / "state.json").exists() else ""
-        assert '"creating"' not in state, run
+    from clusters.netns import run_liveness
+
+    for run in new_runs:
+        # A concurrent run of someone else has a live owner; ours would be left by a
+        # command that has exited (or gone meanwhile: no state left to read).
+        try:
+            state = json.loads((RUNS / run / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        live, why = run_liveness(state)
+        assert live, f"run {run} was left behind: {why}"
 
 
 def _netns() -> set[str]:

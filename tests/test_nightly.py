@@ -209,7 +209,7 @@ def test_a_run_the_guest_left_running_is_marked_failed_with_the_reason(tmp_path,
     since = time.time() - 1
     _run_json(tmp_path / "out" / "bench-new", "running")
     _run_json(tmp_path / "out" / "bench-done", "complete")
-    marked = uml.record_death(["bench", "--modes", "ipvs", "--out", "out"], since, "it died")
+    marked = uml.record_death("out", since, "it died")
     assert marked == ["out/bench-new"]
     meta = read_json(tmp_path / "out" / "bench-new" / "run.json")
     assert meta["status"] == "failed" and meta["finished"]

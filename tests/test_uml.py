@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from clusters import uml
+from svcbench import guest as forwarding
 
 SERVICE = """\
 apiVersion: v1
@@ -66,12 +67,12 @@ def guest_dir(tmp_path, monkeypatch):
 
 
 def test_forwarded_argv_drops_the_kernel_flag():
-    assert uml._drop_kernel_flag(["up", "--kernel", "uml", "--mode", "ipvs"]) == ["up", "--mode", "ipvs"]
-    assert uml._drop_kernel_flag(["bench", "--kernel=uml", "--modes", "ipvs"]) == ["bench", "--modes", "ipvs"]
-    assert uml._flag_value(["probe", "--run", "abc123", "--count", "3"], "--run") == "abc123"
-    assert uml._flag_value(["probe", "--run=abc123"], "--run") == "abc123"
-    assert uml._flag_value(["probe"], "--run") is None
-    assert uml._reads_stdin(["apply", "-f", "-"]) and not uml._reads_stdin(["apply", "-f", "x.yaml"])
+    assert forwarding.drop_kernel_flag(["up", "--kernel", "uml", "--mode", "ipvs"]) == ["up", "--mode", "ipvs"]
+    assert forwarding.drop_kernel_flag(["bench", "--kernel=uml", "--modes", "ipvs"]) == ["bench", "--modes", "ipvs"]
+    assert forwarding.flag_value(["probe", "--run", "abc123", "--count", "3"], "--run") == "abc123"
+    assert forwarding.flag_value(["probe", "--run=abc123"], "--run") == "abc123"
+    assert forwarding.flag_value(["probe"], "--run") is None
+    assert forwarding.reads_stdin(["apply", "-f", "-"]) and not forwarding.reads_stdin(["apply", "-f", "x.yaml"])
 
 
 def test_guest_environment_carries_basics_not_secrets(monkeypatch):
@@ -111,7 +112,7 @@ def test_gc_removes_records_of_guests_that_are_gone(guest_dir):
 
 
 def test_forward_without_a_guest_names_the_run(guest_dir, capsys):
-    assert uml.forward(["probe", "--run", "abc123", "--from", "external", "--to", "198.19.0.1:80"]) == 1
+    assert forwarding.forward(["probe", "--run", "abc123", "--from", "external", "--to", "198.19.0.1:80"]) == 1
     assert "run abc123 lives in no running guest kernel" in capsys.readouterr().err
 
 
@@ -133,7 +134,7 @@ def test_time_limit_kills_the_guest(guest_dir, monkeypatch, capfd):
 
 def _forward(capfd, argv: list[str]) -> tuple[int, str, str]:
     capfd.readouterr()
-    rc = uml.forward(argv)
+    rc = forwarding.forward(argv)
     out, err = capfd.readouterr()
     return rc, out, err
 
