@@ -110,3 +110,9 @@ class Dataplane(Protocol):
     def uninstall(self, node: NodeHandle) -> None:
         """Leave the node as it was before install()."""
         ...
+
+    # Optional, on the class: what killed runs of this mode left outside their network
+    # namespaces (BPF hooks, cgroups), one line per thing removed. For `netns_names` that
+    # still exist (a run being torn down), their state too.
+    # @staticmethod
+    # def gc(netns_names: list[str] | None = None) -> list[str]: ...

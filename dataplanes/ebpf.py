@@ -426,6 +426,11 @@ class EbpfDataplane:
     name = "ebpf"
     deviations: dict[str, str] = {}
 
+    @staticmethod
+    def gc(netns_names: list[str] | None = None) -> list[str]:
+        """What killed runs left outside their namespaces (the protocol's optional `gc`)."""
+        return gc_bpf(netns_names)
+
     def __init__(self):
         self._nodes: dict[str, _Node] = {}
         self._lock = threading.RLock()

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clusters.signals import interrupt_on_signals
+from dataplanes.modes import gc_leftovers
 from kube.manifests import ManifestError, Manifests, load_files
 from kube.model import PLAN, Node, Pod
 from kube.state import ClusterState, StateError, allocations, previous_from_allocations
@@ -386,8 +387,8 @@ def cmd_down(args) -> int:
             for node in cluster.nodes:
                 dp.uninstall(node)
         finally:
-            if cluster.meta.get("mode") == "ebpf":
-                _gc_bpf(cluster.namespaces)
+            # What a failed uninstall left outside the namespaces (BPF hooks, cgroups).
+            gc_leftovers(cluster.namespaces, modes=[cluster.meta.get("mode", "iptables")])
             cluster.destroy()
     out.print(f"cluster {cluster.run_id} removed")
     return 0
@@ -484,23 +485,14 @@ def cmd_report(args) -> int:
     return run_report_command(args)
 
 
-def _gc_bpf(netns_names: list[str] | None) -> list[str]:
-    """eBPF hooks and cgroups outlive namespaces; an import failure means none were made."""
-    try:
-        from dataplanes.ebpf import gc_bpf
-    except ImportError:
-        return []
-    return gc_bpf(netns_names)
-
-
 def cmd_gc(args) -> int:
     from clusters.netns import gc, list_netns
     from clusters.uml import gc_guests
 
     removed = gc_guests(all_guests=args.all)
-    removed += _gc_bpf(list_netns() if args.all else None)
+    removed += gc_leftovers(list_netns() if args.all else None)
     removed += gc(all_runs=args.all)
-    removed += _gc_bpf(None)  # hooks of the runs just removed
+    removed += gc_leftovers(None)  # what the runs just removed left outside their namespaces
     from bench.runner import FLAG_DEFAULTS, mark_killed
 
     removed += mark_killed(FLAG_DEFAULTS["out"])
