@@ -9,6 +9,7 @@ of traffic may use. Data planes only render a `NodeView`; they never look at Ser
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 from dataclasses import dataclass, field, replace
 
@@ -255,6 +256,154 @@ def _usable_in_zone(endpoints, zone: str) -> tuple[EndpointView, ...]:
     return _usable(endpoints)
 
 
+DNS_OWNER = "the cluster DNS Service"
+
+
+class Allocator:
+    """ClusterIPs and NodePorts (health-check NodePorts from the same range) of a cluster.
+
+    `ClusterState.build` uses one for every Service at once; `kube.tracker` keeps one and
+    allocates per change. Each allocation is the lowest free value, as the apiserver's
+    bitmap allocators in order would give; a Service's values are released with it.
+    """
+
+    def __init__(self, plan: AddressPlan = PLAN) -> None:
+        self.plan = plan
+        net = ipaddress.ip_network(plan.service_cidr)
+        self.first_ip, self.last_ip = int(net.network_address) + 1, int(net.broadcast_address)
+        self.ips: dict[str, str] = {plan.dns_ip: DNS_OWNER}
+        self.ports: dict[int, str] = {}
+        self.owned: dict[str, tuple[set[str], set[int]]] = {}
+        self._ip_cursor = self.first_ip  # every address below it is taken, but the freed ones
+        self._port_cursor = plan.node_port_range[0]
+        self._freed_ips: list[int] = []  # heaps of freed values below the cursors
+        self._freed_ports: list[int] = []
+
+    @staticmethod
+    def ident(svc: Service) -> str:
+        return f"Service {svc.namespace}/{svc.name}"
+
+    # ------------------------------------------------------------------ taking
+
+    def _take_ip(self, svc: Service, ip: str) -> None:
+        owner = self.ips.get(ip)
+        me = self.ident(svc)
+        dns = owner == DNS_OWNER and svc.namespace == "kube-system"
+        if owner and owner != me and not dns:
+            raise StateError(f"{me}: spec.clusterIP {ip} is already used by {owner}")
+        self.ips[ip] = me
+        self.owned.setdefault(me, (set(), set()))[0].add(ip)
+
+    def _take_port(self, svc: Service, index: int | None, port: int) -> None:
+        """index None: the Service's healthCheckNodePort, from the same range."""
+        owner = self.ports.get(port)
+        me = self.ident(svc)
+        if owner and owner != me:
+            at = f"spec.ports[{index}].nodePort" if index is not None else (
+                "spec.healthCheckNodePort")
+            raise StateError(f"{me}: {at} {port} is already used by {owner}")
+        self.ports[port] = me
+        self.owned.setdefault(me, (set(), set()))[1].add(port)
+
+    def _free_ip(self, svc: Service) -> str:
+        while self._freed_ips:
+            candidate = str(ipaddress.ip_address(heapq.heappop(self._freed_ips)))
+            if candidate not in self.ips:
+                return candidate
+        while str(ipaddress.ip_address(self._ip_cursor)) in self.ips:
+            self._ip_cursor += 1
+        if self._ip_cursor >= self.last_ip:
+            raise StateError(f"{self.ident(svc)}: the Service CIDR {self.plan.service_cidr} has "
+                             "no free ClusterIP left")
+        self._ip_cursor += 1
+        return str(ipaddress.ip_address(self._ip_cursor - 1))
+
+    def _free_port(self, svc: Service) -> int:
+        lo, hi = self.plan.node_port_range
+        while self._freed_ports:
+            candidate = heapq.heappop(self._freed_ports)
+            if candidate not in self.ports:
+                return candidate
+        while self._port_cursor in self.ports:
+            self._port_cursor += 1
+        if self._port_cursor > hi:
+            raise StateError(f"{self.ident(svc)}: no free NodePort left in {lo}-{hi}")
+        self._port_cursor += 1
+        return self._port_cursor - 1
+
+    # ------------------------------------------------------------------ the three steps
+
+    def keep(self, svc: Service, prev: Service | None) -> Service:
+        """`svc` with the values `prev` (its earlier version) was allocated, held."""
+        if prev is None:
+            return svc
+        if svc.cluster_ip is None and prev.cluster_ip and not prev.headless and (
+            svc.type != TYPE_EXTERNAL_NAME
+        ):
+            svc = replace(svc, cluster_ip=prev.cluster_ip)
+            self._take_ip(svc, svc.cluster_ip)
+        if svc.has_node_ports:
+            prev_np = {(p.port, p.protocol): p.node_port for p in prev.ports}
+            ports = []
+            for i, p in enumerate(svc.ports):
+                if p.node_port is None and prev_np.get((p.port, p.protocol)):
+                    p = replace(p, node_port=prev_np[p.port, p.protocol])
+                    self._take_port(svc, i, p.node_port)
+                ports.append(p)
+            svc = replace(svc, ports=tuple(ports))
+        check = prev.health_check_node_port
+        if svc.needs_health_check_node_port and svc.health_check_node_port is None and check:
+            svc = replace(svc, health_check_node_port=check)
+            self._take_port(svc, None, check)
+        return svc
+
+    def take_explicit(self, svc: Service) -> None:
+        """Hold the values `svc` asks for (StateError when another Service has one)."""
+        if svc.cluster_ip and not svc.headless:
+            self._take_ip(svc, svc.cluster_ip)
+        for i, p in enumerate(svc.ports):
+            if p.node_port is not None:
+                self._take_port(svc, i, p.node_port)
+        if svc.health_check_node_port is not None:
+            self._take_port(svc, None, svc.health_check_node_port)
+
+    def allocate(self, svc: Service) -> Service:
+        """`svc` with every value it still lacks allocated."""
+        if svc.cluster_ip is None and svc.type != TYPE_EXTERNAL_NAME:
+            svc = replace(svc, cluster_ip=self._free_ip(svc))
+            self._take_ip(svc, svc.cluster_ip)
+        if svc.has_node_ports:
+            ports = []
+            for i, p in enumerate(svc.ports):
+                if p.node_port is None:
+                    # As Kubernetes does, one port number served over TCP and UDP shares
+                    # one NodePort.
+                    shared = [q.node_port for q in ports
+                              if q.port == p.port and q.protocol != p.protocol and q.node_port]
+                    p = replace(p, node_port=shared[0] if shared else self._free_port(svc))
+                    self._take_port(svc, i, p.node_port)
+                ports.append(p)
+            svc = replace(svc, ports=tuple(ports))
+        if svc.needs_health_check_node_port and svc.health_check_node_port is None:
+            svc = replace(svc, health_check_node_port=self._free_port(svc))
+            self._take_port(svc, None, svc.health_check_node_port)
+        return svc
+
+    def release(self, svc: Service) -> None:
+        """Free every value held for `svc`'s namespace/name."""
+        ips, ports = self.owned.pop(self.ident(svc), (set(), set()))
+        for ip in ips:
+            if self.ips.get(ip) == self.ident(svc):
+                del self.ips[ip]
+                if int(ipaddress.ip_address(ip)) < self._ip_cursor:
+                    heapq.heappush(self._freed_ips, int(ipaddress.ip_address(ip)))
+        for port in ports:
+            if self.ports.get(port) == self.ident(svc):
+                del self.ports[port]
+                if port < self._port_cursor:
+                    heapq.heappush(self._freed_ports, port)
+
+
 @dataclass(frozen=True)
 class ClusterState:
     """The whole desired state, with every allocation made."""
@@ -375,106 +524,14 @@ class ClusterState:
 
     @staticmethod
     def _allocate_services(services, prev_svcs, plan) -> list[Service]:
-        net = ipaddress.ip_network(plan.service_cidr)
-        dns_owner = "the cluster DNS Service"
-        taken_ips: dict[str, str] = {plan.dns_ip: dns_owner}
-        taken_ports: dict[int, str] = {}
-        lo, hi = plan.node_port_range
-
-        def ident(svc: Service) -> str:
-            return f"Service {svc.namespace}/{svc.name}"
-
-        def take_ip(svc: Service) -> None:
-            owner = taken_ips.get(svc.cluster_ip)
-            dns = owner == dns_owner and svc.namespace == "kube-system"
-            if owner and owner != ident(svc) and not dns:
-                raise StateError(
-                    f"{ident(svc)}: spec.clusterIP {svc.cluster_ip} is already used by {owner}"
-                )
-            taken_ips[svc.cluster_ip] = ident(svc)
-
-        def take_port(svc: Service, index: int | None, node_port: int) -> None:
-            """index None: the Service's healthCheckNodePort, from the same range."""
-            owner = taken_ports.get(node_port)
-            if owner and owner != ident(svc):
-                at = f"spec.ports[{index}].nodePort" if index is not None else (
-                    "spec.healthCheckNodePort")
-                raise StateError(f"{ident(svc)}: {at} {node_port} is already used by {owner}")
-            taken_ports[node_port] = ident(svc)
-
-        def free_port(svc: Service) -> int:
-            nonlocal next_port
-            while next_port in taken_ports:
-                next_port += 1
-            if next_port > hi:
-                raise StateError(f"{ident(svc)}: no free NodePort left in {lo}-{hi}")
-            taken_ports[next_port] = ident(svc)
-            return next_port
-
         # What earlier builds allocated is held first: an applied Service keeps its
-        # addresses, and a new Service asking for one of them is the one refused.
-        kept: list[Service] = []
-        for svc in services:
-            prev = prev_svcs.get(svc.key)
-            if prev is not None:
-                if svc.cluster_ip is None and prev.cluster_ip and not prev.headless:
-                    svc = replace(svc, cluster_ip=prev.cluster_ip)
-                    take_ip(svc)
-                if svc.has_node_ports:
-                    prev_np = {(p.port, p.protocol): p.node_port for p in prev.ports}
-                    ports = []
-                    for i, p in enumerate(svc.ports):
-                        if p.node_port is None and prev_np.get((p.port, p.protocol)):
-                            p = replace(p, node_port=prev_np[p.port, p.protocol])
-                            take_port(svc, i, p.node_port)
-                        ports.append(p)
-                    svc = replace(svc, ports=tuple(ports))
-                check = prev.health_check_node_port
-                wants_check = svc.needs_health_check_node_port and svc.health_check_node_port is None
-                if wants_check and check:
-                    svc = replace(svc, health_check_node_port=check)
-                    take_port(svc, None, check)
-            kept.append(svc)
-        # Then explicit values, so an allocation never steals an address asked for later.
+        # addresses, and a new Service asking for one of them is the one refused. Then
+        # explicit values, so an allocation never steals an address asked for later.
+        allocator = Allocator(plan)
+        kept = [allocator.keep(svc, prev_svcs.get(svc.key)) for svc in services]
         for svc in kept:
-            if svc.cluster_ip and not svc.headless:
-                take_ip(svc)
-            for i, p in enumerate(svc.ports):
-                if p.node_port is not None:
-                    take_port(svc, i, p.node_port)
-            if svc.health_check_node_port is not None:
-                take_port(svc, None, svc.health_check_node_port)
-        next_ip = int(net.network_address) + 1
-        next_port = lo
-        out: list[Service] = []
-        for svc in kept:
-            if svc.cluster_ip is None and svc.type != TYPE_EXTERNAL_NAME:
-                while str(ipaddress.ip_address(next_ip)) in taken_ips:
-                    next_ip += 1
-                if next_ip >= int(net.broadcast_address):
-                    raise StateError(
-                        f"{ident(svc)}: the Service CIDR {net} has no free ClusterIP left"
-                    )
-                svc = replace(svc, cluster_ip=str(ipaddress.ip_address(next_ip)))
-                taken_ips[svc.cluster_ip] = ident(svc)
-            if svc.has_node_ports:
-                ports = []
-                for p in svc.ports:
-                    if p.node_port is None:
-                        # As Kubernetes does, one port number served over TCP and UDP
-                        # shares one NodePort.
-                        shared = [
-                            q.node_port
-                            for q in ports
-                            if q.port == p.port and q.protocol != p.protocol and q.node_port
-                        ]
-                        p = replace(p, node_port=shared[0] if shared else free_port(svc))
-                    ports.append(p)
-                svc = replace(svc, ports=tuple(ports))
-            if svc.needs_health_check_node_port and svc.health_check_node_port is None:
-                svc = replace(svc, health_check_node_port=free_port(svc))
-            out.append(svc)
-        return out
+            allocator.take_explicit(svc)
+        return [allocator.allocate(svc) for svc in kept]
 
     @staticmethod
     def _endpoint_slices_for(
