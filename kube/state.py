@@ -619,11 +619,7 @@ class ClusterState:
 
     def proxied_services(self, proxy_name: str | None = None) -> list[Service]:
         """Services a proxy handles: not headless, labelled for it (or unlabelled)."""
-        return [
-            s
-            for s in self.services
-            if not s.headless and s.cluster_ip and s.proxy_name == proxy_name
-        ]
+        return [s for s in self.services if proxied(s, proxy_name)]
 
     def node_view(self, node_name: str, proxy_name: str | None = None) -> NodeView:
         node = self.node(node_name)
@@ -632,43 +628,65 @@ class ClusterState:
             slices_by_svc.setdefault((sl.namespace, sl.service_name), []).append(sl)
         views: list[ServicePortView] = []
         for svc in self.proxied_services(proxy_name):
-            for sp in svc.ports:
-                eps = _endpoints_for_port(svc, sp, slices_by_svc.get(svc.key, []), node_name)
-                lb = svc.type == TYPE_LOAD_BALANCER
-                is_np = svc.type == TYPE_NODE_PORT or lb
-                views.append(
-                    ServicePortView(
-                        namespace=svc.namespace,
-                        service=svc.name,
-                        port_name=sp.name,
-                        protocol=sp.protocol,
-                        cluster_ip=svc.cluster_ip,
-                        port=sp.port,
-                        node_port=sp.node_port if is_np else None,
-                        external_ips=svc.external_ips,
-                        affinity_timeout_s=svc.affinity_timeout_s
-                        if svc.session_affinity == AFFINITY_CLIENT_IP
-                        else None,
-                        external_policy_local=(is_np or bool(svc.external_ips))
-                        and svc.external_traffic_policy == POLICY_LOCAL,
-                        internal_policy_local=svc.internal_traffic_policy == POLICY_LOCAL,
-                        endpoints=tuple(eps),
-                        node_zone=node.zone,
-                        load_balancer_ips=svc.load_balancer_ips if lb else (),
-                        load_balancer_source_ranges=svc.load_balancer_source_ranges if lb else (),
-                        health_check_node_port=svc.health_check_node_port if lb else None,
-                    )
-                )
-        views.sort(key=lambda v: (v.name, v.protocol, v.port))
-        return NodeView(
-            node=node.name,
-            node_ip=node.ip,
-            pod_cidr=node.pod_cidr,
-            cluster_cidr=self.plan.cluster_cidr,
-            service_cidr=self.plan.service_cidr,
-            node_ips=(node.ip,),
-            services=tuple(views),
+            views += service_port_views(svc, slices_by_svc.get(svc.key, []), node)
+        return make_node_view(node, views, self.plan)
+
+
+def proxied(svc: Service, proxy_name: str | None = None) -> bool:
+    """A proxy handles the Service: not headless, with a ClusterIP, labelled for it (or not)."""
+    return not svc.headless and bool(svc.cluster_ip) and svc.proxy_name == proxy_name
+
+
+def service_port_views(svc: Service, slices: list[EndpointSlice], node: Node
+                       ) -> list[ServicePortView]:
+    """One ServicePortView per port of `svc` (a proxied Service) as `node` must serve it."""
+    views = []
+    for sp in svc.ports:
+        eps = _endpoints_for_port(svc, sp, slices, node.name)
+        lb = svc.type == TYPE_LOAD_BALANCER
+        is_np = svc.type == TYPE_NODE_PORT or lb
+        views.append(
+            ServicePortView(
+                namespace=svc.namespace,
+                service=svc.name,
+                port_name=sp.name,
+                protocol=sp.protocol,
+                cluster_ip=svc.cluster_ip,
+                port=sp.port,
+                node_port=sp.node_port if is_np else None,
+                external_ips=svc.external_ips,
+                affinity_timeout_s=svc.affinity_timeout_s
+                if svc.session_affinity == AFFINITY_CLIENT_IP
+                else None,
+                external_policy_local=(is_np or bool(svc.external_ips))
+                and svc.external_traffic_policy == POLICY_LOCAL,
+                internal_policy_local=svc.internal_traffic_policy == POLICY_LOCAL,
+                endpoints=tuple(eps),
+                node_zone=node.zone,
+                load_balancer_ips=svc.load_balancer_ips if lb else (),
+                load_balancer_source_ranges=svc.load_balancer_source_ranges if lb else (),
+                health_check_node_port=svc.health_check_node_port if lb else None,
+            )
         )
+    return views
+
+
+def view_order(view: ServicePortView) -> tuple[str, str, int]:
+    """The order of a NodeView's services: by name, then protocol, then port."""
+    return (view.name, view.protocol, view.port)
+
+
+def make_node_view(node: Node, views: list[ServicePortView], plan: AddressPlan) -> NodeView:
+    views.sort(key=view_order)
+    return NodeView(
+        node=node.name,
+        node_ip=node.ip,
+        pod_cidr=node.pod_cidr,
+        cluster_cidr=plan.cluster_cidr,
+        service_cidr=plan.service_cidr,
+        node_ips=(node.ip,),
+        services=tuple(views),
+    )
 
 
 def _resolve_target(sp: ServicePort, pod: Pod) -> int | None:
