@@ -88,6 +88,10 @@ class ServicePortView:
       (kube-proxy's KUBE-FW chain / firewall-ips map); empty allows every source.
     - `health_check_node_port`: the port on which kube-proxy's health server answers, for
       this Service, whether this node has a local endpoint (HTTP 200 or 503); None for none.
+    - `health_check_local_endpoints`: what that server reports as localEndpoints
+      (EndpointsMap.LocalReadyEndpoints): the distinct addresses of this node's ready
+      endpoints over every port of the Service; serving+terminating ones do not count, so a
+      node left with only those fails the check (503). 0 without a health-check NodePort.
 
     SCTP ports come as `protocol` "SCTP". Endpoints of not-ready pods of a Service with
     publishNotReadyAddresses arrive here already ready, as the endpoint controller makes them.
@@ -137,6 +141,7 @@ class ServicePortView:
     load_balancer_ips: tuple[str, ...] = ()
     load_balancer_source_ranges: tuple[str, ...] = ()
     health_check_node_port: int | None = None
+    health_check_local_endpoints: int = 0
     # Derived in __post_init__ from the fields above; compare=False since they follow them.
     cluster_endpoints: tuple[EndpointView, ...] = field(init=False, compare=False, repr=False)
     local_endpoints: tuple[EndpointView, ...] = field(init=False, compare=False, repr=False)
@@ -417,7 +422,10 @@ class ClusterState:
         for svc in services:
             prev = prev_svcs.get(svc.key)
             if prev is not None:
-                if svc.cluster_ip is None and prev.cluster_ip and not prev.headless:
+                # A Service that becomes ExternalName releases its ClusterIP (DNS only).
+                external_name = svc.type == TYPE_EXTERNAL_NAME
+                if (svc.cluster_ip is None and prev.cluster_ip and not prev.headless
+                        and not external_name):
                     svc = replace(svc, cluster_ip=prev.cluster_ip)
                     take_ip(svc)
                 if svc.has_node_ports:
@@ -561,11 +569,15 @@ class ClusterState:
     # ------------------------------------------------------------------ per-node view
 
     def proxied_services(self, proxy_name: str | None = None) -> list[Service]:
-        """Services a proxy handles: not headless, labelled for it (or unlabelled)."""
+        """Services a proxy handles: not headless nor ExternalName, labelled for it (or
+        unlabelled)."""
         return [
             s
             for s in self.services
-            if not s.headless and s.cluster_ip and s.proxy_name == proxy_name
+            if not s.headless
+            and s.cluster_ip
+            and s.type != TYPE_EXTERNAL_NAME  # DNS only: never programmed
+            and s.proxy_name == proxy_name
         ]
 
     def node_view(self, node_name: str, proxy_name: str | None = None) -> NodeView:
@@ -575,10 +587,14 @@ class ClusterState:
             slices_by_svc.setdefault((sl.namespace, sl.service_name), []).append(sl)
         views: list[ServicePortView] = []
         for svc in self.proxied_services(proxy_name):
-            for sp in svc.ports:
-                eps = _endpoints_for_port(svc, sp, slices_by_svc.get(svc.key, []), node_name)
-                lb = svc.type == TYPE_LOAD_BALANCER
-                is_np = svc.type == TYPE_NODE_PORT or lb
+            lb = svc.type == TYPE_LOAD_BALANCER
+            is_np = svc.type == TYPE_NODE_PORT or lb
+            slices = slices_by_svc.get(svc.key, [])
+            port_eps = [_endpoints_for_port(svc, sp, slices, node_name) for sp in svc.ports]
+            health_port = svc.health_check_node_port if lb else None
+            # kube-proxy's LocalReadyEndpoints: ready, on this node, counted once per address.
+            local_ready = len({e.ip for eps in port_eps for e in eps if e.local and e.ready})
+            for sp, eps in zip(svc.ports, port_eps, strict=True):
                 views.append(
                     ServicePortView(
                         namespace=svc.namespace,
@@ -599,7 +615,8 @@ class ClusterState:
                         node_zone=node.zone,
                         load_balancer_ips=svc.load_balancer_ips if lb else (),
                         load_balancer_source_ranges=svc.load_balancer_source_ranges if lb else (),
-                        health_check_node_port=svc.health_check_node_port if lb else None,
+                        health_check_node_port=health_port,
+                        health_check_local_endpoints=local_ready if health_port else 0,
                     )
                 )
         views.sort(key=lambda v: (v.name, v.protocol, v.port))
