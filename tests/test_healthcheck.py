@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -235,3 +237,23 @@ def test_server_leaves_with_its_namespace(lab):
     while _pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _pid_alive(pid), "the health server outlived its network namespace"
+
+
+@pytest.mark.root
+def test_gc_kills_the_health_server_of_a_run():
+    """`svcbench gc` finds a run's processes by its namespaces: the health server goes too."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    from clusters.netns import NetnsCluster, gc
+
+    state_dir = tempfile.mkdtemp(prefix="svbh", dir="/tmp")  # short: Unix socket paths
+    try:
+        with NetnsCluster.create(1, state_dir=state_dir, agents=False) as cluster:
+            node = cluster.nodes[0]
+            pid = healthcheck.install(node)
+            assert pid in pids_in_netns(node.netns)
+            removed = gc(all_runs=True, state_dir=state_dir, run_ids=[cluster.run_id])
+            assert any(f"killed pid {pid} in {node.netns}" in line for line in removed), removed
+            assert not _pid_alive(pid)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
