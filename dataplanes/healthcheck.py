@@ -311,8 +311,10 @@ class _Sent:
     table: Table
 
 
-# What this process last handed each node's server, by network namespace: a sync whose
-# table did not change and whose server is the same live process needs no round trip.
+# What this process last handed each node's server (or started it with), by network
+# namespace: a sync whose table did not change and whose server is the same live process
+# needs no round trip, so a mode's sync costs nothing more while no Service has a
+# health-check port. (One process programs a node at a time: the CLI holds the run's lock.)
 _sent: dict[str, _Sent] = {}
 _sent_lock = threading.Lock()
 
@@ -427,6 +429,8 @@ def _ensure(node) -> int:
                 f"health server on {node.name} exited with status {proc.returncode} before "
                 f"answering; {log_path} ends with:\n{_log_tail(log_path)}")
         if server_pid(node) == proc.pid:
+            with _sent_lock:  # a new server listens on nothing: an empty table is no news
+                _sent[node.netns] = _Sent(proc.pid, _proc_start(proc.pid), {})
             return proc.pid
         time.sleep(0.02)
     proc.kill()

@@ -195,6 +195,8 @@ def test_server_opens_updates_and_closes_ports_as_syncs_say(lab):
 def test_a_busy_port_is_retried_and_a_killed_server_restarted(lab):
     node = lab.node
     healthcheck.install(node)
+    # No health-check port yet: a sync asks nothing of the fresh server.
+    assert healthcheck.sync(node, _state([]).node_view("node1")).get("unchanged")
     state = _state([_lb("web")])
     view = state.node_view("node1")
     port = state.services[0].health_check_node_port
