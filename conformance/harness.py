@@ -529,9 +529,11 @@ class ConformanceCluster:
     def conversation(self, source: str, ip: str, port: int) -> Conversation:
         return Conversation(self.netns(source), ip, port)
 
-    def resolve(self, source: str, name: str, *, tcp: bool = False):
-        """A dnspython response to `name` A from `source`, asked of the cluster DNS Service."""
-        return self.call(source, dns_server.query, PLAN.dns_ip, name, tcp=tcp, timeout=2.0)
+    def resolve(self, source: str, name: str, *, rdtype: str = "A", tcp: bool = False):
+        """A dnspython response to `name` (type `rdtype`) from `source`, asked of the cluster
+        DNS Service."""
+        return self.call(source, dns_server.query, PLAN.dns_ip, name, rdtype, tcp=tcp,
+                         timeout=2.0)
 
 
 def with_affinity(svc: Service, timeout_s: int | None) -> Service:

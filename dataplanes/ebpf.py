@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from bpf import cgroup, loader, maps, syscall
 from bpf.setup import bcc_missing
+from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
 from kube.model import PLAN
 from kube.state import DROP, REJECT, EndpointView, NodeView, ServicePortView
@@ -450,6 +451,7 @@ class EbpfDataplane:
         return out
 
     def install(self, node: NodeHandle) -> None:
+        healthcheck.install(node)
         with self._lock:
             self._ensure(node, node.ip, [PLAN.service_cidr])
 
@@ -475,6 +477,7 @@ class EbpfDataplane:
                 repaired += node.call(_plumb_host_path, view.node_ip, routed)
                 st.routed = routed
             changed = self._write(st, render)
+        healthcheck.sync(node, view)
         return SyncStats(
             mode=self.name,
             node=node.name,
@@ -487,6 +490,7 @@ class EbpfDataplane:
         )
 
     def uninstall(self, node: NodeHandle) -> None:
+        healthcheck.uninstall(node)
         with self._lock:
             st = self._nodes.pop(node.netns, None)
             cookie = node.call(netns_cookie)

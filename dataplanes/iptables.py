@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
 from dataplanes.conntrack import run_deletes, stale_udp_flow_deletes
 from kube.state import REJECT, EndpointView, NodeView, ServicePortView
@@ -442,6 +443,7 @@ class IptablesDataplane:
         return render_ruleset(view).payload()
 
     def install(self, node: NodeHandle) -> None:
+        healthcheck.install(node)
         saved = self._save(node)
         self._restore(node, Ruleset().payload(only=set(), extra=self._hooks(saved, True)))
 
@@ -472,6 +474,7 @@ class IptablesDataplane:
         }
         if not full:
             extra["changed_chains"] = sorted(c for _, c in differ | set(stale))
+        healthcheck.sync(node, view)
         return SyncStats(
             mode=self.name,
             node=node.name,
@@ -542,6 +545,7 @@ class IptablesDataplane:
 
     def uninstall(self, node: NodeHandle) -> None:
         """Remove the jump rules, then every KUBE-* chain, roots before the chains they jump to."""
+        healthcheck.uninstall(node)
         self._synced.pop(node.netns, None)
         saved = self._save(node)
         unhook: dict[str, list[str]] = {}

@@ -42,6 +42,7 @@ from pyroute2.netlink import (
     ctrlmsg,
 )
 
+from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
 from kube.state import DROP, EndpointView, NodeView, ServicePortView
 
@@ -1010,6 +1011,7 @@ class IpvsDataplane:
 
     def install(self, node: NodeHandle) -> None:
         """Sysctls, kube-ipvs0, the ipsets, our iptables chains and the jumps into them."""
+        healthcheck.install(node)
         node.call(_write_sysctls)
         node.call(_sync_addresses, set())
         self._sync_ipsets(node, None)
@@ -1037,6 +1039,7 @@ class IpvsDataplane:
         flushed = self._clear_stale_udp(node, ipvs["removed_dests"])
         self._synced.add(node.netns)
         changed = ipvs["messages"] + set_changes + ipvs["addresses_added"] + ipvs["addresses_removed"]
+        healthcheck.sync(node, view)
         return SyncStats(
             mode=self.name,
             node=node.name,
@@ -1061,6 +1064,7 @@ class IpvsDataplane:
         )
 
     def uninstall(self, node: NodeHandle) -> None:
+        healthcheck.uninstall(node)
         self._synced.discard(node.netns)
         self._written.pop(node.netns, None)
         self._ipset_seen.pop(node.netns, None)

@@ -66,6 +66,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
 from dataplanes.conntrack import run_deletes, stale_udp_flow_deletes
 from kube.state import DROP, REJECT, EndpointView, NodeView, ServicePortView
@@ -760,6 +761,7 @@ class NftablesDataplane:
 
     def install(self, node: NodeHandle) -> None:
         """The table and its hooks with no Service; an existing table is left as it is."""
+        healthcheck.install(node)
         probe = ["nft", "list", "chain", FAMILY, TABLE, "services"]
         if node.run(probe, check=False).returncode == 0:
             return
@@ -767,6 +769,7 @@ class NftablesDataplane:
         self._synced.pop(node.netns, None)
 
     def uninstall(self, node: NodeHandle) -> None:
+        healthcheck.uninstall(node)
         self._synced.pop(node.netns, None)
         t = f"{FAMILY} {TABLE}"
         self._apply(node, f"add table {t}\ndelete table {t}\n")
@@ -805,6 +808,7 @@ class NftablesDataplane:
                 elements_added=delta.elements_added,
                 elements_deleted=delta.elements_deleted,
             )
+        healthcheck.sync(node, view)
         return SyncStats(
             mode=self.name,
             node=node.name,

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
 from dataplanes.userspace_proxy import (
     CONNECT_TIMEOUT_S,
@@ -407,6 +408,7 @@ class UserspaceDataplane:
                 + "# proxy table\n" + json.dumps(message, indent=1) + "\n")
 
     def install(self, node: NodeHandle) -> None:
+        healthcheck.install(node)
         self._ensure_proxy(node)
         node.call(_program, render_ipsets({}), render_chains(self.proxy_port, None), [])
 
@@ -441,6 +443,7 @@ class UserspaceDataplane:
         counts = dict.fromkeys((REDIRECT, EXTERNAL_LOCAL, DROP, REJECT), 0)
         for cls in classes.values():
             counts[cls] += 1
+        healthcheck.sync(node, view)
         return SyncStats(
             mode=self.name,
             node=node.name,
@@ -463,6 +466,7 @@ class UserspaceDataplane:
         )
 
     def uninstall(self, node: NodeHandle) -> None:
+        healthcheck.uninstall(node)
         self._stop_proxy(node)
         try:
             node.call(_unprogram)

@@ -89,6 +89,10 @@ class ServicePortView:
       (kube-proxy's KUBE-FW chain / firewall-ips map); empty allows every source.
     - `health_check_node_port`: the port on which kube-proxy's health server answers, for
       this Service, whether this node has a local endpoint (HTTP 200 or 503); None for none.
+    - `health_check_local_endpoints`: what that server reports as localEndpoints
+      (EndpointsMap.LocalReadyEndpoints): the distinct addresses of this node's ready
+      endpoints over every port of the Service; serving+terminating ones do not count, so a
+      node left with only those fails the check (503). 0 without a health-check NodePort.
 
     SCTP ports come as `protocol` "SCTP". Endpoints of not-ready pods of a Service with
     publishNotReadyAddresses arrive here already ready, as the endpoint controller makes them.
@@ -138,6 +142,7 @@ class ServicePortView:
     load_balancer_ips: tuple[str, ...] = ()
     load_balancer_source_ranges: tuple[str, ...] = ()
     health_check_node_port: int | None = None
+    health_check_local_endpoints: int = 0
     # Derived in __post_init__ from the fields above; compare=False since they follow them.
     cluster_endpoints: tuple[EndpointView, ...] = field(init=False, compare=False, repr=False)
     local_endpoints: tuple[EndpointView, ...] = field(init=False, compare=False, repr=False)
@@ -337,6 +342,7 @@ class Allocator:
         """`svc` with the values `prev` (its earlier version) was allocated, held."""
         if prev is None:
             return svc
+        # A Service that becomes ExternalName releases its ClusterIP (DNS only).
         if svc.cluster_ip is None and prev.cluster_ip and not prev.headless and (
             svc.type != TYPE_EXTERNAL_NAME
         ):
@@ -633,18 +639,23 @@ class ClusterState:
 
 
 def proxied(svc: Service, proxy_name: str | None = None) -> bool:
-    """A proxy handles the Service: not headless, with a ClusterIP, labelled for it (or not)."""
-    return not svc.headless and bool(svc.cluster_ip) and svc.proxy_name == proxy_name
+    """A proxy handles the Service: not headless nor ExternalName (DNS only: never
+    programmed), with a ClusterIP, labelled for it (or unlabelled)."""
+    return (not svc.headless and bool(svc.cluster_ip) and svc.type != TYPE_EXTERNAL_NAME
+            and svc.proxy_name == proxy_name)
 
 
 def service_port_views(svc: Service, slices: list[EndpointSlice], node: Node
                        ) -> list[ServicePortView]:
     """One ServicePortView per port of `svc` (a proxied Service) as `node` must serve it."""
     views = []
-    for sp in svc.ports:
-        eps = _endpoints_for_port(svc, sp, slices, node.name)
-        lb = svc.type == TYPE_LOAD_BALANCER
-        is_np = svc.type == TYPE_NODE_PORT or lb
+    lb = svc.type == TYPE_LOAD_BALANCER
+    is_np = svc.type == TYPE_NODE_PORT or lb
+    port_eps = [_endpoints_for_port(svc, sp, slices, node.name) for sp in svc.ports]
+    health_port = svc.health_check_node_port if lb else None
+    # kube-proxy's LocalReadyEndpoints: ready, on this node, counted once per address.
+    local_ready = len({e.ip for eps in port_eps for e in eps if e.local and e.ready})
+    for sp, eps in zip(svc.ports, port_eps, strict=True):
         views.append(
             ServicePortView(
                 namespace=svc.namespace,
@@ -665,7 +676,8 @@ def service_port_views(svc: Service, slices: list[EndpointSlice], node: Node
                 node_zone=node.zone,
                 load_balancer_ips=svc.load_balancer_ips if lb else (),
                 load_balancer_source_ranges=svc.load_balancer_source_ranges if lb else (),
-                health_check_node_port=svc.health_check_node_port if lb else None,
+                health_check_node_port=health_port,
+                health_check_local_endpoints=local_ready if health_port else 0,
             )
         )
     return views

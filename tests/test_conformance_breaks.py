@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -91,6 +92,26 @@ def test_a_declared_deviation_is_recorded_not_passed(tmp_path):
             "deviation", "drops packets for Services without endpoints",
         ),
     }
+
+
+class HealthCountsServing(IptablesDataplane):
+    """Reports every endpoint the node still sends to, terminating ones included, as healthy:
+    what kube-proxy's LocalReadyEndpoints refuses to do."""
+
+    def sync(self, node, view, full: bool = False):
+        services = tuple(
+            replace(sp, health_check_local_endpoints=len({e.ip for e in sp.local_endpoints}))
+            if sp.health_check_node_port else sp
+            for sp in view.services
+        )
+        return super().sync(node, replace(view, services=services), full)
+
+
+def test_a_health_check_counting_terminating_endpoints_fails(tmp_path):
+    results = _run(tmp_path, HealthCountsServing, ["health_check_node_port"])
+    outcome, reason = results["health_check_node_port"]
+    assert outcome == "failed", results
+    assert reason.startswith("node2's endpoints all terminating: node2 answered 200"), reason
 
 
 class StaleDeviation(IptablesDataplane):

@@ -9,6 +9,7 @@ import time
 import dns.flags
 import dns.message
 import dns.rcode
+import dns.rdatatype
 import pytest
 
 from clusters.workloads.dns import RecordTable, answer
@@ -64,6 +65,15 @@ def test_records_follow_kubernetes_dns_naming():
     }
 
 
+def test_external_name_services_are_aliases():
+    alias = Service("ns1", "db", (), type="ExternalName", external_name="DB.Example.com.")
+    state = ClusterState.build(NODES, services=[alias, Service("ns1", "web", (ServicePort(80),))])
+    assert records(state) == {
+        "db.ns1.svc.cluster.local": "DB.Example.com",  # a target name, not addresses
+        "web.ns1.svc.cluster.local": [state.service_obj("ns1", "web").cluster_ip],
+    }
+
+
 def _ask(table: RecordTable, name: str, rdtype: str = "A", *, udp: bool = True,
          edns: bool = False) -> dns.message.Message:
     query = dns.message.make_query(name, rdtype, use_edns=0 if edns else None)
@@ -73,7 +83,8 @@ def _ask(table: RecordTable, name: str, rdtype: str = "A", *, udp: bool = True,
 
 
 def _ips(response: dns.message.Message) -> list[str]:
-    return [r.address for rrset in response.answer for r in rrset]
+    return [r.address for rrset in response.answer if rrset.rdtype == dns.rdatatype.A
+            for r in rrset]
 
 
 @pytest.fixture()
@@ -97,6 +108,46 @@ def test_answers_known_unknown_and_empty_names(table):
     for name, rdtype in (("ns1.svc.cluster.local", "A"), ("web.ns1.svc.cluster.local", "AAAA")):
         response = _ask(table, name, rdtype)
         assert response.rcode() == dns.rcode.NOERROR and response.answer == []
+
+
+def _cnames(response: dns.message.Message) -> list[tuple[str, str]]:
+    return [(rrset.name.to_text(), r.target.to_text()) for rrset in response.answer
+            if rrset.rdtype == dns.rdatatype.CNAME for r in rrset]
+
+
+def test_aliases_answer_cname_and_follow_names_of_the_table(tmp_path):
+    path = tmp_path / "records.json"
+    write_json(path, {
+        "web.ns1.svc.cluster.local": ["198.19.0.1"],
+        "db.ns1.svc.cluster.local": "db.example.com",
+        "alias.ns1.svc.cluster.local": "Web.ns1.svc.cluster.local",
+        "hop.ns1.svc.cluster.local": "alias.ns1.svc.cluster.local",
+        "loop-a.ns1.svc.cluster.local": "loop-b.ns1.svc.cluster.local",
+        "loop-b.ns1.svc.cluster.local": "loop-a.ns1.svc.cluster.local",
+    })
+    table = RecordTable(str(path))
+    # dns.go "should provide DNS for ExternalName services": the CNAME, whatever is asked.
+    for rdtype in ("CNAME", "A", "AAAA", "TXT"):
+        db = _ask(table, "db.ns1.svc.cluster.local", rdtype)
+        assert db.rcode() == dns.rcode.NOERROR, rdtype
+        assert _cnames(db) == [("db.ns1.svc.cluster.local.", "db.example.com.")], rdtype
+        assert _ips(db) == [], f"{rdtype}: an outside target is left to the client's resolver"
+    # A target in the cluster is followed, as CoreDNS's kubernetes plugin does.
+    alias = _ask(table, "alias.ns1.svc.cluster.local")
+    assert _cnames(alias) == [("alias.ns1.svc.cluster.local.", "Web.ns1.svc.cluster.local.")]
+    assert [(rrset.name.to_text(), r.address) for rrset in alias.answer
+            if rrset.rdtype == dns.rdatatype.A for r in rrset] == [
+        ("Web.ns1.svc.cluster.local.", "198.19.0.1")]
+    assert _ips(_ask(table, "hop.ns1.svc.cluster.local", udp=False)) == ["198.19.0.1"]
+    assert len(_cnames(_ask(table, "hop.ns1.svc.cluster.local"))) == 2
+    assert _ips(_ask(table, "alias.ns1.svc.cluster.local", "CNAME")) == []  # only what was asked
+    assert _cnames(_ask(table, "alias.ns1.svc.cluster.local", "AAAA"))  # the alias, no AAAA
+    # A loop ends once every name was seen.
+    loop = _ask(table, "loop-a.ns1.svc.cluster.local")
+    assert loop.rcode() == dns.rcode.NOERROR and len(_cnames(loop)) == 2 and _ips(loop) == []
+    # An alias file line without a target is a broken file: the last good table stays.
+    write_json(path, {"db.ns1.svc.cluster.local": "."})
+    assert _cnames(_ask(table, "db.ns1.svc.cluster.local"))[0][1] == "db.example.com."
 
 
 def test_reloads_the_file_when_it_changes(table):

@@ -624,6 +624,30 @@ def test_load_balancer_view_carries_ingress_ips_source_ranges_and_health_check_p
     assert (plain.load_balancer_ips, plain.health_check_node_port) == ((), None)
 
 
+def test_health_check_counts_this_nodes_ready_endpoints_once_per_address():
+    """kube-proxy's LocalReadyEndpoints: ready and local, one per address over every port;
+    serving+terminating endpoints keep serving but do not count."""
+    ports = (ServicePort(80, "TCP", "http", 8080), ServicePort(81, "TCP", "alt", 8081))
+    pods = [pod("a1", "node1"), pod("a2", "node1"), pod("b1", "node2"),
+            pod("b2", "node2", ready=True, terminating=True)]
+    state = ClusterState.build(NODES, pods, [lb(ports=ports, external_traffic_policy="Local")])
+    node1, node2 = (state.node_view(n.name) for n in NODES)
+    for name in ("ns1/web:http", "ns1/web:alt"):
+        assert node1.service(name).health_check_local_endpoints == 2  # a1, a2: not 4
+        sp = node2.service(name)
+        assert sp.health_check_local_endpoints == 1  # b1; b2 is terminating
+        assert sp.health_check_node_port == state.services[0].health_check_node_port
+    # Only terminating endpoints here: they still serve the Service (KEP-1669), but the
+    # health check fails, so the load balancer drains the node.
+    gone = ClusterState.build(NODES, [pod("b1", "node2", terminating=True)],
+                              [lb(external_traffic_policy="Local")], previous=state)
+    sp = gone.node_view("node2").service("ns1/web")
+    assert sp.health_check_local_endpoints == 0 and addrs(sp.local_endpoints) == _ips(gone, "b1")
+    # No health-check NodePort (Cluster policy): nothing to count.
+    plain = ClusterState.build(NODES, pods, [lb()]).node_view("node1").service("ns1/web")
+    assert (plain.health_check_node_port, plain.health_check_local_endpoints) == (None, 0)
+
+
 # --------------------------------------------------------------------------- readiness
 
 
@@ -714,6 +738,27 @@ def test_external_name_gets_no_cluster_ip_no_endpoints_and_no_view():
     assert state.service_obj("ns1", "db").cluster_ip is None
     assert [s.service_name for s in state.endpoint_slices] == ["web"]
     assert [sp.service for sp in state.node_view("node1").services] == ["web"]
+
+
+def test_a_service_turned_external_name_releases_its_addresses_and_leaves_the_view():
+    """service.go "should be able to change the type from ClusterIP/NodePort to ExternalName"
+    and back: the ClusterIP and NodePort are released, and a new ClusterIP comes back."""
+    alias = Service("ns1", "web", WEB_PORTS, type="ExternalName", selector={"app": "web"},
+                    external_name="db.example.com")
+    before = ClusterState.build(NODES, [pod("a1")], [svc(type="NodePort")])
+    ip, node_port = before.services[0].cluster_ip, before.services[0].ports[0].node_port
+    after = ClusterState.build(NODES, [pod("a1")], [alias], previous=before)
+    turned = after.service_obj("ns1", "web")
+    assert (turned.cluster_ip, turned.ports[0].node_port) == (None, None)
+    assert after.endpoint_slices == () and after.node_view("node1").services == ()
+    # The released addresses are free for the next Service that asks.
+    other = svc("other", type="NodePort")
+    reused = ClusterState.build(NODES, [pod("a1")], [alias, other], previous=after)
+    got = reused.service_obj("ns1", "other")
+    assert (got.cluster_ip, got.ports[0].node_port) == (ip, node_port)
+    back = ClusterState.build(NODES, [pod("a1")], [svc()], previous=after)
+    assert back.services[0].cluster_ip == ip
+    assert [sp.service for sp in back.node_view("node1").services] == ["web"]
 
 
 def test_sctp_ports_reach_the_view():

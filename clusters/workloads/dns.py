@@ -1,15 +1,19 @@
 """The cluster DNS server (kube-dns's part in this cluster), built on dnspython.
 
-One daemon process runs inside the DNS pod's network namespace and answers A queries over
-UDP and TCP port 53 from a JSON records file ({"name": ["ip", ...]}, as
-kube.dns.records makes it). The file is read again whenever it changes (its inode, size
-or mtime), checked on every query, so an answer never lags a completed write; writers
-replace the file atomically. The daemon exits when its namespace is deleted.
+One daemon process runs inside the DNS pod's network namespace and answers A and CNAME
+queries over UDP and TCP port 53 from a JSON records file ({"name": ["ip", ...]} for A
+records, {"name": "target"} for an alias, as kube.dns.records makes it). The file is read
+again whenever it changes (its inode, size or mtime), checked on every query, so an answer
+never lags a completed write; writers replace the file atomically. The daemon exits when
+its namespace is deleted.
 
-Answers: a known name gets its addresses; a name that only prefixes known names (an empty
-non-terminal such as `ns1.svc.cluster.local`) or is known without an address of the asked
-type gets NOERROR with no answer; every other name gets NXDOMAIN. There is no upstream to
-forward to inside the sandbox.
+Answers: a known name gets its addresses; an alias gets its CNAME whatever type is asked
+(RFC 1034 3.6.2) and, as CoreDNS does for an ExternalName Service, the target's own
+records when the target is a name of this table (followed up to MAX_CNAME_CHAIN links); a
+target outside the table is left to the client's resolver. A name that only prefixes
+known names (an empty non-terminal such as `ns1.svc.cluster.local`) or is known without an
+address of the asked type gets NOERROR with no answer; every other name gets NXDOMAIN.
+There is no upstream to forward to inside the sandbox.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import dns.exception
 import dns.flags
 import dns.message
+import dns.name
 import dns.opcode
 import dns.query
 import dns.rcode
@@ -43,6 +48,7 @@ DNS_PORT = 53
 TTL_S = 5  # short: records change as Services are applied
 UDP_PAYLOAD_NO_EDNS = 512  # RFC 1035: larger answers set TC and the client retries over TCP
 TCP_IDLE_S = 10.0
+MAX_CNAME_CHAIN = 8  # CoreDNS gives up on an alias chain after 8 links
 NETNS_CHECK_S = 1.0
 SPAWN_TIMEOUT_S = 10.0
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
@@ -58,11 +64,11 @@ class RecordTable:
     def __init__(self, path: str, log=None) -> None:
         self.path = path
         self.log = log or (lambda _msg: None)
-        self.names: dict[str, list[str]] = {}
+        self.names: dict[str, list[str] | str] = {}
         self.signature: tuple[int, int, int] | None = None
         self.lock = threading.Lock()
 
-    def current(self) -> dict[str, list[str]]:
+    def current(self) -> dict[str, list[str] | str]:
         try:
             st = os.stat(self.path)
             signature = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -82,16 +88,25 @@ class RecordTable:
             with open(self.path, encoding="utf-8") as fh:
                 data = json.load(fh)
             if not isinstance(data, dict):
-                raise ValueError("top level must be an object of name -> [ip, ...]")
-            names = {
-                str(k).lower().rstrip("."): [str(ip) for ip in v] for k, v in data.items()
-            }
+                raise ValueError("top level must be an object of name -> [ip, ...] or target")
+            names = {str(k).lower().rstrip("."): _record(v) for k, v in data.items()}
         except (OSError, ValueError, TypeError) as exc:
             self.log(f"{self.path} unreadable, keeping {len(self.names)} names: {exc}")
             self.signature = signature  # tried once; the next write changes the signature
             return
         self.names, self.signature = names, signature
         self.log(f"loaded {len(names)} names from {self.path}")
+
+
+def _record(value) -> list[str] | str:
+    """An A record set (a list of addresses) or an alias (one target name)."""
+    if isinstance(value, str):
+        if not value.strip("."):
+            raise ValueError("an alias needs a target name")
+        return value.rstrip(".")
+    if not isinstance(value, list):
+        raise ValueError(f"a record is a list of addresses or a target name, not {value!r}")
+    return [str(ip) for ip in value]
 
 
 def answer(table: RecordTable, wire: bytes, udp: bool) -> bytes | None:
@@ -121,19 +136,35 @@ def answer(table: RecordTable, wire: bytes, udp: bool) -> bytes | None:
         return response.to_wire(max_size=limit)
 
 
-def _resolve(names: dict[str, list[str]], question: dns.rrset.RRset, response) -> None:
+def _resolve(names: dict[str, list[str] | str], question: dns.rrset.RRset, response) -> None:
     name = question.name.to_text(omit_final_dot=True).lower()
-    ips = names.get(name)
-    if ips is None:
+    data = names.get(name)
+    if data is None:
         suffix = "." + name
         if not any(known.endswith(suffix) for known in names):
             response.set_rcode(dns.rcode.NXDOMAIN)
         return  # an empty non-terminal: the name exists, it has no records
-    wanted = question.rdtype in (dns.rdatatype.A, dns.rdatatype.ANY)
-    if wanted and question.rdclass == dns.rdataclass.IN and ips:
+    if question.rdclass != dns.rdataclass.IN:
+        return
+    owner = question.name
+    followed = {name}
+    while isinstance(data, str):
+        target = dns.name.from_text(data)  # absolute
         response.answer.append(
-            dns.rrset.from_text_list(question.name, TTL_S, "IN", "A", list(ips))
+            dns.rrset.from_text_list(owner, TTL_S, "IN", "CNAME", [target.to_text()])
         )
+        name = data.lower()
+        if question.rdtype == dns.rdatatype.CNAME or name in followed:
+            return  # the alias was asked for, or the chain loops
+        if len(followed) >= MAX_CNAME_CHAIN:
+            return
+        followed.add(name)
+        data = names.get(name)
+        if data is None:
+            return  # a name outside the cluster: the client's resolver follows it
+        owner = target
+    if question.rdtype in (dns.rdatatype.A, dns.rdatatype.ANY) and data:
+        response.answer.append(dns.rrset.from_text_list(owner, TTL_S, "IN", "A", list(data)))
 
 
 class _UdpHandler(socketserver.BaseRequestHandler):
@@ -275,9 +306,11 @@ def _which(cmd: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clusters.workloads.dns",
-                                     description="Cluster DNS: A records from a JSON file.")
-    parser.add_argument("--records", required=True, help="JSON file: name -> [ip, ...]")
+    parser = argparse.ArgumentParser(
+        prog="python -m clusters.workloads.dns",
+        description="Cluster DNS: A and CNAME records from a JSON file.")
+    parser.add_argument("--records", required=True,
+                        help="JSON file: name -> [ip, ...] or name -> alias target")
     parser.add_argument("--netns", help="exit when /run/netns/NETNS disappears")
     parser.add_argument("--listen", default="0.0.0.0", help="address to bind")
     parser.add_argument("--port", type=int, default=DNS_PORT)
