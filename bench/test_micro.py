@@ -108,3 +108,45 @@ def test_sync(benchmark, root_untouched, mode, n):
     benchmark.extra_info.update(services=n, rules=stats.rules, payload_bytes=stats.payload_bytes)
     # the sync saw every Service port (what `rules` counts is each mode's own business)
     assert stats.services == len(v.services)
+
+
+TRACKER_SERVICES = 50_000  # two ports each: 100,000 Service ports, as many as the /16 allows
+
+
+@functools.cache
+def tracker_at_scale():
+    """A ChangeTracker holding 50,000 Services of two ports each over the sweep's pool."""
+    from dataclasses import replace as with_fields
+
+    from kube.model import ServicePort
+    from kube.tracker import ChangeTracker
+
+    nodes = [Node.numbered(1), Node.numbered(2)]
+    pool = list(ClusterState.build(nodes, pool_pods(["node2"], 6)).pods)
+    services, slices = synthetic_services(TRACKER_SERVICES, pool, 3, 0, AFFINITY_EVERY)
+    services = [with_fields(s, ports=(*s.ports, ServicePort(443, s.ports[0].protocol, "tls",
+                                                            s.ports[0].target_port)))
+                for s in services]
+    tracker = ChangeTracker(nodes)
+    tracker.apply(pods=pool, services=services, slices=slices)
+    return tracker, slices
+
+
+def test_tracker_applies_one_change_at_100k_service_ports(benchmark):
+    """kube/tracker.py: one Service's endpoints change in a state of 100,000 Service ports."""
+    from dataclasses import replace as with_fields
+
+    tracker, slices = tracker_at_scale()
+    changed = slices[TRACKER_SERVICES // 2]
+    fewer = with_fields(changed, endpoints=changed.endpoints[:-1])
+    flip = [fewer, changed]
+
+    def one_change():
+        flip.reverse()
+        return tracker.apply(slices=[flip[0]])
+
+    changes = benchmark.pedantic(one_change, rounds=50, iterations=1)
+    benchmark.extra_info.update(service_ports=2 * TRACKER_SERVICES)
+    # Only that Service's port with endpoints changed, on each node.
+    assert all([k[1] for k in c.updated] == [changed.service_name] and not c.removed
+               for c in changes.values())
