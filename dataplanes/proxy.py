@@ -1,0 +1,134 @@
+"""kube-proxy's daemon for a whole cluster: one mode on every node, fed by changes.
+
+A `ServiceProxy` owns the nodes (anything implementing `NodeHandle`), the mode and the
+desired state (a `kube.tracker.ChangeTracker`). It installs the mode on every node,
+applies changes (objects created, changed or deleted), syncs only the nodes whose views
+changed, resyncs on demand (to repair state removed by others), restarts, and tears down.
+The CLI, the conformance harness and the benchmarks program clusters through it.
+
+A mode may offer `update(node, view, changes) -> SyncStats` beside `sync`: then a change
+reaches it as the node's `NodeChanges` (the views updated and removed) with the whole view
+for reference, and it writes only what changed. A mode without it gets `sync(node, view)`.
+The first sync of a node after install is always a full one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from dataplanes.base import Dataplane, NodeHandle, SyncStats
+from kube.model import EndpointSlice, Pod, Service
+from kube.state import NodeView
+from kube.tracker import ChangeTracker, NodeChanges
+
+
+class ServiceProxy:
+    """One mode on every node of a cluster (see the module's docstring)."""
+
+    def __init__(self, dataplane: Dataplane, nodes: Sequence[NodeHandle],
+                 tracker: ChangeTracker) -> None:
+        known = {n.name for n in tracker.nodes}
+        strangers = [n.name for n in nodes if n.name not in known]
+        if strangers:
+            raise ValueError(f"nodes {', '.join(strangers)} are not in the desired state's "
+                             f"nodes ({', '.join(sorted(known))})")
+        self.dataplane = dataplane
+        self.nodes = list(nodes)
+        self.tracker = tracker
+        self.installed: list[NodeHandle] = []
+        self._fresh: set[str] = set()  # installed, not synced yet: the next sync is full
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def install(self) -> None:
+        """Install the mode on every node; on a failure, uninstall what was installed."""
+        try:
+            for node in self.nodes:
+                if node in self.installed:
+                    continue
+                self.dataplane.install(node)
+                self.installed.append(node)
+                self._fresh.add(node.name)
+        except BaseException:
+            self.uninstall()
+            raise
+
+    def uninstall(self) -> None:
+        """Uninstall from every installed node; every node is tried, failures are raised
+        together afterwards."""
+        errors = []
+        while self.installed:
+            node = self.installed.pop()
+            self._fresh.discard(node.name)
+            try:
+                self.dataplane.uninstall(node)
+            except Exception as exc:  # the other nodes still go
+                errors.append(f"{node.name}: {exc}")
+        if errors:
+            raise RuntimeError(f"{self.dataplane.name} uninstall failed: " + "; ".join(errors))
+
+    def __enter__(self) -> ServiceProxy:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    def restart(self) -> list[SyncStats]:
+        """A proxy restart on every node: uninstall, install, full sync."""
+        self.uninstall()
+        self.install()
+        return self.resync()
+
+    # ------------------------------------------------------------------ desired state
+
+    def view(self, node_name: str) -> NodeView:
+        return self.tracker.node_view(node_name)
+
+    def apply(self, *, pods: Iterable[Pod] = (), services: Iterable[Service] = (),
+              slices: Iterable[EndpointSlice] = (), delete_pods: Iterable[Any] = (),
+              delete_services: Iterable[Any] = (), delete_slices: Iterable[Any] = ()
+              ) -> list[SyncStats]:
+        """Change the desired state; sync the nodes whose views changed (and nodes never
+        synced since install). StateError, with nothing changed, for a change refused."""
+        changes = self.tracker.apply(pods=pods, services=services, slices=slices,
+                                     delete_pods=delete_pods, delete_services=delete_services,
+                                     delete_slices=delete_slices)
+        return [self._sync(node, changes[node.name]) for node in self.installed
+                if changes[node.name] or node.name in self._fresh]
+
+    def replace(self, *, services: Iterable[Service] = (), slices: Iterable[EndpointSlice] = (),
+                pods: Iterable[Pod] | None = None) -> list[SyncStats]:
+        """Make these the only Services and EndpointSlices (and pods, when given)."""
+        services, slices = list(services), list(slices)
+        keep_svcs = {s.key for s in services}
+        keep_slices = {s.key for s in slices}
+        gone_slices = [sl.key for sl in self.tracker.given_slices() if sl.key not in keep_slices]
+        kwargs: dict[str, Any] = {
+            "services": services, "slices": slices,
+            "delete_services": [k for k in self.tracker.services if k not in keep_svcs],
+            "delete_slices": gone_slices,
+        }
+        if pods is not None:
+            pods = list(pods)
+            keep_pods = {p.key for p in pods}
+            kwargs["pods"] = pods
+            kwargs["delete_pods"] = [k for k in self.tracker.pods if k not in keep_pods]
+        return self.apply(**kwargs)
+
+    def resync(self) -> list[SyncStats]:
+        """A full sync of every installed node (repairs what others removed)."""
+        return [self._sync(node, None) for node in self.installed]
+
+    # ------------------------------------------------------------------ syncing
+
+    def _sync(self, node: NodeHandle, change: NodeChanges | None) -> SyncStats:
+        view = self.tracker.node_view(node.name)
+        update = getattr(self.dataplane, "update", None)
+        if change is None or update is None or node.name in self._fresh:
+            stats = self.dataplane.sync(node, view)
+        else:
+            stats = update(node, view, change)
+        self._fresh.discard(node.name)
+        return stats
