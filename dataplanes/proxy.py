@@ -68,6 +68,12 @@ class ServiceProxy:
         if errors:
             raise RuntimeError(f"{self.dataplane.name} uninstall failed: " + "; ".join(errors))
 
+    def adopt(self) -> None:
+        """Take every node as installed by an earlier process (a CLI command on a running
+        cluster): nothing is installed, and each node's next sync is a full one."""
+        self.installed = list(self.nodes)
+        self._fresh = {n.name for n in self.nodes}
+
     def __enter__(self) -> ServiceProxy:
         self.install()
         return self

@@ -24,9 +24,11 @@ from rich.table import Table
 
 from clusters.signals import interrupt_on_signals
 from dataplanes.modes import gc_leftovers
+from dataplanes.proxy import ServiceProxy
 from kube.manifests import ManifestError, Manifests, load_files
 from kube.model import PLAN, Node, Pod
 from kube.state import ClusterState, StateError, allocations, previous_from_allocations
+from kube.tracker import ChangeTracker
 from svcbench.guest import RUN_COMMANDS, forward
 
 out = Console(highlight=False)
@@ -147,11 +149,11 @@ def _dataplane(mode: str, backend: str | None):
     return dp
 
 
-def _sync_all(cluster, dp, state: ClusterState, proxy_name=None) -> list:
-    stats = []
-    for node in cluster.nodes:
-        stats.append(dp.sync(node, state.node_view(node.name, proxy_name)))
-    return stats
+def _proxy(cluster, dp, manifests: Manifests, state: ClusterState) -> ServiceProxy:
+    """The mode on the cluster's nodes, fed `state` (allocations made) through a tracker."""
+    tracker = ChangeTracker(state.nodes, plan=state.plan)
+    tracker.apply(pods=state.pods, services=state.services, slices=manifests.endpoint_slices)
+    return ServiceProxy(dp, cluster.nodes, tracker)
 
 
 def _attach(run: str | None):
@@ -224,9 +226,9 @@ def cmd_up(args) -> int:
             status.update(f"starting {len(state.pods)} pods")
             cluster.set_pods(list(state.pods))
             status.update(f"programming {args.mode} on {len(cluster.nodes)} nodes")
-            for node in cluster.nodes:
-                dp.install(node)
-            stats = _sync_all(cluster, dp, state)
+            proxy = _proxy(cluster, dp, manifests, state)
+            proxy.install()
+            stats = proxy.resync()
             cluster.meta.update(mode=args.mode, backend=args.backend)
             _store(cluster, manifests, state)
             cluster.keep()
@@ -252,7 +254,9 @@ def _change(args, combine) -> int:
         manifests = combine(stored, new)
         state = _build(nodes, manifests, previous)
         dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
-        stats = cluster.set_pods(list(state.pods), lambda: _sync_all(cluster, dp, state))
+        proxy = _proxy(cluster, dp, manifests, state)
+        proxy.adopt()
+        stats = cluster.set_pods(list(state.pods), proxy.resync)
         _store(cluster, manifests, state)
     if args.json:
         _emit_json({"run": cluster.run_id, "sync": [s.__dict__ for s in stats]})
@@ -384,8 +388,9 @@ def cmd_down(args) -> int:
     with NetnsCluster.attach_locked(args.run) as cluster, guard_root():
         try:
             dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
-            for node in cluster.nodes:
-                dp.uninstall(node)
+            proxy = ServiceProxy(dp, cluster.nodes, ChangeTracker(_nodes(len(cluster.nodes))))
+            proxy.adopt()
+            proxy.uninstall()
         finally:
             # What a failed uninstall left outside the namespaces (BPF hooks, cgroups).
             gc_leftovers(cluster.namespaces, modes=[cluster.meta.get("mode", "iptables")])
