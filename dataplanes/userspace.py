@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
+from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats, ipset_networks
 from dataplanes.userspace_proxy import (
     CONNECT_TIMEOUT_S,
     CONTROL_NAME,
@@ -155,7 +155,7 @@ def render_ipsets(classes: dict[PortalKey, str],
     for (proto, ip, port), ranges in sorted((source_ranges or {}).items()):
         entry = f"{ip},{proto.lower()}:{port}"
         members[SET_FIREWALL].append(entry)
-        members[SET_FIREWALL_SOURCES] += [f"{entry},{net}" for net in dict.fromkeys(ranges)]
+        members[SET_FIREWALL_SOURCES] += [f"{entry},{net}" for net in ipset_networks(ranges)]
     out: list[str] = []
     for name in members:
         new = f"{name}-NEW"

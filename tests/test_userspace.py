@@ -172,7 +172,7 @@ def test_both_policies_local_without_endpoints_rejects():
 
 def test_load_balancer_ips_are_portals_and_their_source_ranges_fill_the_firewall_sets():
     lb = web("lb", type=TYPE_LOAD_BALANCER, load_balancer_ips=(LB_IP,),
-             load_balancer_source_ranges=("198.18.0.200/32", "198.18.128.0/17"))
+             load_balancer_source_ranges=("198.18.0.200/32", "198.18.128.0/17", "0.0.0.0/0"))
     plain = web("plain", type=TYPE_LOAD_BALANCER, load_balancer_ips=("198.18.32.11",))
     _, view = _view(lb, plain)
     message = table_message(view)
@@ -182,7 +182,7 @@ def test_load_balancer_ips_are_portals_and_their_source_ranges_fill_the_firewall
     entry, external = table.tcp[portal_key_bytes(LB_IP, 80)]
     assert entry.name == "ns1/lb" and external
     ranges = portal_source_ranges(message["services"])
-    assert ranges == {(TCP, LB_IP, 80): ("198.18.0.200/32", "198.18.128.0/17")}
+    assert ranges == {(TCP, LB_IP, 80): ("198.18.0.200/32", "198.18.128.0/17", "0.0.0.0/0")}
     members: dict[str, set[str]] = {}
     for line in render_ipsets(classes, ranges).splitlines():
         words = line.split()
@@ -192,8 +192,11 @@ def test_load_balancer_ips_are_portals_and_their_source_ranges_fill_the_firewall
         if words[0] == "add":
             members.setdefault(words[1].removesuffix("-NEW"), set()).add(words[2])
     assert members[SET_FIREWALL] == {f"{LB_IP},tcp:80"}
-    assert members[SET_FIREWALL_SOURCES] == {f"{LB_IP},tcp:80,198.18.0.200/32",
-                                             f"{LB_IP},tcp:80,198.18.128.0/17"}
+    # ipset's spelling: a /32 bare, and 0.0.0.0/0 (which hash:ip,port,net refuses) in halves.
+    assert members[SET_FIREWALL_SOURCES] == {f"{LB_IP},tcp:80,198.18.0.200",
+                                             f"{LB_IP},tcp:80,198.18.128.0/17",
+                                             f"{LB_IP},tcp:80,0.0.0.0/1",
+                                             f"{LB_IP},tcp:80,128.0.0.0/1"}
     # Not redirected from outside the ranges (pods and the node too), then dropped.
     chains = render_chains(15001, PLAN.cluster_cidr)
     for key in (("nat", "KUBE-PORTALS-CONTAINER"), ("nat", "KUBE-PORTALS-HOST")):
