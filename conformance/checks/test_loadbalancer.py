@@ -36,7 +36,7 @@ from kube.model import (
 
 NODE1_BACKENDS = {"ns1/web-1"}
 NODE2_BACKENDS = {"ns1/web-2", "ns1/web-3"}
-SILENT = {"count": 3, "timeout": 0.5, "expect": TIMEOUT}
+SILENT = {"count": 2, "timeout": 0.4, "expect": TIMEOUT}
 TCP_UDP = (ServicePort(80, TCP, "tcp", HTTP_PORT), ServicePort(80, UDP, "udp", HTTP_PORT))
 
 
@@ -219,8 +219,8 @@ def test_load_balancer_type_and_ports_change(cluster):
     moved = (replace(tcp, port=81), replace(udp, port=81))
     cluster.apply([replace(svc, ports=moved, type=TYPE_LOAD_BALANCER, load_balancer_ips=(lb,))])
     gone_tcp, gone_udp, new_tcp, new_udp = cluster.probes(
-        Probe(EXTERNAL, lb, 80, TCP, count=3, timeout=0.5, expect=None),
-        Probe(EXTERNAL, lb, 80, UDP, count=3, timeout=0.5, expect=None),
+        Probe(EXTERNAL, lb, 80, TCP, count=2, timeout=0.4, expect=None),
+        Probe(EXTERNAL, lb, 80, UDP, count=2, timeout=0.4, expect=None),
         Probe(EXTERNAL, lb, 81, TCP, count=10),
         Probe(EXTERNAL, lb, 81, UDP, count=10),
     )
@@ -231,8 +231,8 @@ def test_load_balancer_type_and_ports_change(cluster):
 
     cluster.apply([replace(svc, ports=moved, type=TYPE_CLUSTER_IP)])
     gone_tcp, gone_udp, inside = cluster.probes(
-        Probe(EXTERNAL, lb, 81, TCP, count=3, timeout=0.5, expect=None),
-        Probe(EXTERNAL, lb, 81, UDP, count=3, timeout=0.5, expect=None),
+        Probe(EXTERNAL, lb, 81, TCP, count=2, timeout=0.4, expect=None),
+        Probe(EXTERNAL, lb, 81, UDP, count=2, timeout=0.4, expect=None),
         Probe("ns1/client-a", cluster.cluster_ip("lb-change"), 81, count=10),
     )
     for result in (gone_tcp, gone_udp):
