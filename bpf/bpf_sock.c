@@ -43,6 +43,10 @@ SVB_INLINE int sock4_forward(struct bpf_sock_addr *ctx)
 	svc = lb4_lookup_service(&key, address, port, (__u8)ctx->protocol, 1);
 	if (!svc)
 		return SYS_PROCEED;
+	/* Outside the load-balancer IP's source ranges: left untranslated, the packet meets
+	 * the XDP host path, which drops it. */
+	if (!lb4_source_allowed(svc, cfg->node_ip))
+		return SYS_PROCEED;
 	if (!svc->count) {
 		/* dropping has no socket-level meaning: the packet leaves untranslated */
 		if (svc->flags & SVC_F_DROP_EMPTY)

@@ -21,6 +21,7 @@ LB_SCOPE_INTERNAL = 1
 SVC_F_AFFINITY = 1 << 0
 SVC_F_DROP_EMPTY = 1 << 1
 SVC_F_EXTERNAL = 1 << 2
+SVC_F_SOURCE_RANGES = 1 << 3
 
 BE_F_LOCAL = 1 << 0
 
@@ -51,6 +52,15 @@ class Lb4Service(ctypes.Structure):
     _fields_ = [("count", ctypes.c_uint16), ("flags", ctypes.c_uint16),
                 ("svc_id", ctypes.c_uint32), ("affinity_timeout_s", ctypes.c_uint32),
                 ("pad", ctypes.c_uint32), ("backends", Lb4Backend * LB4_INLINE)]
+
+
+class Lb4RangeKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("svc_id", ctypes.c_uint32),
+                ("address", ctypes.c_uint8 * 4)]
+
+
+class Lb4Range(ctypes.Structure):
+    _fields_ = [("pad", ctypes.c_uint32)]
 
 
 class Ct4Key(ctypes.Structure):
@@ -120,6 +130,7 @@ LAYOUTS = {
         MapLayout("frag4", Frag4Key, Frag4Ports),
         MapLayout("sock4_revnat", Sock4Key, Sock4Val),
         MapLayout("node_config", ctypes.c_uint32, NodeConfig),
+        MapLayout("lb4_source_ranges", Lb4RangeKey, Lb4Range),
     )
 }
 
@@ -133,8 +144,10 @@ U32 = struct.Struct("=I")
 CT4_KEY = struct.Struct("=4s4sHHBBH")
 CT4_ENTRY = struct.Struct("=4s4sHHIHHIQQ")
 NODE_CONFIG = struct.Struct("=Q4s4s4s4sHHIII")
+LB4_RANGE_KEY = struct.Struct("=II4s")
+LB4_RANGE = bytes(ctypes.sizeof(Lb4Range))
 PACKERS = {"lb4_services": (LB4_KEY, LB4_SERVICE), "ct4": (CT4_KEY, CT4_ENTRY),
-           "node_config": (U32, NODE_CONFIG)}
+           "node_config": (U32, NODE_CONFIG), "lb4_source_ranges": (LB4_RANGE_KEY, U32)}
 
 
 def check_layouts(sizes: dict[str, tuple[int, int]]) -> list[str]:
@@ -197,6 +210,14 @@ class BpfMap:
 
     def dump(self) -> list[tuple[bytes, bytes]]:
         return syscall.map_dump(self.fd, self.key_size, self.value_size)
+
+    def keys(self) -> list[bytes]:
+        """Every key, one BPF_MAP_GET_NEXT_KEY at a time (for maps without batch lookups,
+        such as LPM tries)."""
+        return syscall.map_keys(self.fd, self.key_size)
+
+    def delete(self, key: bytes) -> bool:
+        return syscall.map_delete(self.fd, key)
 
     def lookup(self, key: bytes) -> bytes | None:
         return syscall.map_lookup(self.fd, key, self.value_size)

@@ -25,6 +25,7 @@ MAP_CREATE = 0
 MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
+MAP_GET_NEXT_KEY = 4
 PROG_LOAD = 5
 PROG_ATTACH = 8
 PROG_DETACH = 9
@@ -125,6 +126,23 @@ def map_delete(fd: int, key: bytes) -> bool:
             return False
         raise
     return True
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    """Every key of a map, with BPF_MAP_GET_NEXT_KEY (no key given: the first one)."""
+    out: list[bytes] = []
+    nxt = ctypes.create_string_buffer(key_size)
+    cur = None
+    while True:
+        attr = _attr("=I4xQQ", fd, 0 if cur is None else _addr(cur), _addr(nxt))
+        try:
+            _bpf(MAP_GET_NEXT_KEY, attr, f"next key of map fd {fd}")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return out
+            raise
+        out.append(nxt.raw)
+        cur = ctypes.create_string_buffer(nxt.raw, key_size)
 
 
 def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:

@@ -981,8 +981,9 @@ def _setup_node_uplink(ip: str, others: list[tuple[str, str]]) -> None:
         ipr.link("set", index=idx, state="up")
         for pod_cidr, gateway in others:
             ipr.route("add", dst=pod_cidr, gateway=gateway, oif=idx)
-        # Node processes reach ClusterIPs and external IPs; the data plane's DNAT takes over.
-        for cidr in (PLAN.service_cidr, PLAN.external_ip_cidr):
+        # Node processes reach ClusterIPs, external IPs and load-balancer IPs; the data
+        # plane's DNAT takes over.
+        for cidr in (PLAN.service_cidr, PLAN.external_ip_cidr, PLAN.load_balancer_cidr):
             ipr.route("add", dst=cidr, oif=idx, scope=RT_SCOPE_LINK)
 
 
@@ -999,7 +1000,10 @@ def _setup_external_uplink(node1_ip: str) -> None:
         ipr.addr("add", index=idx, address=PLAN.external_client_ip,
                  prefixlen=int(PLAN.node_cidr.split("/")[1]))
         ipr.link("set", index=idx, state="up")
-        ipr.route("add", dst=PLAN.external_ip_cidr, gateway=node1_ip, oif=idx)
+        # External IPs and load-balancer IPs reach the cluster through node1 (a load
+        # balancer delivers to a node; no cloud stands in front).
+        for cidr in (PLAN.external_ip_cidr, PLAN.load_balancer_cidr):
+            ipr.route("add", dst=cidr, gateway=node1_ip, oif=idx)
 
 
 def _setup_pod(ip: str, node_veth: str, node_netns: str) -> None:

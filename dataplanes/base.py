@@ -6,10 +6,11 @@ namespaces on this host, the same inside a UML guest, kind) implements it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -116,3 +117,16 @@ class Dataplane(Protocol):
     # still exist (a run being torn down), their state too.
     # @staticmethod
     # def gc(netns_names: list[str] | None = None) -> list[str]: ...
+
+
+def ipset_networks(cidrs: Iterable[str]) -> list[str]:
+    """Networks as ipset's hash:*,net types take them, each once: a /32 bare (as `ipset
+    save` prints it, so what a sync reads back compares equal) and 0.0.0.0/0, which those
+    types refuse, as its two halves."""
+    out: dict[str, None] = {}
+    for cidr in cidrs:
+        net = ipaddress.ip_network(cidr)
+        halves = list(net.subnets()) if net.prefixlen == 0 else [net]
+        for part in halves:
+            out[str(part.network_address) if part.prefixlen == 32 else str(part)] = None
+    return list(out)

@@ -9,6 +9,9 @@ In the spirit of Cilium's kube-proxy replacement, with our own programs (bpf/):
   when the endpoint is on another node (the source is kept otherwise, so
   externalTrafficPolicy Local sees the client), RST / ICMP port unreachable when a
   frontend has no endpoints, a drop when the traffic policy excludes the ones it has.
+  Load-balancer IPs are frontends like externalIPs; with loadBalancerSourceRanges a new
+  flow's source must match the LPM trie `lb4_source_ranges` (Service id, network), or
+  it is dropped.
 - Host-network processes: every socket of the node's namespace reaches Services through
   a policy route into an XDP-attached veth pair (HOST_LINK); processes placed in the
   run's cgroup (join_host_cgroup) are balanced earlier, at connect/sendmsg time, by
@@ -124,6 +127,7 @@ class _Node:
     cookie: int
     objects: loader.NodeObjects
     entries: dict[bytes, bytes] = field(default_factory=dict)  # lb4_services as written
+    ranges: set[bytes] = field(default_factory=set)  # lb4_source_ranges keys as written
     svc_ids: dict[tuple[bytes, int, int], int] = field(default_factory=dict)
     next_svc_id: int = 1
     mirrored: bool = False  # `entries` reflects the kernel
@@ -141,6 +145,7 @@ class _Node:
             if slot == 0 and scope == maps.LB_SCOPE_ALL:
                 self.svc_ids.setdefault((address, port, proto), svc_id)
             self.next_svc_id = max(self.next_svc_id, svc_id + 1)
+        self.ranges = set(self.objects.map("lb4_source_ranges").keys())
         self.mirrored = True
 
 
@@ -161,8 +166,9 @@ class _Render:
     def __init__(self, st: _Node, view: NodeView):
         self.st = st
         self.entries: dict[bytes, bytes] = {CANARY_KEY: CANARY_VALUE}
+        self.ranges: set[bytes] = set()  # lb4_source_ranges keys
         self.svc_ids: dict[tuple[bytes, int, int], int] = {}
-        self.external_ips: set[str] = set()
+        self.external_ips: set[str] = set()  # externalIPs and load-balancer IPs
         self.slot_keys: set[bytes] = set()  # overflow slots of large frontends
         # (endpoint IP, port) -> packed lb4_backend; locality is the IP's, for this node
         self._refs: dict[tuple[str, int], bytes] = {}
@@ -193,7 +199,7 @@ class _Render:
             else:
                 self._frontend(vip, vport, proto, maps.LB_SCOPE_ALL, svc_id,
                                flags | _EMPTY_FLAGS[sp.internal_traffic_filter], timeout, refs)
-            if sp.node_port is not None or sp.external_ips:
+            if sp.has_external:
                 self._external(sp, proto, svc_id, flags | maps.SVC_F_EXTERNAL, timeout,
                                view.node_ips)
 
@@ -213,18 +219,34 @@ class _Render:
         # Pods and the node itself are short-circuited to the cluster-wide set.
         inside = (None if sp.cluster_endpoints == sp.external_endpoints
                   else self._refs_of(sp.cluster_endpoints))
-        frontends = [(ip, sp.port) for ip in sp.external_ips]
+        # (address, port, extra flags): load-balancer IPs serve like externalIPs, and with
+        # loadBalancerSourceRanges only sources inside them (the NodePort is not filtered).
+        frontends = [(ip, sp.port, 0) for ip in sp.external_ips]
         self.external_ips.update(sp.external_ips)
+        if sp.load_balancer_ips:
+            firewall = 0
+            if sp.load_balancer_source_ranges:
+                firewall = maps.SVC_F_SOURCE_RANGES
+                self._source_ranges(svc_id, sp.load_balancer_source_ranges)
+            frontends += [(ip, sp.port, firewall) for ip in sp.load_balancer_ips]
+            self.external_ips.update(sp.load_balancer_ips)
         if sp.node_port is not None:
-            frontends += [(ip, sp.node_port) for ip in node_ips]
-        for ip, port in frontends:
+            frontends += [(ip, sp.node_port, 0) for ip in node_ips]
+        for ip, port, extra in frontends:
             address = socket.inet_aton(ip)
             port = socket.htons(port)
-            self._frontend(address, port, proto, maps.LB_SCOPE_ALL, svc_id, outside_flags,
-                           timeout, outside)
+            self._frontend(address, port, proto, maps.LB_SCOPE_ALL, svc_id,
+                           outside_flags | extra, timeout, outside)
             if inside is not None:
-                self._frontend(address, port, proto, maps.LB_SCOPE_INTERNAL, svc_id, flags,
-                               timeout, inside)
+                self._frontend(address, port, proto, maps.LB_SCOPE_INTERNAL, svc_id,
+                               flags | extra, timeout, inside)
+
+    def _source_ranges(self, svc_id: int, ranges: tuple[str, ...]) -> None:
+        """One LPM trie key per allowed network: the whole Service id, then its prefix."""
+        pack = maps.LB4_RANGE_KEY.pack
+        for cidr in ranges:
+            net = ipaddress.ip_network(cidr)
+            self.ranges.add(pack(32 + net.prefixlen, svc_id, net.network_address.packed))
 
     def _frontend(self, address: bytes, port: int, proto: int, scope: int, svc_id: int,
                   flags: int, timeout: int, refs: list[bytes]) -> None:
@@ -243,7 +265,7 @@ class _Render:
 
     def host_destinations(self, service_cidr: str) -> list[str]:
         """What host-network traffic is routed to the XDP host path: the Service CIDR and
-        the externalIPs outside it."""
+        the externalIPs and load-balancer IPs outside it."""
         net = ipaddress.ip_network(service_cidr)
         extra = sorted(ip for ip in self.external_ips if ipaddress.ip_address(ip) not in net)
         return [service_cidr, *(f"{ip}/32" for ip in extra)]
@@ -669,16 +691,26 @@ class EbpfDataplane:
         if slots:
             changed = [kv for kv in changed if kv[0] not in render.slot_keys]
         gone = [k for k in old if k not in render.entries] if old else []
+        # Source ranges come before the frontends that check them and go after them: a
+        # flagged frontend never meets an empty trie it should not.
+        ranges_map = st.objects.map("lb4_source_ranges")
+        new_ranges = render.ranges - st.ranges
+        old_ranges = st.ranges - render.ranges
         try:
+            for key in sorted(new_ranges):  # an LPM trie takes no batch updates
+                ranges_map.update(key, maps.LB4_RANGE)
             services_map.update_batch(slots)
             services_map.update_batch(changed)
             services_map.delete_batch(gone)
+            for key in sorted(old_ranges):
+                ranges_map.delete(key)
         except OSError as exc:
             st.mirrored = False  # read the kernel back next time
             raise DataplaneError(f"ebpf: lb4_services update failed: {exc}") from None
         st.entries = render.entries
+        st.ranges = render.ranges
         st.svc_ids = render.svc_ids
-        return len(slots) + len(changed) + len(gone)
+        return len(slots) + len(changed) + len(gone) + len(new_ranges) + len(old_ranges)
 
 
 def join_host_cgroup(node: NodeHandle, pid: int | None = None) -> str:
@@ -707,6 +739,7 @@ def service_list(node: NodeHandle) -> list[dict]:
         {"id": 3, "frontend": "198.19.0.1:80/TCP", "type": "ClusterIP" | "External",
          "scope": "" | "internal", "affinity_timeout_s": None | int,
          "empty": "" | "reject" | "drop",
+         "source_ranges": [] | ["198.18.0.0/24", ...],  # loadBalancerSourceRanges
          "backends": [{"address": "198.18.129.2:8080", "local": True}, ...]}
 
     Works from any process (the node's maps are found by netns cookie); [] when the mode
@@ -725,6 +758,10 @@ def service_rows(objects: loader.NodeObjects) -> list[dict]:
         return {"address": f"{socket.inet_ntoa(ip)}:{socket.ntohs(port)}",
                 "local": bool(flags & maps.BE_F_LOCAL)}
 
+    ranges: dict[int, list[str]] = {}
+    for key in objects.map("lb4_source_ranges").keys():
+        prefixlen, svc_id, address = maps.LB4_RANGE_KEY.unpack(key)
+        ranges.setdefault(svc_id, []).append(f"{socket.inet_ntoa(address)}/{prefixlen - 32}")
     for key, value in objects.map("lb4_services").dump():
         if key == CANARY_KEY:
             continue
@@ -742,6 +779,8 @@ def service_rows(objects: loader.NodeObjects) -> list[dict]:
             "scope": "internal" if scope == maps.LB_SCOPE_INTERNAL else "",
             "affinity_timeout_s": timeout if flags & maps.SVC_F_AFFINITY else None,
             "empty": ("drop" if flags & maps.SVC_F_DROP_EMPTY else "reject") if not count else "",
+            "source_ranges": (sorted(ranges.get(svc_id, []), key=ipaddress.ip_network)
+                              if flags & maps.SVC_F_SOURCE_RANGES else []),
             "backends": [backend(value, maps.LB4_HEADER.size + i * maps.LB4_BACKEND.size)
                          for i in range(min(count, maps.LB4_INLINE))],
             "count": count,

@@ -8,6 +8,7 @@ a full sync on the nft backend is split into leaf-first restores (see `_batches`
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import time
 from collections.abc import Iterable
@@ -33,8 +34,9 @@ KUBE_FORWARD = "KUBE-FORWARD"
 KUBE_NODEPORTS = "KUBE-NODEPORTS"
 KUBE_POSTROUTING = "KUBE-POSTROUTING"
 KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
+KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
 
-FILTER_CHAINS = (KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD)
+FILTER_CHAINS = (KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_PROXY_FIREWALL)
 NAT_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
 
@@ -73,6 +75,11 @@ JUMPS = (
         True,
     ),
     Jump("filter", "OUTPUT", KUBE_SERVICES, "kubernetes service portals", True),
+    # Load-balancer IP traffic the KUBE-FW-* chain did not translate (a source outside
+    # loadBalancerSourceRanges) still has the LB IP as destination here, and is dropped.
+    Jump("filter", "INPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", True),
+    Jump("filter", "OUTPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", True),
+    Jump("filter", "FORWARD", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", True),
     Jump("nat", "PREROUTING", KUBE_SERVICES, "kubernetes service portals"),
     Jump("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
     Jump("nat", "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
@@ -110,6 +117,10 @@ def local_chain(sp: ServicePortView) -> str:
 
 def external_chain(sp: ServicePortView) -> str:
     return "KUBE-EXT-" + port_proto_hash(sp.name, sp.protocol.lower())
+
+
+def firewall_chain(sp: ServicePortView) -> str:
+    return "KUBE-FW-" + port_proto_hash(sp.name, sp.protocol.lower())
 
 
 def endpoint_chain(sp: ServicePortView, ep: EndpointView) -> str:
@@ -232,9 +243,13 @@ class _Renderer:
         etp_local = sp.external_policy_local
         digest = port_proto_hash(name, proto)
         svc, svl, ext = f"KUBE-SVC-{digest}", f"KUBE-SVL-{digest}", f"KUBE-EXT-{digest}"
+        fw = f"KUBE-FW-{digest}"
         internal_chain = svl if sp.internal_policy_local else svc
         # The EXT chain exists whenever anything may use it: pods and the node short-circuit.
         uses_ext = sp.has_any_endpoints and sp.has_external
+        # loadBalancerSourceRanges: load-balancer IP traffic passes the FW chain first.
+        uses_fw = uses_ext and bool(sp.load_balancer_ips and sp.load_balancer_source_ranges)
+        lb_chain = fw if uses_fw else ext
 
         vip = f"-d {sp.cluster_ip}/32"
         if sp.internal_endpoints:
@@ -261,6 +276,24 @@ class _Renderer:
                     f"-A {KUBE_EXTERNAL_SERVICES} -d {eip}/32 -p {proto} {_comment(why)}"
                     f" -m {proto} --dport {sp.port} -j {verdict}"
                 )
+        for lbip in sp.load_balancer_ips:
+            if uses_ext:
+                n[KUBE_SERVICES].append(
+                    f"-A {KUBE_SERVICES} -d {lbip}/32 -p {proto}"
+                    f" {_comment(name + ' loadbalancer IP')} -m {proto} --dport {sp.port} -j {lb_chain}"
+                )
+            if uses_fw:
+                f[KUBE_PROXY_FIREWALL].append(
+                    f"-A {KUBE_PROXY_FIREWALL} -d {lbip}/32 -p {proto}"
+                    f" {_comment(f'{name} traffic not accepted by {fw}')}"
+                    f" -m {proto} --dport {sp.port} -j DROP"
+                )
+            if sp.external_traffic_filter:
+                f[KUBE_EXTERNAL_SERVICES].append(
+                    f"-A {KUBE_EXTERNAL_SERVICES} -d {lbip}/32 -p {proto} {_comment(why)}"
+                    f" -m {proto} --dport {sp.port} -j {verdict}"
+                )
+        # NodePorts are not subject to loadBalancerSourceRanges (kube-proxy).
         if sp.node_port is not None:
             if uses_ext:
                 n[KUBE_NODEPORTS].append(
@@ -298,6 +331,8 @@ class _Renderer:
                 ]
             if sp.external_endpoints:
                 rules.append(f"-A {ext} -j {svl if etp_local else svc}")
+        if uses_fw:
+            self._firewall(sp, n.setdefault(fw, []), fw, ext)
         seps = {ep.addr: endpoint_chain(sp, ep) for ep in sp.all_reachable_endpoints}
         if sp.cluster_endpoints:
             self._balance(sp, n.setdefault(svc, []), svc, sp.cluster_endpoints, seps)
@@ -316,6 +351,22 @@ class _Renderer:
                 f"-A {sep} -s {ep.ip}/32{tag} -j {KUBE_MARK_MASQ}",
                 f"-A {sep} -p {proto}{tag}{affinity} -m {proto} -j DNAT --to-destination {ep.addr}",
             ]
+
+    def _firewall(self, sp: ServicePortView, rules: list[str], fw: str, ext: str) -> None:
+        """kube-proxy's KUBE-FW chain: each allowed source range goes on to the EXT chain;
+        what falls through keeps the LB IP as destination and meets KUBE-PROXY-FIREWALL."""
+        tag = _comment(f"{sp.name} loadbalancer IP")
+        ranges = list(dict.fromkeys(sp.load_balancer_source_ranges))
+        for cidr in ranges:
+            rules.append(f"-A {fw} {tag} -s {cidr} -j {ext}")
+        node = ipaddress.ip_address(self.view.node_ip)
+        if any(node in ipaddress.ip_network(cidr) for cidr in ranges):
+            # A node that may reach the LB IP may also do so from the LB IP itself (an LB
+            # IP bound on the node loops back with it as source).
+            rules += [f"-A {fw} {tag} -s {lbip}/32 -j {ext}" for lbip in sp.load_balancer_ips]
+        rules.append(
+            f"-A {fw} {_comment(f'other traffic to {sp.name} will be dropped by {KUBE_PROXY_FIREWALL}')}"
+        )
 
     def _balance(self, sp: ServicePortView, rules: list[str], chain: str, eps, seps) -> None:
         def tag(ep: EndpointView) -> str:

@@ -142,9 +142,7 @@ def parse_rule(line: str) -> Rule:
             raise TraceError(f"option {tok!r} is not modelled: {line}")
         negate = False
         i += 1
-    if not rule.target:
-        raise TraceError(f"rule without -j/-g target: {line}")
-    return rule
+    return rule  # no target: a rule that only counts (kube-proxy's KUBE-FW chains end with one)
 
 
 @dataclass
@@ -377,6 +375,8 @@ class _Walker:
 
     def _target(self, table, chain, i, rule: Rule, p: Packet, depth: int):
         t, args = rule.target, rule.target_args
+        if not t:
+            return self._from(table, chain, i + 1, p, depth)
         if t in TERMINAL:
             return [(t, p)]
         if t == "RETURN":

@@ -1,14 +1,18 @@
 """The IPVS data plane: kube-proxy's ipvs mode, programmed over generic netlink.
 
 Per node: a `kube-ipvs0` dummy interface (left down, as kube-proxy does) holds every
-ClusterIP and externalIP, so the kernel takes them as local; one IPVS virtual server per
-VIP:port:protocol (ClusterIP, each node IP for a NodePort, each externalIP) with one real
+ClusterIP, externalIP and load-balancer IP, so the kernel takes them as local; one IPVS
+virtual server per VIP:port:protocol (ClusterIP, each node IP for a NodePort, each
+externalIP, each load-balancer IP) with one real
 server per endpoint, forwarded by masquerading (NAT), the configured scheduler, and
 persistence for ClientIP affinity. What IPVS cannot do is done by a few iptables rules over
 ipsets, in kube-proxy's layout: masquerade off-cluster traffic to ClusterIPs
 (KUBE-CLUSTER-IP), hairpin (KUBE-LOOP-BACK), NodePorts (KUBE-NODE-PORT-*: masquerade, or
-keep the client's address for externalTrafficPolicy Local), externalIPs and a REJECT for
-VIP ports no Service serves (KUBE-IPVS-FILTER). A virtual server without real servers
+keep the client's address for externalTrafficPolicy Local), externalIPs, load-balancer
+IPs (KUBE-LOAD-BALANCER) with their loadBalancerSourceRanges (KUBE-PROXY-FIREWALL and
+KUBE-SOURCE-RANGES-FIREWALL over the KUBE-LOAD-BALANCER-FW and -SOURCE-CIDR/-SOURCE-IP
+sets: other sources dropped) and a REJECT for VIP ports no Service serves
+(KUBE-IPVS-FILTER). A virtual server without real servers
 answers every new connection with ICMP port unreachable, which is the REJECT a Service
 without endpoints needs.
 
@@ -43,7 +47,7 @@ from pyroute2.netlink import (
 )
 
 from dataplanes import healthcheck
-from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
+from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats, ipset_networks
 from kube.state import DROP, EndpointView, NodeView, ServicePortView
 
 # Service ports this mode does not program yet, and why.
@@ -75,6 +79,11 @@ KUBE_NODE_PORT_UDP = "KUBE-NODE-PORT-UDP"
 KUBE_NODE_PORT_LOCAL_TCP = "KUBE-NODE-PORT-LOCAL-TCP"
 KUBE_NODE_PORT_LOCAL_UDP = "KUBE-NODE-PORT-LOCAL-UDP"
 KUBE_IPVS_IPS = "KUBE-IPVS-IPS"
+KUBE_LOAD_BALANCER = "KUBE-LOAD-BALANCER"
+KUBE_LOAD_BALANCER_LOCAL = "KUBE-LOAD-BALANCER-LOCAL"
+KUBE_LOAD_BALANCER_FW = "KUBE-LOAD-BALANCER-FW"
+KUBE_LOAD_BALANCER_SOURCE_CIDR = "KUBE-LOAD-BALANCER-SOURCE-CIDR"
+KUBE_LOAD_BALANCER_SOURCE_IP = "KUBE-LOAD-BALANCER-SOURCE-IP"
 # The view's DROP, which kube-proxy's IPVS layout has no set for: a virtual server without
 # real servers answers ICMP port unreachable, which is its REJECT.
 KUBE_DROP_CLUSTER_IP = "KUBE-DROP-CLUSTER-IP"
@@ -102,6 +111,11 @@ IPSETS = (
     IpSet(KUBE_NODE_PORT_UDP, "bitmap:port", "Kubernetes nodeport UDP port for masquerade purpose", "range 0-65535"),
     IpSet(KUBE_NODE_PORT_LOCAL_UDP, "bitmap:port", "Kubernetes nodeport UDP port with externalTrafficPolicy=local", "range 0-65535"),
     IpSet(KUBE_IPVS_IPS, "hash:ip", "Kubernetes IPVS ips for filter purpose"),
+    IpSet(KUBE_LOAD_BALANCER, "hash:ip,port", "Kubernetes service lb portal"),
+    IpSet(KUBE_LOAD_BALANCER_LOCAL, "hash:ip,port", "Kubernetes service load balancer ip + port with externalTrafficPolicy=local"),
+    IpSet(KUBE_LOAD_BALANCER_FW, "hash:ip,port", "Kubernetes service load balancer ip + port for load balancer with sourceRange"),
+    IpSet(KUBE_LOAD_BALANCER_SOURCE_CIDR, "hash:ip,port,net", "Kubernetes service load balancer ip + port + source cidr for packet filter purpose"),
+    IpSet(KUBE_LOAD_BALANCER_SOURCE_IP, "hash:ip,port,ip", "Kubernetes service load balancer ip + port + source IP for packet filter purpose"),
     IpSet(KUBE_DROP_CLUSTER_IP, "hash:ip,port", "Kubernetes service cluster ip + port with no endpoint for this node: drop"),
     IpSet(KUBE_DROP_EXTERNAL, "hash:ip,port", "Kubernetes service external or node ip + port with no endpoint for outside clients: drop them"),
 )
@@ -115,10 +129,19 @@ KUBE_NODE_PORT = "KUBE-NODE-PORT"
 KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
 KUBE_FORWARD = "KUBE-FORWARD"
 KUBE_IPVS_FILTER = "KUBE-IPVS-FILTER"
+KUBE_LOAD_BALANCER_CHAIN = "KUBE-LOAD-BALANCER"
+KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
+KUBE_SOURCE_RANGES_FIREWALL = "KUBE-SOURCE-RANGES-FIREWALL"
+# mangle: the node's own connections meet the source ranges before IPVS's LOCAL_OUT hook
+# schedules them (kube-proxy drops them after it, with one `-m ipvs --vaddr` rule per
+# load-balancer IP:port in KUBE-IPVS-OUT-FILTER); the same two chains as in filter.
 CHAINS = {
-    "nat": (KUBE_SERVICES, KUBE_POSTROUTING, KUBE_NODE_PORT, KUBE_MARK_MASQ),
-    "filter": (KUBE_FORWARD, KUBE_IPVS_FILTER),
+    "nat": (KUBE_SERVICES, KUBE_POSTROUTING, KUBE_NODE_PORT, KUBE_MARK_MASQ,
+            KUBE_LOAD_BALANCER_CHAIN),
+    "filter": (KUBE_FORWARD, KUBE_IPVS_FILTER, KUBE_PROXY_FIREWALL, KUBE_SOURCE_RANGES_FIREWALL),
+    "mangle": (KUBE_PROXY_FIREWALL, KUBE_SOURCE_RANGES_FIREWALL),
 }
+TABLES = tuple(CHAINS)
 # (table, built-in chain, rule spec) in the order they stand at the top of each chain.
 JUMPS = (
     ("nat", "PREROUTING", f'-m comment --comment "kubernetes service portals" -j {KUBE_SERVICES}'),
@@ -126,6 +149,9 @@ JUMPS = (
     ("nat", "POSTROUTING", f'-m comment --comment "kubernetes postrouting rules" -j {KUBE_POSTROUTING}'),
     ("filter", "INPUT", f'-m comment --comment "kubernetes ipvs access filter" -j {KUBE_IPVS_FILTER}'),
     ("filter", "FORWARD", f'-m comment --comment "kubernetes forwarding rules" -j {KUBE_FORWARD}'),
+    ("filter", "INPUT", f'-m comment --comment "kube-proxy firewall rules" -j {KUBE_PROXY_FIREWALL}'),
+    ("filter", "FORWARD", f'-m comment --comment "kube-proxy firewall rules" -j {KUBE_PROXY_FIREWALL}'),
+    ("mangle", "OUTPUT", f'-m comment --comment "kube-proxy firewall rules" -j {KUBE_PROXY_FIREWALL}'),
 )
 
 
@@ -150,6 +176,10 @@ def iptables_rules(cluster_cidr: str) -> dict[tuple[str, str], list[str]]:
         # kube-ipvs0): the endpoint's reply could not find its way back without masquerade.
         f"-m addrtype --src-type LOCAL {_set(KUBE_EXTERNAL_IP_LOCAL, 'dst,dst')} -j {KUBE_MARK_MASQ}",
         f"{_set(KUBE_EXTERNAL_IP_LOCAL, 'dst,dst')} -j ACCEPT",
+        # Load-balancer IPs: masquerade but under externalTrafficPolicy Local; like
+        # externalIPs, they never fall through to the NodePort rules.
+        f"{_set(KUBE_LOAD_BALANCER, 'dst,dst')} -j {KUBE_LOAD_BALANCER_CHAIN}",
+        f"-m set --match-set {KUBE_LOAD_BALANCER} dst,dst -j ACCEPT",
         f"-m addrtype --dst-type LOCAL -j {KUBE_NODE_PORT}",
         f"-m set --match-set {KUBE_CLUSTER_IP} dst,dst -j ACCEPT",
     ]
@@ -171,6 +201,21 @@ def iptables_rules(cluster_cidr: str) -> dict[tuple[str, str], list[str]]:
         f"{_c('kubernetes forwarding rules')} -m mark --mark {m}/{m} -j ACCEPT",
         f"{_c('kubernetes forwarding conntrack rule')} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
     ]
+    load_balancer = [
+        # The node's own connection leaves from the LB IP (it is on kube-ipvs0), as to a
+        # Local externalIP: masqueraded so a remote endpoint's reply finds its way back.
+        f"-m addrtype --src-type LOCAL {_set(KUBE_LOAD_BALANCER_LOCAL, 'dst,dst')} -j {KUBE_MARK_MASQ}",
+        f"{_set(KUBE_LOAD_BALANCER_LOCAL, 'dst,dst')} -j RETURN",
+        f"-j {KUBE_MARK_MASQ}",
+    ]
+    # loadBalancerSourceRanges, before IPVS sees the connection: filter INPUT and FORWARD for
+    # pods and outside clients, mangle OUTPUT for the node's own processes.
+    firewall = [f"{_set(KUBE_LOAD_BALANCER_FW, 'dst,dst')} -j {KUBE_SOURCE_RANGES_FIREWALL}"]
+    source_ranges = [
+        f"{_set(KUBE_LOAD_BALANCER_SOURCE_CIDR, 'dst,dst,src')} -j RETURN",
+        f"{_set(KUBE_LOAD_BALANCER_SOURCE_IP, 'dst,dst,src')} -j RETURN",
+        "-j DROP",
+    ]
     ipvs_filter = [
         # Before IPVS's LOCAL_IN hook: pods, outside clients and (through lo) the node itself.
         f"-m conntrack --ctstate NEW {_set(KUBE_DROP_CLUSTER_IP, 'dst,dst')} -j DROP",
@@ -180,6 +225,7 @@ def iptables_rules(cluster_cidr: str) -> dict[tuple[str, str], list[str]]:
         f"-m set --match-set {KUBE_CLUSTER_IP} dst,dst -j RETURN",
         f"-m set --match-set {KUBE_EXTERNAL_IP} dst,dst -j RETURN",
         f"-m set --match-set {KUBE_EXTERNAL_IP_LOCAL} dst,dst -j RETURN",
+        f"-m set --match-set {KUBE_LOAD_BALANCER} dst,dst -j RETURN",
         # A VIP on a port no Service serves: refuse, as a host with no listener would.
         f"-m conntrack --ctstate NEW -m set --match-set {KUBE_IPVS_IPS} dst"
         " -j REJECT --reject-with icmp-port-unreachable",
@@ -191,6 +237,11 @@ def iptables_rules(cluster_cidr: str) -> dict[tuple[str, str], list[str]]:
         ("nat", KUBE_MARK_MASQ): [f"-j MARK --set-xmark {m}/{m}"],
         ("filter", KUBE_FORWARD): forward,
         ("filter", KUBE_IPVS_FILTER): ipvs_filter,
+        ("nat", KUBE_LOAD_BALANCER_CHAIN): load_balancer,
+        ("filter", KUBE_PROXY_FIREWALL): firewall,
+        ("filter", KUBE_SOURCE_RANGES_FIREWALL): source_ranges,
+        ("mangle", KUBE_PROXY_FIREWALL): firewall,
+        ("mangle", KUBE_SOURCE_RANGES_FIREWALL): source_ranges,
     }
     return {key: [f"-A {key[1]} {rule}" for rule in rules] for key, rules in chains.items()}
 
@@ -198,7 +249,7 @@ def iptables_rules(cluster_cidr: str) -> dict[tuple[str, str], list[str]]:
 def iptables_payload(rules: dict[tuple[str, str], list[str]], jumps: Iterable[tuple[str, str, str]] = JUMPS) -> str:
     """Restore text (for --noflush) that rewrites our chains and inserts the given jumps."""
     out = []
-    for table in ("nat", "filter"):
+    for table in TABLES:
         out.append(f"*{table}")
         out += [f":{chain} - [0:0]" for chain in CHAINS[table]]
         for chain in CHAINS[table]:
@@ -321,6 +372,26 @@ def desired_layout(view: NodeView, scheduler: str = DEFAULT_SCHEDULER) -> IpvsLa
             sets[local].add(f"{eip},{proto}:{sp.port}")
             if dropped:
                 sets[KUBE_DROP_EXTERNAL].add(f"{eip},{proto}:{sp.port}")
+        # Load-balancer IPs: served as externalIPs; with source ranges only from them.
+        local_lb = sp.external_policy_local
+        networks = ipset_networks(sp.load_balancer_source_ranges)
+        node_allowed = any(ipaddress.ip_address(view.node_ip) in ipaddress.ip_network(net)
+                           for net in sp.load_balancer_source_ranges)
+        for lbip in sp.load_balancer_ips:
+            entry = f"{lbip},{proto}:{sp.port}"
+            out.add(vs(lbip, sp.port), external)
+            out.addresses.add(lbip)
+            sets[KUBE_LOAD_BALANCER].add(entry)
+            if local_lb:
+                sets[KUBE_LOAD_BALANCER_LOCAL].add(entry)
+            if dropped:
+                sets[KUBE_DROP_EXTERNAL].add(entry)
+            if networks:
+                sets[KUBE_LOAD_BALANCER_FW].add(entry)
+                sets[KUBE_LOAD_BALANCER_SOURCE_CIDR].update(f"{entry},{net}" for net in networks)
+                if node_allowed:
+                    # The node reaches its own LB IP from that address (kube-proxy's allowFromNode).
+                    sets[KUBE_LOAD_BALANCER_SOURCE_IP].add(f"{entry},{lbip}")
         if sp.node_port is not None:
             for node_ip in view.node_ips:
                 out.add(vs(node_ip, sp.node_port), external)
@@ -814,7 +885,8 @@ IPT_GETINFO = struct.Struct("=32sI5I5III")  # name, valid_hooks, hook_entry, und
 
 
 def _iptables_fingerprint() -> tuple | None:
-    """(entries, bytes) of the legacy nat and filter tables: any rule added or removed changes it.
+    """(entries, bytes) of the legacy nat, filter and mangle tables: any rule added or removed
+    changes it.
 
     Read with one getsockopt per table, no process; None when a table is not loaded.
     """
@@ -823,7 +895,7 @@ def _iptables_fingerprint() -> tuple | None:
     libc = ctypes.CDLL(None, use_errno=True)
     out = []
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
-        for table in (b"nat", b"filter"):
+        for table in (b"nat", b"filter", b"mangle"):
             buf = ctypes.create_string_buffer(IPT_GETINFO.pack(table, 0, *[0] * 10, 0, 0), IPT_GETINFO.size)
             size = ctypes.c_uint(IPT_GETINFO.size)
             if libc.getsockopt(sock.fileno(), socket.IPPROTO_IP, IPT_SO_GET_INFO, buf, ctypes.byref(size)) != 0:
@@ -840,6 +912,7 @@ IPSET_CMD_DESTROY, IPSET_CMD_ADD, IPSET_CMD_DEL = 3, 9, 10
 IPSET_PROTOCOL = 6
 IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_DATA = 1, 2, 7
 IPSET_ATTR_IP, IPSET_ATTR_PORT, IPSET_ATTR_PROTO, IPSET_ATTR_IP2 = 1, 4, 7, 20
+IPSET_ATTR_CIDR2 = 21
 IPSET_ATTR_IPADDR_IPV4 = 1
 NLA_F_NET_BYTEORDER = 0x4000
 NFGENMSG = struct.Struct("=BBH")  # family, version, res_id
@@ -851,7 +924,8 @@ def _ipset_ip(kind: int, ip: str) -> bytes:
 
 
 def _ipset_entry(set_type: str, entry: str) -> bytes:
-    """IPSET_ATTR_DATA for one member, as `ipset add` encodes it: "ip", "ip,proto:port[,ip]", "port"."""
+    """IPSET_ATTR_DATA for one member, as `ipset add` encodes it: "ip", "ip,proto:port[,ip]",
+    "ip,proto:port,net/prefix" (a bare address is a /32) or "port"."""
     if set_type == "bitmap:port":
         return _nla(IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", int(entry)))
     parts = entry.split(",")
@@ -861,7 +935,10 @@ def _ipset_entry(set_type: str, entry: str) -> bytes:
         attrs += [_nla(IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", int(port))),
                   _nla(IPSET_ATTR_PROTO, struct.pack("=B", IP_PROTOCOLS[proto]))]
     if len(parts) > 2:
-        attrs.append(_ipset_ip(IPSET_ATTR_IP2, parts[2]))
+        ip2, _, prefix = parts[2].partition("/")
+        attrs.append(_ipset_ip(IPSET_ATTR_IP2, ip2))
+        if prefix:
+            attrs.append(_nla(IPSET_ATTR_CIDR2, struct.pack("=B", int(prefix))))
     return b"".join(attrs)
 
 
@@ -1017,7 +1094,7 @@ class IpvsDataplane:
         self._sync_ipsets(node, None)
         saved = self._save(node)
         lines = []
-        for table in ("nat", "filter"):
+        for table in TABLES:
             # Existing chains are left as they are: a restarted proxy keeps serving until its sync.
             lines.append(f"*{table}")
             lines += [f":{c} - [0:0]" for c in CHAINS[table] if (table, c) not in saved.chains]
@@ -1071,7 +1148,7 @@ class IpvsDataplane:
         self._iptables_seen.pop(node.netns, None)
         saved = self._save(node)
         lines = []
-        for table in ("nat", "filter"):
+        for table in TABLES:
             ours = [c for c in CHAINS[table] if (table, c) in saved.chains]
             lines.append(f"*{table}")
             lines += [f":{c} - [0:0]" for c in ours]  # flushed, so nothing refers to the sets

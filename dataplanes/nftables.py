@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import ipaddress
 import json
 import socket
 import struct
@@ -90,6 +91,12 @@ PROTOCOLS = ("tcp", "udp", "sctp")
 HAIRPIN = "hairpin-endpoints"
 AFFINITY = "affinity"
 REJECT_CHAIN = "reject-chain"
+# loadBalancerSourceRanges: kube-proxy's firewall-ips map sends a load-balancer IP:port to
+# a chain per Service; here one shared chain looks the source up in one interval map.
+FIREWALL_IPS = "firewall-ips"
+FIREWALL_SOURCES = "firewall-sources"
+FIREWALL_CHECK = "firewall-check"
+FIREWALL_SOURCES_CHECK = "firewall-sources-check"
 # The no-endpoint maps' verdict for the view's filter of a frontend.
 _FILTER_VERDICTS = {REJECT: f"goto {REJECT_CHAIN}", DROP: "drop"}
 
@@ -109,6 +116,11 @@ MAPS: dict[str, str] = {
     SERVICE_NODEPORTS: f"typeof {PORT_KEY} : verdict",
     NO_ENDPOINT_SERVICES: f"typeof {IP_KEY} : verdict",
     NO_ENDPOINT_NODEPORTS: f"typeof {PORT_KEY} : verdict",
+    FIREWALL_IPS: f"typeof {IP_KEY} : verdict",
+    # A concatenation ending in a network needs an interval map; `type` rather than
+    # `typeof`, which nft 1.0.6 does not read back for intervals of concatenations.
+    FIREWALL_SOURCES: "type ipv4_addr . inet_proto . inet_service . ipv4_addr : verdict ; "
+                      "flags interval",
 }
 # Endpoint maps are per protocol: their data must be typed `ip daddr . tcp dport` (or udp),
 # which adds a `meta l4proto` match to every rule that reads them; `ip daddr . th dport`
@@ -131,6 +143,9 @@ BASE_CHAINS: dict[str, str] = {
     "filter-input": "type filter hook input priority -110 ; policy accept ;",
     "filter-forward": "type filter hook forward priority -110 ; policy accept ;",
     "filter-output": "type filter hook output priority -90 ; policy accept ;",
+    # kube-proxy's firewall hooks: before DNAT, while the destination is still the LB IP.
+    "filter-prerouting-pre-dnat": "type filter hook prerouting priority -110 ; policy accept ;",
+    "filter-output-pre-dnat": "type filter hook output priority -110 ; policy accept ;",
 }
 
 
@@ -150,6 +165,11 @@ def fixed_chains() -> dict[str, list[str]]:
             "ct state new jump service-endpoints-check",
             "ct state new jump nodeport-endpoints-check",
         ],
+        "filter-prerouting-pre-dnat": [f"ct state new jump {FIREWALL_CHECK}"],
+        "filter-output-pre-dnat": [f"ct state new jump {FIREWALL_CHECK}"],
+        FIREWALL_CHECK: [f"{IP_KEY} vmap @{FIREWALL_IPS}"],
+        # A source inside the ranges returns; anything else to the LB IP is dropped.
+        FIREWALL_SOURCES_CHECK: [f"{IP_KEY} . ip saddr vmap @{FIREWALL_SOURCES}", "drop"],
         "services": [
             f"{IP_KEY} vmap @{SERVICE_IPS}",
             f"fib daddr type local ip daddr != {LOOPBACK} {PORT_KEY} vmap @{SERVICE_NODEPORTS}",
@@ -420,9 +440,12 @@ def service_key(sp: ServicePortView) -> ServiceKey:
 
 
 def render_service(
-    sp: ServicePortView, previous: ServiceRules | None = None
+    sp: ServicePortView, previous: ServiceRules | None = None, node_ip: str | None = None
 ) -> ServiceRules:
-    """One Service port's elements; its slots follow `previous` where endpoints stay."""
+    """One Service port's elements; its slots follow `previous` where endpoints stay.
+
+    node_ip: the node's address, which kube-proxy checks against loadBalancerSourceRanges.
+    """
     out = ServiceRules()
     before = previous.slots if previous else {}
     proto = sp.protocol.lower()
@@ -453,8 +476,10 @@ def render_service(
         elements[NO_ENDPOINT_SERVICES, key] = _FILTER_VERDICTS[sp.internal_traffic_filter]
     if not sp.has_external:
         return out
-    # (endpoint map, its key, the dispatch key)
-    targets = [(ip_map, f"{ip} . {sp.port}", f"{ip} . {proto} . {sp.port}") for ip in sp.external_ips]
+    _firewall(sp, proto, elements, node_ip)
+    # (endpoint map, its key, the dispatch key); load-balancer IPs are served as externalIPs.
+    targets = [(ip_map, f"{ip} . {sp.port}", f"{ip} . {proto} . {sp.port}")
+               for ip in (*sp.external_ips, *sp.load_balancer_ips)]
     if sp.node_port is not None:
         targets.append((port_map, f"{sp.node_port}", f"{proto} . {sp.node_port}"))
     outside, inside = sp.external_endpoints, sp.cluster_endpoints
@@ -479,11 +504,32 @@ def render_service(
     return out
 
 
+def _firewall(sp: ServicePortView, proto: str, elements: dict[tuple[str, str], str],
+              node_ip: str | None) -> None:
+    """loadBalancerSourceRanges: each LB IP:port is checked, each range lets its sources on.
+
+    Like kube-proxy, a range holding the node's own address also admits the LB IPs as
+    sources (an LB IP bound on a node loops back with itself as source). Overlapping
+    networks are merged: an interval map may refuse them.
+    """
+    if not (sp.load_balancer_ips and sp.load_balancer_source_ranges):
+        return
+    nets = [ipaddress.ip_network(cidr) for cidr in sp.load_balancer_source_ranges]
+    if node_ip is not None and any(ipaddress.ip_address(node_ip) in net for net in nets):
+        nets += [ipaddress.ip_network(f"{ip}/32") for ip in sp.load_balancer_ips]
+    sources = list(ipaddress.collapse_addresses(nets))
+    for ip in sp.load_balancer_ips:
+        key = f"{ip} . {proto} . {sp.port}"
+        elements[FIREWALL_IPS, key] = f"goto {FIREWALL_SOURCES_CHECK}"
+        for net in sources:
+            elements[FIREWALL_SOURCES, f"{key} . {net}"] = "return"
+
+
 def render_ruleset(view: NodeView) -> Ruleset:
     """Everything the node's table holds for `view`."""
     rs = Ruleset(view.cluster_cidr, order=view.services)
     for sp in view.services:
-        rs.add(service_key(sp), sp, render_service(sp))
+        rs.add(service_key(sp), sp, render_service(sp, node_ip=view.node_ip))
     return rs
 
 
@@ -533,7 +579,7 @@ def update(old: Ruleset, view: NodeView) -> tuple[Ruleset, Delta]:
             new.remove(key, forget=key not in wanted)
         sp = wanted.get(key)
         if sp is not None:
-            rules = render_service(sp, before[1] if before else None)
+            rules = render_service(sp, before[1] if before else None, view.node_ip)
             touched.update(rules.elements)
             pairs.update(rules.hairpin)
             new.add(key, sp, rules)

@@ -2,8 +2,8 @@
 
 Enough of nf_tables to follow what `dataplanes.nftables` renders: base chains ordered by
 hook and priority, jump/goto/return, verdict maps, set and map lookups over
-concatenations, `numgen random` (each value a branch with its probability), dynamic set
-`update`, mark arithmetic, `fib ... type local`, dnat, masquerade and reject. A packet
+concatenations (in interval maps an element's part may be a network), `numgen random`
+(each value a branch with its probability), dynamic set `update`, mark arithmetic, `fib ... type local`, dnat, masquerade and reject. A packet
 from a pod or an external client takes prerouting, then input (to a local address) or
 forward, then postrouting; a process on the node takes output, then postrouting.
 
@@ -269,7 +269,7 @@ class _Walker:
         if m:
             out = []
             for k, q in self.key(m.group(1), p):
-                verdict = self.t.maps.get(m.group(2), {}).get(k)
+                verdict = _lookup(self.t.maps.get(m.group(2), {}), k)
                 pk = replace(p, probability=p.probability * q)
                 if verdict is None:
                     out += fail(pk)
@@ -349,6 +349,28 @@ class _Walker:
                     nxt.append(("" if v in ("", "accept", "DNAT", "MASQUERADE") else v, r))
             states = nxt
         return states
+
+
+def _lookup(elements: dict[tuple[str, ...], str], key: tuple[str, ...]) -> str | None:
+    """A map's value for key: an exact element, else one whose parts hold a network the
+    key's address lies in (an interval map)."""
+    found = elements.get(key)
+    if found is not None:
+        return found
+    for parts, value in elements.items():
+        if len(parts) != len(key) or not any("/" in part for part in parts):
+            continue
+        pairs = zip(parts, key, strict=True)
+        if all(part == k or ("/" in part and _in_network(k, part)) for part, k in pairs):
+            return value
+    return None
+
+
+def _in_network(ip: str, net: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip) in ipaddress.ip_network(net, strict=False)
+    except ValueError:
+        return False
 
 
 def trace(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dataplanes import healthcheck
-from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
+from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats, ipset_networks
 from dataplanes.userspace_proxy import (
     CONNECT_TIMEOUT_S,
     CONTROL_NAME,
@@ -42,6 +42,7 @@ from dataplanes.userspace_proxy import (
     UDP_IDLE_TIMEOUT_S,
     PortalKey,
     portal_classes,
+    portal_source_ranges,
 )
 from kube.state import NodeView, ServicePortView
 
@@ -71,6 +72,13 @@ SET_EXTERNAL_LOCAL = "KUBE-PORTALS-EXT-LOCAL"  # ... but not for outside clients
 SET_DROP = "KUBE-PORTALS-DROP"
 SET_REJECT = "KUBE-PORTALS-REJECT"
 SETS = (SET_REDIRECT, SET_EXTERNAL_LOCAL, SET_DROP, SET_REJECT)
+# loadBalancerSourceRanges (as kube-proxy's IPVS mode keeps them): the load-balancer portals
+# that have ranges, and (portal, allowed network) pairs. A TCP connection the proxy could
+# refuse has already been accepted by the kernel, so the source is judged before REDIRECT:
+# other sources stay unredirected and the filter drops them (the client times out).
+SET_FIREWALL = "KUBE-PORTALS-FW"
+SET_FIREWALL_SOURCES = "KUBE-PORTALS-FW-SOURCES"
+SET_TYPES = {SET_FIREWALL_SOURCES: "hash:ip,port,net"}  # the others are hash:ip,port
 SET_MEMBERS = {  # which classes each set holds
     SET_REDIRECT: (REDIRECT, EXTERNAL_LOCAL),
     SET_EXTERNAL_LOCAL: (EXTERNAL_LOCAL,),
@@ -93,10 +101,12 @@ REPO_ROOT = str(Path(__file__).resolve().parents[1])
 # Conformance checks this mode cannot meet by design (check name -> why).
 _SOURCE_IP = ("the proxy opens its own connection to the backend, so the backend sees the node's "
               "address, never the client's: userspace mode cannot preserve the source IP")
+_LOCAL_POLICY = (_SOURCE_IP + " (the policy's other half, no service through a node without "
+                 "a local endpoint, is met)")
 DEVIATIONS = {
     "clusterip_preserves_client_pod_ip": _SOURCE_IP,
-    "external_traffic_policy_local": _SOURCE_IP + " (the policy's other half, no service through "
-                                     "a node without a local endpoint, is met)",
+    "external_traffic_policy_local": _LOCAL_POLICY,
+    "load_balancer_external_traffic_policy_local": _LOCAL_POLICY,
 }
 
 
@@ -122,6 +132,8 @@ def _service(sp: ServicePortView) -> dict[str, Any]:
         "port": sp.port,
         "node_port": sp.node_port,
         "external_ips": list(sp.external_ips),
+        "load_balancer_ips": list(sp.load_balancer_ips),
+        "source_ranges": list(sp.load_balancer_source_ranges),
         "affinity_s": sp.affinity_timeout_s,
         "internal": [[e.ip, e.port] for e in sp.internal_endpoints],
         "external": [[e.ip, e.port] for e in sp.external_endpoints],
@@ -131,18 +143,25 @@ def _service(sp: ServicePortView) -> dict[str, Any]:
     }
 
 
-def render_ipsets(classes: dict[PortalKey, str]) -> str:
+def render_ipsets(classes: dict[PortalKey, str],
+                  source_ranges: dict[PortalKey, tuple[str, ...]] | None = None) -> str:
     """An `ipset restore` payload that replaces every portal set at once (fill a copy, swap)."""
-    members: dict[str, list[str]] = {name: [] for name in SETS}
+    members: dict[str, list[str]] = {name: [] for name in (*SETS, SET_FIREWALL,
+                                                           SET_FIREWALL_SOURCES)}
     for (proto, ip, port), cls in sorted(classes.items()):
         entry = f"{ip},{proto.lower()}:{port}"
         for name in SETS:
             if cls in SET_MEMBERS[name]:
                 members[name].append(entry)
+    for (proto, ip, port), ranges in sorted((source_ranges or {}).items()):
+        entry = f"{ip},{proto.lower()}:{port}"
+        members[SET_FIREWALL].append(entry)
+        members[SET_FIREWALL_SOURCES] += [f"{entry},{net}" for net in ipset_networks(ranges)]
     out: list[str] = []
-    for name in SETS:
+    for name in members:
         new = f"{name}-NEW"
-        spec = f"hash:ip,port family inet hashsize {_hashsize(len(members[name]))} maxelem {SET_MAXELEM}"
+        kind = SET_TYPES.get(name, "hash:ip,port")
+        spec = f"{kind} family inet hashsize {_hashsize(len(members[name]))} maxelem {SET_MAXELEM}"
         out += [f"create {name} {spec} -exist", f"create {new} {spec} -exist", f"flush {new}"]
         out += [f"add {new} {entry}" for entry in members[name]]
         out += [f"swap {new} {name}", f"destroy {new}"]
@@ -171,14 +190,22 @@ def render_chains(proxy_port: int, cluster_cidr: str | None) -> dict[tuple[str, 
             f" -m set --match-set {SET_EXTERNAL_LOCAL} dst,dst"
             ' -m comment --comment "no local endpoint for outside clients" -j RETURN'
         )
-    container += [f"-A {PORTALS_CONTAINER} {rule}" for rule in redirect]
-    host = [f"-A {PORTALS_HOST} {rule}" for rule in redirect]
+    # loadBalancerSourceRanges: a source outside them is not redirected (pods, outside
+    # clients and the node itself alike; kube-proxy's KUBE-FW chain).
+    firewall = (f"-m set --match-set {SET_FIREWALL} dst,dst"
+                f" -m set ! --match-set {SET_FIREWALL_SOURCES} dst,dst,src"
+                ' -m comment --comment "outside loadBalancerSourceRanges" -j RETURN')
+    container += [f"-A {PORTALS_CONTAINER} {rule}" for rule in (firewall, *redirect)]
+    host = [f"-A {PORTALS_HOST} {rule}" for rule in (firewall, *redirect)]
     refuse = [
         f"-A {PORTALS_FILTER} -m set --match-set {SET_REJECT} dst,dst"
         ' -m comment --comment "service has no endpoints"'
         " -j REJECT --reject-with icmp-port-unreachable",
         f"-A {PORTALS_FILTER} -m set --match-set {SET_DROP} dst,dst"
         ' -m comment --comment "service has no endpoints for this traffic" -j DROP',
+        # Still addressed to a load-balancer portal with source ranges: not redirected above.
+        f"-A {PORTALS_FILTER} -m set --match-set {SET_FIREWALL} dst,dst"
+        ' -m comment --comment "load balancer source not allowed" -j DROP',
     ]
     return {("nat", PORTALS_CONTAINER): container, ("nat", PORTALS_HOST): host,
             ("filter", PORTALS_FILTER): refuse}
@@ -312,7 +339,7 @@ def _unprogram() -> None:
     if lines:
         _command([IPTABLES_RESTORE, "--noflush"], "\n".join(lines) + "\n")
     present = set(_command(["ipset", "list", "-n"], check=False).split())
-    for name in SETS:
+    for name in (*SETS, SET_FIREWALL, SET_FIREWALL_SOURCES):
         for victim in (name, f"{name}-NEW"):
             if victim in present:
                 _command(["ipset", "destroy", victim], check=False)
@@ -402,8 +429,9 @@ class UserspaceDataplane:
         """What a sync writes: the ipsets, the rules and the proxy's table."""
         message = table_message(view)
         classes = portal_classes(message["services"], view.node_ips)
+        ranges = portal_source_ranges(message["services"])
         rules = render_rules(render_chains(self.proxy_port, view.cluster_cidr), None)
-        return ("# ipset restore\n" + render_ipsets(classes)
+        return ("# ipset restore\n" + render_ipsets(classes, ranges)
                 + "# iptables-restore --noflush\n" + rules
                 + "# proxy table\n" + json.dumps(message, indent=1) + "\n")
 
@@ -433,7 +461,7 @@ class UserspaceDataplane:
         table_s = time.perf_counter() - start
         # Portals change only after the proxy knows the new table.
         classes = portal_classes(message["services"], view.node_ips)
-        sets_payload = render_ipsets(classes)
+        sets_payload = render_ipsets(classes, portal_source_ranges(message["services"]))
         chains = render_chains(self.proxy_port, view.cluster_cidr)
         udp_changed = reply.get("udp_changed", [])
         try:

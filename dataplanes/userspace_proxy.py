@@ -83,11 +83,23 @@ def portal_classes(services: Iterable[dict[str, Any]],
         # Dropped outsiders of a NodePort or externalIP: pods and the node still short-circuit.
         external = svc["external_filter"]
         ext = EXTERNAL_LOCAL if external == DROP else FILTER_CLASSES[external]
-        for ip in svc["external_ips"]:
+        for ip in (*svc["external_ips"], *svc.get("load_balancer_ips", ())):
             out[(proto, ip, svc["port"])] = ext
         if svc["node_port"] is not None:
             for ip in node_ips:
                 out[(proto, ip, svc["node_port"])] = ext
+    return out
+
+
+def portal_source_ranges(services: Iterable[dict[str, Any]]) -> dict[PortalKey, tuple[str, ...]]:
+    """Load-balancer portals with loadBalancerSourceRanges: the networks allowed to reach
+    each (the kernel keeps every other source from being redirected here)."""
+    out: dict[PortalKey, tuple[str, ...]] = {}
+    for svc in services:
+        ranges = tuple(svc.get("source_ranges", ()))
+        if ranges:
+            for ip in svc.get("load_balancer_ips", ()):
+                out[(svc["protocol"], ip, svc["port"])] = ranges
     return out
 
 
@@ -215,7 +227,7 @@ class Table:
                 self.sticky.append(entry)
             portals = self.tcp if entry.protocol == "TCP" else self.udp
             portals[portal_key_bytes(spec["cluster_ip"], spec["port"])] = (entry, False)
-            for ip in spec["external_ips"]:
+            for ip in (*spec["external_ips"], *spec.get("load_balancer_ips", ())):
                 portals[portal_key_bytes(ip, spec["port"])] = (entry, True)
             if spec["node_port"] is not None:
                 for ip in node_ips:

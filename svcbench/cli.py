@@ -479,6 +479,8 @@ def cmd_service_list(args) -> int:
                 f"{b['address']}{' (local)' if b.get('local') else ''}" for b in row["backends"]
             ) or (row.get("empty") or "")
             kind = row["type"] + (f" affinity {row['affinity_timeout_s']}s" if row.get("affinity_timeout_s") else "")
+            if row.get("source_ranges"):
+                kind += "\nfrom " + ", ".join(row["source_ranges"])
             t.add_row(str(row["id"]), row["frontend"], kind, backends)
         out.print(t)
     return 0

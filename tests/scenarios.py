@@ -6,6 +6,7 @@ import pytest
 
 from kube.model import (
     POLICY_LOCAL,
+    TYPE_LOAD_BALANCER,
     TYPE_NODE_PORT,
     UDP,
     ContainerPort,
@@ -24,6 +25,9 @@ EXTERNAL_IP = "198.18.64.10"
 # web(**BOTH_LOCAL): a NodePort and an externalIP, both traffic policies Local.
 BOTH_LOCAL = {"type": TYPE_NODE_PORT, "node_port": 30000, "external_ips": (EXTERNAL_IP,),
               "internal_traffic_policy": POLICY_LOCAL, "external_traffic_policy": POLICY_LOCAL}
+LB_IP = "198.18.32.10"  # in the plan's load-balancer range
+# web(**LOAD_BALANCER): a LoadBalancer Service with one ingress IP and NodePort 30001.
+LOAD_BALANCER = {"type": TYPE_LOAD_BALANCER, "node_port": 30001, "load_balancer_ips": (LB_IP,)}
 
 
 def backends(n: int, app: str = "web", nodes=("node1", "node2")) -> list[Pod]:
@@ -86,3 +90,75 @@ def trace_both_local(render, go, **on_node) -> None:
     for src in (EXTERNAL_CLIENT, CLIENT_POD):
         for r in frontends(text, src):
             assert r.verdicts() == {"REJECT"}, (src, r)
+
+
+def trace_load_balancer(render, go, **on_node) -> None:
+    """kube-proxy's load-balancer IP handling on node1, traced through a mode's rules.
+
+    Like trace_both_local. The LB IP serves outside clients like an externalIP; with
+    loadBalancerSourceRanges only sources inside them reach it (pods and the node too),
+    others are dropped, never rejected; the NodePort is not filtered; with
+    externalTrafficPolicy Local outside clients keep their address and reach node1's
+    endpoints only, while pods and the node are short-circuited to every endpoint.
+    """
+    node1 = {"198.18.129.2:8080": 0.5, "198.18.129.3:8080": 0.5}
+    every = dict.fromkeys((*node1, "198.18.130.2:8080"), 1 / 3)
+    pods = backends(3)
+
+    def lb(**kw):
+        v = view(pods, [web(**LOAD_BALANCER, **kw)])
+        return render(v)
+
+    def served(r, endpoints=every):
+        assert r.endpoints() == pytest.approx(endpoints), str(r)
+
+    def dropped(r):
+        assert r.verdicts() == {"DROP"}, str(r)
+
+    text = lb()
+    for r in (go(text, EXTERNAL_CLIENT, LB_IP, 80), go(text, EXTERNAL_CLIENT, LB_IP, 80)):
+        served(r)
+        assert r.masquerade is True, str(r)
+    served(go(text, CLIENT_POD, LB_IP, 80))
+    served(go(text, NODE1_IP, LB_IP, 80, **on_node))
+    # Another port of the LB IP is nothing of ours.
+    assert go(text, EXTERNAL_CLIENT, LB_IP, 81).endpoints() == {}
+
+    # Only the external client's /32: pods and the node are dropped; the NodePort is not
+    # filtered, for anyone.
+    text = lb(load_balancer_source_ranges=(f"{EXTERNAL_CLIENT}/32",))
+    served(go(text, EXTERNAL_CLIENT, LB_IP, 80))
+    dropped(go(text, CLIENT_POD, LB_IP, 80))
+    dropped(go(text, NODE1_IP, LB_IP, 80, **on_node))
+    dropped(go(text, "198.18.0.201", LB_IP, 80))
+    served(go(text, "198.18.0.201", NODE1_IP, 30001))
+    served(go(text, CLIENT_POD, NODE1_IP, 30001))
+    # The pods' network, and a range holding the node's own address.
+    text = lb(load_balancer_source_ranges=("198.18.128.0/17",))
+    served(go(text, CLIENT_POD, LB_IP, 80))
+    dropped(go(text, EXTERNAL_CLIENT, LB_IP, 80))
+    text = lb(load_balancer_source_ranges=("198.18.0.0/24", "198.18.128.0/17"))
+    served(go(text, NODE1_IP, LB_IP, 80, **on_node))
+    served(go(text, EXTERNAL_CLIENT, LB_IP, 80))
+
+    # externalTrafficPolicy Local: node1's endpoints, the client's address kept; pods
+    # short-circuited to every endpoint; the source ranges still apply to both.
+    text = lb(external_traffic_policy=POLICY_LOCAL)
+    r = go(text, EXTERNAL_CLIENT, LB_IP, 80)
+    served(r, node1)
+    assert r.masquerade is False, str(r)
+    served(go(text, CLIENT_POD, LB_IP, 80))
+    text = lb(external_traffic_policy=POLICY_LOCAL,
+              load_balancer_source_ranges=(f"{EXTERNAL_CLIENT}/32",))
+    served(go(text, EXTERNAL_CLIENT, LB_IP, 80), node1)
+    dropped(go(text, CLIENT_POD, LB_IP, 80))
+    # Endpoints on node2 only: outside clients of node1 are dropped, pods are not.
+    v = view(backends(2, nodes=("node2",)), [web(**LOAD_BALANCER,
+                                                 external_traffic_policy=POLICY_LOCAL)])
+    text = render(v)
+    dropped(go(text, EXTERNAL_CLIENT, LB_IP, 80))
+    served(go(text, CLIENT_POD, LB_IP, 80), {"198.18.130.2:8080": 0.5, "198.18.130.3:8080": 0.5})
+    # No endpoint at all: refused, as every frontend of the Service.
+    text = render(view([], [web(**LOAD_BALANCER,
+                                load_balancer_source_ranges=(f"{EXTERNAL_CLIENT}/32",))]))
+    assert go(text, EXTERNAL_CLIENT, LB_IP, 80).verdicts() == {"REJECT"}

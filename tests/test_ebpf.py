@@ -30,6 +30,7 @@ from kube.model import (
     AFFINITY_CLIENT_IP,
     POLICY_LOCAL,
     TCP,
+    TYPE_LOAD_BALANCER,
     TYPE_NODE_PORT,
     UDP,
     Node,
@@ -265,10 +266,7 @@ def bpf_node():
     st = ebpf._Node("test", 1, objects)
 
     def program(new_state: ClusterState) -> None:
-        render = ebpf._Render(st, new_state.node_view("node1"))
-        objects.map("lb4_services").delete_batch([k for k in st.entries if k not in render.entries])
-        objects.map("lb4_services").update_batch(list(render.entries.items()))
-        st.entries, st.svc_ids = render.entries, render.svc_ids
+        ebpf.EbpfDataplane()._write(st, ebpf._Render(st, new_state.node_view("node1")))
 
     program(state)
     try:
@@ -799,3 +797,50 @@ def test_gc_detaches_hooks_of_runs_whose_namespaces_are_gone():
     finally:
         if os.path.isdir(path):  # the test failed: do not leave it behind
             ebpf.gc_bpf([f"{group}-node1"])
+
+
+def test_load_balancer_ips_and_source_ranges(bpf_node):
+    """Ingress IPs are frontends like externalIPs; with loadBalancerSourceRanges a new flow
+    from outside them is dropped (pods and the node too), the NodePort stays open."""
+    objects, _, program = bpf_node
+    lb_ip, inside = "198.18.32.10", "198.18.0.0/24"
+    svc = Service("ns1", "lb", (ServicePort(80, TCP, "", 8080),), type=TYPE_LOAD_BALANCER,
+                  selector={"app": "web"}, load_balancer_ips=(lb_ip,))
+    state = state_of([svc])
+    program(state)
+    node_port = state.service_obj("ns1", "lb").ports[0].node_port
+    every = {state.pod("ns1", p).ip for p in ("web-1", "web-2", "web-3")}
+    client_a = state.pod("ns1", "client-a").ip
+
+    ports = iter(range(54000, 60000))  # every probe a new flow: ranges judge new flows only
+
+    def from_outside(src, dst=lb_ip, port=80, n=30):
+        return _dests(objects, "svb_xdp_host", (tcp(src, next(ports), dst, port)
+                                                for _ in range(n)))
+
+    def from_pod(n=30):
+        return _dests(objects, "svb_xdp_lxc", (tcp(client_a, next(ports), lb_ip, 80)
+                                               for _ in range(n)))
+
+    rows = _rows(objects)
+    assert rows[(lb_ip, "")]["type"] == "External" and rows[(lb_ip, "")]["source_ranges"] == []
+    assert from_outside(EXTERNAL) == every and from_pod() == every
+
+    program(state_of([replace(svc, load_balancer_source_ranges=(inside, "198.18.9.9/32"))]))
+    row = _rows(objects)[(lb_ip, "")]
+    assert row["source_ranges"] == [inside, "198.18.9.9/32"]
+    assert from_outside(EXTERNAL) == every  # 198.18.0.200 is inside
+    assert from_outside("198.18.1.7", n=3) == {"drop"}
+    assert from_pod(3) == {"drop"}  # the pod network is not in the ranges
+    assert from_outside("198.18.1.7", "198.18.0.1", node_port) == every
+    # A flow that began while its source was allowed keeps going (new flows only).
+    established = tcp("198.18.9.9", 60000, lb_ip, 80)
+    assert _dests(objects, "svb_xdp_host", [established]) <= every
+    program(state_of([replace(svc, load_balancer_source_ranges=(inside,))]))
+    assert _dests(objects, "svb_xdp_host", [tcp("198.18.9.9", 60000, lb_ip, 80, 0x10)]) <= every
+    assert from_outside("198.18.9.9", n=3) == {"drop"}
+
+    # Ranges removed: the trie empties, every source is served again.
+    program(state_of([svc]))
+    assert objects.map("lb4_source_ranges").keys() == []
+    assert from_outside("198.18.1.7") == every and from_pod() == every

@@ -13,6 +13,8 @@ import pytest
 from dataplanes.iptables import (
     IptablesDataplane,
     endpoint_chain,
+    external_chain,
+    firewall_chain,
     port_proto_hash,
     probability,
     render_ruleset,
@@ -32,9 +34,12 @@ from tests.scenarios import (
     BOTH_LOCAL,
     CLIENT_POD,
     EXTERNAL_CLIENT,
+    LB_IP,
+    LOAD_BALANCER,
     NODE1_IP,
     backends,
     trace_both_local,
+    trace_load_balancer,
     view,
     web,
 )
@@ -305,3 +310,41 @@ def test_both_policies_local_as_kube_proxy():
     remote_only = payload(backends(2, nodes=("node2",)), [web(**BOTH_LOCAL)])
     assert "has no endpoints" not in remote_only
     assert '"ns1/svc1:p80 has no local endpoints"' in remote_only
+
+
+# --------------------------------------------------------------------------- load balancers
+
+
+def test_load_balancer_ips_as_kube_proxy():
+    trace_load_balancer(IptablesDataplane().render, go, hook="OUTPUT")
+
+
+def test_load_balancer_source_ranges_use_a_firewall_chain():
+    plain = render_ruleset(view(backends(2), [web(**LOAD_BALANCER)]))
+    sp = view(backends(2), [web(**LOAD_BALANCER)]).services[0]
+    ext, fw = external_chain(sp), firewall_chain(sp)
+    lb_rules = [r for r in plain.nat["KUBE-SERVICES"] if f"-d {LB_IP}/32" in r]
+    assert len(lb_rules) == 1 and lb_rules[0].endswith(f"-j {ext}")
+    assert fw not in plain.nat and plain.filter["KUBE-PROXY-FIREWALL"] == []
+
+    ranges = ("198.18.0.200/32", "198.18.1.0/24")
+    rs = render_ruleset(view(backends(2), [web(**LOAD_BALANCER, load_balancer_source_ranges=ranges)]))
+    lb_rules = [r for r in rs.nat["KUBE-SERVICES"] if f"-d {LB_IP}/32" in r]
+    assert len(lb_rules) == 1 and lb_rules[0].endswith(f"-j {fw}")
+    tag = '-m comment --comment "ns1/svc1:p80 loadbalancer IP"'
+    assert rs.nat[fw] == [
+        f"-A {fw} {tag} -s 198.18.0.200/32 -j {ext}",
+        f"-A {fw} {tag} -s 198.18.1.0/24 -j {ext}",
+        f'-A {fw} -m comment --comment "other traffic to ns1/svc1:p80 will be dropped by '
+        'KUBE-PROXY-FIREWALL"',
+    ]
+    assert rs.filter["KUBE-PROXY-FIREWALL"] == [
+        f"-A KUBE-PROXY-FIREWALL -d {LB_IP}/32 -p tcp -m comment --comment "
+        f'"ns1/svc1:p80 traffic not accepted by {fw}" -m tcp --dport 80 -j DROP'
+    ]
+    # The NodePort goes straight to the EXT chain.
+    assert any(r.endswith(f"--dport 30001 -j {ext}") for r in rs.nat["KUBE-NODEPORTS"])
+    # A range holding the node's address lets the LB IP itself in as a source, as kube-proxy.
+    rs = render_ruleset(view(backends(2), [web(**LOAD_BALANCER,
+                                               load_balancer_source_ranges=("198.18.0.0/24",))]))
+    assert f"-A {fw} {tag} -s {LB_IP}/32 -j {ext}" in rs.nat[fw]

@@ -33,6 +33,11 @@ from dataplanes.ipvs import (
     KUBE_EXTERNAL_IP_LOCAL,
     KUBE_IPVS_IF,
     KUBE_IPVS_IPS,
+    KUBE_LOAD_BALANCER,
+    KUBE_LOAD_BALANCER_FW,
+    KUBE_LOAD_BALANCER_LOCAL,
+    KUBE_LOAD_BALANCER_SOURCE_CIDR,
+    KUBE_LOAD_BALANCER_SOURCE_IP,
     KUBE_LOOP_BACK,
     KUBE_NODE_PORT_LOCAL_TCP,
     KUBE_NODE_PORT_TCP,
@@ -61,6 +66,7 @@ from dataplanes.ipvs import (
 from kube.model import (
     AFFINITY_CLIENT_IP,
     POLICY_LOCAL,
+    TYPE_LOAD_BALANCER,
     TYPE_NODE_PORT,
     UDP,
     ContainerPort,
@@ -169,6 +175,61 @@ def test_local_policies_and_affinity():
     on_node1 = desired_layout(view(services, "node1"))
     assert set(on_node1.dests[("TCP", "198.19.0.23", 80)]) == {("198.18.129.2", 8080)}
     assert on_node1.dests[("TCP", "198.18.0.1", 30081)] == {("198.18.129.2", 8080): RealServer("198.18.129.2", 8080)}
+
+
+def test_load_balancer_ips_are_virtual_servers_with_kube_proxys_sets():
+    ranges = ("198.18.0.200/32", "198.18.128.0/17", "0.0.0.0/0")
+    services = [
+        svc("lb", "198.19.0.41", udp=True, type=TYPE_LOAD_BALANCER, node_port=30101,
+            load_balancer_ips=("198.18.32.5",), load_balancer_source_ranges=ranges),
+        svc("lb-local", "198.19.0.42", type=TYPE_LOAD_BALANCER, node_port=30102,
+            load_balancer_ips=("198.18.32.6",), external_traffic_policy=POLICY_LOCAL,
+            selector={"app": "web", "node": "node2"}),
+        svc("lb-node", "198.19.0.43", type=TYPE_LOAD_BALANCER, node_port=30103,
+            load_balancer_ips=("198.18.32.7",), load_balancer_source_ranges=("198.18.0.0/24",)),
+    ]
+    layout = desired_layout(view(services))
+    eps = {("198.18.129.2", 8080), ("198.18.130.2", 8080), ("198.18.130.3", 8080)}
+    assert set(layout.dests[("TCP", "198.18.32.5", 80)]) == eps
+    assert set(layout.dests[("UDP", "198.18.32.5", 80)]) == eps
+    assert {"198.18.32.5", "198.18.32.6", "198.18.32.7"} <= layout.addresses
+    sets = layout.ipsets
+    assert sets[KUBE_LOAD_BALANCER] == {"198.18.32.5,tcp:80", "198.18.32.5,udp:80",
+                                        "198.18.32.6,tcp:80", "198.18.32.7,tcp:80"}
+    assert sets[KUBE_LOAD_BALANCER_LOCAL] == {"198.18.32.6,tcp:80"}
+    assert sets[KUBE_LOAD_BALANCER_FW] == {"198.18.32.5,tcp:80", "198.18.32.5,udp:80",
+                                           "198.18.32.7,tcp:80"}
+    # As `ipset save` spells them: a /32 bare; 0.0.0.0/0, which hash:ip,port,net refuses,
+    # in halves.
+    assert {m for m in sets[KUBE_LOAD_BALANCER_SOURCE_CIDR] if m.startswith("198.18.32.5,tcp")} == {
+        "198.18.32.5,tcp:80,198.18.0.200", "198.18.32.5,tcp:80,198.18.128.0/17",
+        "198.18.32.5,tcp:80,0.0.0.0/1", "198.18.32.5,tcp:80,128.0.0.0/1"}
+    # Only a range holding the node's address lets the node in from its own LB IP.
+    assert sets[KUBE_LOAD_BALANCER_SOURCE_IP] == {"198.18.32.5,tcp:80,198.18.32.5",
+                                                  "198.18.32.5,udp:80,198.18.32.5",
+                                                  "198.18.32.7,tcp:80,198.18.32.7"}
+    # ETP Local with no endpoint on node1: outsiders dropped, pods and the node served.
+    assert sets[KUBE_DROP_EXTERNAL] == {"198.18.0.1,tcp:30102", "198.18.32.6,tcp:80"}
+    assert set(layout.dests[("TCP", "198.18.32.6", 80)]) == NODE2_WEB
+    rules = iptables_rules("198.18.128.0/17")
+    assert rules[("filter", "KUBE-PROXY-FIREWALL")] == rules[("mangle", "KUBE-PROXY-FIREWALL")]
+    assert rules[("filter", "KUBE-SOURCE-RANGES-FIREWALL")][-1] == (
+        "-A KUBE-SOURCE-RANGES-FIREWALL -j DROP")
+    nat = rules[("nat", "KUBE-SERVICES")]
+    jump = next(i for i, r in enumerate(nat) if r.endswith("-j KUBE-LOAD-BALANCER"))
+    node_ports = next(i for i, r in enumerate(nat) if r.endswith("-j KUBE-NODE-PORT"))
+    assert jump < node_ports and f"--match-set {KUBE_LOAD_BALANCER} dst,dst -j ACCEPT" in nat[jump + 1]
+    assert ("mangle", "OUTPUT", '-m comment --comment "kube-proxy firewall rules" '
+            '-j KUBE-PROXY-FIREWALL') in JUMPS
+
+
+def test_ipset_members_with_a_network_carry_its_prefix():
+    with_prefix = ipset_request(IPSET_CMD_ADD, KUBE_LOAD_BALANCER_SOURCE_CIDR,
+                                "198.18.32.5,tcp:80,198.18.128.0/17")
+    bare = ipset_request(IPSET_CMD_ADD, KUBE_LOAD_BALANCER_SOURCE_CIDR,
+                         "198.18.32.5,tcp:80,198.18.0.200")
+    cidr2 = struct.pack("=HHB", 5, 21, 17)  # IPSET_ATTR_CIDR2, u8
+    assert cidr2 in with_prefix and len(bare) == len(with_prefix) - 8
 
 
 def _both_local(selector=None):
@@ -390,6 +451,10 @@ GUEST_SERVICES = [
     svc("eip", "198.19.0.14", external_ips=("198.18.64.5",)),
     svc("self", "198.19.0.15", selector={"app": "web", "node": "node1"}),
     svc("empty", "198.19.0.16", selector={"app": "nothing"}),
+    # The external client's /32 and a /24: `ipset save` must read back what a sync wrote.
+    svc("lb", "198.19.0.19", type=TYPE_LOAD_BALANCER, node_port=30082,
+        load_balancer_ips=("198.18.32.5",),
+        load_balancer_source_ranges=(f"{EXTERNAL_CLIENT}/32", "198.18.1.0/24")),
 ]
 
 
@@ -488,6 +553,10 @@ def test_guest_nodeport_external_ips_and_local_policy(guest):
     assert "ok" not in _outcomes(guest.probe("external", "198.18.0.1", 30081, count=3))
     eip = guest.probe("external", "198.18.64.5", 80)
     assert _outcomes(eip) == {"ok": 12}
+    lb = guest.probe("external", "198.18.32.5", 80)
+    assert _outcomes(lb) == {"ok": 12}
+    assert "ok" not in _outcomes(guest.probe("client", "198.18.32.5", 80, count=3))  # not in range
+    assert "ok" not in _outcomes(guest.probe("node/node1", "198.18.32.5", 80, count=3))
 
 
 def test_guest_hairpin(guest):

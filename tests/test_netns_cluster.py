@@ -202,7 +202,7 @@ def test_nodes_have_uplink_and_routes_to_other_nodes(cluster):
         assert "default" not in r
         other = next(n for n in cluster.nodes if n is not node)
         assert r[other.pod_cidr]["gateway"] == other.ip and r[other.pod_cidr]["dev"] == "eth0"
-        for cidr in (PLAN.service_cidr, PLAN.external_ip_cidr):
+        for cidr in (PLAN.service_cidr, PLAN.external_ip_cidr, PLAN.load_balancer_cidr):
             assert r[cidr]["dev"] == "eth0" and "gateway" not in r[cidr]
         lo = ip_json(node.netns, "link", "show", "lo")[0]
         assert "UP" in lo["flags"]
@@ -234,7 +234,8 @@ def test_underlay_bridge_and_external_client(cluster):
     assert {name for name, master in ports.items() if master == "br0"} == {"node1", "node2", "external"}
     assert addrs(cluster.external_netns, "eth0") == {f"{PLAN.external_client_ip}/24"}
     r = routes(cluster.external_netns)
-    assert r[PLAN.external_ip_cidr]["gateway"] == cluster.node("node1").ip
+    for cidr in (PLAN.external_ip_cidr, PLAN.load_balancer_cidr):
+        assert r[cidr]["gateway"] == cluster.node("node1").ip
     assert "default" not in r
 
 

@@ -38,10 +38,13 @@ from tests.scenarios import (
     BOTH_LOCAL,
     CLIENT_POD,
     EXTERNAL_CLIENT,
+    LB_IP,
+    LOAD_BALANCER,
     NODE1_IP,
     NODES,
     backends,
     trace_both_local,
+    trace_load_balancer,
     view,
     web,
 )
@@ -414,3 +417,45 @@ def test_both_policies_local_as_kube_proxy():
     vip = view([], [web(**BOTH_LOCAL)]).services[0].cluster_ip
     assert go(text, NODE1_IP, vip, 80, from_node=True).verdicts() == {"REJECT"}
     assert go(text, NODE1_IP, NODE1_IP, 30000, from_node=True).verdicts() == {"REJECT"}
+
+
+# --------------------------------------------------------------------------- load balancers
+
+
+def test_load_balancer_ips_as_kube_proxy():
+    trace_load_balancer(NftablesDataplane().render, go, from_node=True)
+
+
+def test_load_balancer_source_ranges_fill_the_firewall_maps():
+    plain = render_ruleset(view(backends(2), [web(**LOAD_BALANCER)])).maps
+    assert plain["service-ips"][f"{LB_IP} . tcp . 80"].startswith("goto external-ip-tcp-")
+    assert plain["firewall-ips"] == {} and plain["firewall-sources"] == {}
+
+    ranges = ("198.18.0.200/32", "198.18.1.0/24", "198.18.1.128/25")
+    maps = render_ruleset(view(backends(2), [web(**LOAD_BALANCER,
+                                                 load_balancer_source_ranges=ranges)])).maps
+    key = f"{LB_IP} . tcp . 80"
+    assert maps["firewall-ips"] == {key: "goto firewall-sources-check"}
+    # Overlapping networks merged: an interval map may refuse them.
+    assert maps["firewall-sources"] == {f"{key} . 198.18.0.200/32": "return",
+                                        f"{key} . 198.18.1.0/24": "return"}
+    # The NodePort is not filtered.
+    assert maps["service-nodeports"]["tcp . 30001"].startswith("goto node-port-tcp-")
+    # A range holding the node's address admits the LB IP itself, as kube-proxy does.
+    maps = render_ruleset(view(backends(2), [web(**LOAD_BALANCER, load_balancer_source_ranges=(
+        "198.18.0.0/24",))])).maps
+    assert set(maps["firewall-sources"]) == {f"{key} . 198.18.0.0/24", f"{key} . {LB_IP}/32"}
+
+
+def test_load_balancer_source_ranges_change_incrementally():
+    pods = backends(2)
+    old = render_ruleset(view(pods, [web(**LOAD_BALANCER,
+                                         load_balancer_source_ranges=("198.18.0.200/32",))]))
+    new, delta = update(old, view(pods, [web(**LOAD_BALANCER,
+                                             load_balancer_source_ranges=("198.18.2.0/24",))]))
+    assert f"delete element ip kube-proxy firewall-sources {{ {LB_IP} . tcp . 80 . " \
+           "198.18.0.200/32 }" in delta.script
+    assert f"add element ip kube-proxy firewall-sources {{ {LB_IP} . tcp . 80 . " \
+           "198.18.2.0/24 : return }" in delta.script
+    gone, _ = update(new, view(pods, [web(**LOAD_BALANCER)]))
+    assert gone.maps["firewall-ips"] == {} and gone.maps["firewall-sources"] == {}

@@ -32,6 +32,8 @@ from dataplanes.userspace import (
     PORTALS_FILTER,
     SET_DROP,
     SET_EXTERNAL_LOCAL,
+    SET_FIREWALL,
+    SET_FIREWALL_SOURCES,
     SET_REDIRECT,
     SET_REJECT,
     SETS,
@@ -54,12 +56,14 @@ from dataplanes.userspace_proxy import (
     changed_udp_portals,
     portal_classes,
     portal_key_bytes,
+    portal_source_ranges,
 )
 from kube.model import (
     AFFINITY_CLIENT_IP,
     PLAN,
     POLICY_LOCAL,
     TCP,
+    TYPE_LOAD_BALANCER,
     TYPE_NODE_PORT,
     UDP,
     Endpoint,
@@ -78,6 +82,7 @@ NODE2_WEB = {"ns1/web-2", "ns1/web-3"}
 CONNECT_TIMEOUT_S = 0.2
 UDP_IDLE_S = 1.5
 EXTERNAL_IP = "198.18.64.20"
+LB_IP = "198.18.32.20"
 
 
 def _pods() -> list[Pod]:
@@ -165,6 +170,43 @@ def test_both_policies_local_without_endpoints_rejects():
     assert not any(names.values())
 
 
+def test_load_balancer_ips_are_portals_and_their_source_ranges_fill_the_firewall_sets():
+    lb = web("lb", type=TYPE_LOAD_BALANCER, load_balancer_ips=(LB_IP,),
+             load_balancer_source_ranges=("198.18.0.200/32", "198.18.128.0/17", "0.0.0.0/0"))
+    plain = web("plain", type=TYPE_LOAD_BALANCER, load_balancer_ips=("198.18.32.11",))
+    _, view = _view(lb, plain)
+    message = table_message(view)
+    classes = portal_classes(message["services"], view.node_ips)
+    assert classes[(TCP, LB_IP, 80)] == classes[(TCP, "198.18.32.11", 80)] == REDIRECT
+    table = Table(message)
+    entry, external = table.tcp[portal_key_bytes(LB_IP, 80)]
+    assert entry.name == "ns1/lb" and external
+    ranges = portal_source_ranges(message["services"])
+    assert ranges == {(TCP, LB_IP, 80): ("198.18.0.200/32", "198.18.128.0/17", "0.0.0.0/0")}
+    members: dict[str, set[str]] = {}
+    for line in render_ipsets(classes, ranges).splitlines():
+        words = line.split()
+        if words[0] == "create" and not words[1].endswith("-NEW"):
+            assert words[2] == ("hash:ip,port,net" if words[1] == SET_FIREWALL_SOURCES
+                                else "hash:ip,port")
+        if words[0] == "add":
+            members.setdefault(words[1].removesuffix("-NEW"), set()).add(words[2])
+    assert members[SET_FIREWALL] == {f"{LB_IP},tcp:80"}
+    # ipset's spelling: a /32 bare, and 0.0.0.0/0 (which hash:ip,port,net refuses) in halves.
+    assert members[SET_FIREWALL_SOURCES] == {f"{LB_IP},tcp:80,198.18.0.200",
+                                             f"{LB_IP},tcp:80,198.18.128.0/17",
+                                             f"{LB_IP},tcp:80,0.0.0.0/1",
+                                             f"{LB_IP},tcp:80,128.0.0.0/1"}
+    # Not redirected from outside the ranges (pods and the node too), then dropped.
+    chains = render_chains(15001, PLAN.cluster_cidr)
+    for key in (("nat", "KUBE-PORTALS-CONTAINER"), ("nat", "KUBE-PORTALS-HOST")):
+        first_redirect = next(i for i, r in enumerate(chains[key]) if "-j REDIRECT" in r)
+        fw = next(i for i, r in enumerate(chains[key]) if SET_FIREWALL_SOURCES in r)
+        assert fw < first_redirect and chains[key][fw].endswith("-j RETURN")
+    assert chains[("filter", "KUBE-PORTALS-FILTER")][-1].endswith("-j DROP")
+    assert f"--match-set {SET_FIREWALL} dst,dst" in chains[("filter", "KUBE-PORTALS-FILTER")][-1]
+
+
 def test_ipsets_hold_every_portal_in_the_sets_of_its_class():
     classes = {(TCP, "198.19.0.1", 80): REDIRECT, (UDP, "198.19.0.1", 53): REJECT,
                (TCP, "198.18.0.1", 30001): EXTERNAL_LOCAL, (TCP, "198.19.0.2", 80): DROP}
@@ -191,7 +233,7 @@ def test_rules_are_a_fixed_handful_whatever_the_number_of_services():
         view = ClusterState.build(NODES, _pods(), services, slices).node_view("node1")
         chains = render_chains(15001, view.cluster_cidr)
         counts.append(sum(len(rules) for rules in chains.values()))
-    assert counts[0] == counts[1] == 7
+    assert counts[0] == counts[1] == 10
 
 
 def test_rules_add_only_the_jumps_that_are_missing_and_see_tampering():
@@ -312,7 +354,8 @@ def test_render_shows_sets_rules_and_table_and_the_deviation_is_declared():
     dp = UserspaceDataplane()
     assert "source IP" in dp.deviations["clusterip_preserves_client_pod_ip"]
     assert set(dp.deviations) == {"clusterip_preserves_client_pod_ip",
-                                  "external_traffic_policy_local"}
+                                  "external_traffic_policy_local",
+                                  "load_balancer_external_traffic_policy_local"}
 
 
 # --------------------------------------------------------------------------- a real cluster
@@ -690,7 +733,7 @@ def test_thousands_of_services_are_served_from_one_dict(lab):
     pool = [p for p in lab.state.pods if p.name.startswith("web")]
     services, slices = synthetic_services(3000, pool, 3)
     stats = lab.apply(services, slices)
-    assert stats[0].rules == 12  # 7 chain rules and 5 jumps, as for one Service
+    assert stats[0].rules == 15  # 10 chain rules and 5 jumps, as for one Service
     node_ports = sum(svc.type == TYPE_NODE_PORT for svc in services)
     assert stats[0].extra["portals_redirect"] == 3000 + node_ports
     for svc in (services[0], services[-1]):

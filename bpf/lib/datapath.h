@@ -1,7 +1,8 @@
 /* The per-packet service path shared by the pod-veth and uplink XDP programs.
  *
  *   1. replies of translated flows (REPLY entry) get the Service back as their source;
- *   2. packets to a frontend (ClusterIP, NodePort on a node IP, externalIP) stay on their
+ *   2. packets to a frontend (ClusterIP, NodePort on a node IP, externalIP, load-balancer
+ *      IP; a load-balancer IP with source ranges only for sources inside them) stay on their
  *      flow's backend (ORIGINAL entry) or pick one, with SNAT where replies would
  *      otherwise bypass this node: hairpin (a pod reaching itself) and NodePort traffic
  *      from the uplink to an endpoint on another node;
@@ -164,7 +165,10 @@ SVB_INLINE int service_path(struct xdp_md *ctx, int from)
 	if (!pkt.first)
 		return XDP_DROP;  /* a fragment whose flow has no backend any more */
 
-	/* 3. a new flow */
+	/* 3. a new flow; a load-balancer IP first checks its source ranges (kube-proxy's
+	 * firewall: other sources are dropped, whether endpoints exist or not) */
+	if (!lb4_source_allowed(svc, pkt.tuple.saddr))
+		return XDP_DROP;
 	if (!svc->count) {
 		if (svc->flags & SVC_F_DROP_EMPTY)
 			return XDP_DROP;

@@ -30,6 +30,20 @@ SVB_INLINE struct lb4_service *lb4_lookup_service(struct lb4_key *key, __be32 ad
 	return lb4_services.lookup(key);
 }
 
+/* Whether a new flow from `source` may use the frontend: always, unless the frontend is a
+ * load-balancer IP with loadBalancerSourceRanges and no range holds the source. */
+SVB_INLINE int lb4_source_allowed(const struct lb4_service *svc, __be32 source)
+{
+	struct lb4_range_key key = {};
+
+	if (!(svc->flags & SVC_F_SOURCE_RANGES))
+		return 1;
+	key.prefixlen = 64;
+	key.svc_id = svc->svc_id;
+	key.address = source;
+	return lb4_source_ranges.lookup(&key) != NULL;
+}
+
 /* Backend at 1-based `slot`: inline, or in its own slot entry for large Services. */
 SVB_INLINE const struct lb4_backend *lb4_slot(const struct lb4_key *key,
 					      const struct lb4_service *svc, __u32 slot)

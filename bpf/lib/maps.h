@@ -23,6 +23,9 @@
 #ifndef SOCK4_REVNAT_MAX
 #define SOCK4_REVNAT_MAX 16384
 #endif
+#ifndef LB4_SOURCE_RANGES_MAX
+#define LB4_SOURCE_RANGES_MAX 65536
+#endif
 
 /* lb4_services scopes: internal entries exist only when in-cluster clients see other
  * endpoints than external ones (traffic policies); lookups fall back to ALL. */
@@ -31,7 +34,9 @@
 
 #define SVC_F_AFFINITY (1 << 0)    /* ClientIP session affinity */
 #define SVC_F_DROP_EMPTY (1 << 1)  /* no endpoint here but some elsewhere: drop, never reject */
-#define SVC_F_EXTERNAL (1 << 2)    /* NodePort or externalIP frontend */
+#define SVC_F_EXTERNAL (1 << 2)    /* NodePort, externalIP or load-balancer IP frontend */
+#define SVC_F_SOURCE_RANGES (1 << 3) /* a load-balancer IP with loadBalancerSourceRanges:
+				      * new flows only from sources in lb4_source_ranges */
 
 #define BE_F_LOCAL (1 << 0)        /* the endpoint is a pod on this node */
 
@@ -72,6 +77,18 @@ struct lb4_service {
 	__u32 affinity_timeout_s;
 	__u32 pad;
 	struct lb4_backend backends[LB4_INLINE];
+};
+
+/* loadBalancerSourceRanges: one LPM trie entry per (Service port, allowed network). The
+ * prefix covers the whole svc_id and then the network's bits of the source address. */
+struct lb4_range_key {
+	__u32 prefixlen;           /* 32 + the network's prefix length */
+	__u32 svc_id;
+	__be32 address;
+};
+
+struct lb4_range {
+	__u32 pad;                 /* presence is the answer */
 };
 
 struct ct4_key {
@@ -157,6 +174,8 @@ BPF_TABLE("lru_hash", struct affinity_key, struct affinity_val, affinity, AFFINI
 BPF_TABLE("lru_hash", struct frag4_key, struct frag4_ports, frag4, FRAG4_MAX);
 BPF_TABLE("lru_hash", struct sock4_key, struct sock4_val, sock4_revnat, SOCK4_REVNAT_MAX);
 BPF_ARRAY(node_config, struct node_config, 1);
+BPF_F_TABLE("lpm_trie", struct lb4_range_key, struct lb4_range, lb4_source_ranges,
+	    LB4_SOURCE_RANGES_MAX, BPF_F_NO_PREALLOC);
 
 SVB_INLINE struct node_config *node_config_get(void)
 {
