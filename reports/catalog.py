@@ -44,6 +44,12 @@ def split_key(key: str) -> tuple[str, str]:
     return base, target
 
 
+def in_sentence(title: str) -> str:
+    """A heading inside a sentence: "New connection" -> "new connection", "SYN" stays."""
+    first = title.split(" ", 1)[0]
+    return title if first[1:2].isupper() else title[:1].lower() + title[1:]
+
+
 def title_from_id(name: str) -> str:
     """A heading for a metric the catalog does not describe: its id, readable."""
     words = UNIT_SUFFIX.sub("", name).replace("_", " ").strip() or name
@@ -91,7 +97,7 @@ class MetricInfo:
     @property
     def phrase(self) -> str:
         """A short name for a sentence or a table header."""
-        return self.short or self.heading[:1].lower() + self.heading[1:]
+        return self.short or in_sentence(self.heading)
 
 
 class Catalog:
@@ -135,6 +141,8 @@ class Catalog:
         if target:
             if "a Service" in label and target in TARGETS:
                 label = label.replace("a Service", TARGETS[target])
+            elif target in TARGETS:
+                label += f" to {TARGETS[target]}"
             elif target.lower() not in label.lower():
                 label += f" ({target})"
         return label
@@ -144,8 +152,7 @@ class Catalog:
         _, target = split_key(key)
         if target in TARGETS:
             return TARGETS[target]
-        title = self.title(key)
-        return title[:1].lower() + title[1:]
+        return in_sentence(self.title(key))
 
     def doc(self, key: str) -> str:
         return self.info(key).doc
@@ -187,9 +194,10 @@ class Catalog:
 
     def floored(self, key: str, headline: Iterable[str] = ()) -> bool:
         """Whether a series is a cost over a floor (new connections): the catalog names its
-        floor; without a catalog entry, the headline series are."""
-        info = self.info(key)
-        return bool(info.floor) or (not info.described and key in set(headline))
+        floor; a catalog that names no floor at all: the headline series are."""
+        if self.info(key).floor:
+            return True
+        return not self.floors() and key in set(headline)
 
     def findings(self) -> list[MetricInfo]:
         return [m for m in self.entries.values() if m.finding]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from reports import agreement
-from reports.catalog import Catalog, MetricInfo, split_key
+from reports.catalog import Catalog, MetricInfo, in_sentence, split_key
 from reports.fit import FLAT, GROWS, UNKNOWN_VERDICT
 from reports.load import RUN_JSON, Run
 from reports.series import (
@@ -268,7 +268,7 @@ def comparison_sentence(summaries: list[ModeSummary], agreed: dict | None = None
         what = catalog.title(series.pop() if len(series) == 1 else split_key(ranked[0].metric)[0])
         stats = {s.stat for s in group}
         stat = f" ({esc(stats.pop())})" if len(stats) == 1 else ""
-        out.append(f"At {fmt_n(n)} Services{where}, {esc(what[:1].lower() + what[1:])}{stat}: "
+        out.append(f"At {fmt_n(n)} Services{where}, {esc(in_sentence(what))}{stat}: "
                    f"{text}{floor}. Fastest: <b>{esc(ranked[0].mode)}</b>."
                    f"{ranking_sentence(agreed, kernel)}")
     return " ".join(out)

@@ -145,6 +145,9 @@ def test_an_old_run_json_without_the_report_fields_still_renders(tmp_path):
         assert any("<b>Sync one (seconds)</b>" in c for c in caps), caps
         assert any("<b>Queue wait (seconds)</b>" in c for c in caps), caps
         assert not any(re.search(r"<b>[^<]*_", c) for c in caps), caps
+        # the headline series stands on the floor (a catalog that names none: by convention)
+        last = page.split("<code>conn_latency_us:last</code>")[1].split("</figure>")[0]
+        assert "<g class='floor'>" in last
         # the headline falls back on the series named by a target word, the last first
         findings = page_text(page, "findings")
         assert re.search(r"iptables at 10,000 Services: \+[\d.]+ µs over the floor \(the last "
