@@ -84,7 +84,8 @@ def bench_frame(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFram
 def floor_rows(frame: pd.DataFrame, catalog: Catalog | None = None) -> pd.Series:
     """Which rows measure a floor (a path with no Services), by the catalog."""
     catalog = catalog or Catalog()
-    return frame["metric"].map(catalog.is_floor).astype(bool)
+    floors = [m for m in frame["metric"].unique() if catalog.is_floor(m)]
+    return frame["metric"].isin(floors)
 
 
 def same_moment_floors(frame: pd.DataFrame, catalog: Catalog | None = None) -> pd.Series:

@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 TARGETS = {"first": "the first Service", "last": "the last Service", "random": "random Services"}
@@ -121,7 +122,7 @@ class Catalog:
     def merged(self, other: Catalog) -> Catalog:
         """This catalog, with what only `other` describes (an older run's metrics)."""
         out = Catalog()
-        out.entries = {**other.entries, **self.entries}
+        out.entries = {**other.entries, **self.entries}  # before anything is cached
         return out
 
     def info(self, key: str) -> MetricInfo:
@@ -169,15 +170,17 @@ class Catalog:
 
     # ------------------------------------------------------------------ roles
 
-    def floors(self) -> set[str]:
-        return {m.floor for m in self.entries.values() if m.floor}
+    @cached_property
+    def floors(self) -> frozenset[str]:
+        """The metrics others stand on."""
+        return frozenset(m.floor for m in self.entries.values() if m.floor)
 
     def is_floor(self, key: str) -> bool:
         """A metric some other one stands on; one the catalog does not name: by its name."""
         base, _ = split_key(key)
-        if base in self.floors():
+        if base in self.floors:
             return True
-        return base.startswith(FLOOR_PREFIX) and not (base in self.entries and self.floors())
+        return base.startswith(FLOOR_PREFIX) and not (base in self.entries and self.floors)
 
     def headline_series(self, present: Iterable[str]) -> list[str]:
         """The series the findings are about, best first, of those present: the catalog's
@@ -197,7 +200,7 @@ class Catalog:
         floor; a catalog that names no floor at all: the headline series are."""
         if self.info(key).floor:
             return True
-        return not self.floors() and key in set(headline)
+        return not self.floors and key in set(headline)
 
     def findings(self) -> list[MetricInfo]:
         return [m for m in self.entries.values() if m.finding]

@@ -19,9 +19,12 @@ def unit_word(unit: str) -> str:
 
 
 def with_unit(title: str, unit: str) -> str:
-    """A heading with its unit: "New connection to the last Service (µs)"."""
+    """A heading with its unit: "New connection to the last Service (µs)"; a heading that
+    names its unit already ("Rules, chains ...", in rules) stays as it is."""
     word = unit_word(unit or "")
-    return f"{title} ({word})" if word else title
+    if not word or re.search(rf"(?<!\w){re.escape(word)}(?!\w)", title, re.IGNORECASE):
+        return title
+    return f"{title} ({word})"
 
 
 def esc(text: Any) -> str:
