@@ -67,8 +67,11 @@ def captions(page: str) -> list[str]:
 def test_a_made_up_metric_renders_with_its_catalog_title_and_unit(tmp_path):
     write_csv(tmp_path / "bench.csv", made_up_rows())
     write_json(tmp_path / "run.json", {"kernel": "6.18.0", "complete": True, "status": "complete",
-                                       "finished": "now", "metrics": MADE_UP})
+                                       "finished": "now", "metrics": MADE_UP,
+                                       "metrics_skipped": {"gamma": {"gadget_count": "no gadgets"}}})
     page = write_report(tmp_path).read_text()
+    banner = re.sub(r"<[^>]+>", "", page.split("<div class='banner")[1].split("</div>")[0])
+    assert "Gadgets left behind (gadget_count) not measured in gamma: no gadgets" in banner
     caps = captions(page)
     # chart titles: the catalog's title with its unit, what it measures on hover, the id aside
     flux = next(c for c in caps if "widget_flux_ms" in c)
