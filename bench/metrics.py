@@ -8,7 +8,9 @@ analyses. Repeat r is pass r over the sizes, up for even r and down for odd r (s
 traffic metrics go first, then the programming metrics (which reprogram node1 or build
 scratch namespaces).
 
-Units are in the names (`_us`, `_s`, `_rps`) and in `unit`.
+Units are in the names (`_us`, `_s`, `_rps`) and in `unit`. `catalog()` writes every metric
+into run.json, with how the report shows it (title, short name, which way is better, the
+headline series, floors, findings): reports/ spells no metric name.
 """
 
 from __future__ import annotations
@@ -61,6 +63,15 @@ class Metric:
     budget_s: float | None = None  # a size stops repeating it once this much time went to it
     budget_key: str | None = None  # metrics sharing one fixture share one budget
     noise_stat: str | None = "p50"  # the stat whose spread across repeats flags noise
+    # How the report shows it: run.json's catalog carries these, reports/ spells no metric.
+    title: str = ""  # a heading: "New connection to a Service"
+    short: str = ""  # a table header or a phrase in a sentence: "new connection"
+    better: str = "lower"  # which way is an improvement: "lower" or "higher"
+    headline: tuple[str, ...] = ()  # the findings' cost: its series (targets), best first
+    floor: str | None = None  # the metric that measures this one's path with no Services
+    finding: str = ""  # quoted so in each mode's headline, at the largest size
+    scorecard: bool = False  # a column of the findings' table
+    resolution: str = ""  # what makes its values come in steps, when something does
 
     @property
     def budget(self) -> str:
@@ -217,47 +228,68 @@ def _locust_reason(bench: Bench) -> str | None:
     return None
 
 
+FLOOR = "floor_conn_latency_us"
+TICK = "one clock tick of CPU time over the connections counted"
 METRICS: tuple[Metric, ...] = (
-    Metric("floor_conn_latency_us", "us",
+    Metric(FLOOR, "us",
            "New connection pod to pod across two nodes the mode never programs (the floor), "
            "interleaved with the Service connections at every size.",
-           measure_interleaved, ("floor",)),
+           measure_interleaved, ("floor",),
+           title="New connection to a pod IP, no Services (floor)", short="floor"),
     Metric("conn_latency_us", "us",
            "New connection (connect to greeting) to the first, the last and random Services, "
            "interleaved connection by connection with each other and the pod IP.",
-           measure_interleaved, ("first", "last", "random")),
+           measure_interleaved, ("first", "last", "random"),
+           title="New connection to a Service", short="new connection",
+           # the last Service walks the most rules
+           headline=("last", "random", "", "first"), floor=FLOOR),
     Metric("podip_conn_latency_us", "us",
            "New connection to the floor's pod IP while N Services are programmed (interleaved "
            "with the Service connections).",
-           measure_interleaved, ("pod",)),
+           measure_interleaved, ("pod",),
+           title="New connection to a pod IP, Services programmed", short="pod IP", floor=FLOOR,
+           finding="connections straight to a pod IP", scorecard=True),
     Metric("cpu_us_per_conn", "us",
            "Kernel + softirq CPU per new connection to the last Service: probe thread and echo "
            "agents (tasks), and every CPU of the host (host, includes other load).",
-           measure_cpu, ("last",), noise_stat="tasks"),
+           measure_cpu, ("last",), noise_stat="tasks",
+           title="Kernel + softirq CPU per new connection", short="kernel CPU",
+           finding="kernel CPU per connection", resolution=TICK),
     Metric("rr_latency_us", "us", "64-byte request/response on one established connection.",
-           measure_rr, ("last",)),
+           measure_rr, ("last",),
+           title="Request/response on an established connection", short="request/response"),
     Metric("syn_to_established_us", "us",
            "Kernel handshake time from sock:inet_sock_set_state (bcc), to the last Service.",
-           measure_handshake, ("last",), setup=_bcc_reason),
+           measure_handshake, ("last",), setup=_bcc_reason,
+           title="Kernel handshake time, SYN to ESTABLISHED", short="handshake"),
     Metric("throughput_rps", "rps",
            "New connections per second to the last Service, locust, one process per core.",
            measure_throughput, ("last",), setup=_locust_reason,
-           repeats=lambda cfg: cfg.load_repeats, noise_stat="value"),
+           repeats=lambda cfg: cfg.load_repeats, noise_stat="value",
+           title="Throughput, one new connection per request", short="throughput",
+           better="higher", finding="throughput"),
     Metric("sync_one_s", "s", "Sync of node1 after one Service's endpoints changed.",
            measure_sync_one, group=PROGRAMMING, budget_s=40.0, budget_key="change",
-           noise_stat=None),
+           noise_stat=None,
+           title="Change one Service's endpoints at N Services", short="one change"),
     Metric("programming_latency_s", "s",
            "From the change to the first connection served by the new endpoint (probe).",
            measure_programming, group=PROGRAMMING, budget_s=40.0, budget_key="change",
-           noise_stat=None),
+           noise_stat=None,
+           title="Network programming latency: change to first connection served",
+           short="programming latency", finding="network programming latency"),
     Metric("sync_full_s", "s", "Program all N Services from empty on a fresh node namespace.",
            measure_sync_full, group=PROGRAMMING, budget_s=60.0, budget_key="scratch",
-           noise_stat=None),
+           noise_stat=None,
+           title="Program all N Services from empty", short="sync", finding="full sync",
+           scorecard=True),
     Metric("rules", "rules", "Rules, chains and map entries the full sync wrote.",
-           measure_rules, group=PROGRAMMING, repeats=lambda cfg: 1, noise_stat=None),
+           measure_rules, group=PROGRAMMING, repeats=lambda cfg: 1, noise_stat=None,
+           title="Rules, chains and map entries programmed", short="rules", scorecard=True),
     Metric("kernel_bytes", "bytes",
            "Kernel memory the full sync added (host-wide meminfo; a mode's own figure as reported).",
-           measure_kernel_bytes, group=PROGRAMMING, repeats=lambda cfg: 1, noise_stat=None),
+           measure_kernel_bytes, group=PROGRAMMING, repeats=lambda cfg: 1, noise_stat=None,
+           title="Kernel memory programmed", short="kernel memory"),
 )
 BY_NAME = {m.name: m for m in METRICS}
 
@@ -412,10 +444,61 @@ def _size(bench: Bench, metrics: list[Metric], rec: _Recording, listener: SweepL
         listener.step()
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """A metric another bench writes into the sweep's run folder (bench/mode_benches.py,
+    bench/userspace_rate.py): not measured here, described here for the report."""
+
+    name: str
+    unit: str
+    doc: str
+    title: str
+    short: str = ""
+    better: str = "lower"
+    floor: str | None = None
+    phase: str = "mode_benches"  # `python -m bench.mode_benches --out RUN_DIR` adds them
+
+
+RECORDED: tuple[Recorded, ...] = (
+    Recorded("sync_s", "s", "Wall time of one node's sync past the sweep's sizes: from empty "
+             "(full), after one Service's endpoints changed (one_changed), nothing changed "
+             "(unchanged).", "Sync of one node", "node sync"),
+    Recorded("sync_cpu_s", "s", "CPU time of the same syncs: this process and its children "
+             "(nft, bpftool).", "CPU time of one node's sync", "sync CPU"),
+    Recorded("floor_conn_rate", "conn/s", "Connections per second straight to the pod IP, no "
+             "proxy on the path (the ceiling of client and backend).",
+             "Connection rate to a pod IP, no proxy (floor)", "rate floor", better="higher"),
+    Recorded("proxied_conn_rate", "conn/s", "Connections per second through the userspace "
+             "proxy to a ClusterIP, the same load.", "Connection rate through the userspace proxy",
+             "proxied rate", better="higher", floor="floor_conn_rate"),
+    Recorded("proxy_conn_per_cpu_s", "conn/cpu-s", "Proxied connections per second of the "
+             "proxy's own CPU time: what one core sustains.",
+             "Proxied connections per CPU-second of the proxy", "per CPU-second",
+             better="higher"),
+    Recorded("proxy_cpu_share", "cores", "CPU the proxy used during the load, in cores.",
+             "CPU the userspace proxy used under load", "proxy CPU"),
+    Recorded("proxy_user_us_per_conn", "us", "The proxy's user CPU time per proxied "
+             "connection.", "Proxy user CPU per connection", "user CPU"),
+    Recorded("proxy_sys_us_per_conn", "us", "The proxy's system CPU time per proxied "
+             "connection (includes the peers' receive paths veth runs in its context).",
+             "Proxy system CPU per connection", "system CPU"),
+    Recorded("added_latency_us", "us", "A new connection's p50 through the userspace proxy "
+             "minus the pod IP's, to the first and the last Service.",
+             "Latency the userspace proxy adds to a Service", "added latency"),
+)
+
+
 def catalog() -> list[dict[str, Any]]:
-    """Every metric as run.json records it."""
-    return [{"name": m.name, "unit": m.unit, "doc": m.doc, "phase": m.phase, "group": m.group,
-             "targets": [t for t in m.targets if t], "budget_s": m.budget_s} for m in METRICS]
+    """Every metric as run.json records it: the sweep's, then those other benches add to
+    its folder. The report reads each one's title, unit and meaning from here."""
+    shown = ("title", "short", "better", "floor", "finding", "scorecard", "resolution")
+    sweep = [{"name": m.name, "unit": m.unit, "doc": m.doc, "phase": m.phase, "group": m.group,
+              "targets": [t for t in m.targets if t], "budget_s": m.budget_s,
+              "headline": list(m.headline), **{k: getattr(m, k) for k in shown}}
+             for m in METRICS]
+    others = [{"name": r.name, "unit": r.unit, "doc": r.doc, "phase": r.phase, "title": r.title,
+               "short": r.short, "better": r.better, "floor": r.floor} for r in RECORDED]
+    return sweep + others
 
 
 def sweep_mode(cfg: SweepConfig, mode: str, progress: Callable[[str], None] | None = None,

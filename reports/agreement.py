@@ -5,28 +5,28 @@ A pass is one repeat of the sweep (bench.csv's `repeat`: up the sizes, then down
 machine whose latency drifts, a ranking or an O(N) verdict read off the pooled passes can
 hide that the passes disagree; these figures say how far they can be trusted here.
 
-- Ranking, per kernel and size: the modes ordered by the primary latency series (median per
-  pass), in every pass; whether every pass gives the order of the pooled medians, and which
-  passes do not (with the pairs they swap). Where the bench measured a floor at every size
-  (rows `floor_*` beside the Service rows, same mode, size, repeat, stat and unit), a
-  mode's figure is its latency minus that same-moment floor, so drift between the moments
-  the modes ran does not rank them.
+- Ranking, per kernel and size: the modes ordered by the headline series (the catalog's,
+  reports/catalog.py; median per pass), in every pass; whether every pass gives the order
+  of the pooled medians, and which passes do not (with the pairs they swap). Where the
+  bench measured a floor at every size (a floor's rows beside the Service rows, same mode,
+  size, repeat, stat and unit), a mode's figure is its latency minus that same-moment
+  floor, so drift between the moments the modes ran does not rank them.
 - Growth, per kernel and mode: the fit of reports/fit.py on each pass alone, and a
   bootstrap over passes (draw as many passes as there are, with replacement, refit): how
   often each verdict comes out (read from the distinct passes drawn), and the exponent's median and 2.5-97.5 % range over the
   resamples that grow. As in the report, a cost that is not above its floor at the
   largest size (same-moment floor, else the start/end one) is not said to grow.
 
-Pure: rows in (bench.csv as a DataFrame, read_bench_csv's dicts or Row.as_dict()s), a
-JSON-ready dict out (no NaN: what cannot be computed is None). bench/runner.py stores it
-in run.json under `agreement`; the report renders it from there or computes it itself.
+Pure: rows in (bench.csv as a DataFrame, read_bench_csv's dicts or Row.as_dict()s) and
+the run's metric catalog (without one, the catalog's fallback conventions), a JSON-ready
+dict out (no NaN: what cannot be computed is None). bench/runner.py stores it in run.json
+under `agreement`; the report renders it from there or computes it itself.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -34,27 +34,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from reports.catalog import Catalog, series_key
 from reports.fit import GROWS, NotEnoughSizes, decide, fit_growth
 
-# The series a headline is about, best first: the Service that walks the most rules.
-PRIMARY_SERIES = ("conn_latency_us:last", "conn_latency_us:random", "conn_latency_us",
-                  "conn_latency_us:first")
 PRIMARY_STAT = "p50"
-FLOOR_PREFIX = "floor_"  # a floor metric; at a size above zero, the floor of that moment
 RESAMPLES = 200
 PERCENTILES = (2.5, 97.5)
-IP_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 FRAME_COLUMNS = ("kernel", "mode", "n_services", "metric", "stat", "value", "unit", "repeat")
-
-
-def series_key(metric: str, target: Any) -> str:
-    """`conn_latency_us:last`: a word target (first/last/random) names a series; an address
-    or a number does not."""
-    target = "" if target is None or (isinstance(target, float) and math.isnan(target)) \
-        else str(target)
-    if ":" not in metric and target and not IP_RE.match(target) and not target.isdigit():
-        return f"{metric}:{target}"
-    return metric
 
 
 def _extra(cell: Any) -> dict:
@@ -95,30 +81,35 @@ def bench_frame(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFram
     return df[list(FRAME_COLUMNS)].reset_index(drop=True)
 
 
-def is_floor(metric: str) -> bool:
-    return metric.partition(":")[0].startswith(FLOOR_PREFIX)
+def floor_rows(frame: pd.DataFrame, catalog: Catalog | None = None) -> pd.Series:
+    """Which rows measure a floor (a path with no Services), by the catalog."""
+    catalog = catalog or Catalog()
+    floors = [m for m in frame["metric"].unique() if catalog.is_floor(m)]
+    return frame["metric"].isin(floors)
 
 
-def same_moment_floors(frame: pd.DataFrame) -> pd.Series:
+def same_moment_floors(frame: pd.DataFrame, catalog: Catalog | None = None) -> pd.Series:
     """The floor measured at each size between the Service connections: value per
     (kernel, mode, n_services, repeat, stat, unit), median over nodes. Empty when the run
     measured the floor only at the start and the end (size 0)."""
     keys = ["kernel", "mode", "n_services", "repeat", "stat", "unit"]
-    sel = frame[frame["metric"].map(is_floor) & (frame["n_services"] > 0)]
+    sel = frame[floor_rows(frame, catalog) & (frame["n_services"] > 0)]
     if sel.empty:
         return pd.Series(dtype=float, index=pd.MultiIndex.from_tuples([], names=keys))
     return sel.groupby(keys)["value"].median()
 
 
-def start_end_floors(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+def start_end_floors(frame: pd.DataFrame,
+                     catalog: Catalog | None = None) -> tuple[pd.Series, pd.Series]:
     """The floor measured at the start and the end of each mode's sweep (size 0): median per
     (kernel, mode, stat, unit), and per (kernel, stat, unit) for a mode without its own."""
-    sel = frame[frame["metric"].map(is_floor) & (frame["n_services"] == 0)]
+    sel = frame[floor_rows(frame, catalog) & (frame["n_services"] == 0)]
     return (sel.groupby(["kernel", "mode", "stat", "unit"])["value"].median(),
             sel.groupby(["kernel", "stat", "unit"])["value"].median())
 
 
-def per_pass(frame: pd.DataFrame, series: str, stat: str = PRIMARY_STAT) -> pd.DataFrame:
+def per_pass(frame: pd.DataFrame, series: str, stat: str = PRIMARY_STAT,
+             catalog: Catalog | None = None) -> pd.DataFrame:
     """One row per (kernel, mode, n_services, repeat): the series' value (median over nodes),
     its floor and `added` (value - floor). The floor is the one measured at the same moment
     (`same_moment`), else the mode's start/end floor, else the kernel's; NaN when none."""
@@ -128,8 +119,8 @@ def per_pass(frame: pd.DataFrame, series: str, stat: str = PRIMARY_STAT) -> pd.D
         return pd.DataFrame(columns=[*keys[:4], "value", "floor", "same_moment", "added"])
     values = sel.groupby(keys)["value"].median()
     out = values.rename("value").reset_index()
-    same = same_moment_floors(frame).reindex(values.index).to_numpy()
-    by_mode, by_kernel = start_end_floors(frame)
+    same = same_moment_floors(frame, catalog).reindex(values.index).to_numpy()
+    by_mode, by_kernel = start_end_floors(frame, catalog)
     fallback = [by_mode.get((k, m, st, u), by_kernel.get((k, st, u), math.nan))
                 for k, m, st, u in zip(out["kernel"], out["mode"], out["stat"], out["unit"],
                                        strict=True)]
@@ -139,10 +130,11 @@ def per_pass(frame: pd.DataFrame, series: str, stat: str = PRIMARY_STAT) -> pd.D
     return out.drop(columns=["stat", "unit"])
 
 
-def primary_series(frame: pd.DataFrame, stat: str = PRIMARY_STAT) -> str | None:
-    """The first of PRIMARY_SERIES the rows hold at a size above zero."""
-    present = set(frame.loc[(frame["stat"] == stat) & (frame["n_services"] > 0), "metric"])
-    return next((s for s in PRIMARY_SERIES if s in present), None)
+def primary_series(frame: pd.DataFrame, stat: str = PRIMARY_STAT,
+                   catalog: Catalog | None = None) -> str | None:
+    """The catalog's best headline series the rows hold at a size above zero."""
+    present = frame.loc[(frame["stat"] == stat) & (frame["n_services"] > 0), "metric"]
+    return next(iter((catalog or Catalog()).headline_series(present)), None)
 
 
 # --------------------------------------------------------------------------- ranking
@@ -306,12 +298,15 @@ def growth(passes: pd.DataFrame, resamples: int = RESAMPLES, seed: int = 0) -> l
 
 
 def agreement(rows: pd.DataFrame | Iterable[Mapping[str, Any]], series: str | None = None,
-              stat: str = PRIMARY_STAT, resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
-    """Ranking and growth agreement across passes, for `series` (default: the primary one)."""
+              stat: str = PRIMARY_STAT, resamples: int = RESAMPLES, seed: int = 0,
+              catalog: Catalog | Iterable[Any] | None = None) -> dict[str, Any]:
+    """Ranking and growth agreement across passes, for `series` (default: the headline one
+    of `catalog`, run.json's `metrics`)."""
+    catalog = Catalog.of(catalog)
     frame = bench_frame(rows)
-    series = series or primary_series(frame, stat)
+    series = series or primary_series(frame, stat, catalog)
     if series is None:
         return {"series": None, "stat": stat, "ranking": [], "growth": []}
-    passes = per_pass(frame, series, stat)
+    passes = per_pass(frame, series, stat, catalog)
     return {"series": series, "stat": stat, "resamples": resamples,
             "ranking": ranking(passes), "growth": growth(passes, resamples, seed)}

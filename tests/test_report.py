@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.metrics import catalog
 from reports.render import (
     ReportError,
     compare_runs,
@@ -96,6 +97,7 @@ def write_synthetic_run(path: Path, complete=True, **kw) -> Path:
         "complete": complete, "started": "2025-01-01T00:00:00Z",
         "finished": "2025-01-01T00:10:00Z" if complete else None,
         "modes_skipped": {"ipvs": "the host kernel has no ip_vs"}, "noisy": [],
+        "metrics": catalog(),  # as the runner writes it: the report's titles and roles
     })
     return path
 
@@ -197,6 +199,7 @@ def test_kernels_are_never_mixed_and_lower_throughput_is_a_regression(tmp_path):
                  for n in (1, 10, 100, 1000, 10000) for rep in range(2)]
         (tmp_path / run).mkdir()
         write_csv(tmp_path / run / "bench.csv", rows + extra)
+        write_json(tmp_path / run / "run.json", {"metrics": catalog()})
     page = write_report(tmp_path / "new", compare=tmp_path / "old").read_text()
     charts = page.split("id='charts'")[1].split("</section>")[0]
     # a chart per kernel: ipvs (guest kernel) never shares axes with iptables (host kernel)

@@ -6,6 +6,7 @@ reader sees the page in headless Chromium."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.metrics import catalog
 from reports.agreement import agreement
 from reports.render import write_report
 from reports.results import write_csv, write_json
@@ -115,7 +117,8 @@ def render(path: Path, rows, meta=None) -> str:
     write_csv(path / "bench.csv", rows)
     write_json(path / "run.json", {"kernel": "6.18.0", "complete": True, "status": "complete",
                                    "started": "2025-01-01T00:00:00Z",
-                                   "finished": "2025-01-01T00:10:00Z", **(meta or {})})
+                                   "finished": "2025-01-01T00:10:00Z", "metrics": catalog(),
+                                   **(meta or {})})
     return write_report(path).read_text()
 
 
@@ -176,7 +179,8 @@ def test_figures_counted_in_ticks_carry_their_resolution(tmp_path):
         assert ": host &lt; 50.0 µs (resolution 50.0 µs)" in charts  # a 0 reads as "< 50 µs"
         # one step up at the largest size is not growth
         fits = page.split("id='fits'")[1].split("</section>")[0]
-        row = next(r for r in fits.split("<tr>") if "CPU" in r and "<b>ipvs" in r and "tasks" in r)
+        row = next(r for r in fits.split("<tr>") if "CPU" in r and "<b>ipvs" in r
+                   and "'muted'>tasks, µs<" in r)
         assert "flat" in row and "less than the resolution" in row and "N<sup>" not in row
 
 
@@ -186,8 +190,11 @@ def test_metrics_measured_at_one_size_are_a_table_not_a_chart(tmp_path):
     captions = " ".join(re.findall(r"<figcaption.*?</figcaption>", charts))
     assert "proxied_conn_rate" not in captions and "floor_conn_rate" not in captions
     table = charts.split("<table class='single'>")[1].split("</table>")[0]
-    assert "proxied conn rate" in table and "1,840 conn/s" in table and "1,800 conn/s to 1,880" in table
-    assert "floor conn rate" in table
+    # the catalog's titles and units, not the ids
+    assert "Connection rate through the userspace proxy</span> <span class='muted'>mean, conn/s" \
+        in table
+    assert "1,840 conn/s" in table and "1,800 conn/s to 1,880" in table
+    assert "Connection rate to a pod IP, no proxy (floor)" in table
     fits = page.split("id='fits'")[1].split("</section>")[0]
     assert "proxied" not in fits
 
@@ -247,7 +254,8 @@ def missing_run(path: Path) -> Path:
     (path / "run.json").write_text(
         '{"kernel": "6.18.0", "status": "killed", "complete": false, "wall_s": NaN, '
         '"spread": [{"mode": "ebpf", "spread": Infinity, "values": [NaN, 1]}], '
-        '"noisy": [{"mode": "ebpf", "spread": Infinity, "values": [NaN, 1]}]}')
+        '"noisy": [{"mode": "ebpf", "spread": Infinity, "values": [NaN, 1]}], '
+        f'"metrics": {json.dumps(catalog())}}}')
     return path
 
 
@@ -256,7 +264,8 @@ def single_point_run(path: Path) -> Path:
     rows = [{**r, "n_services": 1} for r in guest_rows(sizes=(1,))] + userspace_rate_rows()
     write_csv(path / "bench.csv", rows)
     write_json(path / "run.json", {"kernel": "6.18.0", "status": "incomplete", "complete": False,
-                                   "incomplete_reason": "stopped after the first size"})
+                                   "incomplete_reason": "stopped after the first size",
+                                   "metrics": catalog()})
     return path
 
 
@@ -271,7 +280,7 @@ def noisy_run(path: Path) -> Path:
     rows += guest_rows() + userspace_rate_rows()
     write_csv(path / "bench.csv", rows)
     write_json(path / "run.json", {"kernel": "6.18.0", "status": "complete", "complete": True,
-                                   "noisy": [], "spread": []})
+                                   "noisy": [], "spread": [], "metrics": catalog()})
     return path
 
 
@@ -331,13 +340,15 @@ def test_reports_of_missing_single_point_and_noisy_runs_read_true_in_chromium(tm
     assert single["charts"] == 0 and "Partial run" in single["banner"]
     assert "stopped after the first size" in single["banner"]
     assert "< 50.0 µs (resolution 50.0 µs)" in single["single"]
-    assert "proxied conn rate" in single["single"] and "floor conn rate" in single["single"]
+    assert "Connection rate through the userspace proxy" in single["single"]
+    assert "Connection rate to a pod IP, no proxy (floor)" in single["single"]
     # noisy: one verdict per mode; the cost under its floor is flat, with no exponent
     nft = next(h for h in noisy["heads"] if h.startswith("nftables (6.18.0)"))
     assert "growing" not in nft and "N<sup>" not in nft, nft
     ipvs = next(h for h in noisy["heads"] if h.startswith("ipvs (6.1.0-um)"))
     assert "no growth verdict" in ipvs and "kernel CPU per connection" in ipvs, ipvs
-    assert "proxied conn rate" in noisy["single"] and noisy["charts"] >= 4
+    assert "Connection rate through the userspace proxy" in noisy["single"]
+    assert noisy["charts"] >= 4
 
 
 def test_a_mode_skipped_here_but_measured_in_the_guest_says_where():
