@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from bench.metrics import steps_of
+from bench.metrics import catalog, steps_of
 from bench.sweep import ModeUnavailable, Row, SweepConfig, SweepListener, load_mode
 from reports.agreement import agreement
 from reports.results import (
@@ -441,7 +441,7 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
     err = err or Console(stderr=True, highlight=False)
     spec = parse_spec(args)  # BenchSpecError before anything exists
     cfg = spec.sweep_config()
-    from bench.metrics import catalog, passes, selected, sweep_order
+    from bench.metrics import passes, selected, sweep_order
     from clusters.netns import owner
     from clusters.safety import guard_root
 
@@ -602,7 +602,7 @@ def _finish(folder: RunFolder, status: str, wall_s: float) -> None:
         rows=len(folder.rows),
         # Do the passes rank the modes alike at every size, and how far does the growth
         # exponent move between them (a bootstrap over passes)?
-        agreement=agreement([r.as_dict() for r in folder.rows]),
+        agreement=agreement([r.as_dict() for r in folder.rows], catalog=catalog()),
     )
     folder.save_meta()
 
