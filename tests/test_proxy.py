@@ -22,9 +22,11 @@ NS = "ns1"
 
 class Recording:
     """The real iptables mode, with every call it gets written down (and `update`, which
-    iptables lacks, answered by a full sync so the ServiceProxy's choice shows)."""
+    iptables lacks, answered by a full sync of the tracker's view, so the ServiceProxy's
+    choice shows)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracker: ChangeTracker) -> None:
+        self.tracker = tracker
         self.mode = IptablesDataplane()
         self.name = "iptables"
         self.calls: list[tuple[str, str, object]] = []
@@ -44,9 +46,9 @@ class Recording:
         self.calls.append(("sync", node.name, None))
         return self.mode.sync(node, view)
 
-    def update(self, node, view, changes):
+    def update(self, node, changes):
         self.calls.append(("update", node.name, changes))
-        return self.mode.sync(node, view)
+        return self.mode.sync(node, self.tracker.node_view(node.name))
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +76,8 @@ def _served(made, ip: str, count: int = 20) -> Counter:
 
 def test_the_proxy_installs_applies_changes_and_tears_down(cluster):
     made, nodes, pods = cluster
-    mode = Recording()
     tracker = ChangeTracker(nodes)
+    mode = Recording(tracker)
     tracker.apply(pods=pods)
     web = Service(NS, "web", (ServicePort(80, target_port=8080),), selector={"app": "web"})
     with ServiceProxy(mode, made.nodes, tracker) as proxy:
