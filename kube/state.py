@@ -561,11 +561,18 @@ class ClusterState:
     # ------------------------------------------------------------------ per-node view
 
     def proxied_services(self, proxy_name: str | None = None) -> list[Service]:
-        """Services a proxy handles: not headless, labelled for it (or unlabelled)."""
+        """Services a proxy handles: not headless, labelled for it (or unlabelled).
+
+        As kube-proxy's informers select only objects without the
+        service.kubernetes.io/service-proxy-name and service.kubernetes.io/headless labels
+        (cmd/kube-proxy), a Service carrying the headless label is skipped even when it has
+        a ClusterIP.
+        """
         return [
             s
             for s in self.services
             if not s.headless and s.cluster_ip and s.proxy_name == proxy_name
+            and not s.labelled_headless
         ]
 
     def node_view(self, node_name: str, proxy_name: str | None = None) -> NodeView:
