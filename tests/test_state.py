@@ -10,8 +10,8 @@ import pytest
 
 from kube.manifests import load_manifests
 from kube.model import (
-    PLAN,
     HEADLESS_LABEL,
+    PLAN,
     PROXY_NAME_LABEL,
     ZONE_LABEL,
     AddressPlan,
