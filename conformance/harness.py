@@ -7,15 +7,15 @@ Layout (every pod is placed by name, so each check knows where traffic comes fro
 
 Backends declare `http` 8080/TCP, `udp` 8080/UDP and `alt` 8081/TCP (web-3 numbers `alt`
 9090: a named port may differ per pod). Every node also answers on its own address, TCP and
-UDP 8082, as `node/<name>`: the backend a hostNetwork pod would be (`host_endpoint`). The cluster DNS pod answers on 53 behind the
-kube-dns Service at the plan's DNS address; `apply` always includes that Service and
-rewrites the DNS records file from the new state.
+UDP 8082, as `node/<name>`: the backend a hostNetwork pod would be (`host_endpoint`). The
+cluster DNS pod answers on 53 behind the kube-dns Service at the plan's DNS address;
+`apply` always includes that Service and rewrites the DNS records file from the new state.
 
-A check calls `apply(services, slices=..., not_ready=...)`, which replaces every Service of
-the previous check, builds the ClusterState with the fixed pods (those named in `not_ready`
-fail their readiness probe until the next apply) and syncs every node; then it probes
-with real traffic from pods (`"ns1/client-a"`), nodes (`"node/node2"`) or the external
-client (`"external"`).
+A check calls `apply(services, slices=..., not_ready=..., terminating=...)`, which replaces
+every Service of the previous check, builds the ClusterState with the fixed pods (those
+named fail their readiness probe, or are being deleted, until the next apply) and syncs
+every node; then it probes with real traffic from pods (`"ns1/client-a"`), nodes
+(`"node/node2"`) or the external client (`"external"`).
 """
 
 from __future__ import annotations
@@ -425,17 +425,22 @@ class ConformanceCluster:
     # ------------------------------------------------------------------ desired state
 
     def apply(self, services: Sequence[Service], slices: Sequence[EndpointSlice] = (), *,
-              not_ready: Collection[str] = ()) -> list[SyncStats]:
+              not_ready: Collection[str] = (), terminating: Collection[str] = ()
+              ) -> list[SyncStats]:
         """Make `services` (plus kube-dns) the cluster's only Services and sync every node.
 
-        The pods named in `not_ready` ("ns/name") are not ready, all others are: the
-        endpoint controller sees that when it makes the slices of selectors (their echo
-        backends keep answering whoever reaches them).
+        The pods named in `not_ready` ("ns/name") are not ready and those in `terminating`
+        are being deleted, until the next apply: the endpoint controller sees that when it
+        makes the slices of selectors (their echo backends keep answering whoever reaches
+        them).
         """
-        unknown = set(not_ready) - {f"{p.namespace}/{p.name}" for p in self.state.pods}
+        keys = {f"{p.namespace}/{p.name}" for p in self.state.pods}
+        unknown = (set(not_ready) | set(terminating)) - keys
         if unknown:
-            raise KeyError(f"not_ready names pods the cluster does not have: {sorted(unknown)}")
-        pods = tuple(replace(p, ready=f"{p.namespace}/{p.name}" not in not_ready)
+            raise KeyError(f"not_ready/terminating name pods the cluster does not have: "
+                           f"{sorted(unknown)}")
+        pods = tuple(replace(p, ready=f"{p.namespace}/{p.name}" not in not_ready,
+                             terminating=f"{p.namespace}/{p.name}" in terminating)
                      for p in self.state.pods)
         state = ClusterState.build(
             self.state.nodes,
@@ -461,11 +466,12 @@ class ConformanceCluster:
     def restart(self) -> list[SyncStats]:
         """A proxy restart on every node: uninstall, install, sync.
 
-        A real node's conntrack stays on while its proxy is away: kubelet, the CNI and the
-        firewall hold it with netfilter rules of their own. These nodes have no netfilter
-        user but the proxy, and the kernel stops tracking a namespace's packets when its
-        last user goes (established flows would lose their NAT mid-restart, and a NodePort
-        packet would reach the node's own stack and be reset), so the restart holds it.
+        A real node's conntrack and NAT stay on while its proxy is away: kubelet, the CNI and
+        the firewall hold them with netfilter rules of their own. These nodes have no
+        netfilter user but the proxy, and the kernel stops tracking a namespace's packets,
+        and translating its NATed flows, when the last user goes (a NodePort packet of an
+        established flow would reach the node's own stack and be reset), so the restart
+        holds them.
         """
         with conntrack_held(self.cluster.nodes):
             for node in self.cluster.nodes:
@@ -561,26 +567,29 @@ class ConformanceCluster:
 
 
 CONNTRACK_HOLD = "svb-conntrack-hold"
-# A rule that asks for conntrack state makes the kernel track the namespace's packets for as
-# long as it exists; in a chain no hook reaches, it costs no packet anything. nft first; the
-# guest kernel's nf_tables has no ip family, its iptables is the legacy one.
-_HOLD_NFT = (f"add table ip {CONNTRACK_HOLD}\nadd chain ip {CONNTRACK_HOLD} hold\n"
-             f"add rule ip {CONNTRACK_HOLD} hold ct state new\n")
+# The kernel tracks a namespace's packets while some rule asks for conntrack state, and
+# applies established flows' NAT while some NAT chain exists: an empty NAT chain and a rule
+# in a chain no hook reaches keep both. nft first; the guest kernel's nf_tables has no ip
+# family, its iptables is the legacy one (whose nat table, once made, stays).
+_HOLD_NFT = (f"add table ip {CONNTRACK_HOLD}\n"
+             f"add chain ip {CONNTRACK_HOLD} hold\n"
+             f"add rule ip {CONNTRACK_HOLD} hold ct state new\n"
+             f"add chain ip {CONNTRACK_HOLD} nat {{ type nat hook postrouting priority 1000 ; }}\n")
 _HOLD_LEGACY = "SVB-CONNTRACK-HOLD"
 
 
 @contextmanager
 def conntrack_held(nodes: Sequence[Any]) -> Iterator[None]:
-    """Keep each node's conntrack on inside the block, whatever its proxy does meanwhile."""
+    """Keep each node's conntrack and NAT on inside the block, whatever its proxy does."""
     held: list[tuple[Any, str]] = []
     try:
         for node in nodes:
             if node.run(["nft", "-f", "-"], input=_HOLD_NFT, check=False).returncode == 0:
                 held.append((node, "nft"))
                 continue
-            node.run(["iptables-legacy", "-w", "-N", _HOLD_LEGACY])
+            node.run(["iptables-legacy", "-w", "-t", "nat", "-N", _HOLD_LEGACY])
             held.append((node, "legacy"))
-            node.run(["iptables-legacy", "-w", "-A", _HOLD_LEGACY, "-m", "conntrack",
+            node.run(["iptables-legacy", "-w", "-t", "nat", "-A", _HOLD_LEGACY, "-m", "conntrack",
                       "--ctstate", "NEW", "-j", "RETURN"])
         yield
     finally:
@@ -588,8 +597,8 @@ def conntrack_held(nodes: Sequence[Any]) -> Iterator[None]:
             if how == "nft":
                 node.run(["nft", "delete", "table", "ip", CONNTRACK_HOLD], check=False)
             else:
-                node.run(["iptables-legacy", "-w", "-F", _HOLD_LEGACY], check=False)
-                node.run(["iptables-legacy", "-w", "-X", _HOLD_LEGACY], check=False)
+                node.run(["iptables-legacy", "-w", "-t", "nat", "-F", _HOLD_LEGACY], check=False)
+                node.run(["iptables-legacy", "-w", "-t", "nat", "-X", _HOLD_LEGACY], check=False)
 
 
 def with_affinity(svc: Service, timeout_s: int | None) -> Service:

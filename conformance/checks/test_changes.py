@@ -35,6 +35,9 @@ NODE2 = {"ns1/web-2", "ns1/web-3"}
 CLIENTS = ("ns1/client-a", "ns1/client-b")  # node1, node2
 HTTP = ServicePort(80, TCP, "http", "http")
 N = 30  # samples where the backends must all show up: 3 * (2/3)^30 misses one, about 2e-5
+# Probes that run at once never share a node and a Service port where several endpoints must
+# all answer: the userspace proxy's round robin, one per Service port and node, would split
+# them between the clients.
 
 
 @pytest.mark.check(40)
@@ -138,28 +141,29 @@ def test_service_type_and_node_ports_changed_live(cluster):
     assert cluster.cluster_ip("retype") == ip
     tcp_np, udp_np = cluster.node_port("retype", 80, TCP), cluster.node_port("retype", 80, UDP)
     check_cases(cluster, {
-        "ClusterIP TCP": (Probe("ns1/client-a", ip, 80, count=N), EVERYONE),
-        "ClusterIP UDP": (Probe("ns1/client-b", ip, 80, UDP, count=N), EVERYONE),
+        "ClusterIP TCP": (Probe("ns1/client-b", ip, 80, count=N), EVERYONE),
+        "ClusterIP UDP": (Probe("ns1/client-a", ip, 80, UDP, count=N), EVERYONE),
         "TCP NodePort of node1 from outside": (Probe(EXTERNAL, node1, tcp_np, count=N), EVERYONE),
         "UDP NodePort of node2 from outside": (Probe(EXTERNAL, node2, udp_np, UDP, count=N),
                                                EVERYONE),
-        "TCP NodePort of node2 from a pod": (Probe("ns1/client-a", node2, tcp_np, count=N),
-                                             EVERYONE),
     }, "type NodePort, TCP and UDP on port 80")
 
     moved = max(set(range(PLAN.node_port_range[1] - 2, PLAN.node_port_range[1] + 1))
                 - {tcp_np, udp_np})
     renumbered = ServicePort(81, TCP, "tcp", HTTP_PORT, node_port=moved)
     cluster.apply([web_service("retype", renumbered, type=TYPE_NODE_PORT)])
+    when = f"port 80 renumbered 81 and its NodePort {tcp_np} moved to {moved}, UDP deleted"
     check_cases(cluster, {
         "port 81": (Probe("ns1/client-a", ip, 81, count=N), EVERYONE),
-        "new NodePort of node1": (Probe(EXTERNAL, node1, moved, count=N), EVERYONE),
         "new NodePort of node2": (Probe(EXTERNAL, node2, moved, count=N), EVERYONE),
+    }, when)
+    check_cases(cluster, {
+        "new NodePort of node1": (Probe(EXTERNAL, node1, moved, count=N), EVERYONE),
         "old TCP NodePort of node1": (silent(EXTERNAL, node1, tcp_np), NOT_SERVED),
         "old TCP NodePort of node2": (silent(EXTERNAL, node2, tcp_np), NOT_SERVED),
         "deleted UDP NodePort of node2": (silent(EXTERNAL, node2, udp_np, UDP), NOT_SERVED),
         "old port 80": (silent("ns1/client-a", ip, 80), NOT_SERVED),
-    }, f"port 80 renumbered 81 and its NodePort {tcp_np} moved to {moved}, UDP deleted")
+    }, when)
 
     cluster.apply([web_service("retype", ServicePort(81, TCP, "tcp", HTTP_PORT))])
     assert cluster.cluster_ip("retype") == ip
@@ -192,22 +196,20 @@ def test_traffic_policies_changed_live(cluster):
     def everywhere(when: str) -> None:
         check_cases(cluster, {
             "pod on node1 to the ClusterIP": (Probe("ns1/client-a", ip, 80, count=N), EVERYONE),
-            "pod on node2 to the ClusterIP": (Probe("ns1/client-b", ip, 80, count=N), EVERYONE),
-            "outside client through node1": (Probe(EXTERNAL, node1, port, count=N), EVERYONE),
+            "outside client through node2": (Probe(EXTERNAL, node2, port, count=N), EVERYONE),
         }, when)
 
     everywhere("both policies Cluster")
     cluster.apply([svc(POLICY_LOCAL)])
-    results = check_cases(cluster, {
+    # (That the outside client's address reaches the backends is check 7's to show.)
+    check_cases(cluster, {
         "pod on node1 to the ClusterIP": (Probe("ns1/client-a", ip, 80, count=N), NODE1),
         "pod on node2 to the ClusterIP": (Probe("ns1/client-b", ip, 80, count=N), NODE2),
         "outside client through node1": (Probe(EXTERNAL, node1, port, count=20), NODE1),
+    }, "both policies Local")
+    check_cases(cluster, {
         "outside client through node2": (Probe(EXTERNAL, node2, port, count=N), NODE2),
     }, "both policies Local")
-    seen = {s.seen_client.rsplit(":", 1)[0] for s in results["outside client through node2"].samples}
-    assert seen == {PLAN.external_client_ip}, (
-        f"externalTrafficPolicy Local: the backends saw {seen}, not the client's own address"
-    )
     cluster.apply([svc("Cluster")])
     everywhere("both policies Cluster again")
 
@@ -271,12 +273,15 @@ def test_connections_survive_proxy_restart(cluster, record_property):
     cluster.apply([svc1, svc2])
     ip1, ip2 = cluster.cluster_ip("restart-proxy-1"), cluster.cluster_ip("restart-proxy-2")
     port = cluster.node_port("restart-proxy-2")
-    node1 = cluster.node_ip("node1")
+    # Six connections to three endpoints each: a proxy that forgets them and picks a backend
+    # afresh keeps them all by chance once in 3^6 = 729 runs.
     ends = {
         "client-a to restart-proxy-1": ("ns1/client-a", ip1, 80),
         "client-b to restart-proxy-1": ("ns1/client-b", ip1, 80),
         "client-c to restart-proxy-2": ("ns1/client-c", ip2, 80),
-        "outside client to node1's NodePort": (EXTERNAL, node1, port),
+        "node2 to restart-proxy-2": ("node/node2", ip2, 80),
+        "outside client to node1's NodePort": (EXTERNAL, cluster.node_ip("node1"), port),
+        "outside client to node2's NodePort": (EXTERNAL, cluster.node_ip("node2"), port),
     }
     talks = {what: Conversation(cluster.netns(src), ip, p, timeout=RESTART_TIMEOUT_S)
              for what, (src, ip, p) in ends.items()}
