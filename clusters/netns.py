@@ -849,6 +849,14 @@ class NetnsCluster:
             self.save()
         return result
 
+    def set_host_ports(self, ports: Sequence[tuple[int, str]]) -> None:
+        """Echo listeners on every node's own address (a hostNetwork pod's), on these
+        (port, protocol) pairs; empty removes them. Each answers as `node/<name>`, and goes
+        with its node's echo agent when the run is destroyed."""
+        self.state["host_ports"] = [[int(port), proto] for port, proto in ports]
+        self.save()
+        self._tell_agents()
+
     def _clear_conntrack(self, ips: list[str]) -> None:
         """Delete every node's conntrack entries towards `ips` (pods that are going away)."""
         from dataplanes.base import Host
@@ -866,12 +874,16 @@ class NetnsCluster:
             return
         from clusters.workloads.echo import BackendSpec
 
+        host_ports = [(port, proto) for port, proto in self.state.get("host_ports", [])]
         for node in self.nodes:
             specs = [
                 BackendSpec(pod=rec.key, netns=rec.netns, ip=rec.ip, ports=list(rec.ports))
                 for rec in self.pods.values()
                 if rec.node == node.name and rec.key not in exclude
             ]
+            if host_ports:
+                specs.append(BackendSpec(pod=f"node/{node.name}", netns=node.netns, ip=node.ip,
+                                         ports=host_ports))
             self.agent(node.name).set_backends(specs)
 
     def _remove_pods(self, gone: list[PodRecord]) -> None:

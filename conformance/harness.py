@@ -6,14 +6,16 @@ Layout (every pod is placed by name, so each check knows where traffic comes fro
     node2: ns1/web-2, ns1/web-3, ns1/client-b
 
 Backends declare `http` 8080/TCP, `udp` 8080/UDP and `alt` 8081/TCP (web-3 numbers `alt`
-9090: a named port may differ per pod). The cluster DNS pod answers on 53 behind the
-kube-dns Service at the plan's DNS address; `apply` always includes that Service and
-rewrites the DNS records file from the new state.
+9090: a named port may differ per pod). Every node also answers on its own address, TCP and
+UDP 8082, as `node/<name>`: the backend a hostNetwork pod would be (`host_endpoint`). The
+cluster DNS pod answers on 53 behind the kube-dns Service at the plan's DNS address;
+`apply` always includes that Service and rewrites the DNS records file from the new state.
 
-A check calls `apply(services, slices=...)`, which replaces every Service of the previous
-check, builds the ClusterState with the fixed pods and syncs every node; then it probes
-with real traffic from pods (`"ns1/client-a"`), nodes (`"node/node2"`) or the external
-client (`"external"`).
+A check calls `apply(services, slices=..., not_ready=..., terminating=...)`, which replaces
+every Service of the previous check, builds the ClusterState with the fixed pods (those
+named fail their readiness probe, or are being deleted, until the next apply) and syncs
+every node; then it probes with real traffic from pods (`"ns1/client-a"`), nodes
+(`"node/node2"`) or the external client (`"external"`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -57,6 +59,7 @@ NAMESPACE = "ns1"
 NODES = 2
 HTTP_PORT = 8080
 ALT_PORT = 8081
+HOST_PORT = 8082  # every node's own echo listener, TCP and UDP: a hostNetwork backend
 WEB_3_ALT_PORT = 9090
 BACKENDS = ("ns1/web-1", "ns1/web-2", "ns1/web-3")
 CLIENTS = ("ns1/client-a", "ns1/client-b", "ns1/client-c")
@@ -391,6 +394,7 @@ class ConformanceCluster:
             state = ClusterState.build(nodes, session_pods())
             say(f"run {cluster.run_id}: {len(state.pods)} pods")
             cluster.set_pods(state.pods)
+            cluster.set_host_ports([(HOST_PORT, TCP), (HOST_PORT, UDP)])
             records_path = os.path.join(cluster.run_dir, "dns-records.json")
             write_json(records_path, records(state))
             say(f"run {cluster.run_id}: cluster DNS in {DNS_POD}")
@@ -420,12 +424,27 @@ class ConformanceCluster:
 
     # ------------------------------------------------------------------ desired state
 
-    def apply(self, services: Sequence[Service], slices: Sequence[EndpointSlice] = ()
+    def apply(self, services: Sequence[Service], slices: Sequence[EndpointSlice] = (), *,
+              not_ready: Collection[str] = (), terminating: Collection[str] = ()
               ) -> list[SyncStats]:
-        """Make `services` (plus kube-dns) the cluster's only Services and sync every node."""
+        """Make `services` (plus kube-dns) the cluster's only Services and sync every node.
+
+        The pods named in `not_ready` ("ns/name") are not ready and those in `terminating`
+        are being deleted, until the next apply: the endpoint controller sees that when it
+        makes the slices of selectors (their echo backends keep answering whoever reaches
+        them).
+        """
+        keys = {f"{p.namespace}/{p.name}" for p in self.state.pods}
+        unknown = (set(not_ready) | set(terminating)) - keys
+        if unknown:
+            raise KeyError(f"not_ready/terminating name pods the cluster does not have: "
+                           f"{sorted(unknown)}")
+        pods = tuple(replace(p, ready=f"{p.namespace}/{p.name}" not in not_ready,
+                             terminating=f"{p.namespace}/{p.name}" in terminating)
+                     for p in self.state.pods)
         state = ClusterState.build(
             self.state.nodes,
-            self.state.pods,
+            pods,
             (*services, DNS_SERVICE),
             slices,
             previous=self.state,
@@ -445,12 +464,21 @@ class ConformanceCluster:
         return stats
 
     def restart(self) -> list[SyncStats]:
-        """A proxy restart on every node: uninstall, install, sync."""
-        for node in self.cluster.nodes:
-            self.dataplane.uninstall(node)
-        for node in self.cluster.nodes:
-            self.dataplane.install(node)
-        return self.sync()
+        """A proxy restart on every node: uninstall, install, sync.
+
+        A real node's conntrack and NAT stay on while its proxy is away: kubelet, the CNI and
+        the firewall hold them with netfilter rules of their own. These nodes have no
+        netfilter user but the proxy, and the kernel stops tracking a namespace's packets,
+        and translating its NATed flows, when the last user goes (a NodePort packet of an
+        established flow would reach the node's own stack and be reset), so the restart
+        holds them.
+        """
+        with conntrack_held(self.cluster.nodes):
+            for node in self.cluster.nodes:
+                self.dataplane.uninstall(node)
+            for node in self.cluster.nodes:
+                self.dataplane.install(node)
+            return self.sync()
 
     def sabotage(self) -> list[str] | None:
         """Remove the mode's rules from outside on every node; None when no sabotage is known."""
@@ -497,6 +525,10 @@ class ConformanceCluster:
         return Endpoint((pod.ip,), ready=ready, serving=ready if serving is None else serving,
                         terminating=terminating, node_name=pod.node_name, pod_name=pod.name)
 
+    def host_endpoint(self, node: str, *, ready: bool = True) -> Endpoint:
+        """An endpoint at a node's own address, as a hostNetwork pod on it has (HOST_PORT)."""
+        return Endpoint((self.node_ip(node),), ready=ready, serving=ready, node_name=node)
+
     def endpoint_slice(self, service: str, endpoints: Sequence[Endpoint | str],
                        ports: Sequence[EndpointPort] = (EndpointPort(HTTP_PORT, TCP),)
                        ) -> EndpointSlice:
@@ -534,6 +566,41 @@ class ConformanceCluster:
         DNS Service."""
         return self.call(source, dns_server.query, PLAN.dns_ip, name, rdtype, tcp=tcp,
                          timeout=2.0)
+
+
+CONNTRACK_HOLD = "svb-conntrack-hold"
+# The kernel tracks a namespace's packets while some rule asks for conntrack state, and
+# applies established flows' NAT while some NAT chain exists: an empty NAT chain and a rule
+# in a chain no hook reaches keep both. nft first; the guest kernel's nf_tables has no ip
+# family, its iptables is the legacy one (whose nat table, once made, stays).
+_HOLD_NFT = (f"add table ip {CONNTRACK_HOLD}\n"
+             f"add chain ip {CONNTRACK_HOLD} hold\n"
+             f"add rule ip {CONNTRACK_HOLD} hold ct state new\n"
+             f"add chain ip {CONNTRACK_HOLD} nat {{ type nat hook postrouting priority 1000 ; }}\n")
+_HOLD_LEGACY = "SVB-CONNTRACK-HOLD"
+
+
+@contextmanager
+def conntrack_held(nodes: Sequence[Any]) -> Iterator[None]:
+    """Keep each node's conntrack and NAT on inside the block, whatever its proxy does."""
+    held: list[tuple[Any, str]] = []
+    try:
+        for node in nodes:
+            if node.run(["nft", "-f", "-"], input=_HOLD_NFT, check=False).returncode == 0:
+                held.append((node, "nft"))
+                continue
+            node.run(["iptables-legacy", "-w", "-t", "nat", "-N", _HOLD_LEGACY])
+            held.append((node, "legacy"))
+            node.run(["iptables-legacy", "-w", "-t", "nat", "-A", _HOLD_LEGACY, "-m", "conntrack",
+                      "--ctstate", "NEW", "-j", "RETURN"])
+        yield
+    finally:
+        for node, how in held:
+            if how == "nft":
+                node.run(["nft", "delete", "table", "ip", CONNTRACK_HOLD], check=False)
+            else:
+                node.run(["iptables-legacy", "-w", "-t", "nat", "-F", _HOLD_LEGACY], check=False)
+                node.run(["iptables-legacy", "-w", "-t", "nat", "-X", _HOLD_LEGACY], check=False)
 
 
 def with_affinity(svc: Service, timeout_s: int | None) -> Service:

@@ -5,13 +5,14 @@ In the spirit of Cilium's kube-proxy replacement, with our own programs (bpf/):
 - XDP on the node side of every pod veth (`svb_xdp_lxc`) and on the uplink
   (`svb_xdp_host`): (address, port, protocol) -> backend through `lb4_services`, DNAT
   with checksum updates, replies translated back through the LRU map `ct4`, ClientIP
-  affinity in `affinity`, hairpin SNAT to HAIRPIN_IP, NodePort SNAT to the node IP only
-  when the endpoint is on another node (the source is kept otherwise, so
-  externalTrafficPolicy Local sees the client), RST / ICMP port unreachable when a
-  frontend has no endpoints, a drop when the traffic policy excludes the ones it has.
-  Load-balancer IPs are frontends like externalIPs; with loadBalancerSourceRanges a new
-  flow's source must match the LPM trie `lb4_source_ranges` (Service id, network), or
-  it is dropped.
+  affinity in `affinity`, hairpin SNAT to HAIRPIN_IP (also for an endpoint at the node's
+  own address, a hostNetwork pod, whose replies the host path routes back through XDP),
+  NodePort SNAT to the node IP only when the endpoint is on another node (the source is
+  kept otherwise, so externalTrafficPolicy Local sees the client), RST / ICMP port
+  unreachable when a frontend has no endpoints, a drop when the traffic policy excludes
+  the ones it has. Load-balancer IPs are frontends like externalIPs; with
+  loadBalancerSourceRanges a new flow's source must match the LPM trie
+  `lb4_source_ranges` (Service id, network), or it is dropped.
 - Host-network processes: every socket of the node's namespace reaches Services through
   a policy route into an XDP-attached veth pair (HOST_LINK); processes placed in the
   run's cgroup (join_host_cgroup) are balanced earlier, at connect/sendmsg time, by
@@ -264,11 +265,12 @@ class _Render:
                 self.slot_keys.add(slot_key)
 
     def host_destinations(self, service_cidr: str) -> list[str]:
-        """What host-network traffic is routed to the XDP host path: the Service CIDR and
-        the externalIPs and load-balancer IPs outside it."""
+        """What host-network traffic is routed to the XDP host path: the Service CIDR, the
+        externalIPs and load-balancer IPs outside it, and HAIRPIN_IP, to which an endpoint at
+        the node's own address (a hostNetwork pod) answers the clients SNATed to it."""
         net = ipaddress.ip_network(service_cidr)
         extra = sorted(ip for ip in self.external_ips if ipaddress.ip_address(ip) not in net)
-        return [service_cidr, *(f"{ip}/32" for ip in extra)]
+        return [service_cidr, *(f"{ip}/32" for ip in extra), f"{HAIRPIN_IP}/32"]
 
 
 # --------------------------------------------------------------------------- in the node
@@ -447,7 +449,13 @@ def _suite_program_names() -> dict[int, str]:
 
 class EbpfDataplane:
     name = "ebpf"
-    deviations: dict[str, str] = {}
+    deviations: dict[str, str] = {
+        "connections_survive_proxy_restart": (
+            "uninstall frees the XDP programs' connection table with them (nothing is pinned), "
+            "so after the reinstall an established connection's next packet picks a backend "
+            "afresh and is reset unless it draws the one it had"
+        ),
+    }
 
     @staticmethod
     def gc(netns_names: list[str] | None = None) -> list[str]:

@@ -1007,6 +1007,12 @@ def _ipset_fingerprint() -> tuple | None:
 class IpvsDataplane:
     name = "ipvs"
     deviations = {
+        "connections_survive_proxy_restart": (
+            "uninstall flushes the virtual servers and removes kube-ipvs0, and IPVS's connection "
+            "entries go with them, so an established connection's next packets find none (a "
+            "reply leaves untranslated and the client resets the connection); kube-proxy's "
+            "restart keeps both"
+        ),
         "session_affinity_client_ip": (
             "IPVS keeps a ClientIP persistence template alive while any connection it chose "
             "lives, and a closed TCP connection stays in IPVS's TIME_WAIT for 120 s, a timeout "

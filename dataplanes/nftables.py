@@ -21,6 +21,10 @@ ClientIP affinity remembers `client . VIP . port . slot` (UDP in the slot's bit 
 one dynamic set with the Service's timeout; a slot keeps its endpoint across syncs (holes
 are filled, never shifted) and remembered clients of a slot that changed are deleted.
 Hairpin masquerade is one postrouting rule over a set of `endpoint IP . endpoint IP`.
+As kube-proxy's `cluster-ips-check`, a new connection still addressed to a ClusterIP after
+DNAT (a port its Service lacks) is rejected, and one to an unallocated address of the
+Service CIDR dropped; conntrack is liberal about TCP windows instead of INVALID packets
+being dropped (install).
 
 Measured on this machine (2 cores shared with other engineers, load average 5-7 while
 measuring, kernel 6.18, nftables 1.0.6; numbers are noisy, CPU is user+sys of every
@@ -89,6 +93,9 @@ SERVICE_ENDPOINTS = "service-endpoints"  # one map per protocol: service-endpoin
 NODEPORT_ENDPOINTS = "nodeport-endpoints"
 PROTOCOLS = ("tcp", "udp", "sctp")
 HAIRPIN = "hairpin-endpoints"
+BE_LIBERAL = "net.netfilter.nf_conntrack_tcp_be_liberal"
+CLUSTER_IPS = "cluster-ips"
+CLUSTER_IPS_CHECK = "cluster-ips-check"
 AFFINITY = "affinity"
 REJECT_CHAIN = "reject-chain"
 # loadBalancerSourceRanges: kube-proxy's firewall-ips map sends a load-balancer IP:port to
@@ -131,6 +138,7 @@ for _proto in PROTOCOLS:
     MAPS[f"{NODEPORT_ENDPOINTS}-{_proto}"] = f"typeof th dport . {SLOT} : ip daddr . {_proto} dport"
 SETS: dict[str, str] = {
     HAIRPIN: "typeof ip saddr . ip daddr",
+    CLUSTER_IPS: "typeof ip daddr",
     AFFINITY: f"typeof {AFFINITY_KEY} . {SLOT} ; flags dynamic,timeout ; size {AFFINITY_SET_SIZE}",
 }
 
@@ -149,9 +157,17 @@ BASE_CHAINS: dict[str, str] = {
 }
 
 
-def fixed_chains() -> dict[str, list[str]]:
-    """The chains every node has, whatever its Services."""
+def fixed_chains(service_cidr: str = "") -> dict[str, list[str]]:
+    """The chains every node has, whatever its Services.
+
+    kube-proxy's cluster-ips-check: after DNAT, a new connection still addressed to an
+    active ClusterIP asked for a port the Service does not have (rejected), and one to
+    any other address of the Service CIDR asked for no Service at all (dropped).
+    """
     m = f"0x{MASQUERADE_MARK:x}"
+    check = [f"ip daddr @{CLUSTER_IPS} reject"]
+    if service_cidr:
+        check.append(f"ip daddr {service_cidr} drop")
     return {
         "nat-prerouting": ["jump services"],
         "nat-output": ["jump services"],
@@ -160,10 +176,14 @@ def fixed_chains() -> dict[str, list[str]]:
             "ct state new jump nodeport-endpoints-check",
             "ct state new jump service-endpoints-check",
         ],
-        "filter-forward": ["ct state new jump service-endpoints-check"],
+        "filter-forward": [
+            "ct state new jump service-endpoints-check",
+            f"ct state new jump {CLUSTER_IPS_CHECK}",
+        ],
         "filter-output": [
             "ct state new jump service-endpoints-check",
             "ct state new jump nodeport-endpoints-check",
+            f"ct state new jump {CLUSTER_IPS_CHECK}",
         ],
         "filter-prerouting-pre-dnat": [f"ct state new jump {FIREWALL_CHECK}"],
         "filter-output-pre-dnat": [f"ct state new jump {FIREWALL_CHECK}"],
@@ -187,6 +207,7 @@ def fixed_chains() -> dict[str, list[str]]:
             "masquerade fully-random",
         ],
         REJECT_CHAIN: ["reject"],
+        CLUSTER_IPS_CHECK: check,
     }
 
 
@@ -300,6 +321,7 @@ class ServiceRules:
     affinity: dict[SlotGroup, int] = field(default_factory=dict)  # remembered groups, timeout
     classes: dict[str, ServiceClass] = field(default_factory=dict)
     hairpin: set[str] = field(default_factory=set)  # "ip . ip" of its endpoints
+    cluster_ip: str = ""  # an element of cluster-ips
 
 
 ServiceKey = tuple[str, str, int]  # (ServicePortName, protocol, port)
@@ -309,8 +331,8 @@ ServiceKey = tuple[str, str, int]  # (ServicePortName, protocol, port)
 class Ruleset:
     """One render: chains, map and set elements, and what each Service contributed.
 
-    Shared elements (hairpin pairs, class chains) carry reference counts, so an
-    incremental sync can tell when the last Service using one left.
+    Shared elements (hairpin pairs, ClusterIPs, class chains) carry reference counts, so
+    an incremental sync can tell when the last Service using one left.
     """
 
     cluster_cidr: str
@@ -321,6 +343,8 @@ class Ruleset:
     services: dict[ServiceKey, tuple[ServicePortView, ServiceRules]] = field(default_factory=dict)
     shared: set[str] = field(default_factory=set)  # maps still shared with the copied Ruleset
     order: tuple[ServicePortView, ...] = ()  # the view's Service ports, as rendered
+    service_cidr: str = ""  # what cluster-ips-check drops (fixed_chains(service_cidr))
+    cluster_ips: dict[str, int] = field(default_factory=dict)  # ClusterIP -> its ports
 
     @property
     def slots(self) -> dict[SlotGroup, tuple[str, ...]]:
@@ -331,7 +355,7 @@ class Ruleset:
         return {g: t for _, rules in self.services.values() for g, t in rules.affinity.items()}
 
     def element_count(self) -> int:
-        return sum(len(e) for e in self.maps.values()) + len(self.hairpin)
+        return sum(len(e) for e in self.maps.values()) + len(self.hairpin) + len(self.cluster_ips)
 
     def rule_count(self) -> int:
         return sum(len(r) for r in self.chains.values())
@@ -346,6 +370,8 @@ class Ruleset:
             dict(self.classes),
             dict(self.services),
             set(self.maps),
+            service_cidr=self.service_cidr,
+            cluster_ips=dict(self.cluster_ips),
         )
 
     def _writable(self, name: str) -> dict[str, str]:
@@ -360,6 +386,8 @@ class Ruleset:
             self._writable(name)[k] = value
         for pair in rules.hairpin:
             self.hairpin[pair] = self.hairpin.get(pair, 0) + 1
+        if rules.cluster_ip:
+            self.cluster_ips[rules.cluster_ip] = self.cluster_ips.get(rules.cluster_ip, 0) + 1
         for name, cls in rules.classes.items():
             if name not in self.classes:
                 self.chains[name] = cls.rules(self.cluster_cidr)
@@ -375,6 +403,10 @@ class Ruleset:
             self.hairpin[pair] -= 1
             if not self.hairpin[pair]:
                 del self.hairpin[pair]
+        if rules.cluster_ip:
+            self.cluster_ips[rules.cluster_ip] -= 1
+            if not self.cluster_ips[rules.cluster_ip]:
+                del self.cluster_ips[rules.cluster_ip]
         for name in rules.classes:
             self.classes[name] -= 1
             if not self.classes[name]:
@@ -393,6 +425,8 @@ class Ruleset:
                 out.append(_elements("add", name, [f"{k} : {v}" for k, v in elements.items()]))
         if self.hairpin:
             out.append(_elements("add", HAIRPIN, sorted(self.hairpin)))
+        if self.cluster_ips:
+            out.append(_elements("add", CLUSTER_IPS, sorted(self.cluster_ips)))
         for name, rules in self.chains.items():
             out += [f"add rule {t} {name} {rule}" for rule in rules]
         return "\n".join(out) + "\n"
@@ -446,7 +480,7 @@ def render_service(
 
     node_ip: the node's address, which kube-proxy checks against loadBalancerSourceRanges.
     """
-    out = ServiceRules()
+    out = ServiceRules(cluster_ip=sp.cluster_ip)
     before = previous.slots if previous else {}
     proto = sp.protocol.lower()
     affinity = sp.affinity_timeout_s
@@ -527,7 +561,8 @@ def _firewall(sp: ServicePortView, proto: str, elements: dict[tuple[str, str], s
 
 def render_ruleset(view: NodeView) -> Ruleset:
     """Everything the node's table holds for `view`."""
-    rs = Ruleset(view.cluster_cidr, order=view.services)
+    rs = Ruleset(view.cluster_cidr, fixed_chains(view.service_cidr), order=view.services,
+                 service_cidr=view.service_cidr)
     for sp in view.services:
         rs.add(service_key(sp), sp, render_service(sp, node_ip=view.node_ip))
     return rs
@@ -571,17 +606,20 @@ def update(old: Ruleset, view: NodeView) -> tuple[Ruleset, Delta]:
     changed = list(changed)
     touched: set[tuple[str, str]] = set()
     pairs: set[str] = set()
+    vips: set[str] = set()
     for key in changed:
         before = old.services.get(key)
         if before is not None:
             touched.update(before[1].elements)
             pairs.update(before[1].hairpin)
+            vips.add(before[1].cluster_ip)
             new.remove(key, forget=key not in wanted)
         sp = wanted.get(key)
         if sp is not None:
             rules = render_service(sp, before[1] if before else None, view.node_ip)
             touched.update(rules.elements)
             pairs.update(rules.hairpin)
+            vips.add(rules.cluster_ip)
             new.add(key, sp, rules)
     if len(new.services) != len(old.services) or any(k not in old.services for k in wanted):
         # Keep the view's order, so the next update can compare position by position.
@@ -610,6 +648,12 @@ def update(old: Ruleset, view: NodeView) -> tuple[Ruleset, Delta]:
         deletes.append(_elements("delete", HAIRPIN, gone_pairs))
     if new_pairs:
         adds.append(_elements("add", HAIRPIN, new_pairs))
+    gone_vips = sorted(v for v in vips if v in old.cluster_ips and v not in new.cluster_ips)
+    new_vips = sorted(v for v in vips if v in new.cluster_ips and v not in old.cluster_ips)
+    if gone_vips:
+        deletes.append(_elements("delete", CLUSTER_IPS, gone_vips))
+    if new_vips:
+        adds.append(_elements("add", CLUSTER_IPS, new_vips))
     # A class chain goes only after the elements that jumped to it.
     stale = [name for name in old.chains if name not in new.chains]
     tail = [f"delete chain {t} {name}" for name in stale]
@@ -619,8 +663,8 @@ def update(old: Ruleset, view: NodeView) -> tuple[Ruleset, Delta]:
         changed,
         written,
         stale,
-        sum(map(len, fresh.values())) + len(new_pairs),
-        sum(map(len, gone.values())) + len(gone_pairs),
+        sum(map(len, fresh.values())) + len(new_pairs) + len(new_vips),
+        sum(map(len, gone.values())) + len(gone_pairs) + len(gone_vips),
     )
     return new, delta
 
@@ -806,8 +850,17 @@ class NftablesDataplane:
         return render_ruleset(view).script()
 
     def install(self, node: NodeHandle) -> None:
-        """The table and its hooks with no Service; an existing table is left as it is."""
+        """The table and its hooks with no Service; an existing table is left as it is.
+
+        kube-proxy's nftables mode drops no packet conntrack finds INVALID (the iptables
+        mode's KUBE-FORWARD rule): it is run with conntrack.tcpBeLiberal, which upstream's
+        nftables e2e jobs set, so an out-of-window segment of a DNATed connection is
+        translated back instead of reaching the client untranslated and drawing a RST that
+        kills the connection. Set here, in the node's namespace, and never undone (as
+        kube-proxy leaves it).
+        """
         healthcheck.install(node)
+        node.run(["sysctl", "-qw", f"{BE_LIBERAL}=1"])
         probe = ["nft", "list", "chain", FAMILY, TABLE, "services"]
         if node.run(probe, check=False).returncode == 0:
             return
@@ -880,6 +933,7 @@ class NftablesDataplane:
         if prev is not None and not full and generation() != prev.generation:
             full = True  # someone else committed a transaction: trust nothing we remember
         full = full or prev is None or prev.ruleset.cluster_cidr != view.cluster_cidr
+        full = full or prev.ruleset.service_cidr != view.service_cidr
         delta: Delta | None = None
         collecting = gc.isenabled()
         gc.disable()  # rendering makes many small acyclic objects; a full collection costs more

@@ -107,6 +107,10 @@ DEVIATIONS = {
     "clusterip_preserves_client_pod_ip": _SOURCE_IP,
     "external_traffic_policy_local": _LOCAL_POLICY,
     "load_balancer_external_traffic_policy_local": _LOCAL_POLICY,
+    "connections_survive_proxy_restart": (
+        "the proxy process holds both halves of every connection it proxies, so stopping it "
+        "closes them (kube-proxy's userspace mode lost them on restart alike)"
+    ),
 }
 
 

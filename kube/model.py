@@ -37,6 +37,9 @@ PREFER_SAME_ZONE = "PreferSameZone"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+# kube-proxy watches only Services (and EndpointSlices) without this label (v1.IsHeadlessService),
+# whatever its value: a labelled Service gets no proxying even with a ClusterIP.
+HEADLESS_LABEL = "service.kubernetes.io/headless"
 HEADLESS = "None"
 DEFAULT_BACKEND_PORT = 8080
 
@@ -211,6 +214,12 @@ class Service:
     @property
     def proxy_name(self) -> str | None:
         return self.labels.get(PROXY_NAME_LABEL)
+
+    @property
+    def labelled_headless(self) -> bool:
+        """Carries the service.kubernetes.io/headless label, which kube-proxy's informers
+        filter out (its value does not matter)."""
+        return HEADLESS_LABEL in self.labels
 
 
 @dataclass(frozen=True)

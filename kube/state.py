@@ -624,7 +624,7 @@ class ClusterState:
     # ------------------------------------------------------------------ per-node view
 
     def proxied_services(self, proxy_name: str | None = None) -> list[Service]:
-        """Services a proxy handles: not headless, labelled for it (or unlabelled)."""
+        """Services a proxy handles (see `proxied`)."""
         return [s for s in self.services if proxied(s, proxy_name)]
 
     def node_view(self, node_name: str, proxy_name: str | None = None) -> NodeView:
@@ -640,9 +640,12 @@ class ClusterState:
 
 def proxied(svc: Service, proxy_name: str | None = None) -> bool:
     """A proxy handles the Service: not headless nor ExternalName (DNS only: never
-    programmed), with a ClusterIP, labelled for it (or unlabelled)."""
+    programmed), with a ClusterIP, labelled for it (or unlabelled). As kube-proxy's informers
+    select only objects without the service.kubernetes.io/service-proxy-name (for another
+    proxy) and service.kubernetes.io/headless labels (cmd/kube-proxy), a Service carrying the
+    headless label is skipped even when it has a ClusterIP."""
     return (not svc.headless and bool(svc.cluster_ip) and svc.type != TYPE_EXTERNAL_NAME
-            and svc.proxy_name == proxy_name)
+            and svc.proxy_name == proxy_name and not svc.labelled_headless)
 
 
 def service_port_views(svc: Service, slices: list[EndpointSlice], node: Node

@@ -40,6 +40,14 @@ class NoRejectDeclared(NoReject):
     deviations = {"no_endpoints_refused_fast": "drops packets for Services without endpoints"}
 
 
+class NoInvalidDrop(IptablesDataplane):
+    """iptables mode without KUBE-FORWARD's drop of packets conntrack finds INVALID."""
+
+    def _restore(self, node, payload: str) -> None:
+        kept = [line for line in payload.splitlines() if "--ctstate INVALID" not in line]
+        super()._restore(node, "\n".join(kept) + "\n")
+
+
 def _run(tmp_path, factory, checks: list[str]) -> dict[str, tuple[str, str]]:
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
@@ -144,3 +152,15 @@ def test_a_mode_that_cannot_run_here_is_skipped_with_the_reason(tmp_path):
     assert {(c["outcome"], c["reason"]) for c in data["checks"]} == {
         ("skipped", "mode iptables cannot run here: kernel lacks CONFIG_EXAMPLE (the checks need it)"),
     }
+
+
+def test_without_the_invalid_drop_a_stray_segment_resets_the_connection(tmp_path):
+    results = _run(tmp_path, NoInvalidDrop, [
+        "invalid_conntrack_state_does_not_reset_connections",
+        "service_ports_changed_live",
+    ])
+    assert _outcomes(results) == {
+        "invalid_conntrack_state_does_not_reset_connections": "failed",
+        "service_ports_changed_live": "passed",
+    }, results
+    assert "reset" in results["invalid_conntrack_state_does_not_reset_connections"][1]

@@ -28,11 +28,15 @@ from bpf import loader, maps, syscall
 from dataplanes import ebpf
 from kube.model import (
     AFFINITY_CLIENT_IP,
+    PLAN,
     POLICY_LOCAL,
     TCP,
     TYPE_LOAD_BALANCER,
     TYPE_NODE_PORT,
     UDP,
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
     Node,
     Pod,
     Service,
@@ -368,6 +372,35 @@ def test_hairpin_is_snated_to_the_link_local_address(bpf_node):
     rc, out = run(objects, "svb_xdp_lxc", tcp(client, 8080, ebpf.HAIRPIN_IP, pkt["sport"], 0x12))
     back = parse(out)
     assert (back["src"], back["sport"], back["dst"], back["dport"]) == (vip, 80, client, 43000)
+
+
+def test_an_endpoint_at_the_node_address_is_snated_to_the_link_local_address(bpf_node):
+    """A hostNetwork endpoint on this node answers from the node's own stack: its clients,
+    pods and outside ones alike, are SNATed to HAIRPIN_IP, which the host path routes back
+    through XDP to be translated."""
+    objects, _, program = bpf_node
+    node_ip = "198.18.0.1"
+    host = Service("ns1", "host", (ServicePort(80, TCP, "", 8082),), type=TYPE_NODE_PORT)
+    ends = EndpointSlice("ns1", "host-1", "host", (Endpoint((node_ip,), node_name="node1"),),
+                         (EndpointPort(8082, TCP),))
+    state = ClusterState.build(NODES, PODS, [host], [ends])
+    program(state)
+    vip, node_port = state.service_obj("ns1", "host").cluster_ip, state.service_obj(
+        "ns1", "host").ports[0].node_port
+    client = state.pod("ns1", "client-a").ip
+    for prog, src, dst, dport in (("svb_xdp_lxc", client, vip, 80),
+                                  ("svb_xdp_host", EXTERNAL, node_ip, node_port)):
+        rc, out = run(objects, prog, tcp(src, 45000, dst, dport))
+        pkt = parse(out)
+        assert rc == XDP_PASS and (pkt["src"], pkt["dst"], pkt["dport"]) == (
+            ebpf.HAIRPIN_IP, node_ip, 8082), prog
+        # The reply, routed into the host link, meets svb_xdp_lxc on its far end.
+        rc, out = run(objects, "svb_xdp_lxc", tcp(node_ip, 8082, ebpf.HAIRPIN_IP, pkt["sport"],
+                                                  0x12))
+        back = parse(out)
+        assert (back["src"], back["sport"], back["dst"], back["dport"]) == (dst, dport, src, 45000)
+    assert f"{ebpf.HAIRPIN_IP}/32" in ebpf._Render(
+        ebpf._Node("t", 0, None), state.node_view("node1")).host_destinations(PLAN.service_cidr)
 
 
 def test_nodeport_snat_only_for_remote_endpoints_and_policy_local_drops(bpf_node):

@@ -244,6 +244,13 @@ def test_headless_service_may_have_no_ports():
     assert svc.headless and svc.ports == ()
 
 
+def test_headless_label_keeps_the_cluster_ip_and_is_read_whatever_its_value():
+    svc = load_manifests(service_yaml({"ports": PORT80},
+                                      labels={"service.kubernetes.io/headless": ""})).services[0]
+    assert svc.labelled_headless and not svc.headless and svc.cluster_ip is None
+    assert not load_manifests(service_yaml({"ports": PORT80})).services[0].labelled_headless
+
+
 def test_cluster_ips_list_as_the_api_returns_it():
     spec = {"clusterIP": "198.19.0.5", "clusterIPs": ["198.19.0.5"], "ports": PORT80}
     assert load_manifests(service_yaml(spec)).services[0].cluster_ip == "198.19.0.5"

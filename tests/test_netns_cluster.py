@@ -315,6 +315,22 @@ def test_echo_agents_serve_every_pod(cluster):
             assert name == f"{p.namespace}/{p.name}" and peer.split(":")[0] == client.ip
 
 
+def test_host_ports_answer_on_node_addresses_until_removed(cluster):
+    client = pod(cluster, "default/a")
+    client_ns = cluster.pod_netns(client.namespace, client.name)
+    try:
+        cluster.set_host_ports([(8082, "TCP"), (8082, "UDP")])
+        cluster.set_pods(list(cluster.test_state.pods))  # converging pods keeps them
+        for node in cluster.nodes:
+            name, peer = echo_greeting(client_ns, node.ip, 8082).split()
+            assert name == f"node/{node.name}" and peer.split(":")[0] == client.ip
+            assert udp_echo(client_ns, node.ip, 8082).startswith(f"node/{node.name} ")
+    finally:
+        cluster.set_host_ports([])
+    with pytest.raises(ConnectionRefusedError):
+        echo_greeting(client_ns, cluster.nodes[0].ip, 8082)
+
+
 def test_node_run_and_call(cluster):
     node = cluster.node("node2")
     assert isinstance(node, NodeHandle)

@@ -117,13 +117,19 @@ def test_node_process_to_cluster_ip_is_masqueraded():
     assert r.masquerade is True
 
 
-def test_other_ports_protocols_and_addresses_are_left_alone():
+def test_other_addresses_are_left_alone_but_clusterip_ports_rejected_and_the_cidr_dropped():
+    """kube-proxy's cluster-ips-check: a port or protocol a ClusterIP does not serve is
+    rejected, an unallocated address of the Service CIDR dropped, from pods and the node."""
     v = view(backends(2), [web()])
     text = NftablesDataplane().render(v)
     vip = v.service("ns1/svc1:p80").cluster_ip
-    for dst, port, proto in ((vip, 81, "tcp"), (vip, 80, "udp"), ("198.18.130.2", 8080, "tcp")):
-        r = go(text, CLIENT_POD, dst, port, proto=proto)
-        assert r.verdicts() == {"ACCEPT"} and r.masquerade is False, (dst, port, proto)
+    r = go(text, CLIENT_POD, "198.18.130.2", 8080)
+    assert r.verdicts() == {"ACCEPT"} and r.masquerade is False
+    for src, node in ((CLIENT_POD, False), (NODE1_IP, True)):
+        for dst, port, proto, verdict in ((vip, 81, "tcp", "REJECT"), (vip, 80, "udp", "REJECT"),
+                                          ("198.19.200.200", 80, "tcp", "DROP")):
+            r = go(text, src, dst, port, proto=proto, from_node=node)
+            assert r.verdicts() == {verdict}, (src, dst, port, proto)
 
 
 def test_udp_service_port_uses_the_udp_endpoint_map():
@@ -232,7 +238,8 @@ def test_sctp_service_port_has_its_own_endpoint_maps_and_affinity_slots():
     assert slots == [AFFINITY_SCTP, AFFINITY_SCTP + 1]  # apart from TCP and UDP on 9
     outside = go(text, EXTERNAL_CLIENT, NODE1_IP, 30009, proto="sctp")
     assert outside.endpoints() == pytest.approx(halves) and outside.masquerade is True
-    assert go(text, CLIENT_POD, v.services[0].cluster_ip, 9).verdicts() == {"ACCEPT"}  # tcp
+    # TCP 9 is not the Service's: kube-proxy's cluster-ips-check rejects it.
+    assert go(text, CLIENT_POD, v.services[0].cluster_ip, 9).verdicts() == {"REJECT"}
 
 
 def test_affinity_on_a_node_port_masquerades_and_remembers():
@@ -373,10 +380,13 @@ def test_removed_services_and_endpoints_leave_the_maps():
     new, delta = update(old, view(pods[:2], [web("a")]))  # web-2 and b leave
     assert len(new.maps["service-ips"]) == 1
     # b's dispatch and 3 slots; a's dispatch (3 -> 2 endpoints), slot 1 (now web-1), slot 2;
-    # web-2's hairpin pair.
-    assert delta.elements_deleted == 4 + 3 + 1
+    # web-2's hairpin pair; b's ClusterIP.
+    assert delta.elements_deleted == 4 + 3 + 1 + 1
     assert delta.elements_added == 2
     assert "198.18.129.3 . 198.18.129.3" not in new.hairpin
+    b = old.services["ns1/b:p80", "TCP", 80][0].cluster_ip
+    assert b in old.cluster_ips and b not in new.cluster_ips
+    assert f"delete element ip kube-proxy cluster-ips {{ {b} }}" in delta.script
 
 
 def test_stale_affinity_names_slots_whose_endpoint_changed():

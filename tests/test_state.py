@@ -10,6 +10,7 @@ import pytest
 
 from kube.manifests import load_manifests
 from kube.model import (
+    HEADLESS_LABEL,
     PLAN,
     PROXY_NAME_LABEL,
     ZONE_LABEL,
@@ -509,8 +510,12 @@ def test_headless_and_other_proxy_services_are_absent_from_the_view():
         svc("plain"),
         svc("headless", cluster_ip="None"),
         svc("theirs", labels={PROXY_NAME_LABEL: "other"}),
+        # kube-proxy's informers skip the label whatever its value, ClusterIP or not.
+        svc("labelled", labels={HEADLESS_LABEL: ""}),
+        svc("labelled-theirs", labels={HEADLESS_LABEL: "true", PROXY_NAME_LABEL: "other"}),
     ]
     state = ClusterState.build(NODES, [pod("a")], services)
+    assert state.service_obj("ns1", "labelled").cluster_ip  # allocated, only not proxied
     assert [sp.service for sp in state.node_view("node1").services] == ["plain"]
     assert [sp.service for sp in state.node_view("node1", proxy_name="other").services] == [
         "theirs"

@@ -355,7 +355,8 @@ def test_render_shows_sets_rules_and_table_and_the_deviation_is_declared():
     assert "source IP" in dp.deviations["clusterip_preserves_client_pod_ip"]
     assert set(dp.deviations) == {"clusterip_preserves_client_pod_ip",
                                   "external_traffic_policy_local",
-                                  "load_balancer_external_traffic_policy_local"}
+                                  "load_balancer_external_traffic_policy_local",
+                                  "connections_survive_proxy_restart"}
 
 
 # --------------------------------------------------------------------------- a real cluster

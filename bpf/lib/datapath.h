@@ -182,8 +182,11 @@ SVB_INLINE int service_path(struct xdp_md *ctx, int from)
 	xlat = pkt.tuple;
 	xlat.daddr = be->address;
 	xlat.dport = be->port;
-	if (from == FROM_POD && be->address == pkt.tuple.saddr) {
-		/* hairpin: the backend would answer itself directly, bypassing the reverse NAT */
+	if ((from == FROM_POD && be->address == pkt.tuple.saddr) || be->address == cfg->node_ip) {
+		/* hairpin: the backend would answer itself directly, bypassing the reverse NAT;
+		 * and an endpoint at this node's own address (a hostNetwork pod) answers from this
+		 * node's stack, which no XDP hook sees, unless the reply is routed to the link
+		 * address: the host path routes it into the XDP-attached pair (HOST_LINK). */
 		xlat.saddr = cfg->hairpin_ip;
 		xlat.sport = ct4_snat_port(xlat.saddr, be->address, be->port, xlat.proto,
 					   pkt.tuple.sport, cfg->snat_port_min, cfg->snat_port_max, now);
