@@ -12,9 +12,10 @@ cluster DNS pod answers on 53 behind the kube-dns Service at the plan's DNS addr
 `apply` always includes that Service and rewrites the DNS records file from the new state.
 
 A check calls `apply(services, slices=..., not_ready=..., terminating=...)`, which replaces
-every Service of the previous check, builds the ClusterState with the fixed pods (those
-named fail their readiness probe, or are being deleted, until the next apply) and syncs
-every node; then it probes with real traffic from pods (`"ns1/client-a"`), nodes
+every Service of the previous check through the cluster's `ServiceProxy` (the fixed pods,
+those named failing their readiness probe, or being deleted, until the next apply): its
+change tracker finds the views that changed and the nodes holding them are synced; then
+it probes with real traffic from pods (`"ns1/client-a"`), nodes
 (`"node/node2"`) or the external client (`"external"`).
 """
 
@@ -38,6 +39,7 @@ from clusters.workloads import dns as dns_server
 from clusters.workloads.probe import OK, ProbeResult, Sample, tcp_sample, udp_sample
 from conformance.sabotage import sabotage_for
 from dataplanes.base import Dataplane, SyncStats
+from dataplanes.proxy import ServiceProxy
 from kube.dns import records
 from kube.model import (
     PLAN,
@@ -53,6 +55,7 @@ from kube.model import (
     ServicePort,
 )
 from kube.state import ClusterState
+from kube.tracker import ChangeTracker
 from reports.results import write_json
 
 NAMESPACE = "ns1"
@@ -378,6 +381,7 @@ class ConformanceCluster:
     dataplane: Dataplane
     state: ClusterState
     dns_records_path: str
+    proxy: ServiceProxy  # the mode on every node, fed by a ChangeTracker
     syncs: int = 0  # node syncs so far
     sync_seconds: list[float] = field(default_factory=list)  # each node sync's wall time
 
@@ -400,23 +404,14 @@ class ConformanceCluster:
             say(f"run {cluster.run_id}: cluster DNS in {DNS_POD}")
             dns_server.spawn(cluster.pod_netns(*DNS_POD.split("/")), records_path,
                              os.path.join(cluster.run_dir, "dns.log"))
-            harness = cls(cluster, dataplane, state, records_path)
-            installed = []
-            try:
-                for node in cluster.nodes:
-                    say(f"run {cluster.run_id}: install {dataplane.name} on {node.name}")
-                    dataplane.install(node)
-                    installed.append(node)
+            tracker = ChangeTracker(state.nodes, plan=state.plan)
+            tracker.apply(pods=state.pods)
+            proxy = ServiceProxy(dataplane, cluster.nodes, tracker)
+            harness = cls(cluster, dataplane, state, records_path, proxy)
+            for node in cluster.nodes:
+                say(f"run {cluster.run_id}: install {dataplane.name} on {node.name}")
+            with proxy:
                 yield harness
-            finally:
-                errors = []
-                for node in installed:
-                    try:
-                        dataplane.uninstall(node)
-                    except Exception as exc:  # the cluster still goes; the error is reported
-                        errors.append(f"{node.name}: {exc}")
-                if errors:
-                    raise RuntimeError(f"{dataplane.name} uninstall failed: " + "; ".join(errors))
 
     @property
     def nodes(self):
@@ -442,25 +437,18 @@ class ConformanceCluster:
         pods = tuple(replace(p, ready=f"{p.namespace}/{p.name}" not in not_ready,
                              terminating=f"{p.namespace}/{p.name}" in terminating)
                      for p in self.state.pods)
-        state = ClusterState.build(
-            self.state.nodes,
-            pods,
-            (*services, DNS_SERVICE),
-            slices,
-            previous=self.state,
-        )
-        self.state = state
-        write_json(self.dns_records_path, records(state))
-        return self.sync()
+        stats = self.proxy.replace(services=(*services, DNS_SERVICE), slices=slices, pods=pods)
+        self.state = self.proxy.tracker.state()
+        write_json(self.dns_records_path, records(self.state))
+        return self._count(stats)
 
     def sync(self) -> list[SyncStats]:
-        """Sync every node to the current state, node1 first."""
-        stats = []
-        for node in self.cluster.nodes:
-            start = time.perf_counter()
-            stats.append(self.dataplane.sync(node, self.state.node_view(node.name)))
-            self.sync_seconds.append(time.perf_counter() - start)
-            self.syncs += 1
+        """A full sync of every node to the current state, node1 first."""
+        return self._count(self.proxy.resync())
+
+    def _count(self, stats: list[SyncStats]) -> list[SyncStats]:
+        self.sync_seconds += [s.seconds for s in stats]
+        self.syncs += len(stats)
         return stats
 
     def restart(self) -> list[SyncStats]:
@@ -474,11 +462,7 @@ class ConformanceCluster:
         holds them.
         """
         with conntrack_held(self.cluster.nodes):
-            for node in self.cluster.nodes:
-                self.dataplane.uninstall(node)
-            for node in self.cluster.nodes:
-                self.dataplane.install(node)
-            return self.sync()
+            return self._count(self.proxy.restart())
 
     def sabotage(self) -> list[str] | None:
         """Remove the mode's rules from outside on every node; None when no sabotage is known."""
