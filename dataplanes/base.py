@@ -21,6 +21,11 @@ class DataplaneError(RuntimeError):
     """The kernel refused what a data plane asked for (the message says what and why)."""
 
 
+class FullSyncNeeded(Exception):  # noqa: N818 - a request, not an error
+    """Raised by a mode's `update(node, changes)` that cannot apply changes alone (it has no
+    memory of the node, or someone else changed its state): the caller does a full sync."""
+
+
 @runtime_checkable
 class NodeHandle(Protocol):
     name: str  # Kubernetes node name, "node1"

@@ -9,8 +9,10 @@ The CLI, the conformance harness and the benchmarks program clusters through it.
 A mode may offer `update(node, changes) -> SyncStats` beside `sync`: then a change reaches
 it as the node's `NodeChanges` (the views updated and removed), and it writes only what
 changed; the node's whole view is not even made (at 100,000 Service ports sorting it
-costs more than the change). A mode without `update` gets `sync(node, view)`. The first
-sync of a node after install, `resync()` and `restart()` are full syncs.
+costs more than the change). A mode without `update` gets `sync(node, view)`, and so does
+one whose `update` raises FullSyncNeeded (it has no memory of the node, or someone else
+changed its state). The first sync of a node after install, `resync()` and `restart()` are
+full syncs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from dataplanes.base import Dataplane, NodeHandle, SyncStats
+from dataplanes.base import Dataplane, FullSyncNeeded, NodeHandle, SyncStats
 from kube.model import EndpointSlice, Pod, Service
 from kube.state import NodeView
 from kube.tracker import ChangeTracker, NodeChanges
@@ -132,9 +134,13 @@ class ServiceProxy:
 
     def _sync(self, node: NodeHandle, change: NodeChanges | None) -> SyncStats:
         update = getattr(self.dataplane, "update", None)
-        if change is None or update is None or node.name in self._fresh:
+        stats = None
+        if change is not None and update is not None and node.name not in self._fresh:
+            try:
+                stats = update(node, change)
+            except FullSyncNeeded:
+                stats = None  # the mode lost track of the node: converge it whole
+        if stats is None:
             stats = self.dataplane.sync(node, self.tracker.node_view(node.name))
-        else:
-            stats = update(node, change)
         self._fresh.discard(node.name)
         return stats

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from clusters.workloads.probe import OK, probe
+from dataplanes.base import FullSyncNeeded
 from dataplanes.iptables import IptablesDataplane
 from dataplanes.proxy import ServiceProxy
 from kube.model import ContainerPort, Node, Pod, Service, ServicePort
@@ -46,8 +47,12 @@ class Recording:
         self.calls.append(("sync", node.name, None))
         return self.mode.sync(node, view)
 
+    lost: set[str] = set()  # nodes whose update asks for a full sync
+
     def update(self, node, changes):
         self.calls.append(("update", node.name, changes))
+        if node.name in self.lost:
+            raise FullSyncNeeded(f"{node.name} forgotten")
         return self.mode.sync(node, self.tracker.node_view(node.name))
 
 
@@ -98,6 +103,15 @@ def test_the_proxy_installs_applies_changes_and_tears_down(cluster):
         changes = mode.calls[0][2]
         assert [k[1] for k in changes.updated] == ["web"] and not changes.removed
         assert set(_served(made, ip)) == {"ns1/web-1"}  # the client runs on node1
+
+        # A mode that lost track of a node gets a full sync of it instead.
+        del mode.calls[:]
+        mode.lost = {"node2"}
+        proxy.apply(services=[web])
+        assert [c[:2] for c in mode.calls] == [("update", "node1"), ("update", "node2"),
+                                               ("sync", "node2")]
+        mode.lost = set()
+        proxy.apply(services=[only_1])
 
         # A change no view holds (a pod no Service selects) syncs nothing.
         del mode.calls[:]
