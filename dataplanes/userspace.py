@@ -96,6 +96,7 @@ DEVIATIONS = {
     "clusterip_preserves_client_pod_ip": _SOURCE_IP,
     "external_traffic_policy_local": _SOURCE_IP + " (the policy's other half, no service through "
                                      "a node without a local endpoint, is met)",
+    "source_ip_per_policy": _SOURCE_IP,
 }
 
 
