@@ -926,15 +926,19 @@ def _ipset_fingerprint() -> tuple | None:
 # --------------------------------------------------------------------------- the data plane
 
 
+_PERSISTENCE = (
+    "IPVS keeps a ClientIP persistence template alive while any connection it chose "
+    "lives, and a closed TCP connection stays in IPVS's TIME_WAIT for 120 s, a timeout "
+    "its netlink API cannot set; so a choice outlives a short timeoutSeconds by up to "
+    "two minutes (kube-proxy's IPVS mode behaves the same)"
+)
+
+
 class IpvsDataplane:
     name = "ipvs"
     deviations = {
-        "session_affinity_client_ip": (
-            "IPVS keeps a ClientIP persistence template alive while any connection it chose "
-            "lives, and a closed TCP connection stays in IPVS's TIME_WAIT for 120 s, a timeout "
-            "its netlink API cannot set; so a choice outlives a short timeoutSeconds by up to "
-            "two minutes (kube-proxy's IPVS mode behaves the same)"
-        ),
+        "session_affinity_client_ip": _PERSISTENCE,
+        "session_affinity_nodeport_timeout": _PERSISTENCE,
     }
 
     def __init__(self, scheduler: str = DEFAULT_SCHEDULER, backend: str | None = None):
