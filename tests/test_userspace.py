@@ -312,7 +312,7 @@ def test_render_shows_sets_rules_and_table_and_the_deviation_is_declared():
     dp = UserspaceDataplane()
     assert "source IP" in dp.deviations["clusterip_preserves_client_pod_ip"]
     assert set(dp.deviations) == {"clusterip_preserves_client_pod_ip",
-                                  "external_traffic_policy_local"}
+                                  "external_traffic_policy_local", "source_ip_per_policy"}
 
 
 # --------------------------------------------------------------------------- a real cluster
