@@ -602,16 +602,17 @@ class IptablesDataplane:
             )
 
     def _clear_stale_udp(self, node: NodeHandle, old: NodeView | None, new: NodeView) -> int:
-        """kube-proxy's conntrack cleanup: UDP flows must not stick to endpoints that left."""
+        """kube-proxy's conntrack cleanup: UDP flows must not stick to endpoints that left,
+        nor stay untranslated once their frontend translates."""
         if old is None:
             return 0
+        was = {(sp.name, sp.protocol, sp.port): sp for sp in old.services if sp.protocol == "UDP"}
         now = {(sp.name, sp.protocol, sp.port): sp for sp in new.services if sp.protocol == "UDP"}
         commands: list[list[str]] = []
-        for before in old.services:
-            if before.protocol != "UDP":
-                continue
-            after = now.get((before.name, before.protocol, before.port))
-            commands += stale_udp_flow_deletes(before, after)
+        for key in sorted(was.keys() | now.keys()):
+            before, after = was.get(key), now.get(key)
+            if before is not after and before != after:
+                commands += stale_udp_flow_deletes(before, after)
         return run_deletes(node, commands)
 
 

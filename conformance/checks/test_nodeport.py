@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from clusters.workloads.probe import OK
@@ -57,6 +59,8 @@ def test_nodeport_from_every_source(cluster):
 
 
 MOVED_FROM, MOVED_TO, RETYPED = 30555, 30556, 30557
+EARLY_SOURCE_PORT = 40431
+EARLY_LIMIT_S = 5.0
 
 
 @pytest.mark.check(35)
@@ -84,8 +88,22 @@ def test_nodeport_update(cluster):
     for req, result in zip(before, cluster.probes(*before), strict=True):
         assert outcomes(result) == {OK: 10}, f"before the change, from {req.source}: {describe(result)}"
 
-    cluster.apply([web_service("np-move", *_ports(80, MOVED_TO), type="NodePort"),
-                   web_service("np-retype", *_ports(81, RETYPED), type="NodePort")])
+    # A UDP client already sending to the port np-move is about to take: refused until then,
+    # its untranslated conntrack entry must not outlive the change.
+    early = cluster.probe_loop(EXTERNAL, cluster.node_ip("node1"), MOVED_TO, protocol=UDP,
+                               timeout=0.2, interval_s=0.05, source_port=EARLY_SOURCE_PORT,
+                               limit_s=EARLY_LIMIT_S + 5, until=lambda s: s.outcome == OK)
+    with early:
+        time.sleep(0.3)
+        assert not early.hit.is_set(), f"{MOVED_TO} answered before it was a nodePort"
+        changed = time.perf_counter()
+        cluster.apply([web_service("np-move", *_ports(80, MOVED_TO), type="NodePort"),
+                       web_service("np-retype", *_ports(81, RETYPED), type="NodePort")])
+        reached = early.wait(max(0.0, EARLY_LIMIT_S - (time.perf_counter() - changed)))
+    assert reached, (
+        f"UDP from source port {EARLY_SOURCE_PORT}, sent to {MOVED_TO} while it was no nodePort, "
+        f"still unanswered {EARLY_LIMIT_S:.0f} s after it became one: "
+        f"{sorted({s.outcome for t, s in early.samples if t > changed + 1})}")
     assert cluster.cluster_ip("np-retype") == retype_ip
     cases, gone = {}, []
     for proto in (TCP, UDP):
