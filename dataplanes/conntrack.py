@@ -44,28 +44,51 @@ def stale_udp_flow_deletes(
     before: ServicePortView | None, after: ServicePortView | None
 ) -> list[list[str]]:
     """`conntrack -D` commands for one UDP Service port that went from `before` to `after`
-    (None: the port did not exist, or no longer does).
+    (None: the port did not exist, or no longer does): both kinds below."""
+    return left_endpoint_udp_flow_deletes(before, after) + untranslated_udp_flow_deletes(
+        before, after)
 
-    - Flows translated to an endpoint that no traffic reaches any more go, on every
-      frontend the port had.
-    - Flows to a frontend that starts translating were recorded untranslated (refused,
-      dropped, or delivered to the node): they go, so the client's next datagram is
-      balanced. That is every frontend when the port had no usable endpoint before, and
-      the frontends it did not have (a new port, nodePort, externalIP or load-balancer IP)
-      otherwise.
-    """
-    used_before = _used_ips(before) if before is not None else set()
+
+def left_endpoint_udp_flow_deletes(
+    before: ServicePortView | None, after: ServicePortView | None
+) -> list[list[str]]:
+    """Flows translated to an endpoint that no traffic reaches any more, on every frontend
+    the port had."""
+    if before is None:
+        return []
     kept = _used_ips(after) if after is not None else set()
     commands: list[list[str]] = []
-    if before is not None:
-        for ip in sorted(used_before - kept):
-            commands += _udp_flow_deletes(_frontends(before), ["--dst-nat", ip])
-    if after is not None and kept:
-        fresh = _frontends(after)
-        if used_before:
-            fresh -= _frontends(before)
-        commands += _udp_flow_deletes(fresh, [])
+    for ip in sorted(_used_ips(before) - kept):
+        commands += _udp_flow_deletes(_frontends(before), ["--dst-nat", ip])
     return commands
+
+
+def untranslated_udp_flow_deletes(
+    before: ServicePortView | None, after: ServicePortView | None
+) -> list[list[str]]:
+    """Flows to a frontend that starts translating: recorded untranslated (refused, dropped,
+    or delivered to the node), they go, so the client's next datagram is balanced. That is
+    every frontend when the port had no usable endpoint before, and otherwise the frontends
+    it did not have (a new port, nodePort, externalIP or load-balancer IP)."""
+    if after is None or not _used_ips(after):
+        return []
+    fresh = _frontends(after)
+    if before is not None and _used_ips(before):
+        fresh -= _frontends(before)
+    return _udp_flow_deletes(fresh, [])
+
+
+def udp_port_changes(old, new) -> list[tuple[ServicePortView | None, ServicePortView | None]]:
+    """(before, after) for each UDP Service port of two NodeViews that differs, by name,
+    protocol and port (None on the side where it is missing)."""
+    was = {(sp.name, sp.protocol, sp.port): sp for sp in old.services if sp.protocol == "UDP"}
+    now = {(sp.name, sp.protocol, sp.port): sp for sp in new.services if sp.protocol == "UDP"}
+    out = []
+    for key in sorted(was.keys() | now.keys()):
+        before, after = was.get(key), now.get(key)
+        if before is not after and before != after:
+            out.append((before, after))
+    return out
 
 
 def endpoint_flow_deletes(ips: Iterable[str]) -> list[list[str]]:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
-from dataplanes.conntrack import run_deletes, stale_udp_flow_deletes
+from dataplanes.conntrack import run_deletes, stale_udp_flow_deletes, udp_port_changes
 from kube.state import REJECT, EndpointView, NodeView, ServicePortView
 
 MASQUERADE_MARK = "0x4000"
@@ -606,13 +606,9 @@ class IptablesDataplane:
         nor stay untranslated once their frontend translates."""
         if old is None:
             return 0
-        was = {(sp.name, sp.protocol, sp.port): sp for sp in old.services if sp.protocol == "UDP"}
-        now = {(sp.name, sp.protocol, sp.port): sp for sp in new.services if sp.protocol == "UDP"}
         commands: list[list[str]] = []
-        for key in sorted(was.keys() | now.keys()):
-            before, after = was.get(key), now.get(key)
-            if before is not after and before != after:
-                commands += stale_udp_flow_deletes(before, after)
+        for before, after in udp_port_changes(old, new):
+            commands += stale_udp_flow_deletes(before, after)
         return run_deletes(node, commands)
 
 
