@@ -19,29 +19,76 @@ def _used_ips(sp: ServicePortView) -> set[str]:
     return {e.ip for e in sp.all_reachable_endpoints}
 
 
-def _udp_flow_deletes(sp: ServicePortView, nat: list[str]) -> list[list[str]]:
-    base = ["conntrack", "-D", "-p", "udp"]
-    out = [[*base, "--orig-dst", sp.cluster_ip, "--orig-port-dst", str(sp.port), *nat]]
-    out += [
-        [*base, "--orig-dst", ip, "--orig-port-dst", str(sp.port), *nat] for ip in sp.external_ips
-    ]
+# A frontend: (destination address, port); None for a NodePort (any of the node's addresses).
+Frontend = tuple[str | None, int]
+
+
+def _frontends(sp: ServicePortView) -> set[Frontend]:
+    out: set[Frontend] = {(sp.cluster_ip, sp.port)}
+    out |= {(ip, sp.port) for ip in (*sp.external_ips, *sp.load_balancer_ips)}
     if sp.node_port is not None:
-        out.append([*base, "--orig-port-dst", str(sp.node_port), *nat])
+        out.add((None, sp.node_port))
+    return out
+
+
+def _udp_flow_deletes(frontends: set[Frontend], nat: list[str]) -> list[list[str]]:
+    base = ["conntrack", "-D", "-p", "udp"]
+    out = []
+    for ip, port in sorted(frontends, key=lambda f: (f[0] or "", f[1])):
+        dst = ["--orig-dst", ip] if ip is not None else []
+        out.append([*base, *dst, "--orig-port-dst", str(port), *nat])
     return out
 
 
 def stale_udp_flow_deletes(
-    before: ServicePortView, after: ServicePortView | None
+    before: ServicePortView | None, after: ServicePortView | None
 ) -> list[list[str]]:
-    """`conntrack -D` commands for one UDP Service port that went from `before` to `after`."""
-    kept = _used_ips(after) if after else set()
+    """`conntrack -D` commands for one UDP Service port that went from `before` to `after`
+    (None: the port did not exist, or no longer does): both kinds below."""
+    return left_endpoint_udp_flow_deletes(before, after) + untranslated_udp_flow_deletes(
+        before, after)
+
+
+def left_endpoint_udp_flow_deletes(
+    before: ServicePortView | None, after: ServicePortView | None
+) -> list[list[str]]:
+    """Flows translated to an endpoint that no traffic reaches any more, on every frontend
+    the port had."""
+    if before is None:
+        return []
+    kept = _used_ips(after) if after is not None else set()
     commands: list[list[str]] = []
     for ip in sorted(_used_ips(before) - kept):
-        commands += _udp_flow_deletes(before, ["--dst-nat", ip])
-    if after is not None and not _used_ips(before) and kept:
-        # Flows recorded while the Service had no endpoints carry no DNAT: drop them.
-        commands += _udp_flow_deletes(after, [])
+        commands += _udp_flow_deletes(_frontends(before), ["--dst-nat", ip])
     return commands
+
+
+def untranslated_udp_flow_deletes(
+    before: ServicePortView | None, after: ServicePortView | None
+) -> list[list[str]]:
+    """Flows to a frontend that starts translating: recorded untranslated (refused, dropped,
+    or delivered to the node), they go, so the client's next datagram is balanced. That is
+    every frontend when the port had no usable endpoint before, and otherwise the frontends
+    it did not have (a new port, nodePort, externalIP or load-balancer IP)."""
+    if after is None or not _used_ips(after):
+        return []
+    fresh = _frontends(after)
+    if before is not None and _used_ips(before):
+        fresh -= _frontends(before)
+    return _udp_flow_deletes(fresh, [])
+
+
+def udp_port_changes(old, new) -> list[tuple[ServicePortView | None, ServicePortView | None]]:
+    """(before, after) for each UDP Service port of two NodeViews that differs, by name,
+    protocol and port (None on the side where it is missing)."""
+    was = {(sp.name, sp.protocol, sp.port): sp for sp in old.services if sp.protocol == "UDP"}
+    now = {(sp.name, sp.protocol, sp.port): sp for sp in new.services if sp.protocol == "UDP"}
+    out = []
+    for key in sorted(was.keys() | now.keys()):
+        before, after = was.get(key), now.get(key)
+        if before is not after and before != after:
+            out.append((before, after))
+    return out
 
 
 def endpoint_flow_deletes(ips: Iterable[str]) -> list[list[str]]:

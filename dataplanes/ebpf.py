@@ -13,8 +13,9 @@ In the spirit of Cilium's kube-proxy replacement, with our own programs (bpf/):
   the ones it has. Load-balancer IPs are frontends like externalIPs; with
   loadBalancerSourceRanges a new flow's source must match the LPM trie
   `lb4_source_ranges` (Service id, network), or it is dropped.
-- Host-network processes: every socket of the node's namespace reaches Services through
-  a policy route into an XDP-attached veth pair (HOST_LINK); processes placed in the
+- Host-network processes: every socket of the node's namespace reaches Services, and the
+  node's own NodePorts, through policy routes into an XDP-attached veth pair (HOST_LINK,
+  NODEPORT_TABLE); processes placed in the
   run's cgroup (join_host_cgroup) are balanced earlier, at connect/sendmsg time, by
   cgroup socket hooks (connect4, sendmsg4, recvmsg4, getpeername4) that act only on
   sockets of their node's namespace.
@@ -67,6 +68,16 @@ HOST_XDP_LINK = "svb-lb-xdp"
 HOST_GATEWAY = "169.254.42.2"
 HOST_TABLE = 3610
 HOST_RULE_PRIORITY = 3610
+# The node's own NodePorts: the node IP is a local address, so the local table (rule 0)
+# would deliver a host process's packet to it before any later rule could send it to the
+# host path. The local lookup moves to LOCAL_RULE_PRIORITY, behind one rule per protocol
+# that routes locally generated TCP and UDP for the NodePort range on the node IP into the
+# pair (VRF setups move the local rule alike). A packet to a port that is no NodePort comes
+# back in through the pair untranslated and is delivered locally as before.
+NODEPORT_TABLE = 3611
+NODEPORT_RULE_PRIORITY = 10
+LOCAL_RULE_PRIORITY = 32
+RT_TABLE_LOCAL = 255
 RTNH_F_ONLINK = 4
 NUD_PERMANENT = 0x80
 NETNS_DIR = "/run/netns"
@@ -392,6 +403,54 @@ def _plumb_host_path(node_ip: str, destinations: list[str], ipr=None,
                             flags=RTNH_F_ONLINK, prefsrc=node_ip)
         for dst in have - set(destinations):
             route.route("del", dst=dst, table=HOST_TABLE)
+        done += _plumb_node_ports(route, node_ip, tx)
+    return done
+
+
+def _rule_priority(rule) -> int:
+    return rule.get_attr("FRA_PRIORITY") or 0
+
+
+def _rule_table(rule) -> int:
+    return rule.get_attr("FRA_TABLE") or rule["table"]
+
+
+def _plumb_node_ports(route, node_ip: str, tx: int) -> list[str]:
+    """Runs in the node: host processes' packets to the node IP's NodePort range take the
+    host path (see NODEPORT_TABLE); the local rule moves behind them."""
+    done = []
+    rules = route.get_rules(family=socket.AF_INET)
+    local = {_rule_priority(r) for r in rules if _rule_table(r) == RT_TABLE_LOCAL}
+    if LOCAL_RULE_PRIORITY not in local:
+        route.rule("add", table=RT_TABLE_LOCAL, priority=LOCAL_RULE_PRIORITY)
+        done.append(f"moved the local table's rule to priority {LOCAL_RULE_PRIORITY}")
+    if 0 in local:
+        route.rule("del", table=RT_TABLE_LOCAL, priority=0)
+    low, high = PLAN.node_port_range
+    wanted = {socket.IPPROTO_TCP, socket.IPPROTO_UDP}
+    for rule in rules:
+        if _rule_priority(rule) != NODEPORT_RULE_PRIORITY:
+            continue
+        proto = rule.get_attr("FRA_IP_PROTO")
+        if rule.get_attr("FRA_DST") == node_ip and proto in wanted:
+            wanted.discard(proto)
+        else:  # the node's address changed: the rule points at the old one
+            route.rule("del", table=NODEPORT_TABLE, priority=NODEPORT_RULE_PRIORITY,
+                       iifname="lo", dst=rule.get_attr("FRA_DST"), dst_len=32, ip_proto=proto,
+                       dport_range=f"{low}:{high}")
+    for proto in sorted(wanted):
+        route.rule("add", table=NODEPORT_TABLE, priority=NODEPORT_RULE_PRIORITY, iifname="lo",
+                   dst=node_ip, dst_len=32, ip_proto=proto,
+                   dport_range=f"{low}:{high}")
+        done.append(f"added rule to {node_ip} ipproto {proto} dport {low}-{high} "
+                    f"lookup {NODEPORT_TABLE}")
+    have = [r.get_attr("RTA_DST") for r in route.get_routes(family=socket.AF_INET,
+                                                           table=NODEPORT_TABLE)]
+    if have != [node_ip]:
+        for dst in have:
+            route.route("del", dst=f"{dst}/32", table=NODEPORT_TABLE)
+        route.route("replace", dst=f"{node_ip}/32", table=NODEPORT_TABLE, gateway=HOST_GATEWAY,
+                    oif=tx, flags=RTNH_F_ONLINK, prefsrc=node_ip)
     return done
 
 
@@ -401,14 +460,28 @@ def _unplumb_host_path() -> None:
     from pyroute2.netlink.exceptions import NetlinkError
 
     with IPRoute() as ipr:
-        for r in ipr.get_rules(family=socket.AF_INET):
+        rules = ipr.get_rules(family=socket.AF_INET)
+        for r in rules:
             if r.get_attr("FRA_PRIORITY") == HOST_RULE_PRIORITY:
                 ipr.rule("del", table=HOST_TABLE, priority=HOST_RULE_PRIORITY, iifname="lo")
-        for r in ipr.get_routes(family=socket.AF_INET, table=HOST_TABLE):
-            try:
-                ipr.route("del", dst=f"{r.get_attr('RTA_DST')}/{r['dst_len']}", table=HOST_TABLE)
-            except NetlinkError:
-                pass
+        low, high = PLAN.node_port_range
+        for r in rules:
+            if _rule_priority(r) == NODEPORT_RULE_PRIORITY:
+                ipr.rule("del", table=NODEPORT_TABLE, priority=NODEPORT_RULE_PRIORITY,
+                         iifname="lo", dst=r.get_attr("FRA_DST"), dst_len=32,
+                         ip_proto=r.get_attr("FRA_IP_PROTO"),
+                         dport_range=f"{low}:{high}")
+        local = {_rule_priority(r) for r in rules if _rule_table(r) == RT_TABLE_LOCAL}
+        if 0 not in local:  # the local lookup back in front, before its stand-in goes
+            ipr.rule("add", table=RT_TABLE_LOCAL, priority=0)
+        if LOCAL_RULE_PRIORITY in local:
+            ipr.rule("del", table=RT_TABLE_LOCAL, priority=LOCAL_RULE_PRIORITY)
+        for table in (HOST_TABLE, NODEPORT_TABLE):
+            for r in ipr.get_routes(family=socket.AF_INET, table=table):
+                try:
+                    ipr.route("del", dst=f"{r.get_attr('RTA_DST')}/{r['dst_len']}", table=table)
+                except NetlinkError:
+                    pass
         for index in ipr.link_lookup(ifname=HOST_LINK):
             ipr.link("del", index=index)
 

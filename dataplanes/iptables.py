@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats
-from dataplanes.conntrack import run_deletes, stale_udp_flow_deletes
+from dataplanes.conntrack import run_deletes, stale_udp_flow_deletes, udp_port_changes
 from kube.state import REJECT, EndpointView, NodeView, ServicePortView
 
 MASQUERADE_MARK = "0x4000"
@@ -657,15 +657,12 @@ class IptablesDataplane:
             )
 
     def _clear_stale_udp(self, node: NodeHandle, old: NodeView | None, new: NodeView) -> int:
-        """kube-proxy's conntrack cleanup: UDP flows must not stick to endpoints that left."""
+        """kube-proxy's conntrack cleanup: UDP flows must not stick to endpoints that left,
+        nor stay untranslated once their frontend translates."""
         if old is None:
             return 0
-        now = {(sp.name, sp.protocol, sp.port): sp for sp in new.services if sp.protocol == "UDP"}
         commands: list[list[str]] = []
-        for before in old.services:
-            if before.protocol != "UDP":
-                continue
-            after = now.get((before.name, before.protocol, before.port))
+        for before, after in udp_port_changes(old, new):
             commands += stale_udp_flow_deletes(before, after)
         return run_deletes(node, commands)
 

@@ -48,6 +48,7 @@ from pyroute2.netlink import (
 
 from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats, ipset_networks
+from dataplanes.conntrack import udp_port_changes, untranslated_udp_flow_deletes
 from kube.state import DROP, EndpointView, NodeView, ServicePortView
 
 # Service ports this mode does not program yet, and why.
@@ -1004,6 +1005,14 @@ def _ipset_fingerprint() -> tuple | None:
 # --------------------------------------------------------------------------- the data plane
 
 
+_PERSISTENCE = (
+    "IPVS keeps a ClientIP persistence template alive while any connection it chose "
+    "lives, and a closed TCP connection stays in IPVS's TIME_WAIT for 120 s, a timeout "
+    "its netlink API cannot set; so a choice outlives a short timeoutSeconds by up to "
+    "two minutes (kube-proxy's IPVS mode behaves the same)"
+)
+
+
 class IpvsDataplane:
     name = "ipvs"
     deviations = {
@@ -1013,12 +1022,8 @@ class IpvsDataplane:
             "reply leaves untranslated and the client resets the connection); kube-proxy's "
             "restart keeps both"
         ),
-        "session_affinity_client_ip": (
-            "IPVS keeps a ClientIP persistence template alive while any connection it chose "
-            "lives, and a closed TCP connection stays in IPVS's TIME_WAIT for 120 s, a timeout "
-            "its netlink API cannot set; so a choice outlives a short timeoutSeconds by up to "
-            "two minutes (kube-proxy's IPVS mode behaves the same)"
-        ),
+        "session_affinity_client_ip": _PERSISTENCE,
+        "session_affinity_nodeport_timeout": _PERSISTENCE,
     }
 
     def __init__(self, scheduler: str = DEFAULT_SCHEDULER, backend: str | None = None):
@@ -1029,6 +1034,7 @@ class IpvsDataplane:
         self.scheduler = scheduler
         self._backend = backend
         self._synced: set[str] = set()  # network namespaces synced at least once
+        self._views: dict[str, NodeView] = {}  # netns -> the view of its last sync
         # netns -> (cluster CIDR, our chains as iptables-save printed them after our last write)
         self._written: dict[str, tuple[str, dict[tuple[str, str], list[str]]]] = {}
         # netns -> (fingerprint, members) of the ipsets and (fingerprint) of the tables after our
@@ -1119,8 +1125,10 @@ class IpvsDataplane:
             raise DataplaneError(f"IPVS refused {len(ipvs['failures'])} changes on {node.name}: {shown}{more}")
         set_changes = self._sync_ipsets(node, layout.ipsets)
         rules_written = self._sync_iptables(node, view.cluster_cidr)
-        flushed = self._clear_stale_udp(node, ipvs["removed_dests"])
+        flushed = self._clear_stale_udp(node, ipvs["removed_dests"], self._views.get(node.netns),
+                                        view)
         self._synced.add(node.netns)
+        self._views[node.netns] = view
         changed = ipvs["messages"] + set_changes + ipvs["addresses_added"] + ipvs["addresses_removed"]
         healthcheck.sync(node, view)
         return SyncStats(
@@ -1149,6 +1157,7 @@ class IpvsDataplane:
     def uninstall(self, node: NodeHandle) -> None:
         healthcheck.uninstall(node)
         self._synced.discard(node.netns)
+        self._views.pop(node.netns, None)
         self._written.pop(node.netns, None)
         self._ipset_seen.pop(node.netns, None)
         self._iptables_seen.pop(node.netns, None)
@@ -1238,14 +1247,20 @@ class IpvsDataplane:
             raise DataplaneError(
                 f"{self._iptables('-restore')[0]} failed on {node.name}: {(res.stderr or res.stdout).strip()}")
 
-    def _clear_stale_udp(self, node: NodeHandle, removed: list[tuple]) -> int:
-        """kube-proxy's conntrack cleanup: UDP flows must not stick to endpoints that left."""
+    def _clear_stale_udp(self, node: NodeHandle, removed: list[tuple], old: NodeView | None,
+                         new: NodeView) -> int:
+        """kube-proxy's conntrack cleanup: UDP flows must not stick to endpoints that left
+        (the real servers this sync removed), nor stay untranslated once their frontend
+        translates (from the view's change)."""
         commands = [
             ["conntrack", "-D", "-p", "udp", "--orig-dst", vip, "--orig-port-dst", str(port),
              "--reply-src", ep_ip, "--reply-port-src", str(ep_port)]
             for vip, port, proto, ep_ip, ep_port in removed
             if proto == "UDP"
         ]
+        if old is not None:
+            for before, after in udp_port_changes(old, new):
+                commands += untranslated_udp_flow_deletes(before, after)
         for argv in commands:
             node.call(_exec, argv, None, 30)
         return len(commands)

@@ -1006,18 +1006,19 @@ class NftablesDataplane:
     def _clear_stale_udp(
         self, node: NodeHandle, old: Ruleset | None, new: Ruleset, delta: Delta | None
     ) -> int:
-        """kube-proxy's conntrack cleanup: UDP flows must not stick to endpoints that left.
+        """kube-proxy's conntrack cleanup: UDP flows must not stick to endpoints that left,
+        nor stay untranslated once their frontend translates.
 
-        After an incremental sync only the Service ports it rendered again can have lost one.
+        After an incremental sync only the Service ports it rendered again can have changed.
         """
         if old is None:
             return 0
-        keys = delta.services if delta is not None else list(old.services)
+        keys = delta.services if delta is not None else old.services.keys() | new.services.keys()
         commands: list[list[str]] = []
         for key in keys:
-            if key[1] != "UDP" or key not in old.services:
+            if key[1] != "UDP":
                 continue
-            before = old.services[key][0]
+            before = old.services[key][0] if key in old.services else None
             after = new.services[key][0] if key in new.services else None
             commands += stale_udp_flow_deletes(before, after)
         return run_deletes(node, commands)

@@ -111,6 +111,7 @@ DEVIATIONS = {
         "the proxy process holds both halves of every connection it proxies, so stopping it "
         "closes them (kube-proxy's userspace mode lost them on restart alike)"
     ),
+    "source_ip_per_policy": _SOURCE_IP,
 }
 
 

@@ -630,7 +630,10 @@ def _leftovers(cluster) -> list[str]:
         out += [f"{node.name}: XDP on {link['ifname']}" for link in links if "xdp" in link]
         out += [f"{node.name}: {link['ifname']}" for link in links if link["ifname"].startswith("svb-")]
         rules = node.run(["ip", "rule", "show"]).stdout
-        out += [f"{node.name}: rule {line}" for line in rules.splitlines() if str(ebpf.HOST_TABLE) in line]
+        out += [f"{node.name}: rule {line}" for line in rules.splitlines()
+                if str(ebpf.HOST_TABLE) in line or str(ebpf.NODEPORT_TABLE) in line]
+        if not rules.startswith("0:\tfrom all lookup local"):
+            out.append(f"{node.name}: the local table's rule was not put back: {rules!r}")
     from bpf import cgroup
 
     path = cgroup.group_path(ebpf.run_group(cluster.nodes[0].netns))
@@ -733,6 +736,67 @@ def test_host_network_processes_reach_services(lab):
     peer, backend = json.loads(out)
     assert peer == vip and backend.startswith("ns1/web-"), err
     assert str(os.getpid()) not in open(os.path.join(path, "cgroup.procs")).read().split()
+
+
+def test_host_network_processes_reach_their_own_node_ports(lab):
+    cluster, _, state = lab
+    node = cluster.nodes[0]
+    from clusters.workloads.probe import probe
+
+    port = state.service_obj("ns1", "np").ports[0].node_port
+    result = node.call(probe, node.ip, port, count=20)
+    assert result.summary()["outcomes"] == {"ok": 20}, result.summary()
+    assert len(result.summary()["backends"]) > 1, result.summary()
+    # a port of the range that is no NodePort: the node's own listener still answers
+    listener = node.call(socket.create_server, (node.ip, 32000))
+    try:
+        client = node.call(socket.create_connection, (node.ip, 32000), 2)
+        accepted, peer = listener.accept()
+        assert peer[0] == node.ip
+        accepted.close()
+        client.close()
+    finally:
+        listener.close()
+    rules = node.run(["ip", "rule", "show"]).stdout
+    assert f"lookup {ebpf.NODEPORT_TABLE}" in rules and "lookup local" in rules, rules
+
+
+def test_udp_client_ports_reused_across_frontends_are_answered(lab):
+    """One client port to Services translated on two nodes, or to two frontends of one
+    backend on the same node: every datagram gets its answer from the address it was sent to."""
+    cluster, dp, state = lab
+    udp_np = Service("ns1", "udp-np", (ServicePort(80, UDP, "", 8080),), type=TYPE_NODE_PORT,
+                     selector={"app": "web"})
+    wider = state_of([*services(), udp_np])
+    for node in cluster.nodes:
+        dp.sync(node, wider.node_view(node.name))
+    from clusters.nsenter import in_netns
+    from clusters.workloads.probe import udp_sample
+
+    port = wider.service_obj("ns1", "udp-np").ports[0].node_port
+    vip = wider.service_obj("ns1", "web").cluster_ip
+    node1, node2 = (n.ip for n in cluster.nodes)
+    # node2 translates, then node1 (the client's) to the same backend: node2's old reply
+    # entry must not rewrite the answer; node1 to its NodePort, then the ClusterIP, then the
+    # NodePort again: both flows of one port live at once on node1.
+    rounds = [[(node2, port), (vip, 80)], [(vip, 80), (node1, port), (vip, 80), (node1, port)]]
+
+    def run() -> list[str]:
+        missed = []
+        for first, targets in ((40000, rounds[0]), (40100, rounds[1])):
+            for source_port in range(first, first + 60):
+                for ip, dport in targets:
+                    sample = udp_sample(ip, dport, 0.5, b"", source_port)
+                    if sample.outcome != "ok":
+                        missed.append(f"{source_port} -> {ip}:{dport}: {sample.outcome}")
+        return missed
+
+    try:
+        missed = in_netns(cluster.pod_netns("ns1", "client-a"), run)
+    finally:
+        for node in cluster.nodes:
+            dp.sync(node, state.node_view(node.name))
+    assert missed == [], missed[:10]
 
 
 def test_sync_is_incremental_and_repairs_detached_programs(lab):

@@ -356,7 +356,8 @@ def test_render_shows_sets_rules_and_table_and_the_deviation_is_declared():
     assert set(dp.deviations) == {"clusterip_preserves_client_pod_ip",
                                   "external_traffic_policy_local",
                                   "load_balancer_external_traffic_policy_local",
-                                  "connections_survive_proxy_restart"}
+                                  "connections_survive_proxy_restart",
+                                  "source_ip_per_policy"}
 
 
 # --------------------------------------------------------------------------- a real cluster

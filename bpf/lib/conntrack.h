@@ -92,13 +92,23 @@ SVB_INLINE void ct4_tcp_state(const struct ipv4_tuple *t, __u8 dir, struct ct4_e
 		other->flags |= CT_F_CLOSING;
 }
 
-/* A connection opened straight to an endpoint with the tuple of an old translated flow:
- * that flow's reply entry would rewrite this connection's replies, so it goes. */
+/* Traffic straight to an endpoint with the tuple of an old translated flow (a TCP
+ * connection opening, or any UDP datagram: an earlier flow from the same client port may
+ * have been translated here to this endpoint, and the client's translation now happens on
+ * another node): that flow's reply entry would rewrite these replies, so the flow goes,
+ * both entries (an original entry left alone would translate the old flow's next packet
+ * with no reply entry to bring the answer back; without it, that packet starts afresh). */
 SVB_INLINE void ct4_forget_inverse(const struct ipv4_tuple *t)
 {
-	struct ct4_key key;
+	struct ct4_key key, orig;
+	struct ct4_entry *e;
 
 	ct4_key_of(&key, t->daddr, t->saddr, t->dport, t->sport, t->proto, CT_REPLY);
+	e = ct4.lookup(&key);  /* the lockless lookup first: the entry is rarely there */
+	if (!e)
+		return;
+	ct4_key_of(&orig, e->daddr, e->saddr, e->dport, e->sport, t->proto, CT_ORIGINAL);
+	ct4.delete(&orig);
 	ct4.delete(&key);
 }
 
@@ -121,6 +131,22 @@ SVB_INLINE __be16 ct4_snat_port(__be32 snat_addr, __be32 be_addr, __be16 be_port
 			return port;
 	}
 	return 0;
+}
+
+/* Whether the reply key of a new flow (`xlat` reversed) belongs to another live flow: the
+ * same client port reaching the same backend through another frontend (a UDP socket sending
+ * to two Services, or an entry left by a flow the client abandoned). Its replies would be
+ * rewritten to the wrong frontend, or this flow's to its. */
+SVB_INLINE int ct4_reply_taken(const struct ipv4_tuple *xlat, const struct ipv4_tuple *orig,
+			       __u64 now)
+{
+	struct ct4_key key;
+	struct ct4_entry *other;
+
+	ct4_key_of(&key, xlat->daddr, xlat->saddr, xlat->dport, xlat->sport, xlat->proto, CT_REPLY);
+	other = ct4.lookup(&key);
+	return other && !ct4_stale(other, xlat->proto, now) &&
+	       (other->saddr != orig->daddr || other->sport != orig->dport);
 }
 
 /* Record both directions of a new flow: `orig` as the client sent it, `xlat` as rewritten. */

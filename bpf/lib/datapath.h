@@ -145,7 +145,7 @@ SVB_INLINE int service_path(struct xdp_md *ctx, int from)
 	svc = lb4_lookup_service(&key, pkt.tuple.daddr, pkt.tuple.dport, pkt.tuple.proto,
 				 internal);
 	if (!svc) {
-		if (syn)
+		if (syn || pkt.tuple.proto == IPPROTO_UDP)
 			ct4_forget_inverse(&pkt.tuple);
 		return XDP_PASS;
 	}
@@ -194,6 +194,11 @@ SVB_INLINE int service_path(struct xdp_md *ctx, int from)
 	} else if (from == FROM_UPLINK && !(be->flags & BE_F_LOCAL)) {
 		/* the remote endpoint must answer through this node, which holds the flow */
 		xlat.saddr = cfg->node_ip;
+		xlat.sport = ct4_snat_port(xlat.saddr, be->address, be->port, xlat.proto, 0,
+					   cfg->snat_port_min, cfg->snat_port_max, now);
+		flags = CT_F_SNAT;
+	} else if (ct4_reply_taken(&xlat, &pkt.tuple, now)) {
+		/* a NAT clash: as netfilter does, the client gets another source port */
 		xlat.sport = ct4_snat_port(xlat.saddr, be->address, be->port, xlat.proto, 0,
 					   cfg->snat_port_min, cfg->snat_port_max, now);
 		flags = CT_F_SNAT;
