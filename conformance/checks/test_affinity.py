@@ -41,6 +41,14 @@ def _sticky(cluster, ip: str, count: int) -> dict[str, str]:
 
 @pytest.mark.check(12)
 def test_session_affinity_client_ip(cluster, record_property):
+    """ClientIP affinity on a ClusterIP: each of three clients sticks to one backend, not all
+    to the same one, and after timeoutSeconds of silence a client gets a new one.
+
+    Stands for service.go "Services should have session affinity work for service with type
+    clusterIP [LinuxOnly] [Conformance]", "Services should have session affinity timeout work
+    for service with type clusterIP [LinuxOnly]", and networking.go "Networking Granular
+    Checks: Services should function for client IP based session affinity: http [LinuxOnly]".
+    """
     cluster.apply([with_affinity(web_service("sticky"), AFFINITY_TIMEOUT_S)])
     ip = cluster.cluster_ip("sticky")
     choice = _sticky(cluster, ip, 30)
@@ -64,6 +72,12 @@ def test_session_affinity_client_ip(cluster, record_property):
 
 @pytest.mark.check(13)
 def test_session_affinity_switch(cluster):
+    """sessionAffinity None (spread), ClientIP (sticky), None (spread) again on a live ClusterIP
+    Service, each in one sync.
+
+    Stands for service.go "Services should be able to switch session affinity for service with
+    type clusterIP [LinuxOnly] [Conformance]".
+    """
     base = web_service("switch")
     clients = CLIENTS[:2]
     for affinity in (None, 10800, None):
@@ -147,7 +161,7 @@ def test_session_affinity_nodeport_timeout(cluster, record_property):
     their backend by chance: 3**-8; up to three rounds).
 
     Upstream (test/e2e/network/service.go): "Services should have session affinity timeout
-    work for NodePort service [LinuxOnly] [Conformance]".
+    work for NodePort service [LinuxOnly]".
     """
     cluster.apply([with_affinity(web_service("sticky-short", type="NodePort"),
                                  NODEPORT_TIMEOUT_S)])

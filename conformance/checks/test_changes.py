@@ -181,9 +181,11 @@ def test_traffic_policies_changed_live(cluster):
     """internal- and externalTrafficPolicy flipped Cluster -> Local -> Cluster on a live Service.
 
     Stands for the e2e tests "Services should respect internalTrafficPolicy=Local Pod to
-    Pod" (service.go) and "LoadBalancers ESIPP [Slow] should handle updates to
-    ExternalTrafficPolicy field" (loadbalancer.go), whose NodePort half this is: each
-    policy takes effect, and is undone, in one sync.
+    Pod" (service.go) and "Services should implement NodePort and HealthCheckNodePort
+    correctly when ExternalTrafficPolicy changes" (service.go; v1.30 and before:
+    loadbalancer.go "LoadBalancers ESIPP [Slow] should handle updates to
+    ExternalTrafficPolicy field"), whose NodePort half this is: each policy takes effect,
+    and is undone, in one sync.
     """
     def svc(policy: str):
         return web_service("policy-flip", type=TYPE_NODE_PORT, internal_traffic_policy=policy,

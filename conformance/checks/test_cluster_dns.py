@@ -18,6 +18,13 @@ def _addresses(response) -> set[str]:
 
 @pytest.mark.check(25)
 def test_cluster_dns_resolves_services(cluster):
+    """The cluster DNS behind its ClusterIP answers a Service's ClusterIP, a headless Service's
+    ready pods and NXDOMAIN for an unknown name, over UDP and TCP from pods on both nodes.
+
+    Stands for dns.go "DNS should provide DNS for services [Conformance]" (test/e2e/network,
+    outside the seven files docs/CONFORMANCE.md counts): what the proxy adds is the DNS
+    Service's ClusterIP, over both protocols.
+    """
     headless = web_service("web-headless", ServicePort(80, TCP, "", HTTP_PORT),
                            cluster_ip=HEADLESS, selector=None)
     ready = ["ns1/web-1", "ns1/web-2"]
@@ -62,7 +69,8 @@ def test_external_name_service(cluster):
     Upstream: dns.go "should provide DNS for ExternalName services"; service.go "should be able
     to change the type from ClusterIP to ExternalName", "should be able to change the type from
     NodePort to ExternalName", "should be able to change the type from ExternalName to
-    ClusterIP" (and "... from ExternalName to NodePort").
+    ClusterIP" (only partly "... from ExternalName to NodePort": the Service turned back here
+    becomes a ClusterIP one, never a NodePort one).
     """
     outside = Service("ns1", "db", (), type=TYPE_EXTERNAL_NAME, external_name="db.example.com")
     # web exists throughout, so the addresses the aliases release stay unallocated.

@@ -44,16 +44,39 @@ def _uniform(cluster, protocol: str) -> None:
 
 @pytest.mark.check(1)
 def test_clusterip_tcp_uniform(cluster):
+    """600 TCP connections from a pod on each node to a ClusterIP: all served, every endpoint
+    answers, and the split is uniform (chi-square p > 0.001).
+
+    Stands for service.go "Services should serve a basic endpoint from pods [Conformance]" and
+    networking.go "Networking Granular Checks: Services should function for pod-Service: http"
+    (its ClusterIP half). No upstream e2e test asserts the uniform split (upstream only needs
+    every endpoint to answer); the nearest kube-proxy behaviour is its equal-probability random
+    endpoint choice (iptables `statistic --mode random`, nftables `numgen random`).
+    """
     _uniform(cluster, TCP)
 
 
 @pytest.mark.check(2)
 def test_clusterip_udp_uniform(cluster):
+    """600 UDP datagrams (fresh source ports) from a pod on each node to a ClusterIP: all
+    answered, every endpoint answers, and the split is uniform (chi-square p > 0.001).
+
+    Stands for networking.go "Networking Granular Checks: Services should function for
+    pod-Service: udp" (its ClusterIP half). The uniformity test has no upstream counterpart, as
+    in check 1.
+    """
     _uniform(cluster, UDP)
 
 
 @pytest.mark.check(3)
 def test_multiport_named_target_ports(cluster):
+    """Two Service ports with named targetPorts (numbered differently on web-3) each reach
+    every endpoint, from pods on both nodes.
+
+    Stands for service.go "Services should serve multiport endpoints from pods [Conformance]"
+    and "Services should connect to the named ports exposed by restartable init containers"
+    (to the proxy a sidecar's named port is an ordinary per-endpoint port number).
+    """
     # web-3 numbers `alt` 9090, the others 8081: the name must be resolved per endpoint.
     svc = web_service(
         "multiport", ServicePort(80, TCP, "http", "http"), ServicePort(81, TCP, "alt", "alt")
@@ -70,6 +93,12 @@ def test_multiport_named_target_ports(cluster):
 
 @pytest.mark.check(4)
 def test_tcp_and_udp_on_one_port(cluster):
+    """TCP and UDP on one Service port number are both served; removing either protocol stops
+    only it, in one sync.
+
+    Stands for service.go "Services should serve endpoints on same port and different protocols
+    [Conformance]".
+    """
     tcp = ServicePort(80, TCP, "tcp", HTTP_PORT)
     udp = ServicePort(80, UDP, "udp", HTTP_PORT)
     cluster.apply([web_service("dual", tcp, udp)])
@@ -91,6 +120,11 @@ def test_tcp_and_udp_on_one_port(cluster):
 
 @pytest.mark.check(5)
 def test_host_network_client_reaches_clusterip(cluster):
+    """Both nodes' host network reach a ClusterIP over TCP, every endpoint answering.
+
+    Stands for networking.go "Networking Granular Checks: Services should function for
+    node-Service: http" (its ClusterIP half; the NodePort half is check 34's, UDP check 66's).
+    """
     cluster.apply([web_service("hostnet")])
     ip = cluster.cluster_ip("hostnet")
     sources = ("node/node1", "node/node2")
@@ -102,6 +136,12 @@ def test_host_network_client_reaches_clusterip(cluster):
 
 @pytest.mark.check(10)
 def test_clusterip_preserves_client_pod_ip(cluster):
+    """Backends see the client pod's own IP through a ClusterIP, over TCP and UDP, from pods
+    on both nodes.
+
+    Stands for service.go "Services should preserve source pod IP for traffic thru service
+    cluster IP [LinuxOnly]".
+    """
     cluster.apply([web_service("source", ServicePort(80, TCP, "tcp", HTTP_PORT),
                                ServicePort(80, UDP, "udp", HTTP_PORT))])
     ip = cluster.cluster_ip("source")
@@ -117,6 +157,13 @@ def test_clusterip_preserves_client_pod_ip(cluster):
 
 @pytest.mark.check(11)
 def test_hairpin_pod_reaches_itself(cluster):
+    """A Service's only endpoint reaches itself through its ClusterIP; an endpoint of a shared
+    Service sometimes lands on itself.
+
+    Stands for service.go "Services should allow pods to hairpin back to themselves through
+    services" and networking.go "Networking Granular Checks: Services should function for
+    endpoint-Service: http" (its ClusterIP half).
+    """
     only = cluster.endpoint_slice("self", ["ns1/web-1"])
     alone = web_service("self", selector=None)
     cluster.apply([alone, web_service("shared")], [only])
@@ -131,6 +178,13 @@ def test_hairpin_pod_reaches_itself(cluster):
 
 @pytest.mark.check(24)
 def test_large_payloads_pass(cluster):
+    """2,000-byte TCP and UDP (fragmented) payloads are echoed through a ClusterIP from a pod
+    and, from outside, through a NodePort.
+
+    Stands for networking.go "Networking Granular Checks: Services should be able to handle
+    large requests: http" and "... should be able to handle large requests: udp" (2,000-byte
+    messages from a pod to the ClusterIP; the NodePort from outside is svcbench's addition).
+    """
     payload = bytes(range(256)) * 7 + bytes(208)  # 2,000 bytes: fragments as UDP
     assert len(payload) == 2000
     svc = web_service("large", ServicePort(80, TCP, "tcp", HTTP_PORT),

@@ -23,6 +23,15 @@ REFUSED_WITHIN_US = 1_000_000
 
 @pytest.mark.check(14)
 def test_no_endpoints_refused_fast(cluster):
+    """A Service without endpoints refuses TCP and UDP on its ClusterIP and both NodePorts, from
+    pods and from outside, each refusal within 1 s.
+
+    Stands for service.go "Services should be rejected when no endpoints exist" (a pod to the
+    ClusterIP over TCP upstream; the NodePorts, UDP and the 1 s bound are svcbench's). The
+    nearest kube-proxy behaviour is its REJECT (ICMP port unreachable) of traffic to a
+    Service with no endpoints, in the iptables filter table's KUBE-SERVICES and
+    KUBE-EXTERNAL-SERVICES chains: clients are refused rather than left to time out.
+    """
     svc = web_service("empty", ServicePort(80, TCP, "tcp", HTTP_PORT),
                       ServicePort(80, UDP, "udp", HTTP_PORT), type="NodePort",
                       selector={"app": "nothing"})
@@ -42,6 +51,13 @@ def test_no_endpoints_refused_fast(cluster):
 
 @pytest.mark.check(15)
 def test_removed_endpoint_gets_no_new_connections(cluster):
+    """An endpoint removed from the slice gets none of 1,000 new connections; the remaining
+    endpoints all answer.
+
+    Stands for networking.go "Networking Granular Checks: Services should update endpoints:
+    http" and service.go "Services should serve a basic endpoint from pods [Conformance]" (its
+    scale-down).
+    """
     svc = web_service("shrink", selector=None)
     everyone = ["ns1/web-1", "ns1/web-2", "ns1/web-3"]
     cluster.apply([svc], [cluster.endpoint_slice("shrink", everyone)])
@@ -61,6 +77,13 @@ def test_removed_endpoint_gets_no_new_connections(cluster):
 
 @pytest.mark.check(16)
 def test_added_endpoint_gets_traffic(cluster, record_property):
+    """An added endpoint is served within 5 s of the apply, with no failed connection
+    meanwhile; records the network programming latency.
+
+    Stands for service.go "Services should serve a basic endpoint from pods [Conformance]" (its
+    scale-up). The latency recorded has no upstream e2e assertion; its kube-proxy counterpart
+    is the kubeproxy_network_programming_duration_seconds metric.
+    """
     svc = web_service("grow", selector=None)
     cluster.apply([svc], [cluster.endpoint_slice("grow", ["ns1/web-1", "ns1/web-2"])])
     ip = cluster.cluster_ip("grow")
@@ -87,6 +110,13 @@ def test_added_endpoint_gets_traffic(cluster, record_property):
 
 @pytest.mark.check(17)
 def test_not_ready_and_terminating_endpoints(cluster):
+    """Not-ready endpoints, and terminating ones while a ready one exists, get no traffic; with
+    only terminating-but-serving endpoints, those serve (ClusterIP, pods on both nodes).
+
+    Stands for service.go "Services should fallback to terminating endpoints when there are no
+    ready endpoints with internalTrafficPolicy=Cluster"; the rule it checks is kube-proxy's
+    CategorizeEndpoints (pkg/proxy/topology.go: ready endpoints, else serving terminating ones).
+    """
     e = cluster.endpoint
     cases = {
         # service: (endpoints, the only backends that may answer)
@@ -115,6 +145,11 @@ def test_not_ready_and_terminating_endpoints(cluster):
 
 @pytest.mark.check(18)
 def test_deleted_service_stops_serving(cluster):
+    """A deleted NodePort Service's ClusterIP and NodePort stop answering.
+
+    Stands for networking.go "Networking Granular Checks: Services should update nodePort: http
+    [Slow]" and service.go "Services should be able to up and down services" (its down step).
+    """
     cluster.apply([web_service("doomed", type="NodePort")])
     ip, port = cluster.cluster_ip("doomed"), cluster.node_port("doomed")
     node2 = cluster.node_ip("node2")

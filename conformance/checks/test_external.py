@@ -23,6 +23,13 @@ NODE2_BACKENDS = {"ns1/web-2", "ns1/web-3"}
 
 @pytest.mark.check(6)
 def test_nodeport_on_every_node(cluster):
+    """The outside client and a pod reach both nodes' NodePort over TCP, every endpoint
+    answering each.
+
+    Stands for service.go "Services should be able to create a functioning NodePort service
+    [Conformance]" and networking.go "Networking Granular Checks: Services should function for
+    pod-Service: http" (its NodePort half).
+    """
     cluster.apply([web_service("nodeport", type="NodePort")])
     port = cluster.node_port("nodeport")
     requests = [Probe(source, cluster.node_ip(node), port, count=60)
@@ -34,6 +41,14 @@ def test_nodeport_on_every_node(cluster):
 
 @pytest.mark.check(7)
 def test_external_traffic_policy_local(cluster):
+    """externalTrafficPolicy Local: the node with endpoints serves outside clients from its own
+    endpoints only, and they see the client's own address; the node without endpoints serves
+    nothing.
+
+    Stands for service.go "Services should support externalTrafficPolicy=Local for
+    type=NodePort" (v1.30 and before: loadbalancer.go "LoadBalancers ESIPP [Slow] should work
+    for type=NodePort").
+    """
     svc = web_service("etp-local", type="NodePort", external_traffic_policy=POLICY_LOCAL,
                       selector={"app": "web", "node": "node2"})
     cluster.apply([svc])
@@ -53,6 +68,15 @@ def test_external_traffic_policy_local(cluster):
 
 @pytest.mark.check(8)
 def test_external_traffic_policy_cluster(cluster):
+    """externalTrafficPolicy Cluster: both nodes' NodePorts serve outside clients from every
+    endpoint, whichever node the endpoint is on.
+
+    No upstream e2e test asserts this on its own: it is the outside-client side of service.go
+    "Services should be able to create a functioning NodePort service [Conformance]", which
+    probes from a pod. The nearest kube-proxy behaviour is that external traffic of an
+    externalTrafficPolicy Cluster Service goes to its cluster-wide endpoints
+    (pkg/proxy/topology.go, CategorizeEndpoints).
+    """
     cluster.apply([web_service("etp-cluster", type="NodePort")])
     port = cluster.node_port("etp-cluster")
     nodes = ("node1", "node2")
@@ -66,6 +90,12 @@ def test_external_traffic_policy_cluster(cluster):
 
 @pytest.mark.check(22)
 def test_external_ips_reachable(cluster):
+    """An externalIP that is no node's address serves TCP and UDP from outside and TCP from a
+    pod, every endpoint answering.
+
+    Stands for service.go "Services should be possible to connect to a service via ExternalIP
+    when the external IP is not assigned to a node".
+    """
     svc = web_service("external-ip", ServicePort(80, TCP, "tcp", HTTP_PORT),
                       ServicePort(80, UDP, "udp", HTTP_PORT), external_ips=(EXTERNAL_IP,))
     cluster.apply([svc])

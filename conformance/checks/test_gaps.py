@@ -113,7 +113,7 @@ def test_host_network_client_udp_clusterip(cluster):
     every endpoint, local and remote.
 
     Upstream: networking.go "Networking Granular Checks: Services should function for
-    node-Service: udp" (its ClusterIP half; the NodePort half is checks 28-39's).
+    node-Service: udp" (its ClusterIP half; the NodePort half is check 34's).
     """
     cluster.apply([web_service("hostnet-udp", ServicePort(80, UDP, "", HTTP_PORT))])
     ip = cluster.cluster_ip("hostnet-udp")

@@ -154,11 +154,13 @@ def test_load_balancer_external_traffic_policy_local(cluster):
     """externalTrafficPolicy Local on an ingress IP: the node the load balancer delivers
     to serves from its own endpoints with the client's address, or drops.
 
-    Stands for the e2e tests "LoadBalancers ESIPP [Slow] should work for type=LoadBalancer",
-    "... should only target nodes with endpoints" and "... should work from pods"
-    (test/e2e/network/loadbalancer.go: the source IP is preserved; a node without an
-    endpoint does not serve outside clients; pods reach the Service from any node) and
-    kube-proxy's TestOnlyLocalLoadBalancing.
+    Stands for the e2e tests "LoadBalancers ExternalTrafficPolicy: Local
+    [Feature:LoadBalancer] [Slow] should work for type=LoadBalancer", "... should only
+    target nodes with endpoints" and "... should work from pods" (v1.30 and before:
+    "LoadBalancers ESIPP [Slow] should work for type=LoadBalancer", "... should only target
+    nodes with endpoints", "... should work from pods"; test/e2e/network/loadbalancer.go:
+    the source IP is preserved; a node without an endpoint does not serve outside clients;
+    pods reach the Service from any node) and kube-proxy's TestOnlyLocalLoadBalancing.
     """
     everywhere, remote = "198.18.32.30", "198.18.32.31"
     cluster.apply([

@@ -76,8 +76,9 @@ def test_nodeport_update(cluster):
     Upstream: test/e2e/network/networking.go "Networking Granular Checks: Services should
     update nodePort: http [Slow]", "... should update nodePort: udp [Slow]"; service.go
     "Services should be able to update service type to NodePort listening on same port
-    number but different protocols", "Services should be able to change the type and ports
-    of a TCP service [Slow]" (and "... of a UDP service [Slow]").
+    number but different protocols"; loadbalancer.go (v1.30 and before) "LoadBalancers
+    should be able to change the type and ports of a TCP service [Slow]" (and "... of a UDP
+    service [Slow]"), their NodePort steps.
     """
     cluster.apply([web_service("np-move", *_ports(80, MOVED_FROM), type="NodePort"),
                    web_service("np-retype", *_ports(80))])

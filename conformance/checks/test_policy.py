@@ -23,6 +23,11 @@ EXTERNAL_IP = "198.18.64.11"  # in the plan's external-IP range, routed to node1
 
 @pytest.mark.check(9)
 def test_internal_traffic_policy_local(cluster):
+    """internalTrafficPolicy Local: pods reach only their own node's endpoints; a Service with
+    endpoints on node2 only serves node2's pod and not node1's.
+
+    Stands for service.go "Services should respect internalTrafficPolicy=Local Pod to Pod".
+    """
     everywhere = web_service("itp-local", internal_traffic_policy=POLICY_LOCAL)
     node2_only = web_service("itp-node2", internal_traffic_policy=POLICY_LOCAL,
                              selector={"app": "web", "node": "node2"})
@@ -50,6 +55,14 @@ def test_internal_traffic_policy_local(cluster):
 
 @pytest.mark.check(23)
 def test_other_proxy_and_headless_not_handled(cluster):
+    """A Service labelled for another proxy gets no VIP handling; a headless (clusterIP: None)
+    Service's port is not rewritten on its pods; an unlabelled Service in the same sync serves.
+
+    Stands for service.go "Services should implement service.kubernetes.io/service-proxy-name"
+    (a Service created with the label; check 44 toggles it live). No e2e test asserts the
+    headless part; it is kube-proxy's service change tracking, which skips Services whose
+    clusterIP is None or empty.
+    """
     other = web_service("other-proxy", labels={PROXY_NAME_LABEL: "other"})
     headless = web_service("headless", ServicePort(80, TCP, "", HTTP_PORT), cluster_ip=HEADLESS)
     cluster.apply([web_service("ours"), other, headless])
@@ -76,8 +89,10 @@ def test_both_policies_local(cluster):
     endpoints remote" and "... some endpoints local" (pkg/proxy/topology_test.go: a port
     reachable from outside keeps its cluster-wide endpoints for the short circuit, and
     hasAnyEndpoints turns "no local endpoint" into a drop, not a reject), and the e2e tests
-    "LoadBalancers ESIPP [Slow] should work from pods" and "Services should respect
-    internalTrafficPolicy=Local Pod to Pod" (test/e2e/network).
+    loadbalancer.go "LoadBalancers ExternalTrafficPolicy: Local [Feature:LoadBalancer] [Slow]
+    should work from pods" (v1.30 and before: "LoadBalancers ESIPP [Slow] should work from
+    pods") and service.go "Services should respect internalTrafficPolicy=Local Pod to Pod"
+    (test/e2e/network).
     """
     svc = web_service("both-local", type="NodePort", external_ips=(EXTERNAL_IP,),
                       internal_traffic_policy=POLICY_LOCAL, external_traffic_policy=POLICY_LOCAL,
@@ -88,8 +103,8 @@ def test_both_policies_local(cluster):
     silent = {"count": 3, "timeout": 0.5, "expect": TIMEOUT}
     requests = {
         # node1 has no local endpoint: its pods and node1 itself are short-circuited to
-        # every endpoint. (A NodePort on the node's own address is left out: the ebpf mode
-        # serves it only to processes in the run's cgroup.)
+        # every endpoint. (node1 itself to its own NodePort is not probed here; check 34
+        # probes each node's host network through its own NodePort, under policy Cluster.)
         "pod on node1 to node1's NodePort": Probe("ns1/client-a", node1, port, count=30),
         "pod on node1 to the externalIP": Probe("ns1/client-a", EXTERNAL_IP, 80, count=30),
         "node1 to the externalIP": Probe("node/node1", EXTERNAL_IP, 80, count=30),

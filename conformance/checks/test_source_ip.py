@@ -32,11 +32,12 @@ def test_source_ip_per_policy(cluster):
     keeps the client's address; either is allowed and neither is asserted.
 
     Upstream: test/e2e/network/service.go "Services should preserve source pod IP for
-    traffic thru service cluster IP [LinuxOnly]"; loadbalancer.go "LoadBalancers ESIPP
-    [Slow] should work for type=NodePort"; kube-proxy's TestInternalExternalMasquerade
-    (pkg/proxy/iptables/proxier_test.go: "pod to ClusterIP" not masqueraded, "pod to
-    NodePort", "node to ClusterIP" and "external to NodePort" masqueraded, "external to
-    NodePort with eTP:Local" not).
+    traffic thru service cluster IP [LinuxOnly]", "Services should support
+    externalTrafficPolicy=Local for type=NodePort" (v1.30 and before: loadbalancer.go
+    "LoadBalancers ESIPP [Slow] should work for type=NodePort"); kube-proxy's
+    TestInternalExternalMasquerade (pkg/proxy/iptables/proxier_test.go: "pod to ClusterIP"
+    not masqueraded, "pod to NodePort", "node to ClusterIP" and "external to NodePort"
+    masqueraded, "external to NodePort with eTP:Local" not).
     """
     ports = (ServicePort(80, TCP, "tcp", HTTP_PORT), ServicePort(80, UDP, "udp", HTTP_PORT))
     ep_ports = (EndpointPort(HTTP_PORT, TCP, "tcp"), EndpointPort(HTTP_PORT, UDP, "udp"))

@@ -26,6 +26,13 @@ UDP_SOURCE_PORT = 40404
 
 @pytest.mark.check(19)
 def test_established_connection_survives_syncs(cluster, record_property):
+    """One TCP connection through a ClusterIP keeps echoing across 60 syncs of unrelated
+    Services and endpoints coming and going.
+
+    No upstream e2e test asserts this. The nearest kube-proxy behaviour: a sync replaces its
+    rules atomically (one iptables-restore, one nft transaction) and leaves established
+    conntrack entries alone, clearing only those of removed UDP endpoints.
+    """
     steady = web_service("steady")
     cluster.apply([steady])
     talk = cluster.conversation("ns1/client-a", cluster.cluster_ip("steady"), 80).start()
@@ -63,6 +70,14 @@ def test_established_connection_survives_syncs(cluster, record_property):
 
 @pytest.mark.check(20)
 def test_udp_stale_conntrack_cleared(cluster, record_property):
+    """A UDP flow from a fixed source port reaches the remaining endpoint within 5 s after its
+    own endpoint is removed (pod to ClusterIP).
+
+    Stands for conntrack.go "Conntrack should be able to preserve UDP traffic when server pod
+    cycles for a ClusterIP service" and networking.go "Networking Granular Checks: Services
+    should update endpoints: udp"; kube-proxy clears such stale UDP entries after each sync
+    (pkg/proxy/conntrack, CleanStaleEntries).
+    """
     svc = web_service("udp-stale", ServicePort(80, UDP, "", HTTP_PORT), selector=None)
     ports = (EndpointPort(HTTP_PORT, UDP),)
     both = ["ns1/web-1", "ns1/web-2"]
@@ -95,6 +110,16 @@ def test_udp_stale_conntrack_cleared(cluster, record_property):
 
 @pytest.mark.check(21)
 def test_rules_restored_after_removal_and_restart(cluster):
+    """After the mode's state on a node is removed from outside (nat table or nft ruleset
+    flushed, XDP detached, IPVS and ipsets flushed), one sync brings back ClusterIP TCP and
+    UDP, NodePorts and cluster DNS; and again after a proxy restart.
+
+    Stands for networking.go "Networking should recreate its iptables rules if they are deleted
+    [Disruptive]" (upstream deletes every KUBE-* iptables chain; here each mode's own state is
+    removed, and the sync is asked for rather than detected: kube-proxy notices a flush through
+    its KUBE-PROXY-CANARY chains and resyncs) and service.go "Services should work after
+    restarting kube-proxy [Disruptive]".
+    """
     if sabotage_for(cluster.dataplane) is None:
         pytest.skip(f"no way to remove {cluster.dataplane.name} rules from outside is known "
                     "(conformance/sabotage.py)")

@@ -33,6 +33,14 @@ def _retries(cluster) -> int:
 
 @pytest.mark.check(26)
 def test_userspace_silent_backend_costs_a_retry(dataplane, request, record_property):
+    """Userspace mode only (skipped elsewhere): with one backend silently dropping SYNs, every
+    connection is still served, each one that started there after one retry.
+
+    No upstream e2e test asserts this: it is svcbench's userspace proxy. The nearest kube-proxy
+    behaviour is the former userspace proxier's (pkg/proxy/userspace, removed in v1.26):
+    TryConnectEndpoints dialled the next endpoint when one did not connect within its
+    EndpointDialTimeouts.
+    """
     if dataplane.name != "userspace":
         pytest.skip(f"only the userspace proxy can retry another backend; {dataplane.name} "
                     "hands the connection to the endpoint it chose")
