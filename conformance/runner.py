@@ -447,13 +447,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only checks I, I+N, I+2N, ... (what --jobs gives each process)")
 
 
-def _shard(value: str) -> str:
+def parse_shard(value: str) -> tuple[int, int]:
+    """"2/3" -> (2, 3); ValueError naming the accepted form for anything else."""
     try:
         index, count = (int(part) for part in value.split("/"))
     except ValueError:
         index = count = 0
     if not 1 <= index <= count:
-        raise argparse.ArgumentTypeError(f"{value!r} is not I/N with 1 <= I <= N, such as 1/2")
+        raise ValueError(f"{value!r} is not I/N with 1 <= I <= N, such as 1/2")
+    return index, count
+
+
+def _shard(value: str) -> str:
+    try:
+        parse_shard(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 

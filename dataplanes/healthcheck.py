@@ -39,12 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dataplanes.nodeproc import NETNS_RUN_DIR, log_tail, serve_json_lines, sweep_logs
+
 CONTROL_NAME = "svcbench-healthcheck"
 LISTEN_ADDRESS = "0.0.0.0"  # kube-proxy's default: every node address
 REQUEST_LIMIT = 16 << 10  # bytes of request head read before giving up on a client
 REQUEST_TIMEOUT_S = 5.0
 NETNS_CHECK_S = 1.0
-NETNS_RUN_DIR = "/run/netns"
 LOG_DIR = "/run/svcbench/healthcheck"
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 CONTROL_TIMEOUT_S = 10.0
@@ -218,19 +219,7 @@ class HealthServer:
 
     async def control_client(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                try:
-                    request = json.loads(line)
-                    reply = await self.handle(request if isinstance(request, dict) else {})
-                except json.JSONDecodeError as exc:
-                    reply = {"ok": False, "error": f"request is not JSON: {exc}"}
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass
-        finally:
-            writer.close()
+        await serve_json_lines(self.handle, reader, writer)
 
     def stop(self, reason: str) -> None:
         if not self.stopping.is_set():
@@ -417,7 +406,7 @@ def _ensure(node) -> int:
         return pid
     log_path = _log_path(node)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    _sweep_logs()
+    sweep_logs(LOG_DIR)
     argv = [sys.executable, "-m", "dataplanes.healthcheck", "--netns", node.netns]
     proc = node.call(_spawn, argv, log_path)
     # Reaped whenever it exits, so it never lingers as a zombie of this process.
@@ -427,7 +416,7 @@ def _ensure(node) -> int:
         if proc.poll() is not None:
             raise HealthCheckError(
                 f"health server on {node.name} exited with status {proc.returncode} before "
-                f"answering; {log_path} ends with:\n{_log_tail(log_path)}")
+                f"answering; {log_path} ends with:\n{log_tail(log_path)}")
         if server_pid(node) == proc.pid:
             with _sent_lock:  # a new server listens on nothing: an empty table is no news
                 _sent[node.netns] = _Sent(proc.pid, _proc_start(proc.pid), {})
@@ -435,7 +424,7 @@ def _ensure(node) -> int:
         time.sleep(0.02)
     proc.kill()
     raise HealthCheckError(f"health server on {node.name} did not answer within "
-                           f"{SPAWN_TIMEOUT_S:.0f} s; {log_path} ends with:\n{_log_tail(log_path)}")
+                           f"{SPAWN_TIMEOUT_S:.0f} s; {log_path} ends with:\n{log_tail(log_path)}")
 
 
 def _spawn(argv: list[str], log_path: str) -> subprocess.Popen:
@@ -465,28 +454,6 @@ def _log_path(node) -> str:
     if run_dir:
         return os.path.join(run_dir, f"healthcheck-{node.name}.log")
     return os.path.join(LOG_DIR, f"{node.netns.rsplit('/', 1)[-1]}.log")
-
-
-def _sweep_logs() -> None:
-    """Logs of servers whose namespace is gone (a run destroyed without uninstall) go too."""
-    try:
-        names = os.listdir(LOG_DIR)
-    except FileNotFoundError:
-        return
-    for name in names:
-        if name.endswith(".log") and not os.path.exists(os.path.join(NETNS_RUN_DIR, name[:-4])):
-            try:
-                os.unlink(os.path.join(LOG_DIR, name))
-            except FileNotFoundError:
-                pass
-
-
-def _log_tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as fh:
-            return "".join(fh.readlines()[-lines:]).rstrip() or "(log is empty)"
-    except OSError as exc:
-        return f"(log unreadable: {exc})"
 
 
 if __name__ == "__main__":

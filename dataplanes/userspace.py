@@ -31,6 +31,7 @@ from typing import Any
 
 from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats, ipset_networks
+from dataplanes.nodeproc import log_tail, sweep_logs
 from dataplanes.userspace_proxy import (
     CONNECT_TIMEOUT_S,
     CONTROL_NAME,
@@ -95,7 +96,6 @@ CONTROL_TIMEOUT_S = 60.0  # a 10,000-Service table takes well under a second to 
 SPAWN_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 LOG_DIR = "/run/svcbench/userspace"
-NETNS_RUN_DIR = "/run/netns"
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 # Conformance checks this mode cannot meet by design (check name -> why).
@@ -369,28 +369,6 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def _sweep_logs() -> None:
-    """Logs of proxies whose node is gone (a run destroyed without uninstall) go too."""
-    try:
-        names = os.listdir(LOG_DIR)
-    except FileNotFoundError:
-        return
-    for name in names:
-        if name.endswith(".log") and not os.path.exists(os.path.join(NETNS_RUN_DIR, name[:-4])):
-            try:
-                os.unlink(os.path.join(LOG_DIR, name))
-            except FileNotFoundError:
-                pass
-
-
-def _log_tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as fh:
-            return "".join(fh.readlines()[-lines:]).rstrip() or "(log is empty)"
-    except OSError as exc:
-        return f"(log unreadable: {exc})"
-
-
 # --------------------------------------------------------------------------- the data plane
 
 
@@ -554,7 +532,7 @@ class UserspaceDataplane:
             self._stop_proxy(node)
         log_path = self._log_path(node)
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        _sweep_logs()
+        sweep_logs(LOG_DIR)
         argv = [sys.executable, "-m", "dataplanes.userspace_proxy",
                 "--port", str(self.proxy_port),
                 "--netns", node.netns,
@@ -568,13 +546,13 @@ class UserspaceDataplane:
             if proc.poll() is not None:
                 raise DataplaneError(
                     f"userspace proxy on {node.name} exited with status {proc.returncode} before "
-                    f"answering; {log_path} ends with:\n{_log_tail(log_path)}")
+                    f"answering; {log_path} ends with:\n{log_tail(log_path)}")
             if self.proxy_pid(node) == proc.pid:
                 return proc.pid
             time.sleep(0.02)
         proc.kill()
         raise DataplaneError(f"userspace proxy on {node.name} did not answer within "
-                             f"{SPAWN_TIMEOUT_S:.0f} s; {log_path} ends with:\n{_log_tail(log_path)}")
+                             f"{SPAWN_TIMEOUT_S:.0f} s; {log_path} ends with:\n{log_tail(log_path)}")
 
     def _stop_proxy(self, node: NodeHandle) -> None:
         pid = self.proxy_pid(node)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import json
 import os
 import resource
 import signal
@@ -34,6 +33,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from dataplanes.nodeproc import serve_json_lines
 
 try:
     import uvloop
@@ -782,19 +783,7 @@ class Proxy:
 
     async def control_client(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                try:
-                    request = json.loads(line)
-                    reply = await self.handle(request if isinstance(request, dict) else {})
-                except json.JSONDecodeError as exc:
-                    reply = {"ok": False, "error": f"request is not JSON: {exc}"}
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass  # a client that went away only loses its own connection
-        finally:
-            writer.close()
+        await serve_json_lines(self.handle, reader, writer)
 
     def stop(self, reason: str) -> None:
         if not self.stopping.is_set():

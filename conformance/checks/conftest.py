@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conformance.runner import PLUGIN_NAME, ConformancePlugin, check_name
+from conformance.runner import PLUGIN_NAME, ConformancePlugin, check_name, parse_shard
 
 
 def pytest_addoption(parser):
@@ -29,12 +29,9 @@ def shard_of(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
     try:
-        index, count = (int(part) for part in value.split("/"))
-    except ValueError:
-        index = count = 0
-    if not 1 <= index <= count:
-        raise pytest.UsageError(f"--shard {value!r}: expected I/N with 1 <= I <= N, such as 1/2")
-    return index, count
+        return parse_shard(value)
+    except ValueError as exc:
+        raise pytest.UsageError(f"--shard {exc}") from None
 
 
 def pytest_configure(config):
