@@ -39,7 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dataplanes.nodeproc import NETNS_RUN_DIR, log_tail, serve_json_lines, sweep_logs
+from dataplanes.nodeproc import (
+    NETNS_RUN_DIR,
+    log_tail,
+    request_json_line,
+    serve_json_lines,
+    sweep_logs,
+)
 
 CONTROL_NAME = "svcbench-healthcheck"
 LISTEN_ADDRESS = "0.0.0.0"  # kube-proxy's default: every node address
@@ -386,17 +392,7 @@ def _request(node, request: dict[str, Any], timeout: float = CONTROL_TIMEOUT_S
 
 def _control(payload: bytes, timeout: float) -> dict[str, Any]:
     """One JSON-line request on the abstract socket of the calling thread's namespace."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect("\0" + CONTROL_NAME)
-        sock.sendall(payload + b"\n")
-        buf = bytearray()
-        while not buf.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                raise ConnectionResetError("the health server closed the control connection")
-            buf += chunk
-    return json.loads(buf)
+    return request_json_line(CONTROL_NAME, payload, timeout, "the health server")
 
 
 def _ensure(node) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,23 @@ async def serve_json_lines(handle: Callable[[dict[str, Any]], Awaitable[dict[str
         pass  # a client that went away only loses its own connection
     finally:
         writer.close()
+
+
+def request_json_line(name: str, payload: bytes, timeout: float, who: str) -> dict[str, Any]:
+    """One JSON-line request to the process listening on abstract socket `name` of the
+    calling thread's network namespace (run it through NodeHandle.call); `who` names it in
+    the error when it closes the connection unanswered."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect("\0" + name)
+        sock.sendall(payload + b"\n")
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionResetError(f"{who} closed the control connection")
+            buf += chunk
+    return json.loads(buf)
 
 
 def sweep_logs(log_dir: str) -> None:

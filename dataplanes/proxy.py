@@ -22,7 +22,6 @@ from typing import Any
 
 from dataplanes.base import Dataplane, FullSyncNeeded, NodeHandle, SyncStats
 from kube.model import EndpointSlice, Pod, Service
-from kube.state import NodeView
 from kube.tracker import ChangeTracker, NodeChanges
 
 
@@ -91,9 +90,6 @@ class ServiceProxy:
         return self.resync()
 
     # ------------------------------------------------------------------ desired state
-
-    def view(self, node_name: str) -> NodeView:
-        return self.tracker.node_view(node_name)
 
     def apply(self, *, pods: Iterable[Pod] = (), services: Iterable[Service] = (),
               slices: Iterable[EndpointSlice] = (), delete_pods: Iterable[Any] = (),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from typing import Any
 
 from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats, ipset_networks
-from dataplanes.nodeproc import log_tail, sweep_logs
+from dataplanes.nodeproc import log_tail, request_json_line, sweep_logs
 from dataplanes.userspace_proxy import (
     CONNECT_TIMEOUT_S,
     CONTROL_NAME,
@@ -278,18 +277,8 @@ def _jumps_in(saved: str) -> set[tuple[str, str, str]]:
 
 
 def _control(payload: bytes, timeout: float) -> dict[str, Any]:
-    """One JSON-line request to the proxy on its abstract socket (per network namespace)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect("\0" + CONTROL_NAME)
-        sock.sendall(payload + b"\n")
-        buf = bytearray()
-        while not buf.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                raise ConnectionResetError("the userspace proxy closed the control connection")
-            buf += chunk
-    return json.loads(buf)
+    """One JSON-line request on the abstract socket of the calling thread's namespace."""
+    return request_json_line(CONTROL_NAME, payload, timeout, "the userspace proxy")
 
 
 def _command(argv: list[str], input: str | None = None, check: bool = True) -> str:
