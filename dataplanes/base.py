@@ -117,6 +117,18 @@ class Dataplane(Protocol):
         """Leave the node as it was before install()."""
         ...
 
+    # Optional: apply one node's changes (kube.tracker.NodeChanges: the views updated and
+    # removed since the last sync or update) in work that grows with the changes, not with
+    # the node's Services. Raise FullSyncNeeded when it cannot (no memory of the node, or
+    # its state was changed by others); dataplanes/proxy.py then syncs the whole view.
+    # def update(self, node: NodeHandle, changes: NodeChanges) -> SyncStats: ...
+
+    # Optional: the node's programmed state as read back from the kernel (or the mode's
+    # process), JSON-able and normalised (no handles, counters, ids or order that a full
+    # sync would choose differently), so that two states that forward alike compare equal.
+    # tests/incremental.py compares it after updates with a full sync's.
+    # def kernel_state(self, node: NodeHandle) -> dict[str, Any]: ...
+
     # Optional, on the class: what killed runs of this mode left outside their network
     # namespaces (BPF hooks, cgroups), one line per thing removed. For `netns_names` that
     # still exist (a run being torn down), their state too.
