@@ -46,7 +46,7 @@ GUEST_ARGS = {"default": ["--services", "1,1000,10000", "--repeats", "1", "--cou
 # Where IPVS can run: "host", "guest", or why neither (one line).
 IPVS_PLACE = (
     "from dataplanes.base import Host; from dataplanes.modes import make; "
-    "from clusters.uml import uml_missing; "
+    "from clusters.uml_host import uml_missing; "
     "host = make('ipvs').missing(Host()); guest = uml_missing() if host else []; "
     "print('host' if not host else 'guest' if not guest else "
     "'neither: ' + '; '.join(host + guest))"

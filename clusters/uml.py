@@ -39,7 +39,6 @@ UML system calls are slow: compare modes within one kernel, never across kernels
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -48,26 +47,33 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from clusters.netns import proc_start, process_alive
-from reports.results import cpuinfo_field, read_json, write_run_json
+from clusters.uml_host import (
+    CACHE_DIR,
+    MAP_COUNT,
+    SBIN,
+    UML_KERNEL,
+    XSTATE_SOURCE,
+    UmlError,
+    boot_problems,
+    host_xstate_bytes,
+    map_count,
+    uml_env,
+)
+from reports.results import read_json, write_run_json
 
-UML_KERNEL = "/usr/bin/linux.uml"
-UML_MODULE_ROOT = "/usr/lib/uml/modules"  # the package's tree: <version>/kernel/...
-CACHE_DIR = "/var/cache/svcbench/uml"  # `modprobe -d` root: lib/modules/<version> + depmod index
 GUEST_DIR = "/var/lib/svcbench/uml"  # one folder per guest, readable by host and guest
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 INIT_SCRIPT = str(Path(__file__).resolve().with_name("uml_init.sh"))
 GUEST_ID_RE = re.compile(r"^g[0-9a-f]{8}$")
 EXIT_MARK = "svcbench-guest: exit "
-STAMP = ".svcbench-stamp"
 
 # Loaded at boot so the first sync does not wait for autoloading; anything else the
 # kernel asks for (an xt match, an nft expression, an ipset type) loads on demand.
@@ -87,10 +93,6 @@ GUEST_MODULES = (
 
 DEFAULT_MEM = "1024M"
 BENCH_MEM = "4G"  # iptables at 30,000 Services: the bench and two iptables-restore runs at once
-XSTATE_SOURCE = str(Path(__file__).resolve().with_name("uml_xstate.c"))
-UML_XSTATE_BYTES = 832  # the FPU state Debian's UML 6.1 keeps per task (struct _xstate)
-MAP_COUNT = 1_048_576  # vm.max_map_count the guest wants; Fedora's default since Fedora 39
-MAP_COUNT_FILE = "/proc/sys/vm/max_map_count"
 BOOT_TIMEOUT_S = 90.0  # boot, module loads and the runner's imports; UML is slow under load
 HEARTBEAT_S = 2.0
 STALE_AFTER_S = 60.0  # a kept guest that has not written status.json for this long is dead
@@ -101,274 +103,7 @@ FORWARD_TIMEOUT_S = 4 * 3600.0  # bench/conformance in a guest; SVCBENCH_UML_TIM
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "COLUMNS", "LINES",
               "NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TZ", "CI")  # fmt: skip
 PASSED_ENV_PREFIXES = ("SVCBENCH_", "PYTEST_")
-SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
-
-class UmlError(RuntimeError):
-    """The guest kernel cannot be used or did not answer (the message says why and what to do)."""
-
-
-# --------------------------------------------------------------------------- prerequisites
-
-
-def _which(cmd: str) -> str | None:
-    return shutil.which(cmd, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
-
-
-def module_version() -> str | None:
-    """The version of the package's module tree, which is what the guest's `uname -r` says."""
-    try:
-        versions = [v for v in os.listdir(UML_MODULE_ROOT) if (Path(UML_MODULE_ROOT) / v / "kernel").is_dir()]
-    except OSError:
-        return None
-    if not versions:
-        return None
-    return max(versions, key=lambda v: tuple(int(x) if x.isdigit() else 0 for x in re.split(r"[.-]", v)))
-
-
-def _stamp(version: str) -> str:
-    """What the prepared tree was made from: a package upgrade makes it stale."""
-    st = os.stat(UML_KERNEL)
-    return f"{version} {st.st_size} {st.st_mtime_ns}\n"
-
-
-def host_xstate_bytes() -> int | None:
-    """The XSAVE area this host's ptrace reads and writes whole (NT_X86_XSTATE); None off x86."""
-    if os.uname().machine != "x86_64" or os.geteuid() != 0:
-        return None
-    if _xstate_bytes:
-        return _xstate_bytes[0]
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.ptrace.restype = ctypes.c_long
-    ptrace_attach, ptrace_detach, ptrace_getregset, nt_x86_xstate = 16, 17, 0x4204, 0x202
-    area = ctypes.create_string_buffer(65536)
-    iov = (ctypes.c_void_p * 2)(ctypes.cast(area, ctypes.c_void_p), 65536)
-    child = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL)
-    size = None
-    try:
-        if libc.ptrace(ptrace_attach, child.pid, None, None) == 0:
-            os.waitpid(child.pid, 0)
-            if libc.ptrace(ptrace_getregset, child.pid, ctypes.c_void_p(nt_x86_xstate), iov) == 0:
-                size = int(iov[1])
-            libc.ptrace(ptrace_detach, child.pid, None, None)
-    finally:
-        child.kill()
-        child.wait()
-    _xstate_bytes.append(size)
-    return size
-
-
-_xstate_bytes: list[int | None] = []
-
-
-def xstate_shim() -> str:
-    """Where the build of uml_xstate.c lives; the name carries the source's hash."""
-    digest = hashlib.sha256(Path(XSTATE_SOURCE).read_bytes()).hexdigest()[:12]
-    return str(Path(CACHE_DIR) / f"uml_xstate-{digest}.so")
-
-
-def _needs_xstate_shim() -> bool:
-    size = host_xstate_bytes()
-    return size is not None and size > UML_XSTATE_BYTES
-
-
-def build_xstate_shim(echo: Callable[[str], None] = print) -> str:
-    """Compile uml_xstate.c into CACHE_DIR (needs a C compiler)."""
-    cc = _which("cc") or _which("gcc")
-    if cc is None:
-        raise UmlError("a C compiler is missing; apt-get install gcc libc6-dev")
-    target = xstate_shim()
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    argv = [cc, "-shared", "-fPIC", "-O2", "-o", target + ".tmp", XSTATE_SOURCE, "-ldl"]
-    echo("$ " + " ".join(argv))
-    subprocess.run(argv, check=True, capture_output=True, text=True)
-    os.replace(target + ".tmp", target)
-    return target
-
-
-def map_count() -> int | None:
-    try:
-        return int(Path(MAP_COUNT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def map_count_problem() -> str | None:
-    """Why a large guest process would be killed here, or None."""
-    have = map_count()
-    if have is None or have >= MAP_COUNT:
-        return None
-    return (f"vm.max_map_count is {have:,}: UML maps a guest process's pages piecemeal, so one "
-            f"dies at about {have * 11 // 1000:,} MB (bench at 30,000 Services needs more); "
-            f"svcbench doctor --fix raises it to {MAP_COUNT:,}")
-
-
-def uml_missing() -> list[str]:
-    """What `--kernel uml` lacks on this host, one sentence each; empty means usable."""
-    problem = map_count_problem()
-    return boot_problems() + ([problem] if problem else [])
-
-
-def boot_problems() -> list[str]:
-    """What keeps a guest from booting here (a low vm.max_map_count only limits its size)."""
-    out = []
-    if os.geteuid() != 0:
-        out.append("guest kernels need root (run svcbench as root)")
-    if not os.access(UML_KERNEL, os.X_OK):
-        out.append(f"the User-Mode-Linux kernel {UML_KERNEL} is missing (apt-get install user-mode-linux)")
-    for cmd in ("modprobe", "depmod"):
-        if not _which(cmd):
-            out.append(f"{cmd} is missing (apt-get install kmod)")
-    version = module_version()
-    if os.access(UML_KERNEL, os.X_OK):
-        if version is None:
-            out.append(f"the guest's modules are missing from {UML_MODULE_ROOT} (apt-get install --reinstall user-mode-linux)")
-        elif not _tree_fresh(version):
-            tree = Path(CACHE_DIR) / "lib" / "modules" / version
-            out.append(f"the guest's module tree {tree} is not prepared (svcbench doctor --fix runs depmod)")
-    if os.access(UML_KERNEL, os.X_OK) and _needs_xstate_shim() and not os.path.exists(xstate_shim()):
-        out.append(f"this CPU's XSAVE area is {host_xstate_bytes():,} bytes and the guest kernel keeps "
-                   f"{UML_XSTATE_BYTES}, so it cannot start a process (AVX-512/AMX host); svcbench "
-                   f"doctor --fix builds {Path(XSTATE_SOURCE).name}, which fills the gap (needs gcc)")
-    if not out:
-        refused = boot_refused()
-        if refused:
-            out.append(refused)
-    return out
-
-
-BOOT_CHECK = "boot-check.json"
-BOOT_CHECK_TIMEOUT_S = 60.0
-INIT_EXITED_CLEANLY = "Attempted to kill init! exitcode=0x00000000"
-FP_REGS_FAILED = "ptrace set fp regs failed"
-
-
-def _boot_key() -> str:
-    """What decides whether the guest boots: its kernel build, the host kernel, the CPU."""
-    st = os.stat(UML_KERNEL)
-    digest = hashlib.sha256((cpuinfo_field("flags") or "").encode()).hexdigest()[:16]
-    shim = f" {Path(xstate_shim()).name}" if _needs_xstate_shim() else ""
-    return f"{st.st_size} {st.st_mtime_ns} {os.uname().release} {digest}{shim}"
-
-
-def boot_refused() -> str | None:
-    """None when the guest kernel boots on this host, else one sentence why not.
-
-    Booted once (init=/bin/true, about 2 s) and remembered per guest kernel, host kernel
-    and CPU. Debian's 6.1 guest kernel cannot restore a process's FPU state on hosts whose
-    XSAVE area is larger than it knows (AVX-512, AMX): its first process dies at once.
-    """
-    cache = Path(CACHE_DIR) / BOOT_CHECK
-    key = _boot_key()
-    try:
-        seen = json.loads(cache.read_text())
-        if seen.get("key") == key:
-            return seen.get("refused")
-    except (OSError, ValueError):
-        pass
-    refused = _boot_once()
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(cache, {"key": key, "refused": refused})
-    except OSError:
-        pass  # checked again next time
-    return refused
-
-
-def _boot_once() -> str | None:
-    umid = f"svbcheck{secrets.token_hex(4)}"
-    with tempfile.TemporaryDirectory(prefix="svcbench-uml-check-") as scratch:
-        argv = [UML_KERNEL, "mem=64M", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "rw",
-                f"umid={umid}", f"uml_dir={scratch}", "con=null", "ssl=null", "con0=null,fd:1",
-                "init=/bin/true"]
-        try:
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, timeout=BOOT_CHECK_TIMEOUT_S,
-                                  start_new_session=True, cwd=scratch, env=_uml_env())
-        except subprocess.TimeoutExpired:
-            return f"the guest kernel {UML_KERNEL} did not boot within {BOOT_CHECK_TIMEOUT_S:.0f} s here"
-        console = done.stdout.decode("utf-8", "replace")
-    if INIT_EXITED_CLEANLY in console:
-        return None
-    if FP_REGS_FAILED in console:
-        return (f"the guest kernel {UML_KERNEL} cannot run processes on this CPU: it cannot "
-                "restore their FPU state where the host's XSAVE area is larger than it knows "
-                "(AVX-512, AMX; its console says 'ptrace set fp regs failed'), even with "
-                f"{Path(XSTATE_SOURCE).name} preloaded")
-    last = [ln.strip() for ln in console.splitlines() if ln.strip() and not ln.startswith(" [<")]
-    return (f"the guest kernel {UML_KERNEL} does not boot here (its console ends with: "
-            f"{last[-1][:160] if last else 'nothing'})")
-
-
-def _uml_env() -> dict[str, str]:
-    """UML's environment: ours, with the FPU-state shim preloaded where the host needs it."""
-    env = dict(os.environ)
-    if _needs_xstate_shim():
-        env["LD_PRELOAD"] = xstate_shim()
-    return env
-
-
-def _tree_fresh(version: str) -> bool:
-    tree = Path(CACHE_DIR) / "lib" / "modules" / version
-    try:
-        return (tree / STAMP).read_text() == _stamp(version) and (tree / "modules.dep").exists()
-    except OSError:
-        return False
-
-
-def prepare_modules(echo: Callable[[str], None] = print) -> str:
-    """Lay out CACHE_DIR/lib/modules/<version> over the package's modules and run depmod there."""
-    version = module_version()
-    if version is None:
-        raise UmlError(f"no module tree under {UML_MODULE_ROOT}; apt-get install user-mode-linux")
-    src = Path(UML_MODULE_ROOT) / version
-    tree = Path(CACHE_DIR) / "lib" / "modules" / version
-    if tree.exists():
-        shutil.rmtree(tree)
-    tree.mkdir(parents=True)
-    # The .ko files stay in the package; depmod follows the link and writes only here.
-    (tree / "kernel").symlink_to(src / "kernel")
-    for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-        if (src / name).exists():
-            shutil.copy2(src / name, tree / name)
-    depmod = _which("depmod")
-    if depmod is None:
-        raise UmlError("depmod is missing; apt-get install kmod")
-    echo(f"$ depmod -b {CACHE_DIR} {version}")
-    subprocess.run([depmod, "-b", CACHE_DIR, version], check=True, capture_output=True, text=True)
-    (tree / STAMP).write_text(_stamp(version))
-    return str(tree)
-
-
-def fix_uml(echo: Callable[[str], None] = print) -> None:
-    """Install user-mode-linux and kmod with apt-get when missing, prepare the module tree, build
-    the FPU-state shim where the host needs it, and raise vm.max_map_count."""
-    packages = []
-    if not os.access(UML_KERNEL, os.X_OK) or module_version() is None:
-        packages.append("user-mode-linux")
-    if not _which("modprobe") or not _which("depmod"):
-        packages.append("kmod")
-    if _needs_xstate_shim() and not (_which("cc") or _which("gcc")):
-        packages += ["gcc", "libc6-dev"]
-    if packages:
-        if os.geteuid() != 0 or not _which("apt-get"):
-            raise UmlError("installing " + " ".join(packages) + " needs root on Debian/Ubuntu (apt-get)")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        echo("$ apt-get update && apt-get install -y --no-install-recommends " + " ".join(packages))
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        # No recommends: uml-utilities would bring a daemon nobody here uses.
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
-                       check=True, env=env)
-    version = module_version()
-    if version is None or not _tree_fresh(version):  # a guest booting now reads the tree
-        prepare_modules(echo)
-    if _needs_xstate_shim() and not os.path.exists(xstate_shim()):
-        build_xstate_shim(echo)
-    if map_count_problem():
-        echo(f"$ sysctl -w vm.max_map_count={MAP_COUNT}")
-        Path(MAP_COUNT_FILE).write_text(f"{MAP_COUNT}\n")
 
 
 # --------------------------------------------------------------------------- processes
@@ -427,7 +162,7 @@ def _reap(pid: int) -> None:
 # --------------------------------------------------------------------------- the guest's record
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_record(path: Path, data: dict) -> None:
     """Atomic replace, so the other side never reads half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as fh:
@@ -437,7 +172,7 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _read_json(path: Path) -> dict | None:
+def read_record(path: Path) -> dict | None:
     try:
         with open(path) as fh:
             return json.load(fh)
@@ -487,13 +222,13 @@ class Guest:
 
     @classmethod
     def load(cls, path: Path) -> Guest | None:
-        record = _read_json(path / "guest.json")
+        record = read_record(path / "guest.json")
         if record is None:
             return None
         return cls(path.name, path, record)
 
     def save(self) -> None:
-        _write_json(self.dir / "guest.json", self.record)
+        write_record(self.dir / "guest.json", self.record)
 
     @property
     def kind(self) -> str:
@@ -513,7 +248,7 @@ class Guest:
     def status(self) -> dict | None:
         """What the kept guest's runner last wrote, with its age in seconds by the host's clock."""
         path = self.dir / "status.json"
-        data = _read_json(path)
+        data = read_record(path)
         if data is None:
             return None
         try:
@@ -528,7 +263,7 @@ class Guest:
              console_fd: int | None = None) -> subprocess.Popen:
         """Start UML on this folder's job; consoles maps a guest console number to a host fd."""
         job = dict(job, dir=str(self.dir))
-        _write_json(self.dir / "job.json", job)
+        write_record(self.dir / "job.json", job)
         params = {
             "SVCBENCH_JOB": str(self.dir / "job.json"),
             "SVCBENCH_PYTHON": sys.executable,
@@ -553,7 +288,7 @@ class Guest:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=console_fd, stderr=console_fd,
                 pass_fds=tuple((consoles or {}).values()), start_new_session=True, cwd=str(self.dir),
-                env=_uml_env(),
+                env=uml_env(),
             )
         finally:
             if log is not None:
@@ -615,7 +350,7 @@ class Guest:
 
     def _send(self, request: dict) -> str:
         rid = secrets.token_hex(8)
-        _write_json(self.dir / "requests" / f"{rid}.json", dict(request, id=rid))
+        write_record(self.dir / "requests" / f"{rid}.json", dict(request, id=rid))
         return rid
 
     def request(self, argv: Sequence[str], *, stdin: bytes | None = None,
@@ -635,7 +370,7 @@ class Guest:
                 for i, (path, sink) in enumerate(streams):
                     offsets[i] = _copy_new(path, offsets[i], sink)
                 if done:
-                    response = _read_json(rc_path)
+                    response = read_record(rc_path)
                     if response is None:
                         raise UmlError(f"guest {self.id} wrote an unreadable response to {argv[0]}")
                     return response
@@ -981,203 +716,3 @@ def gc_guests(all_guests: bool = False) -> list[str]:
         if not live and not owner_alive:
             removed.append(f"{what}: no live run inside; {g.stop()}")
     return removed
-
-
-# --------------------------------------------------------------------------- inside the guest
-
-
-def _console(msg: str) -> None:
-    with open("/proc/uptime") as fh:
-        uptime = fh.read().split()[0]
-    sys.stdout.write(f"[{uptime}] {msg}\n")
-    sys.stdout.flush()
-
-
-def _guest_setup(job: dict) -> None:
-    """Modules from the package's tree, now and on demand; the guest's own temp dir."""
-    modprobe = _which("modprobe")
-    if modprobe is None:
-        _console("svcbench-guest: modprobe is missing (apt-get install kmod)")
-        return
-    wrapper = "/run/svcbench-uml/modprobe"
-    os.makedirs(os.path.dirname(wrapper), exist_ok=True)
-    with open(wrapper, "w") as fh:
-        fh.write(f'#!/bin/sh\nexec {modprobe} -d {job["modules_dir"]} "$@"\n')
-    os.chmod(wrapper, 0o755)
-    # The kernel runs this for every module it wants (xt matches, nft expressions, schedulers).
-    with open("/proc/sys/kernel/modprobe", "w") as fh:
-        fh.write(wrapper)
-    res = subprocess.run([wrapper, "-a", *job["modules"]], capture_output=True, text=True)
-    if res.returncode != 0:
-        _console(f"svcbench-guest: some modules did not load: {res.stderr.strip()}")
-    os.makedirs("/run/tmp", exist_ok=True)
-
-
-def _command(job: dict, argv: Sequence[str]) -> list[str]:
-    return [job["python"], "-m", job["module"], *argv]
-
-
-def _raw_tty(path: str) -> int:
-    import termios
-    import tty
-
-    fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
-    tty.setraw(fd, termios.TCSANOW)  # no \n -> \r\n: bytes reach the host as written
-    return fd
-
-
-def _relay(src: int, dst: int) -> None:
-    while True:
-        data = os.read(src, 65536)
-        if not data:
-            break
-        view = memoryview(data)
-        while view:
-            view = view[os.write(dst, view):]
-    os.close(src)
-
-
-def _guest_oneshot(job: dict) -> int:
-    """The command's stdout/stderr on consoles 1 and 2 (a tty only where the host had one)."""
-    import termios
-
-    ttys = [_raw_tty("/dev/tty1"), _raw_tty("/dev/tty2")]
-    fds, relays = [], []
-    for tty_fd, is_tty in zip(ttys, (job["stdout_tty"], job["stderr_tty"]), strict=True):
-        if is_tty:
-            fds.append(tty_fd)
-        else:
-            r, w = os.pipe()
-            t = threading.Thread(target=_relay, args=(r, tty_fd), daemon=True)
-            t.start()
-            relays.append(t)
-            fds.append(w)
-    proc = subprocess.Popen(_command(job, job["argv"]), stdin=subprocess.DEVNULL, stdout=fds[0],
-                            stderr=fds[1], cwd=job["cwd"], env=job["env"])
-    for fd in fds:
-        if fd not in ttys:
-            os.close(fd)
-    try:
-        rc = proc.wait(timeout=job.get("timeout"))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait()
-        os.write(ttys[1], f"svcbench: killed after the {job['timeout']:.0f} s time limit\n".encode())
-        rc = 124
-    for t in relays:
-        t.join()
-    for fd in ttys:
-        termios.tcdrain(fd)
-    return rc
-
-
-def _guest_runs() -> dict[str, bool]:
-    from clusters.netns import list_runs, run_liveness
-
-    return {run: run_liveness(state)[0] for run, state in list_runs().items()}
-
-
-def _append(path: Path, src: int) -> None:
-    """Copy a pipe into a hostfs file, fsync after each chunk so the host reads it at once."""
-    with open(path, "ab") as fh:
-        while True:
-            data = os.read(src, 65536)
-            if not data:
-                break
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.close(src)
-
-
-def _serve_request(job: dict, req: dict) -> None:
-    responses = Path(job["dir"]) / "responses"
-    rid = req["id"]
-    rc = 1
-    try:
-        env = dict(job["env"], **(req.get("env") or {}))
-        stdin = req.get("stdin")
-        proc = subprocess.Popen(_command(job, req["argv"]), cwd=req.get("cwd") or job["cwd"], env=env,
-                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        pumps = [threading.Thread(target=_append, args=(responses / f"{rid}.{ext}", os.dup(pipe.fileno())),
-                                  daemon=True) for ext, pipe in (("out", proc.stdout), ("err", proc.stderr))]
-        proc.stdout.close()
-        proc.stderr.close()
-        for t in pumps:
-            t.start()
-        if stdin is not None:
-            try:
-                proc.stdin.write(stdin.encode("latin-1"))
-            except BrokenPipeError:
-                pass
-            proc.stdin.close()
-        rc = proc.wait()
-        for t in pumps:
-            t.join()
-    except Exception as exc:  # the host must get an answer, whatever went wrong here
-        with open(responses / f"{rid}.err", "ab") as fh:
-            fh.write(f"svcbench-guest: {type(exc).__name__}: {exc}\n".encode())
-    _write_json(responses / f"{rid}.rc", {"rc": rc, "runs": _guest_runs()})
-
-
-def _guest_serve(job: dict) -> int:
-    """A kept guest: answer requests until a poweroff request comes."""
-    base = Path(job["dir"])
-    requests = base / "requests"
-    seen: set[str] = set()
-    last_beat = 0.0
-    while True:
-        now = time.monotonic()
-        if now - last_beat >= HEARTBEAT_S:
-            _write_json(base / "status.json", {"pid": os.getpid(), "time": time.time(), "runs": _guest_runs()})
-            last_beat = now
-        try:
-            names = sorted(n for n in os.listdir(requests) if n.endswith(".json") and not n.startswith("."))
-        except FileNotFoundError:
-            return 0  # the host removed the folder: nobody is left to answer
-        for name in names:
-            if name in seen:
-                continue
-            seen.add(name)
-            req = _read_json(requests / name)
-            try:
-                (requests / name).unlink()
-            except FileNotFoundError:
-                pass
-            if req is None:
-                continue
-            if req.get("op") == "poweroff":
-                return 0
-            threading.Thread(target=_serve_request, args=(job, req), daemon=True).start()
-        time.sleep(GUEST_POLL_S)
-
-
-def guest_main(argv: Sequence[str]) -> int:
-    """`python -m clusters.uml guest JOB`: the runner uml_init.sh starts inside the guest."""
-    if len(argv) != 2 or argv[0] != "guest":
-        sys.stderr.write("usage: python -m clusters.uml guest JOB.json (run by uml_init.sh inside a guest)\n")
-        return 2
-    job = _read_json(Path(argv[1]))
-    if job is None:
-        _console(f"svcbench-guest: cannot read the job {argv[1]}")
-        return 1
-    rc = 1
-    try:
-        _console("svcbench-guest: runner started")
-        _guest_setup(job)
-        _console("svcbench-guest: modules loaded")
-        if job["mode"] == "oneshot":
-            rc = _guest_oneshot(job)
-        else:
-            rc = _guest_serve(job)
-    except BaseException as exc:
-        _console(f"svcbench-guest: {type(exc).__name__}: {exc}")
-    finally:
-        _console(f"{EXIT_MARK}{rc}")
-        os.sync()  # hostfs writes sit in the guest's page cache until then
-    return rc
-
-
-if __name__ == "__main__":
-    sys.exit(guest_main(sys.argv[1:]))

@@ -14,7 +14,7 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mkdir -p /run/tmp /run/lock
 chmod 1777 /run/tmp
 cd "$SVCBENCH_REPO" || cd /
-PYTHONPATH="$SVCBENCH_REPO" "$SVCBENCH_PYTHON" -m clusters.uml guest "$SVCBENCH_JOB"
+PYTHONPATH="$SVCBENCH_REPO" "$SVCBENCH_PYTHON" -m clusters.uml_guest guest "$SVCBENCH_JOB"
 echo "svcbench-guest: runner exited with status $?"
 sync
 echo o > /proc/sysrq-trigger

@@ -78,7 +78,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
 
 # Prerequisites with their own check and fix (not one package): module, missing(), fix(echo).
 COMPOSITE = (
-    ("guest kernel (UML)", "IPVS mode (--kernel uml)", "clusters.uml", "uml_missing", "fix_uml"),
+    ("guest kernel (UML)", "IPVS mode (--kernel uml)", "clusters.uml_host", "uml_missing", "fix_uml"),
     ("bcc", "ebpf mode, kernel tracepoints", "bpf.setup", "bcc_missing", "fix_bcc"),
 )
 

@@ -17,11 +17,11 @@ from clusters.uml import (
     BENCH_MEM,
     DEFAULT_MEM,
     FORWARD_TIMEOUT_S,
-    UmlError,
     run_in_guest,
     run_in_kept_guest,
     up_in_guest,
 )
+from clusters.uml_host import UmlError
 
 RUN_COMMANDS = ("apply", "delete", "probe", "status", "down")
 

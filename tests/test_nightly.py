@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from bench.runner import BenchSpecError, SweepClock, parse_budget
-from clusters import uml
+from clusters import uml, uml_host
 from reports.results import read_bench_csv, read_json
 from tests.test_bench import ROOT, namespaces_of, run_folder, runner
 from tests.test_uml import _needs_guest
@@ -189,12 +189,12 @@ def test_a_guest_death_names_its_cause_and_the_fix(monkeypatch, tmp_path):
     assert "vm.max_map_count" in maps and "svcbench doctor --fix" in maps
     assert uml.death_cause("[1.0] svcbench-guest: exit -9\n", "4G") is None
     limit = tmp_path / "max_map_count"
-    monkeypatch.setattr(uml, "MAP_COUNT_FILE", str(limit))
+    monkeypatch.setattr(uml_host, "MAP_COUNT_FILE", str(limit))
     limit.write_text("65530\n")
-    assert "vm.max_map_count is 65,530" in uml.map_count_problem()
-    assert uml.map_count_problem() in uml.uml_missing()
-    limit.write_text(f"{uml.MAP_COUNT}\n")
-    assert uml.map_count_problem() is None
+    assert "vm.max_map_count is 65,530" in uml_host.map_count_problem()
+    assert uml_host.map_count_problem() in uml_host.uml_missing()
+    limit.write_text(f"{uml_host.MAP_COUNT}\n")
+    assert uml_host.map_count_problem() is None
 
 
 def _run_json(path: Path, status: str) -> None:

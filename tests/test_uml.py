@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from clusters import uml
+from clusters import uml, uml_host
 from svcbench import guest as forwarding
 
 SERVICE = """\
@@ -36,7 +36,7 @@ SECOND = SERVICE.replace("name: echo,", "name: echo2,").replace("198.19.0.5", "1
 def _needs_guest() -> None:
     if os.environ.get("SVCBENCH_KERNEL") == "uml":
         pytest.skip("already inside a guest kernel")
-    problems = uml.boot_problems()  # a low vm.max_map_count only limits how large it grows
+    problems = uml_host.boot_problems()  # a low vm.max_map_count only limits how large it grows
     if problems:
         pytest.skip("no User-Mode-Linux guest: " + "; ".join(problems))
 
@@ -87,12 +87,12 @@ def test_guest_environment_carries_basics_not_secrets(monkeypatch):
 
 
 def test_missing_names_what_to_install(monkeypatch):
-    monkeypatch.setattr(uml, "UML_KERNEL", "/nonexistent/linux.uml")
-    assert any("apt-get install user-mode-linux" in m for m in uml.uml_missing())
-    monkeypatch.setattr(uml, "UML_KERNEL", sys.executable)  # present, but its tree is not prepared
-    monkeypatch.setattr(uml, "CACHE_DIR", "/nonexistent/cache")
-    monkeypatch.setattr(uml, "module_version", lambda: "6.1.0")
-    assert any("svcbench doctor --fix" in m for m in uml.uml_missing())
+    monkeypatch.setattr(uml_host, "UML_KERNEL", "/nonexistent/linux.uml")
+    assert any("apt-get install user-mode-linux" in m for m in uml_host.uml_missing())
+    monkeypatch.setattr(uml_host, "UML_KERNEL", sys.executable)  # present, but its tree is not prepared
+    monkeypatch.setattr(uml_host, "CACHE_DIR", "/nonexistent/cache")
+    monkeypatch.setattr(uml_host, "module_version", lambda: "6.1.0")
+    assert any("svcbench doctor --fix" in m for m in uml_host.uml_missing())
 
 
 def test_gc_removes_records_of_guests_that_are_gone(guest_dir):
