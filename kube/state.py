@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from kube.model import (
@@ -747,10 +748,11 @@ def _endpoints_for_port(
 # --------------------------------------------------------------------------- persistence
 
 
-def allocations(state: ClusterState) -> dict:
-    """The choices build() made (pod placement and IPs, ClusterIPs, NodePorts), as JSON data."""
+def allocations(pods: Iterable[Pod], services: Iterable[Service]) -> dict:
+    """The choices made for these placed pods and allocated Services (pod placement and IPs,
+    ClusterIPs, NodePorts), as JSON data."""
     return {
-        "pods": [[p.namespace, p.name, p.node_name, p.ip] for p in state.pods],
+        "pods": [[p.namespace, p.name, p.node_name, p.ip] for p in pods],
         "services": [
             [
                 s.namespace,
@@ -759,7 +761,7 @@ def allocations(state: ClusterState) -> dict:
                 [[p.port, p.protocol, p.node_port] for p in s.ports],
                 s.health_check_node_port,
             ]
-            for s in state.services
+            for s in services
         ],
     }
 

@@ -70,8 +70,14 @@ class ChangeTracker:
     """One cluster's desired state, kept by change (see the module's docstring)."""
 
     def __init__(self, nodes: Iterable[Node], *, plan: AddressPlan = PLAN,
-                 node_labels: Iterable[NodeLabels] = (), proxy_name: str | None = None) -> None:
+                 node_labels: Iterable[NodeLabels] = (), proxy_name: str | None = None,
+                 previous: ClusterState | None = None) -> None:
+        """`previous`: what an earlier process allocated (pods' nodes and IPs, Services'
+        ClusterIPs and NodePorts), kept for those objects when they are first applied here,
+        as `ClusterState.build(previous=)` keeps them."""
         self.plan = plan
+        self._prev_pods = {p.key: p for p in previous.pods} if previous else {}
+        self._prev_services = {s.key: s for s in previous.services} if previous else {}
         self.proxy_name = proxy_name
         self.nodes = _labelled(tuple(nodes), tuple(node_labels), plan)
         self._node = {n.name: n for n in self.nodes}
@@ -172,8 +178,10 @@ class ChangeTracker:
                 raise StateError(f"{where}: spec.nodeName {pod.node_name!r} is not a node of "
                                  f"this cluster (the address plan fits at most "
                                  f"{self.plan.max_nodes})")
-            if old is not None and old.ip and pod.node_name in (None, old.node_name):
-                pod = replace(pod, node_name=old.node_name, ip=old.ip)
+            held = old or self._prev_pods.get(pod.key)
+            if (held is not None and held.ip and held.node_name in self._node
+                    and pod.node_name in (None, held.node_name)):
+                pod = replace(pod, node_name=held.node_name, ip=held.ip)
             elif pod.ip is not None and pod.node_name is None:
                 pod = replace(pod, ip=None)
             if pod.ip is not None:
@@ -265,7 +273,8 @@ class ChangeTracker:
                 undo.append(lambda old=old: self._restore_service(old))
             olds.append(old)
         undo.append(lambda: [self.allocator.release(svc) for svc in services])
-        kept = [self.allocator.keep(svc, old) for svc, old in zip(services, olds, strict=True)]
+        kept = [self.allocator.keep(svc, old or self._prev_services.get(svc.key))
+                for svc, old in zip(services, olds, strict=True)]
         for svc in kept:
             self.allocator.take_explicit(svc)
         for svc, old in zip(kept, olds, strict=True):

@@ -149,11 +149,13 @@ def _dataplane(mode: str, backend: str | None):
     return dp
 
 
-def _proxy(cluster, dp, manifests: Manifests, state: ClusterState) -> ServiceProxy:
-    """The mode on the cluster's nodes, fed `state` (allocations made) through a tracker."""
-    tracker = ChangeTracker(state.nodes, plan=state.plan)
-    tracker.apply(pods=state.pods, services=state.services, slices=manifests.endpoint_slices)
-    return ServiceProxy(dp, cluster.nodes, tracker)
+def _track(nodes, manifests: Manifests, previous: ClusterState | None = None) -> ChangeTracker:
+    """The desired state of `manifests`, derived once: placements and allocations that
+    `previous` (an earlier command's) made are kept. StateError names a refused field."""
+    tracker = ChangeTracker(nodes, node_labels=manifests.nodes, previous=previous)
+    tracker.apply(pods=manifests.pods, services=manifests.services,
+                  slices=manifests.endpoint_slices)
+    return tracker
 
 
 def _attach(run: str | None):
@@ -171,9 +173,9 @@ def _stored(cluster) -> tuple[list[Node], Manifests, ClusterState]:
     return nodes, manifests, previous
 
 
-def _store(cluster, manifests: Manifests, state: ClusterState) -> None:
+def _store(cluster, manifests: Manifests, tracker: ChangeTracker) -> None:
     cluster.meta["manifests"] = manifests.to_documents()
-    cluster.meta["allocations"] = allocations(state)
+    cluster.meta["allocations"] = allocations(tracker.pods.values(), tracker.services.values())
     cluster.save()
 
 
@@ -215,31 +217,32 @@ def cmd_up(args) -> int:
     nodes = _nodes(args.nodes)
     generated = _generated_pods(nodes, args.pods_per_node)
     manifests = Manifests(tuple(generated), (), ()).merged(manifests)
-    state = _build(nodes, manifests)  # bad input stops here, before anything exists
+    tracker = _track(nodes, manifests)  # bad input stops here, before anything exists
     dp = _dataplane(args.mode, args.backend)
+    pods, services = list(tracker.pods.values()), list(tracker.services.values())
     started = time.perf_counter()
     with guard_root(), err.status("creating the cluster") as status:
         def progress(msg: str) -> None:
             status.update(msg)
 
         with NetnsCluster.create(args.nodes, progress=progress) as cluster:
-            status.update(f"starting {len(state.pods)} pods")
-            cluster.set_pods(list(state.pods))
+            status.update(f"starting {len(pods)} pods")
+            cluster.set_pods(pods)
             status.update(f"programming {args.mode} on {len(cluster.nodes)} nodes")
-            proxy = _proxy(cluster, dp, manifests, state)
+            proxy = ServiceProxy(dp, cluster.nodes, tracker)
             proxy.install()
             stats = proxy.resync()
             cluster.meta.update(mode=args.mode, backend=args.backend)
-            _store(cluster, manifests, state)
+            _store(cluster, manifests, tracker)
             cluster.keep()
     elapsed = time.perf_counter() - started
     if args.json:
         _emit_json({"run": cluster.run_id, "mode": args.mode, "nodes": len(nodes),
-                    "pods": len(state.pods), "services": len(state.services),
+                    "pods": len(pods), "services": len(services),
                     "seconds": round(elapsed, 3)})
     else:
         out.print(f"cluster [bold]{cluster.run_id}[/] up in {elapsed:.2f} s: {len(nodes)} nodes, "
-                  f"{len(state.pods)} pods, {len(state.services)} services, mode {args.mode}")
+                  f"{len(pods)} pods, {len(services)} services, mode {args.mode}")
         _print_sync(stats)
     return 0
 
@@ -252,16 +255,17 @@ def _change(args, combine) -> int:
     with NetnsCluster.attach_locked(args.run) as cluster, guard_root():
         nodes, stored, previous = _stored(cluster)
         manifests = combine(stored, new)
-        state = _build(nodes, manifests, previous)
+        tracker = _track(nodes, manifests, previous)
         dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
-        proxy = _proxy(cluster, dp, manifests, state)
-        proxy.adopt()
-        stats = cluster.set_pods(list(state.pods), proxy.resync)
-        _store(cluster, manifests, state)
+        proxy = ServiceProxy(dp, cluster.nodes, tracker)
+        proxy.adopt()  # this process has no memory of the nodes: each gets one full sync
+        stats = cluster.set_pods(list(tracker.pods.values()), proxy.resync)
+        _store(cluster, manifests, tracker)
     if args.json:
         _emit_json({"run": cluster.run_id, "sync": [s.__dict__ for s in stats]})
     else:
-        out.print(f"cluster {cluster.run_id}: {len(state.services)} services, {len(state.pods)} pods")
+        out.print(f"cluster {cluster.run_id}: {len(tracker.services)} services, "
+                  f"{len(tracker.pods)} pods")
         _print_sync(stats)
     return 0
 

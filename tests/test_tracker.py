@@ -10,7 +10,7 @@ import random
 import pytest
 
 from kube.model import TCP, Pod, Service, ServicePort
-from kube.state import StateError
+from kube.state import StateError, allocations, previous_from_allocations
 from kube.tracker import ChangeTracker
 from tests.changes import NODES, NS, Oracle, random_step, views_by_key
 
@@ -136,3 +136,41 @@ def test_a_refused_change_leaves_everything_as_it_was():
     # And the tracker still works afterwards.
     changes = tracker.apply(services=[new])
     assert [k[1] for k in changes["node1"].updated] == ["second"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_new_tracker_keeps_what_an_earlier_process_allocated(seed):
+    """`svcbench apply` in a later process: the objects as the user gave them, with the
+    allocations stored by the earlier one, give the same views (addresses included)."""
+    rng = random.Random(seed)
+    oracle = Oracle()
+    tracker = ChangeTracker(NODES)
+    counter = [0]
+    for _ in range(60):
+        kwargs, pods, services, slices = random_step(rng, oracle, tracker, counter)
+        try:
+            built = oracle.build(pods, services, slices)
+        except StateError:
+            continue
+        tracker.apply(**kwargs)
+        oracle.pods, oracle.services, oracle.slices, oracle.built = pods, services, slices, built
+    # Holes in the allocations: objects made and some of them deleted again.
+    extra_pods = [Pod(NS, f"x{i}", {"app": "x"}) for i in range(8)]
+    extra = [Service(NS, f"x{i}", (ServicePort(80, TCP),), type="NodePort",
+                     selector={"app": "x"}) for i in range(8)]
+    tracker.apply(pods=extra_pods, services=extra)
+    tracker.apply(delete_pods=[p.key for p in extra_pods[:3]],
+                  delete_services=[s.key for s in extra[:3]])
+    objects = dict(pods=[*oracle.pods.values(), *extra_pods[3:]],
+                   services=[*oracle.services.values(), *extra[3:]],
+                   slices=list(oracle.slices.values()))
+    stored = allocations(tracker.pods.values(), tracker.services.values())
+    later = ChangeTracker(NODES, previous=previous_from_allocations(NODES, stored))
+    later.apply(**objects)
+    for node in NODES:
+        assert later.node_view(node.name) == tracker.node_view(node.name), seed
+    assert later.services == tracker.services and later.pods == tracker.pods
+    # Without what was stored, allocations start over and differ.
+    fresh = ChangeTracker(NODES)
+    fresh.apply(**objects)
+    assert fresh.services != tracker.services
