@@ -258,6 +258,12 @@ class DropMonitor:
         with self._lock:
             return list(self._drops)
 
+    def take(self) -> list[Drop]:
+        """The drops reported since the last `take` (or since the start), removed."""
+        with self._lock:
+            taken, self._drops = self._drops, []
+        return taken
+
     def clear(self) -> None:
         with self._lock:
             self._drops.clear()

@@ -385,6 +385,79 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _drop_line(row: dict) -> str:
+    ports = (f"{row['src']}:{row['sport']} -> {row['dst']}:{row['dport']}"
+             if row["sport"] or row["dport"] else f"{row['src']} -> {row['dst']}")
+    flags = f" [{row['tcp_flags']}]" if row["tcp_flags"] else ""
+    clock = time.strftime("%H:%M:%S", time.localtime(row["time"])) + f".{int(row['time'] % 1 * 1000):03d}"
+    line = f"{clock} {row['where']:<22} {row['reason']} ({row['location']}) {row['protocol']} {ports}{flags}"
+    if row.get("service"):
+        line += f"  {row['service']} via {row['via']}" + (" (reply)" if row["reply"] else "")
+        if row.get("verdict"):
+            line += f", the view says {row['verdict']}"
+    return line
+
+
+def cmd_monitor(args) -> int:
+    from bpf.dropmon import DropMonitor, netns_inode
+    from kube.lookup import ServiceIndex
+
+    cluster = _attach(args.run)
+    names = [n.name for n in cluster.nodes]
+    if args.node is not None and args.node not in names:
+        raise UsageError(f"--node {args.node!r} is not a node of run {cluster.run_id}; nodes: "
+                         f"{', '.join(names)}")
+    nodes, manifests, previous = _stored(cluster)
+    tracker = _track(nodes, manifests, previous)
+    places: dict[int, tuple[str, str | None]] = {}  # nsfs inode -> (where, node)
+    for n in cluster.nodes:
+        if args.node in (None, n.name):
+            places[netns_inode(f"/run/netns/{n.netns}")] = (f"node/{n.name}", n.name)
+    for key, pod in cluster.pods.items():
+        if args.node in (None, pod.node):
+            places[netns_inode(f"/run/netns/{pod.netns}")] = (f"pod/{key}", pod.node)
+    if args.node is None:
+        places[netns_inode(f"/run/netns/{cluster.external_netns}")] = ("external", None)
+        prefix = cluster.netns_name(cluster.run_id, "")
+        for name in cluster.namespaces:  # the underlay and any other namespace of the run
+            places.setdefault(netns_inode(f"/run/netns/{name}"),
+                              (f"netns/{name.removeprefix(prefix)}", None))
+    indexes = {}
+    for name in names:
+        view = tracker.node_view(name)
+        indexes[name] = ServiceIndex(view.services, view.node_ips, view.cluster_cidr)
+    seen = 0
+    started = time.monotonic()
+    with DropMonitor(list(places), max_seconds=(args.duration or 86400) + 5) as monitor:
+        if not args.json:
+            err.print(f"watching {len(places)} namespaces of run {cluster.run_id} for drops"
+                      + (f" for {args.duration:g} s" if args.duration else "; Ctrl-C ends"))
+        try:
+            while not args.duration or time.monotonic() - started < args.duration:
+                time.sleep(0.1)
+                for drop in monitor.take():
+                    where, node = places.get(drop.netns, ("?", None))
+                    row = {**drop.as_dict(), "where": where}
+                    for name in [node] if node else names:
+                        match = indexes[name].lookup(drop.protocol, drop.src, drop.sport,
+                                                     drop.dst, drop.dport)
+                        if match:
+                            row.update(service=match.service, via=match.via,
+                                       reply=match.reply, verdict=match.verdict)
+                            break
+                    seen += 1
+                    if args.json:
+                        sys.stdout.write(json.dumps(row) + "\n")
+                        sys.stdout.flush()
+                    else:
+                        out.print(_drop_line(row), markup=False, highlight=False, soft_wrap=True)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a live monitor ends
+    if not args.json:
+        err.print(f"{seen} drops in {time.monotonic() - started:.1f} s")
+    return 0
+
+
 def cmd_down(args) -> int:
     from clusters.netns import NetnsCluster
     from clusters.safety import guard_root
@@ -592,6 +665,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("status", cmd_status, "nodes, pods and Services of the running cluster")
     run_flag(sp)
     sp.add_argument("--json", action="store_true")
+
+    sp = command("monitor", cmd_monitor, "show packets the kernel drops in the running cluster, "
+                 "with the drop reason and the Service they were for (cilium monitor -t drop)")
+    sp.add_argument("--type", choices=("drop",), default="drop",
+                    help="what to show (drop: every packet the kernel drops, skb:kfree_skb)")
+    sp.add_argument("--node", help="only this node's namespace and its pods (default: all)")
+    sp.add_argument("--duration", type=_seconds("--duration", 86400), default=None,
+                    help="stop after this many seconds (default: until Ctrl-C)")
+    run_flag(sp)
+    sp.add_argument("--json", action="store_true", help="one JSON object per drop, per line")
 
     sp = command("down", cmd_down, "remove the running cluster")
     run_flag(sp)
