@@ -385,6 +385,48 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_endpoint_list(args) -> int:
+    cluster = _attach(args.run)
+    names = [n.name for n in cluster.nodes]
+    if args.node is not None and args.node not in names:
+        raise UsageError(f"--node {args.node!r} is not a node of run {cluster.run_id}; nodes: "
+                         f"{', '.join(names)}")
+    nodes, manifests, previous = _stored(cluster)
+    state = _track(nodes, manifests, previous).state()
+    # A pod's own conditions; an address that is no pod: its EndpointSlice's.
+    rows: dict[tuple[str, str], dict] = {}
+    for pod in state.pods:
+        rows[(pod.namespace, pod.ip)] = {
+            "pod": f"{pod.namespace}/{pod.name}", "node": pod.node_name, "ip": pod.ip,
+            "ready": pod.ready, "serving": pod.ready, "terminating": pod.terminating,
+            "services": []}
+    for sl in state.endpoint_slices:
+        service = f"{sl.namespace}/{sl.service_name}"
+        for ep in sl.endpoints:
+            for address in ep.addresses:
+                row = rows.setdefault((sl.namespace, address), {
+                    "pod": None, "node": ep.node_name, "ip": address, "ready": ep.ready,
+                    "serving": ep.serving, "terminating": ep.terminating, "services": []})
+                if service not in row["services"]:
+                    row["services"].append(service)
+    listed = sorted((r for r in rows.values() if args.node in (None, r["node"])),
+                    key=lambda r: (r["node"] or "", r["pod"] or "~", r["ip"]))
+    if args.json:
+        _emit_json({"run": cluster.run_id, "endpoints": listed})
+        return 0
+    table = Table("node", "pod", "IP", "ready", "serving", "terminating", "services")
+    for r in listed:
+        table.add_row(r["node"] or "-", r["pod"] or "(not a pod)", r["ip"], _yes(r["ready"]),
+                      _yes(r["serving"]), _yes(r["terminating"]),
+                      ", ".join(r["services"]) or "-")
+    out.print(table)
+    return 0
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
 def _drop_line(row: dict) -> str:
     ports = (f"{row['src']}:{row['sport']} -> {row['dst']}:{row['dport']}"
              if row["sport"] or row["dport"] else f"{row['src']} -> {row['dst']}")
@@ -663,6 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
 
     sp = command("status", cmd_status, "nodes, pods and Services of the running cluster")
+    run_flag(sp)
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("endpoint", cmd_endpoint_list, "list the endpoints of the running cluster: pods "
+                 "per node with IP, readiness, serving and terminating, and the Services that "
+                 "select them (cilium endpoint list)")
+    sp.add_argument("action", choices=("list",))
+    sp.add_argument("--node", help="only this node's endpoints (default: every node)")
     run_flag(sp)
     sp.add_argument("--json", action="store_true")
 
