@@ -173,9 +173,14 @@ def _stored(cluster) -> tuple[list[Node], Manifests, ClusterState]:
     return nodes, manifests, previous
 
 
-def _store(cluster, manifests: Manifests, tracker: ChangeTracker) -> None:
+def _store(cluster, manifests: Manifests, tracker: ChangeTracker, stats) -> None:
     cluster.meta["manifests"] = manifests.to_documents()
     cluster.meta["allocations"] = allocations(tracker.pods.values(), tracker.services.values())
+    syncs = cluster.meta.setdefault("syncs", {})
+    for s in stats:  # what `status` shows as each node's last sync
+        syncs[s.node] = {"time": round(time.time(), 3), "seconds": round(s.seconds, 6),
+                         "full": s.full, "services": s.services, "rules": s.rules,
+                         "changed": s.changed}
     cluster.save()
 
 
@@ -233,7 +238,7 @@ def cmd_up(args) -> int:
             proxy.install()
             stats = proxy.resync()
             cluster.meta.update(mode=args.mode, backend=args.backend)
-            _store(cluster, manifests, tracker)
+            _store(cluster, manifests, tracker, stats)
             cluster.keep()
     elapsed = time.perf_counter() - started
     if args.json:
@@ -260,7 +265,7 @@ def _change(args, combine) -> int:
         proxy = ServiceProxy(dp, cluster.nodes, tracker)
         proxy.adopt()  # this process has no memory of the nodes: each gets one full sync
         stats = cluster.set_pods(list(tracker.pods.values()), proxy.resync)
-        _store(cluster, manifests, tracker)
+        _store(cluster, manifests, tracker, stats)
     if args.json:
         _emit_json({"run": cluster.run_id, "sync": [s.__dict__ for s in stats]})
     else:
@@ -344,15 +349,32 @@ def cmd_probe(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from clusters.netns import process_alive
+
     cluster = _attach(args.run)
     nodes, manifests, previous = _stored(cluster)
-    state = _build(nodes, manifests, previous)
+    tracker = _track(nodes, manifests, previous)
+    state = tracker.state()
+    syncs = cluster.meta.get("syncs", {})
+    agents = {n["name"]: n.get("agent") for n in cluster.state.get("nodes", [])}
+    node_rows = []
+    for n in cluster.nodes:
+        view = tracker.node_view(n.name)
+        agent = agents.get(n.name)
+        node_rows.append({
+            "name": n.name, "ip": n.ip, "pod_cidr": n.pod_cidr, "netns": n.netns,
+            "service_ports": len(view.services),
+            "endpoints": sum(len(sp.endpoints) for sp in view.services),
+            "local_endpoints": sum(1 for sp in view.services for e in sp.endpoints if e.local),
+            "echo_agent": ("none" if not agent else "running"
+                           if process_alive(agent.get("pid"), agent.get("start")) else "gone"),
+            "last_sync": syncs.get(n.name),
+        })
     data = {
         "run": cluster.run_id,
         "mode": cluster.meta.get("mode"),
         "backend": cluster.meta.get("backend"),
-        "nodes": [{"name": n.name, "ip": n.ip, "pod_cidr": n.pod_cidr, "netns": n.netns}
-                  for n in cluster.nodes],
+        "nodes": node_rows,
         "pods": [{"namespace": p.namespace, "name": p.name, "node": p.node_name, "ip": p.ip,
                   "ready": p.ready} for p in state.pods],
         "services": [
@@ -366,9 +388,14 @@ def cmd_status(args) -> int:
         _emit_json(data)
         return 0
     out.print(f"run {data['run']}  mode {data['mode']}")
-    t = Table("node", "ip", "pod CIDR")
+    t = Table("node", "ip", "pod CIDR", "service ports", "endpoints (local)", "echo agent",
+              "last sync")
     for n in data["nodes"]:
-        t.add_row(n["name"], n["ip"], n["pod_cidr"])
+        last = n["last_sync"]
+        when = (f"{'full' if last['full'] else 'partial'}, {last['seconds'] * 1000:.1f} ms, "
+                f"{time.strftime('%H:%M:%S', time.localtime(last['time']))}") if last else "-"
+        t.add_row(n["name"], n["ip"], n["pod_cidr"], str(n["service_ports"]),
+                  f"{n['endpoints']} ({n['local_endpoints']})", n["echo_agent"], when)
     out.print(t)
     t = Table("pod", "node", "ip", "ready")
     for p in data["pods"]:

@@ -75,6 +75,11 @@ def test_node_host_network_reaches_the_clusterip(cluster):
 
 def test_external_client_reaches_nodeport_on_every_node(cluster):
     status = json.loads(svcbench("status", "--run", cluster, "--json").stdout)
+    # Per node: its echo agent is up, and the last sync programmed every Service port.
+    for node in status["nodes"]:
+        assert node["echo_agent"] == "running", node
+        assert node["last_sync"]["services"] == node["service_ports"] == 2, node
+        assert node["endpoints"] == 3 and node["local_endpoints"] in (1, 2), node
     for node in status["nodes"]:
         data = probe(cluster, "external", f"{node['ip']}:{NODE_PORT}", 60)
         assert data["summary"]["outcomes"] == {"ok": 60}, node
