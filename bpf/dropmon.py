@@ -200,6 +200,8 @@ class DropMonitor:
     def __init__(self, netns_inodes: list[int] = (), max_seconds: float = 3600.0) -> None:
         self._drops: list[Drop] = []
         self._lock = threading.Lock()
+        self._watching: set[int] = set()
+        self._acked = threading.Condition(self._lock)
         self._stderr = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
@@ -224,7 +226,8 @@ class DropMonitor:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         for inode in netns_inodes:
-            self.watch(inode)
+            self.watch(inode, wait=False)
+        self._wait_watching(netns_inodes)
 
     def __enter__(self) -> DropMonitor:
         return self
@@ -238,9 +241,12 @@ class DropMonitor:
                 data = json.loads(line)
             except ValueError:
                 continue
-            if "reason" in data:
-                with self._lock:
+            with self._lock:
+                if "reason" in data:
                     self._drops.append(Drop(**data))
+                elif "watching" in data:
+                    self._watching.add(data["watching"])
+                    self._acked.notify_all()
 
     def _send(self, line: str) -> None:
         if self._proc.poll() is not None:
@@ -248,9 +254,19 @@ class DropMonitor:
         self._proc.stdin.write(line + "\n")
         self._proc.stdin.flush()
 
-    def watch(self, inode: int) -> None:
-        """Report drops in the namespace with this nsfs inode from now on."""
+    def watch(self, inode: int, wait: bool = True) -> None:
+        """Report drops in the namespace with this nsfs inode from now on (from when this
+        returns, unless `wait` is False)."""
         self._send(f"watch {inode}")
+        if wait:
+            self._wait_watching([inode])
+
+    def _wait_watching(self, inodes: list[int], timeout: float = 30.0) -> None:
+        with self._lock:
+            if not self._acked.wait_for(lambda: set(inodes) <= self._watching, timeout):
+                raise DropMonitorUnavailable(f"the drop monitor did not take "
+                                             f"{len(set(inodes) - self._watching)} namespaces "
+                                             f"within {timeout:g} s")
 
     def drops(self, settle_s: float = 0.2) -> list[Drop]:
         """Every drop reported so far (after waiting `settle_s` for the perf buffer)."""
@@ -329,17 +345,26 @@ def _child(max_s: float) -> int:
     bpf["drops"].open_perf_buffer(on_drop, page_cnt=64)
     print("ready", flush=True)
     deadline = time.monotonic() + max_s
+    pending = b""  # stdin read raw: a buffered reader would hide lines from select()
+    stdin = sys.stdin.fileno()
     try:
         while time.monotonic() < deadline:
             bpf.perf_buffer_poll(timeout=50)
-            if not select.select([sys.stdin], [], [], 0)[0]:
+            if not select.select([stdin], [], [], 0)[0]:
                 continue
-            line = sys.stdin.readline()
-            if not line or line.strip() == "stop":
+            chunk = os.read(stdin, 65536)
+            if not chunk:
+                break  # end of file: the parent is gone
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            commands = [line.decode().strip() for line in lines]
+            if "stop" in commands:
                 break
-            verb, _, arg = line.strip().partition(" ")
-            if verb == "watch" and arg.isdigit():
-                watched[ctypes.c_uint32(int(arg))] = ctypes.c_uint8(1)
+            for command in commands:
+                verb, _, arg = command.partition(" ")
+                if verb == "watch" and arg.isdigit():
+                    watched[ctypes.c_uint32(int(arg))] = ctypes.c_uint8(1)
+                    print(json.dumps({"watching": int(arg)}), flush=True)
         bpf.perf_buffer_consume()
     finally:
         bpf.cleanup()

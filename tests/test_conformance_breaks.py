@@ -166,3 +166,25 @@ def test_without_the_invalid_drop_a_stray_segment_resets_the_connection(tmp_path
         "service_ports_changed_live": "passed",
     }, results
     assert "reset" in results["invalid_conntrack_state_does_not_reset_connections"][1]
+
+
+class DropsSomeSyns(IptablesDataplane):
+    """iptables mode plus a rule on every node dropping every third SYN to a pod's port:
+    clients retransmit and are served, only the kernel's drop report tells."""
+
+    def sync(self, node, view):
+        stats = super().sync(node, view)
+        rule = ["-p", "tcp", "--syn", "--dport", "8080", "-m", "statistic", "--mode", "nth",
+                "--every", "3", "--packet", "0", "-j", "DROP"]
+        if node.run(["iptables", "-w", "-C", "FORWARD", *rule], check=False).returncode:
+            node.run(["iptables", "-w", "-I", "FORWARD", *rule])
+        return stats
+
+
+def test_dropped_syns_fail_the_drop_check_naming_the_reason(tmp_path):
+    results = _run(tmp_path, DropsSomeSyns, ["no_unexpected_drops_while_services_serve"])
+    outcome, reason = results["no_unexpected_drops_while_services_serve"]
+    if outcome == "skipped":
+        pytest.skip(reason)
+    assert outcome == "failed", reason
+    assert "packets of the Service dropped: NETFILTER_DROP" in reason and "[SYN]" in reason, reason
