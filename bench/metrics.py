@@ -398,6 +398,7 @@ def run_mode(cfg: SweepConfig, mode: str, dp: Any, listener: SweepListener) -> l
                 for group in (TRAFFIC, PROGRAMMING):
                     _size(bench, [m for m in size if m.group == group], rec, listener, repeat,
                           ledgers[n])
+                bench.settle()
                 listener.visited(mode, repeat, n)
             say(f"{mode}: uninstalling")
             bench.close()

@@ -265,6 +265,17 @@ class Bench:
         self._changed = False
         return stats
 
+    def settle(self) -> None:
+        """Undo what an endpoint change left (the last Service moved), so the next visit of
+        this size measures the Services `grow` programmed: one apply of its slice."""
+        if self._changed:
+            restored = endpoint_slice(self.services[-1].name,
+                                      pool_endpoints(self.pool, self.n - 1, self.cfg.endpoints),
+                                      BACKEND_PORT)
+            self.proxy.apply(slices=[restored])
+            self.slices[-1] = restored
+            self._changed = False
+
     # ------------------------------------------------------------------ targets
 
     def endpoints_of(self, target: str) -> list[tuple[str, int]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.churn import ChurnResult, Change, run_churn
+from bench.churn import Change, ChurnResult, run_churn
 from reports.results import read_bench_csv, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
