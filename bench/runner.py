@@ -750,6 +750,27 @@ def _fmt(value: Any) -> str:
     return f"{v:.3g}" if abs(v) >= 1 else f"{v:.2g}"
 
 
+def churn_lines(rows: list[Row]) -> list[str]:
+    """One line per mode that churned: programming latency percentiles and failures per size."""
+    got: dict[str, dict[int, dict[str, float]]] = {}
+    rates: dict[str, Any] = {}
+    for r in rows:
+        if r.metric == "churn_programming_latency_s":
+            got.setdefault(r.mode, {}).setdefault(r.n_services, {})[r.stat] = r.value
+            rates[r.mode] = r.extra.get("rate")
+    lines = []
+    for mode, sizes in got.items():
+        parts = [f"{n:,}: p50/p90/p99 {_fmt(s.get('p50', float('nan')) * 1000)}/"
+                 f"{_fmt(s.get('p90', float('nan')) * 1000)}/"
+                 f"{_fmt(s.get('p99', float('nan')) * 1000)} ms, "
+                 f"{int(s.get('failed', 0))} failed connections"
+                 + (f", {int(s['unprogrammed'])} unprogrammed" if s.get("unprogrammed") else "")
+                 for n, s in sorted(sizes.items())]
+        lines.append(f"{mode} churn (programming latency, {rates[mode]:g} changes/s): "
+                     + "; ".join(parts))
+    return lines
+
+
 def _print_summary(folder: RunFolder, out: Console, err: Console, as_json: bool) -> None:
     meta = folder.meta
     lines = summary_lines(folder.rows, meta.get("noisy", []))
@@ -758,7 +779,8 @@ def _print_summary(folder: RunFolder, out: Console, err: Console, as_json: bool)
 
         sys.stdout.write(json.dumps({"run": str(folder.path), "status": meta["status"],
                                      "wall_s": meta["wall_s"], "modes": meta["modes"],
-                                     "lines": lines, "noisy": len(meta["noisy"])}, indent=2) + "\n")
+                                     "lines": lines, "churn": churn_lines(folder.rows),
+                                     "noisy": len(meta["noisy"])}, indent=2) + "\n")
         return
     from rich import box
 
@@ -780,6 +802,8 @@ def _print_summary(folder: RunFolder, out: Console, err: Console, as_json: bool)
                                   for h in headers))
     out.print(table)
     out.print(SUMMARY_LEGEND, highlight=False, markup=False, style="dim")
+    for line in churn_lines(folder.rows):
+        out.print(line, highlight=False, markup=False)
     for mode, info in meta["modes"].items():
         if info.get("status") != "done":
             out.print(f"{mode}: {info.get('status')}: {info.get('reason') or info.get('error') or ''}",

@@ -139,6 +139,19 @@ def test_spread_flags_repeats_more_than_5_percent_apart():
     assert lines[0]["1st"] == 405.0 and lines[0]["noisy"] == ["1st"]
 
 
+def test_the_summary_gives_each_mode_s_churn_percentiles_and_failures():
+    from bench.runner import churn_lines
+
+    stats = (("p50", 0.09), ("p90", 0.14), ("p99", 0.27), ("failed", 2), ("unprogrammed", 1))
+    rows = [Row("ebpf", "6.18", n, "churn_programming_latency_s", stat, value * k, "s", 0,
+                {"rate": 20.0}) for n, k in ((1000, 1), (10000, 2)) for stat, value in stats]
+    assert churn_lines(rows) == [
+        "ebpf churn (programming latency, 20 changes/s): 1,000: p50/p90/p99 90/140/270 ms, "
+        "2 failed connections, 1 unprogrammed; 10,000: p50/p90/p99 180/280/540 ms, "
+        "4 failed connections, 2 unprogrammed"]
+    assert churn_lines(rows_for([400.0])) == []
+
+
 def test_repeats_are_passes_up_and_down_the_sizes():
     from bench.metrics import BY_NAME, passes, sweep_order
 
