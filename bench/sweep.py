@@ -5,10 +5,11 @@ Topology: the client pod on node1, every backend of the pool on node2, so each
 connection - to a ClusterIP or straight to a pod IP - crosses the same path. The floor
 takes that path too, from a client pod on node3 to a pod on node4, two nodes the mode
 never programs, and is measured at every size interleaved with the Service connections,
-so what the Services add is a difference taken at the same moments. Each repeat is a pass over the sizes, up by adding Services
-and back down by removing them, so a mode that syncs incrementally only programs what
-changed. What is measured at each size
-is declared in bench/metrics.py; `Bench` is the fixture those declarations use.
+so what the Services add is a difference taken at the same moments. Each repeat is a pass
+over the sizes, up by adding Services and back down by removing them. node1 and node2 are
+programmed through dataplanes/proxy.py's ServiceProxy over a ChangeTracker, as the CLI
+programs a cluster: a mode with `update` only writes what changed. What is measured at
+each size is declared in bench/metrics.py; `Bench` is the fixture those declarations use.
 """
 
 from __future__ import annotations
