@@ -51,13 +51,19 @@ NOISE = 0.05  # the goal: repeats of a p50 differ by less than 5 %
 FLUSH_EVERY_S = 2.0  # bench.csv and raw files are rewritten at most this often (and at the end)
 
 # Flag values a preset gives when the flag itself is not given. `bench` is the default and
-# what `nox -s bench` runs: every usable mode, 1 to 10,000 Services, sized for 15 minutes
-# on a quiet 2-core machine. `nightly`: up to 30,000 Services, more repeats and connections.
+# what `nox -s bench` runs: every usable mode, 1 to 10,000 Services, then endpoint churn at
+# 1,000 and 10,000 (bench/churn.py), sized for 15 minutes on a quiet 2-core machine.
+# `nightly`: up to 30,000 Services, more repeats and connections, 30 s of churn per size.
+# `quick`: a smoke run of every mode and metric in about a minute.
 PRESETS: dict[str, dict[str, str]] = {
     "bench": {"services": "1,10,100,1000,5000,10000", "repeats": "3", "count": "200",
-              "load_seconds": "1.5", "load_repeats": "1"},
+              "load_seconds": "1.5", "load_repeats": "1", "churn": "1000,10000",
+              "churn_seconds": "5"},
     "nightly": {"services": "1,10,100,1000,5000,10000,20000,30000", "repeats": "5",
-                "count": "1000", "load_seconds": "5", "load_repeats": "3"},
+                "count": "1000", "load_seconds": "5", "load_repeats": "3",
+                "churn": "1000,10000", "churn_seconds": "30"},
+    "quick": {"services": "1,10,100", "repeats": "1", "count": "50", "load_seconds": "0.5",
+              "load_repeats": "1", "churn": "100", "churn_seconds": "2"},
 }
 FLAG_DEFAULTS = {"modes": "all", "kernel": "host", "endpoints": "3", "metrics": "all",
                  "pool_size": "6", "out": "runs"}
@@ -84,6 +90,8 @@ class BenchSpec:
     modes_given: bool = False  # --modes named them: an unusable one is still only skipped
     preset: str = "bench"
     budget_s: float | None = None  # stop after the size being measured once this much has passed
+    churn: list[int] = field(default_factory=list)  # bench/churn.py after each mode: its sizes
+    churn_seconds: float = 0.0  # of changes per churn size
 
     def sweep_config(self) -> SweepConfig:
         return SweepConfig(
@@ -125,6 +133,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--budget", help="time for the whole sweep, such as 3h, 90m or 1h30m: "
                                          "past it the run stops after the current size and is "
                                          "marked incomplete (default: no limit)")
+    parser.add_argument("--churn", help="after each mode's sweep, endpoint churn at these "
+                                        "numbers of Services, or none (default: the preset's, "
+                                        f"{bench['churn']}; none when --services is given)")
+    parser.add_argument("--churn-seconds", help="seconds of endpoint changes (20 a second) per "
+                                                f"churn size (default {bench['churn_seconds']})")
     return parser
 
 
@@ -156,6 +169,8 @@ def _flags(args: argparse.Namespace) -> argparse.Namespace:
     if preset not in PRESETS:
         raise BenchSpecError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     values = {**FLAG_DEFAULTS, **PRESETS[preset]}
+    if getattr(args, "services", None) is not None:
+        values["churn"] = "none"  # a hand-picked sweep churns only when --churn asks
     filled = argparse.Namespace(**vars(args))
     for key, value in values.items():
         if getattr(filled, key, None) is None:
@@ -222,6 +237,22 @@ def parse_spec(args: argparse.Namespace) -> BenchSpec:
     out = str(args.out)
     if Path(out).exists() and not Path(out).is_dir():
         raise BenchSpecError(f"--out must be a folder, and {out!r} is a file")
+    churn_text = str(args.churn).strip()
+    try:
+        churn = ([] if churn_text == "none" else
+                 sorted({int(x) for x in churn_text.split(",") if x.strip()}))
+    except ValueError:
+        churn = [0]
+    if churn_text != "none" and (not churn or not all(1 <= n <= MAX_SERVICES for n in churn)):
+        raise BenchSpecError(f"--churn must be none or comma-separated whole numbers from 1 to "
+                             f"{MAX_SERVICES:,}, such as 1000,10000; got {churn_text!r}")
+    try:
+        churn_seconds = float(args.churn_seconds)
+    except ValueError:
+        churn_seconds = -1.0
+    if not 0.5 <= churn_seconds <= 3600:
+        raise BenchSpecError(f"--churn-seconds must be a number from 0.5 to 3600, not "
+                             f"{args.churn_seconds!r}")
     return BenchSpec(
         modes=modes or list(MODES),
         sizes=sizes,
@@ -238,6 +269,8 @@ def parse_spec(args: argparse.Namespace) -> BenchSpec:
         modes_given=modes is not None,
         preset=args.preset or "bench",
         budget_s=parse_budget(getattr(args, "budget", None)),
+        churn=churn,
+        churn_seconds=churn_seconds,
     )
 
 
@@ -491,7 +524,8 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
     progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=False,
                         disable=lines)
-    task = progress.add_task("starting", total=max(1, steps_of(cfg) * len(usable)))
+    task = progress.add_task("starting",
+                             total=max(1, (steps_of(cfg) + len(spec.churn)) * len(usable)))
     listener = _Listener(folder, progress, task, err, clock, lines)
     failure: BaseException | None = None
     try:
@@ -516,6 +550,7 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
                     from bench.metrics import run_mode
 
                     run_mode(cfg, mode, dp, listener)
+                    run_churn_sizes(spec, mode, listener, clock)
                     folder.meta["modes"][mode]["status"] = "done"
                 except KeyboardInterrupt:
                     folder.meta["modes"][mode]["status"] = "interrupted"
@@ -557,6 +592,44 @@ def run_bench_command(args: argparse.Namespace, out: Console | None = None,
     if budget_stop:
         return 0  # stopping at the budget is what was asked for
     return {"complete": 0, "failed": 1, "incomplete": 130}[status]
+
+
+def run_churn_sizes(spec: BenchSpec, mode: str, listener: _Listener, clock: SweepClock) -> None:
+    """bench/churn.py at each --churn size, after the mode's sweep, on a cluster of its own;
+    its rows and samples go to the run folder like the sweep's. A size that fails is recorded
+    (run.json errors) and the next one still runs; past the budget none starts."""
+    from bench.churn import run_churn
+    from bench.sweep import host_kernel_label
+
+    for n in spec.churn:
+        if clock.over_budget():
+            listener.metric_skipped(mode, "churn_programming_latency_s",
+                                    f"the budget ran out before churn at {n:,} Services")
+            break
+        started = time.monotonic()
+        listener.progress(f"{mode}: churn at {n:,} Services")
+        try:
+            result = run_churn(mode, n, spec.churn_seconds, backend=spec.backend,
+                               say=listener.progress)
+        except Exception as exc:  # noqa: BLE001 - recorded; the next size still runs
+            listener.metric_failed(mode, "churn_programming_latency_s", n,
+                                   f"{type(exc).__name__}: {exc}")
+            continue
+        finally:
+            listener.step()
+        listener.observed(result.rows(host_kernel_label()), result.raw())
+        if listener.lines:
+            listener.err.print(f"bench: {mode} churn {n:,} Services in "
+                               f"{_clock(time.monotonic() - started)}: {len(result.changes)} "
+                               f"changes, p50 {_fmt(_p50(result.latencies) * 1000)} ms, "
+                               f"{len(result.failures)} failed connections",
+                               markup=False, highlight=False)
+
+
+def _p50(values: list[float]) -> float:
+    from bench.sweep import percentile
+
+    return percentile(values, 0.5) if values else float("nan")
 
 
 def mark_killed(base: str | os.PathLike) -> list[str]:
@@ -677,6 +750,27 @@ def _fmt(value: Any) -> str:
     return f"{v:.3g}" if abs(v) >= 1 else f"{v:.2g}"
 
 
+def churn_lines(rows: list[Row]) -> list[str]:
+    """One line per mode that churned: programming latency percentiles and failures per size."""
+    got: dict[str, dict[int, dict[str, float]]] = {}
+    rates: dict[str, Any] = {}
+    for r in rows:
+        if r.metric == "churn_programming_latency_s":
+            got.setdefault(r.mode, {}).setdefault(r.n_services, {})[r.stat] = r.value
+            rates[r.mode] = r.extra.get("rate")
+    lines = []
+    for mode, sizes in got.items():
+        parts = [f"{n:,}: p50/p90/p99 {_fmt(s.get('p50', float('nan')) * 1000)}/"
+                 f"{_fmt(s.get('p90', float('nan')) * 1000)}/"
+                 f"{_fmt(s.get('p99', float('nan')) * 1000)} ms, "
+                 f"{int(s.get('failed', 0))} failed connections"
+                 + (f", {int(s['unprogrammed'])} unprogrammed" if s.get("unprogrammed") else "")
+                 for n, s in sorted(sizes.items())]
+        lines.append(f"{mode} churn (programming latency, {rates[mode]:g} changes/s): "
+                     + "; ".join(parts))
+    return lines
+
+
 def _print_summary(folder: RunFolder, out: Console, err: Console, as_json: bool) -> None:
     meta = folder.meta
     lines = summary_lines(folder.rows, meta.get("noisy", []))
@@ -685,7 +779,8 @@ def _print_summary(folder: RunFolder, out: Console, err: Console, as_json: bool)
 
         sys.stdout.write(json.dumps({"run": str(folder.path), "status": meta["status"],
                                      "wall_s": meta["wall_s"], "modes": meta["modes"],
-                                     "lines": lines, "noisy": len(meta["noisy"])}, indent=2) + "\n")
+                                     "lines": lines, "churn": churn_lines(folder.rows),
+                                     "noisy": len(meta["noisy"])}, indent=2) + "\n")
         return
     from rich import box
 
@@ -707,6 +802,8 @@ def _print_summary(folder: RunFolder, out: Console, err: Console, as_json: bool)
                                   for h in headers))
     out.print(table)
     out.print(SUMMARY_LEGEND, highlight=False, markup=False, style="dim")
+    for line in churn_lines(folder.rows):
+        out.print(line, highlight=False, markup=False)
     for mode, info in meta["modes"].items():
         if info.get("status") != "done":
             out.print(f"{mode}: {info.get('status')}: {info.get('reason') or info.get('error') or ''}",

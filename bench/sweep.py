@@ -5,10 +5,11 @@ Topology: the client pod on node1, every backend of the pool on node2, so each
 connection - to a ClusterIP or straight to a pod IP - crosses the same path. The floor
 takes that path too, from a client pod on node3 to a pod on node4, two nodes the mode
 never programs, and is measured at every size interleaved with the Service connections,
-so what the Services add is a difference taken at the same moments. Each repeat is a pass over the sizes, up by adding Services
-and back down by removing them, so a mode that syncs incrementally only programs what
-changed. What is measured at each size
-is declared in bench/metrics.py; `Bench` is the fixture those declarations use.
+so what the Services add is a difference taken at the same moments. Each repeat is a pass
+over the sizes, up by adding Services and back down by removing them. node1 and node2 are
+programmed through dataplanes/proxy.py's ServiceProxy over a ChangeTracker, as the CLI
+programs a cluster: a mode with `update` only writes what changed. What is measured at
+each size is declared in bench/metrics.py; `Bench` is the fixture those declarations use.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,17 +35,19 @@ from bench.synthetic import (
     NAMESPACE,
     NODEPORT_EVERY,
     SERVICE_PORT,
+    endpoint_slice,
     pool_endpoints,
     pool_pods,
     synthetic_services,
-    with_endpoints,
 )
 from clusters.netns import NetnsCluster
 from clusters.nsenter import in_netns
 from dataplanes.base import Host, SyncStats
 from dataplanes.modes import make
-from kube.model import Node, Pod
+from dataplanes.proxy import ServiceProxy
+from kube.model import EndpointSlice, Node, Pod, Service
 from kube.state import ClusterState
+from kube.tracker import ChangeTracker
 
 CLIENT = Pod(NAMESPACE, "client", {"app": "client"}, node_name="node1")
 # The floor: the same pod-to-pod path across the underlay, between two nodes the mode never
@@ -161,17 +163,45 @@ class ScratchSync:
 
 @dataclass
 class EndpointChange:
-    """One Service's endpoints changed on node1, watched by a probe from the client pod."""
+    """One Service's EndpointSlice changed through ServiceProxy.apply, watched by a probe
+    from the client pod on node1."""
 
     direction: str  # "replace": its endpoints become one other pod; "restore": back again
-    sync_s: float
+    sync_s: float  # node1's SyncStats.seconds: the mode's update (or sync) of node1
     programming_s: float | None  # None: the new endpoint never answered in time
     stats: SyncStats
     watched: int  # probe connections made while waiting
+    apply_s: float = 0.0  # the whole apply call: the tracker and every node's update
+    synced: list[str] = field(default_factory=list)  # the nodes it synced
+
+
+@dataclass
+class NoopApply:
+    """The same objects applied again through ServiceProxy: wall time of the whole call."""
+
+    every_s: float  # every Service and slice (what an informer's relist hands kube-proxy)
+    one_s: float  # the last Service and its slice (one event that changes nothing)
+    synced: list[str]  # nodes synced: none, when the tracker finds nothing changed
+
+
+@dataclass
+class Resync:
+    """ServiceProxy.resync of unchanged state: a full sync of each programmed node."""
+
+    stats: SyncStats  # node1's
+    wall_s: float  # both nodes, one after the other
+    per_node: dict[str, float]
 
 
 class Bench:
-    """One mode's cluster across the sweep: what metrics measure, and how the sizes grow."""
+    """One mode's cluster across the sweep: what metrics measure, and how the sizes grow.
+
+    The cluster is programmed as the CLI programs one: through `dataplanes/proxy.py`'s
+    ServiceProxy over a `kube.tracker.ChangeTracker`. Growing to N Services is one
+    `replace`, an endpoint change one `apply` of the changed EndpointSlice, so a mode's
+    `update` is what `sync_one_s` measures once the mode has one; the scratch full sync is a
+    full sync on a fresh node.
+    """
 
     def __init__(self, cfg: SweepConfig, mode: str, dp: Any, cluster: NetnsCluster, kernel: str):
         self.cfg = cfg
@@ -180,80 +210,77 @@ class Bench:
         self.cluster = cluster
         self.kernel = kernel
         self.nodes = [Node.numbered(k) for k in range(1, NODES + 1)]
-        self.base = ClusterState.build(self.nodes, [CLIENT, FLOOR_CLIENT, FLOOR_BACKEND,
-                                                    *pool_pods(["node2"], cfg.pool_size)])
-        self.pool = [p for p in self.base.pods if p.labels.get("app") == "backend"]
-        self.client = self.base.pod(NAMESPACE, CLIENT.name)
+        self.tracker = ChangeTracker(self.nodes)
+        self.tracker.apply(pods=[CLIENT, FLOOR_CLIENT, FLOOR_BACKEND,
+                                 *pool_pods(["node2"], cfg.pool_size)])
+        self.pods = sorted(self.tracker.pods.values(), key=lambda p: (p.namespace, p.name))
+        self.pool = [p for p in self.pods if p.labels.get("app") == "backend"]
+        self.client = self.tracker.pods[CLIENT.key]
         self.pod_ip = self.pool[0].ip  # a pool pod's IP: what programmed nodes do to pod traffic
-        self.floor_ip = self.base.pod(NAMESPACE, FLOOR_BACKEND.name).ip
-        self.state = self.base
+        self.floor_ip = self.tracker.pods[FLOOR_BACKEND.key].ip
+        self.proxy = ServiceProxy(dp, list(cluster.nodes[:PROGRAMMED]), self.tracker)
+        self.services: list[Service] = []  # as the tracker allocated them, svc-00000 first
+        self.slices: list[EndpointSlice] = []  # what the tracker holds now, in the same order
+        self._given: list[Service] = []  # the Services as applied (no ClusterIPs given)
         self.n = 0
-        self.installed = False
         self._memo: dict[tuple, Any] = {}
-        self._node1_changed = False
+        self._changed = False  # the last Service's endpoints are moved (endpoint_change)
         self._tracer: Any = None
 
     # ------------------------------------------------------------------ cluster
 
     def start(self) -> None:
-        self.cluster.set_pods(list(self.base.pods))
+        self.cluster.set_pods(self.pods)
         self.client_ns = self.cluster.pod_netns(NAMESPACE, CLIENT.name)
         self.floor_client_ns = self.cluster.pod_netns(NAMESPACE, FLOOR_CLIENT.name)
 
     @property
     def programmed(self) -> list:
         """The nodes the mode runs on; the rest carry the floor."""
-        return list(self.cluster.nodes[:PROGRAMMED])
+        return list(self.proxy.nodes)
+
+    @property
+    def installed(self) -> bool:
+        return bool(self.proxy.installed)
 
     def install(self) -> None:
-        for node in self.programmed:
-            self.dp.install(node)
-        self.installed = True
-        for node in self.programmed:
-            self.dp.sync(node, self.base.node_view(node.name))
+        """The mode on node1 and node2, each with its first (full) sync of no Services."""
+        self.proxy.install()
+        self.proxy.resync()
 
     def uninstall(self) -> float:
         started = time.perf_counter()
-        if self.installed:
-            self.installed = False
-            self._each_node(self.dp.uninstall, self.programmed)
+        self.proxy.uninstall()
         return time.perf_counter() - started
-
-    def _each_node(self, fn: Callable[[Any], Any], items: list) -> list:
-        """fn over the nodes; side by side for modes whose state is all per namespace.
-
-        Growing and removing Services is not measured, only waited for: running the two
-        nodes' iptables-restore (or nft) at once halves that wait on two cores.
-        """
-        if self.mode not in NAMESPACE_SCOPED or len(items) < 2:
-            return [fn(item) for item in items]
-        with ThreadPoolExecutor(max_workers=len(items)) as pool:
-            return list(pool.map(fn, items))
 
     def grow(self, n: int) -> list[SyncStats]:
         """Program both nodes with Services 0..n-1: the ones already there are kept, the
-        ones past n-1 removed."""
+        ones past n-1 removed (one ServiceProxy.replace)."""
         services, slices = synthetic_services(n, self.pool, self.cfg.endpoints,
                                               NODEPORT_EVERY, AFFINITY_EVERY, BACKEND_PORT)
-        state = ClusterState.build(self.nodes, self.base.pods, services, slices, previous=self.state)
-        views = [(node, state.node_view(node.name)) for node in self.programmed]
-        stats = self._each_node(lambda nv: self.dp.sync(*nv), views)
-        self.state, self.n = state, n
+        stats = self.proxy.replace(services=services, slices=slices)
+        self._given, self.slices = services, slices
+        self.services = [self.tracker.services[s.key] for s in services]
+        self.n = n
         self._memo.clear()
-        self._node1_changed = False
+        self._changed = False
         return stats
 
     def settle(self) -> None:
-        """Undo what endpoint changes left on node1, so every node holds `state` again."""
-        if self._node1_changed:
-            node1 = self.cluster.nodes[0]
-            self.dp.sync(node1, self.state.node_view(node1.name))
-            self._node1_changed = False
+        """Undo what an endpoint change left (the last Service moved), so the next visit of
+        this size measures the Services `grow` programmed: one apply of its slice."""
+        if self._changed:
+            restored = endpoint_slice(self.services[-1].name,
+                                      pool_endpoints(self.pool, self.n - 1, self.cfg.endpoints),
+                                      BACKEND_PORT)
+            self.proxy.apply(slices=[restored])
+            self.slices[-1] = restored
+            self._changed = False
 
     # ------------------------------------------------------------------ targets
 
     def endpoints_of(self, target: str) -> list[tuple[str, int]]:
-        services = self.state.services
+        services = self.services
         if target == "pod":
             return [(self.pod_ip, BACKEND_PORT)]
         if target == "floor":
@@ -359,25 +386,25 @@ class Bench:
         return self._memo[key]
 
     def _scratch_sync(self) -> ScratchSync:
-        view = self.state.node_view("node1")
+        self.tracker.node_view("node1")  # svcbench's own work (cached) stays outside the timing
         fresh = make(self.mode, backend=self.cfg.backend)
         with NetnsCluster.create(1, agents=False) as scratch:
-            node = scratch.nodes[0]
+            proxy = ServiceProxy(fresh, [scratch.nodes[0]], self.tracker)  # its node1
             before = kernel_memory_bytes()
-            fresh.install(node)
+            proxy.install()
             started = time.perf_counter()
-            stats = fresh.sync(node, view)
+            (stats,) = proxy.resync()  # the first sync after install: a full one
             seconds = time.perf_counter() - started
             delta = kernel_memory_bytes() - before
             reported = None
             if callable(getattr(fresh, "kernel_bytes", None)):
-                reported = fresh.kernel_bytes(node)
+                reported = fresh.kernel_bytes(scratch.nodes[0])
             elif isinstance(stats.extra.get("kernel_bytes"), int):
                 reported = stats.extra["kernel_bytes"]
             uninstall_s = None
             if self.mode not in NAMESPACE_SCOPED:
                 t0 = time.perf_counter()
-                fresh.uninstall(node)
+                proxy.uninstall()
                 uninstall_s = time.perf_counter() - t0
         return ScratchSync(seconds, stats, delta, reported, uninstall_s)
 
@@ -390,27 +417,62 @@ class Bench:
 
     def _endpoint_change(self, direction: str) -> EndpointChange:
         n = self.n
-        last = self.state.services[-1]
+        last = self.services[-1]
         old = pool_endpoints(self.pool, n - 1, self.cfg.endpoints)
         other = [self.pool[(n - 1 + self.cfg.endpoints) % len(self.pool)]]
-        if direction == "replace" or not self._node1_changed:
+        if direction == "replace" or not self._changed:
             direction = "replace"
-            target = with_endpoints(self.state, last.name, other)
-            wanted = {f"{NAMESPACE}/{p.name}" for p in other}
+            pods = other
         else:
-            target = self.state
-            wanted = {f"{NAMESPACE}/{p.name}" for p in old}
-        node1 = self.cluster.nodes[0]
-        view = target.node_view(node1.name)  # svcbench's own work stays outside the timing
+            pods = old
+        changed = endpoint_slice(last.name, pods, BACKEND_PORT)
+        wanted = {f"{NAMESPACE}/{p.name}" for p in pods}
         with BackendWatch(self.client_ns, last.cluster_ip, SERVICE_PORT) as watch:
             time.sleep(0.02)
             t0 = time.perf_counter_ns()
-            stats = self.dp.sync(node1, view)
-            sync_s = (time.perf_counter_ns() - t0) / 1e9
-            self._node1_changed = direction == "replace"
+            synced = self.proxy.apply(slices=[changed])
+            apply_s = (time.perf_counter_ns() - t0) / 1e9
+            self._changed = direction == "replace"
+            self.slices[-1] = changed
             hit = watch.wait_for(wanted, t0, PROGRAMMING_TIMEOUT_S)
         programming = (hit.start_ns - t0) / 1e9 if hit else None
-        return EndpointChange(direction, sync_s, programming, stats, len(watch.samples))
+        stats = node_stats(synced, "node1")
+        return EndpointChange(direction, stats.seconds, programming, stats, len(watch.samples),
+                              apply_s, [s.node for s in synced])
+
+    def noop(self, repeat: int) -> NoopApply:
+        """The objects the tracker holds applied again: every Service and slice (a relist),
+        and the last Service with its slice (one event). Nothing changed: no node syncs."""
+        key = ("noop", repeat)
+        if key not in self._memo:
+            t0 = time.perf_counter()
+            every = self.proxy.replace(services=self._given, slices=self.slices)
+            t1 = time.perf_counter()
+            one = self.proxy.apply(services=self._given[-1:], slices=self.slices[-1:])
+            t2 = time.perf_counter()
+            self._memo[key] = NoopApply(t1 - t0, t2 - t1, [s.node for s in every + one])
+        return self._memo[key]
+
+    def resync(self, repeat: int) -> Resync:
+        """A full sync of both nodes with nothing changed (the repair path)."""
+        key = ("resync", repeat)
+        if key not in self._memo:
+            for node in self.programmed:
+                self.tracker.node_view(node.name)  # made (and cached) outside the timing
+            t0 = time.perf_counter()
+            synced = self.proxy.resync()
+            wall = time.perf_counter() - t0
+            self._memo[key] = Resync(node_stats(synced, "node1"), wall,
+                                     {s.node: s.seconds for s in synced})
+        return self._memo[key]
+
+
+def node_stats(synced: list[SyncStats], node: str) -> SyncStats:
+    """The one node's SyncStats among those a ServiceProxy call returned."""
+    for stats in synced:
+        if stats.node == node:
+            return stats
+    raise RuntimeError(f"{node} was not synced (synced: {', '.join(s.node for s in synced) or 'none'})")
 
 
 # --------------------------------------------------------------------------- the sweep

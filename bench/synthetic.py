@@ -10,7 +10,7 @@ to them compare like with like at every size.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from kube.model import (
     AFFINITY_CLIENT_IP,
@@ -28,6 +28,7 @@ from kube.model import (
     ServicePort,
 )
 from kube.state import ClusterState, NodeView
+from kube.tracker import ChangeTracker
 
 NAMESPACE = "bench"
 SERVICE_PORT = 80
@@ -61,13 +62,15 @@ def pool_endpoints(pool: list[Pod], i: int, endpoints: int) -> list[Pod]:
     return [pool[(i + k) % len(pool)] for k in range(endpoints)]
 
 
-def endpoint_slice(name: str, pods: list[Pod], target_port: int = BACKEND_PORT) -> EndpointSlice:
+def endpoint_slice(name: str, pods: list[Pod], target_port: int = BACKEND_PORT,
+                   port_names: tuple[str, ...] = ("http",)) -> EndpointSlice:
+    """Service `name`'s one EndpointSlice: `pods`, on `target_port` for each named port."""
     return EndpointSlice(
         NAMESPACE,
         f"{name}-1",
         name,
         tuple(Endpoint((p.ip,), node_name=p.node_name, pod_name=p.name) for p in pods),
-        (EndpointPort(target_port, TCP, "http"),),
+        tuple(EndpointPort(target_port, TCP, port) for port in port_names),
     )
 
 
@@ -151,3 +154,56 @@ def one_endpoint_fewer(view: NodeView, index: int) -> NodeView:
     services = list(view.services)
     services[index] = changed
     return replace(view, services=tuple(services))
+
+
+# --------------------------------------------------------------------------- as objects
+
+
+@dataclass
+class SyncObjects:
+    """`sync_view(n)`'s Services as the objects a ChangeTracker takes: n Service ports over
+    a pool of 2 x 50 pods. Above DISTINCT Services each Service has several ports (80, 81,
+    ...), so 100,000 Service ports are 50,000 Services of two ports; their NodePort
+    Services are spaced so that every port's NodePort fits the range."""
+
+    nodes: list[Node]
+    pool: list[Pod]  # with the IPs the tracker gave them
+    services: list[Service]
+    slices: list[EndpointSlice]
+
+    def tracker(self) -> ChangeTracker:
+        """A ChangeTracker holding them all (O(N): seconds at 100,000 ports)."""
+        tracker = ChangeTracker(self.nodes)
+        tracker.apply(pods=self.pool)
+        tracker.apply(services=self.services, slices=self.slices)
+        return tracker
+
+    def one_endpoint_fewer(self, index: int) -> EndpointSlice:
+        """Service `index`'s slice without its last endpoint (the smallest real change)."""
+        sl = self.slices[index]
+        return replace(sl, endpoints=sl.endpoints[:-1])
+
+
+def sync_objects(n: int, endpoints: int = 3) -> SyncObjects:
+    """The objects behind `sync_view(n)` (see SyncObjects), for benchmarks that go through
+    a ChangeTracker and dataplanes/proxy.py's ServiceProxy."""
+    nodes = [Node.numbered(1), Node.numbered(2)]
+    pods = list(ClusterState.build(nodes, pool_pods(["node1", "node2"], SYNC_POOL_PER_NODE)).pods)
+    distinct = min(n, DISTINCT)
+    ports = -(-n // distinct)
+    lo, hi = PLAN.node_port_range
+    every = max(NODEPORT_EVERY, -(-distinct * ports // min(MAX_NODE_PORTS, hi - lo)))
+    services, slices = synthetic_services(distinct, pods, endpoints, nodeport_every=every,
+                                          affinity_every=AFFINITY_EVERY)
+    if ports > 1:
+        out_svcs, out_slices = [], []
+        for i, (svc, sl) in enumerate(zip(services, slices, strict=True)):
+            count = 1 + sum(1 for k in range(1, ports) if (k - 1) * distinct + i < n - distinct)
+            extra = tuple(replace(svc.ports[0], port=SERVICE_PORT + k, name=f"p{k}")
+                          for k in range(1, count))
+            out_svcs.append(replace(svc, ports=svc.ports + extra))
+            names = tuple(p.name for p in out_svcs[-1].ports)
+            out_slices.append(replace(sl, ports=tuple(
+                EndpointPort(sl.ports[0].port, TCP, name) for name in names)))
+        services, slices = out_svcs, out_slices
+    return SyncObjects(nodes, pods, services, slices)

@@ -34,9 +34,10 @@ from bench.synthetic import NAMESPACE, SERVICE_PORT, pool_pods, synthetic_servic
 from clusters.netns import NetnsCluster
 from clusters.nsenter import in_netns
 from clusters.workloads.probe import probe
+from dataplanes.proxy import ServiceProxy
 from dataplanes.userspace import UserspaceDataplane
 from kube.model import Node, Pod
-from kube.state import ClusterState
+from kube.tracker import ChangeTracker
 
 MODE = "userspace"
 BACKEND_PORT = 8080
@@ -126,81 +127,88 @@ def bench_userspace(
     say = progress or (lambda _msg: None)
     kernel = os.uname().release
     nodes = [Node.numbered(1), Node.numbered(2)]
-    base_state = ClusterState.build(nodes, [CLIENT, *pool_pods(["node2"], max(endpoints, 3))])
-    pool = [p for p in base_state.pods if p.name != CLIENT.name]
+    tracker = ChangeTracker(nodes)
+    tracker.apply(pods=[CLIENT, *pool_pods(["node2"], max(endpoints, 3))])
+    pods = sorted(tracker.pods.values(), key=lambda p: p.name)
+    pool = [p for p in pods if p.name != CLIENT.name]
     floor_ip = pool[0].ip
     dp = UserspaceDataplane()
+    rows: list[Row] = []
+    with NetnsCluster.create(len(nodes), progress=say) as cluster:
+        cluster.set_pods(pods)
+        with ServiceProxy(dp, cluster.nodes, tracker) as proxy:  # installed on every node
+            rows += _measure(proxy, cluster, pool, floor_ip, duration_s, concurrency, repeats,
+                             sizes, latency_count, endpoints, pin, say, kernel)
+    return rows
+
+
+def _measure(proxy: ServiceProxy, cluster: NetnsCluster, pool: list[Pod], floor_ip: str,
+             duration_s: float, concurrency: int, repeats: int, sizes, latency_count: int,
+             endpoints: int, pin: bool, say: Callable[[str], None], kernel: str) -> list[Row]:
+    dp, tracker = proxy.dataplane, proxy.tracker
     rows: list[Row] = []
 
     def row(n: int, metric: str, stat: str, value: float, unit: str, repeat: int = 0,
             **extra) -> None:
         rows.append(Row(MODE, kernel, n, metric, stat, round(value, 3), unit, repeat, extra))
 
-    with NetnsCluster.create(len(nodes), progress=say) as cluster:
-        cluster.set_pods(list(base_state.pods))
-        client_ns = cluster.pod_netns(NAMESPACE, CLIENT.name)
-        node1 = cluster.node("node1")
-        for node in cluster.nodes:
-            dp.install(node)
-        if pin:
-            _pin(dp.proxy_pid(node1), PROXY_CPU)
-            for info in cluster.state["nodes"]:
-                if info.get("agent"):
-                    _pin(info["agent"]["pid"], LOAD_CPU)
-        services, slices = synthetic_services(1, pool, endpoints)
-        state = ClusterState.build(nodes, base_state.pods, services, slices)
-        for node in cluster.nodes:
-            dp.sync(node, state.node_view(node.name))
-        vip = state.services[0].cluster_ip
-        cpu = LOAD_CPU if pin else None
+    client_ns = cluster.pod_netns(NAMESPACE, CLIENT.name)
+    node1 = cluster.node("node1")
+    if pin:
+        _pin(dp.proxy_pid(node1), PROXY_CPU)
+        for info in cluster.state["nodes"]:
+            if info.get("agent"):
+                _pin(info["agent"]["pid"], LOAD_CPU)
+    services, slices = synthetic_services(1, pool, endpoints)
+    proxy.replace(services=services, slices=slices)
+    vip = tracker.services[services[0].key].cluster_ip
+    cpu = LOAD_CPU if pin else None
 
+    for repeat in range(repeats):
+        say(f"{MODE}: rate, repeat {repeat + 1}/{repeats}: pod IP")
+        direct = in_netns(client_ns, run_load, floor_ip, BACKEND_PORT, duration_s, concurrency, cpu)
+        row(1, "floor_conn_rate", "mean", direct["rate"], "conn/s", repeat, target=floor_ip)
+        say(f"{MODE}: rate, repeat {repeat + 1}/{repeats}: ClusterIP")
+        before = dp.stats(node1)
+        load = in_netns(client_ns, run_load, vip, SERVICE_PORT, duration_s, concurrency, cpu)
+        after = dp.stats(node1)
+        cpu_s = after["cpu_s"] - before["cpu_s"]
+        proxied = after["connections"] - before["connections"]
+        row(1, "proxied_conn_rate", "mean", load["rate"], "conn/s", repeat, target=vip,
+            failed=load["failed"], p50_us=load["p50_us"], p99_us=load["p99_us"])
+        row(1, "proxy_conn_per_cpu_s", "mean", proxied / cpu_s if cpu_s > 0 else 0.0,
+            "conn/cpu-s", repeat, proxy_cpu_s=cpu_s, proxied=proxied)
+        row(1, "proxy_cpu_share", "mean", cpu_s / load["seconds"], "cores", repeat)
+        # System time includes the peers' receive paths, which veth runs in the sender's context.
+        for part in ("user", "sys"):
+            spent = after[f"cpu_{part}_s"] - before[f"cpu_{part}_s"]
+            row(1, f"proxy_{part}_us_per_conn", "mean", 1e6 * spent / max(proxied, 1), "us",
+                repeat)
+
+    for n in sizes:
+        say(f"{MODE}: programming {n} services")
+        services, slices = synthetic_services(n, pool, endpoints)
+        # Up from the previous size: one replace, every node's update (or full sync).
+        for stats in proxy.replace(services=services, slices=slices):
+            row(n, "sync_s", "grow", stats.seconds, "s", node=stats.node, full=stats.full,
+                proxy_apply_s=stats.extra.get("proxy_apply_s"))
+        first = tracker.services[services[0].key].cluster_ip
+        last = tracker.services[services[-1].key].cluster_ip
+        say(f"{MODE}: probing at {n} services")
         for repeat in range(repeats):
-            say(f"{MODE}: rate, repeat {repeat + 1}/{repeats}: pod IP")
-            direct = in_netns(client_ns, run_load, floor_ip, BACKEND_PORT, duration_s, concurrency, cpu)
-            row(1, "floor_conn_rate", "mean", direct["rate"], "conn/s", repeat, target=floor_ip)
-            say(f"{MODE}: rate, repeat {repeat + 1}/{repeats}: ClusterIP")
-            before = dp.stats(node1)
-            load = in_netns(client_ns, run_load, vip, SERVICE_PORT, duration_s, concurrency, cpu)
-            after = dp.stats(node1)
-            cpu_s = after["cpu_s"] - before["cpu_s"]
-            proxied = after["connections"] - before["connections"]
-            row(1, "proxied_conn_rate", "mean", load["rate"], "conn/s", repeat, target=vip,
-                failed=load["failed"], p50_us=load["p50_us"], p99_us=load["p99_us"])
-            row(1, "proxy_conn_per_cpu_s", "mean", proxied / cpu_s if cpu_s > 0 else 0.0,
-                "conn/cpu-s", repeat, proxy_cpu_s=cpu_s, proxied=proxied)
-            row(1, "proxy_cpu_share", "mean", cpu_s / load["seconds"], "cores", repeat)
-            # System time includes the peers' receive paths, which veth runs in the sender's context.
-            for part in ("user", "sys"):
-                spent = after[f"cpu_{part}_s"] - before[f"cpu_{part}_s"]
-                row(1, f"proxy_{part}_us_per_conn", "mean", 1e6 * spent / max(proxied, 1), "us",
-                    repeat)
-
-        for n in sizes:
-            say(f"{MODE}: programming {n} services")
-            services, slices = synthetic_services(n, pool, endpoints)
-            state = ClusterState.build(nodes, base_state.pods, services, slices)
-            for node in cluster.nodes:
-                stats = dp.sync(node, state.node_view(node.name))
-                row(n, "sync_s", "full", stats.seconds, "s", node=node.name,
-                    proxy_apply_s=stats.extra["proxy_apply_s"])
-            first, last = state.services[0].cluster_ip, state.services[-1].cluster_ip
-            say(f"{MODE}: probing at {n} services")
-            for repeat in range(repeats):
-                samples = {}
-                for label, ip, port in (("floor", floor_ip, BACKEND_PORT),
-                                        ("first", first, SERVICE_PORT),
-                                        ("last", last, SERVICE_PORT)):
-                    result = in_netns(client_ns, probe, ip, port, count=latency_count)
-                    ok = [s.latency_us for s in result.samples if s.outcome == "ok"]
-                    samples[label] = percentile(ok, 0.5)
-                    metric = "floor_conn_latency_us" if label == "floor" else f"conn_latency_us:{label}"
-                    row(n, metric, "p50", samples[label], "us", repeat, target=ip,
-                        failed=len(result.samples) - len(ok))
-                for label in ("first", "last"):
-                    row(n, f"added_latency_us:{label}", "p50", samples[label] - samples["floor"],
-                        "us", repeat)
-        for node in cluster.nodes:
-            dp.uninstall(node)
+            samples = {}
+            for label, ip, port in (("floor", floor_ip, BACKEND_PORT),
+                                    ("first", first, SERVICE_PORT),
+                                    ("last", last, SERVICE_PORT)):
+                result = in_netns(client_ns, probe, ip, port, count=latency_count)
+                ok = [s.latency_us for s in result.samples if s.outcome == "ok"]
+                samples[label] = percentile(ok, 0.5)
+                metric = "floor_conn_latency_us" if label == "floor" else f"conn_latency_us:{label}"
+                row(n, metric, "p50", samples[label], "us", repeat, target=ip,
+                    failed=len(result.samples) - len(ok))
+            for label in ("first", "last"):
+                row(n, f"added_latency_us:{label}", "p50", samples[label] - samples["floor"],
+                    "us", repeat)
     return rows
 
 

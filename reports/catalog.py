@@ -3,7 +3,8 @@
 bench/metrics.py declares every metric and `catalog()` writes them into run.json under
 `metrics`: a name, a unit, what it measures (`doc`) and how the report shows it (`title`,
 `short`, which way is `better`, the `headline` series, the `floor` a cost stands on, a
-`finding` phrase, a `scorecard` column, what limits its `resolution`). The report spells
+`finding` phrase, a `scorecard` column, what limits its `resolution`, and `verdict`: each
+mode's sentence and the scorecard state its growth verdict). The report spells
 no metric name: everything it knows about a metric comes from here.
 
 A run.json from before a field existed still renders: a metric the catalog does not
@@ -72,6 +73,7 @@ class MetricInfo:
     finding: str = ""
     scorecard: bool = False
     resolution: str = ""
+    verdict: bool = False  # each mode's sentence and the scorecard state its growth verdict
     described: bool = True  # False: not in the catalog at all
 
     @classmethod
@@ -89,7 +91,7 @@ class MetricInfo:
             headline=tuple(str(t) for t in headline) if isinstance(headline, list) else (),
             floor=floor if isinstance(floor, str) and floor else None,
             finding=text("finding"), scorecard=entry.get("scorecard") is True,
-            resolution=text("resolution"))
+            resolution=text("resolution"), verdict=entry.get("verdict") is True)
 
     @property
     def heading(self) -> str:
@@ -207,6 +209,10 @@ class Catalog:
 
     def scorecard(self) -> list[MetricInfo]:
         return [m for m in self.entries.values() if m.scorecard]
+
+    def verdicts(self) -> list[MetricInfo]:
+        """The metrics whose growth verdict every mode's sentence states."""
+        return [m for m in self.entries.values() if m.verdict]
 
     def rank(self, key: str, headline: list[str] = ()) -> tuple:
         """Reading order: the headline series, then the catalog's order, then the rest."""

@@ -62,6 +62,7 @@ class Quote:
     unit: str
     resolution: float = math.nan
     over: Overhead | None = None  # what the Services add over its floor, when it has one
+    fit: dict | None = None  # its growth fit, for the catalog's `verdict` metrics
 
 
 @dataclass
@@ -80,6 +81,7 @@ class ModeSummary:
     checks: dict[str, int] = field(default_factory=dict)
     findings: list[Quote] = field(default_factory=list)  # the catalog's `finding` metrics
     cards: dict[str, Quote] = field(default_factory=dict)  # the catalog's `scorecard` ones
+    growth: list[Quote] = field(default_factory=list)  # the catalog's `verdict` ones, fitted
     passes: dict | None = None  # agreement's growth entry for this kernel and mode
 
     @property
@@ -142,6 +144,11 @@ def summarize_modes(run: Run, fits: pd.DataFrame, agreed: dict | None = None) ->
                 quote = _quote(bench, catalog, info, kernel, mode, rows)
                 if quote:
                     s.cards[info.name] = quote
+            for info in catalog.verdicts():
+                quote = _quote(bench, catalog, info, kernel, mode, rows)
+                if quote:
+                    quote.fit = fit_row(fits, kernel, mode, info.name, quote.stat)
+                    s.growth.append(quote)
             s.failed = int(rows.loc[rows["stat"] == "failed", "value"].sum())
             mc = checks[(checks["kernel"] == kernel) & (checks["mode"] == mode)]
             s.checks = {k: int(v) for k, v in mc["outcome"].value_counts().items()}
@@ -186,6 +193,24 @@ def _finding(q: Quote, max_n: int) -> str | None:
             f"{resolution_note(q.resolution, q.unit)}{at}")
 
 
+def _growth_finding(q: Quote, max_n: int) -> str:
+    """A `verdict` metric in a mode's sentence: its growth verdict, then its value at the
+    largest size; an exponent only for a cost that grows."""
+    words = esc(q.info.phrase)
+    at = f"{esc(fmt_measured(q.value, q.unit, q.resolution))} at {fmt_n(q.n)} Services"
+    fit = q.fit or {}
+    verdict = fit.get("verdict")
+    if verdict == GROWS:
+        return f"{words} {_exponent(fit, q.unit)}, {at}"
+    if verdict == FLAT:
+        why = f"; {esc(fit['why'])}" if fit.get("why") else ""
+        return f"{words} flat, {at}{why}"
+    if verdict == "falls":
+        return f"{words} flat, {at} (it fell as Services were added: drift)"
+    note = fit.get("note") or ("measured at one size" if not fit else "the fit has no interval")
+    return f"{words} {at} (no growth verdict: {esc(note)})"
+
+
 def headline(s: ModeSummary, several_kernels: bool, catalog: Catalog | None = None) -> str:
     """One sentence per mode, written from the data, with one growth verdict."""
     catalog = catalog or Catalog()
@@ -227,6 +252,7 @@ def headline(s: ModeSummary, several_kernels: bool, catalog: Catalog | None = No
     if not math.isfinite(s.latency) and s.sizes == 1:
         parts.append("measured at one size only (the table under the charts)")
     parts.extend(p for p in (_finding(q, s.max_n) for q in s.findings) if p)
+    parts.extend(_growth_finding(q, s.max_n) for q in s.growth)
     if s.failed:
         parts.append(f"<span class='bad'>{s.failed} failed connections</span>")
     if s.checks:
@@ -309,10 +335,14 @@ def scorecard(summaries: list[ModeSummary], several_kernels: bool,
         described = [m for m in catalog.entries.values() if m.headline]
         cost = _header(described[0], "p50", described[0].unit) if described else "cost"
     cards = [m for m in catalog.scorecard() if any(m.name in s.cards for s in summaries)]
+    grown = [m for m in catalog.verdicts() if any(q.info.name == m.name for s in summaries
+                                                  for q in s.growth)]
     head = ["mode", *(["kernel"] if several_kernels else []), "largest N", cost,
             "over floor", "growth",
             *(_header(m, next(s.cards[m.name].stat for s in summaries if m.name in s.cards),
                       m.unit) for m in cards),
+            *(f"<span title='{esc(with_unit(m.heading, m.unit))}'>{esc(m.phrase)}: growth</span>"
+              for m in grown),
             "conformance"]
     rows = []
     for s in summaries:
@@ -324,9 +354,12 @@ def scorecard(summaries: list[ModeSummary], several_kernels: bool,
                 if math.isfinite(s.latency) and math.isfinite(s.floor) else "–")
         card = [fmt(s.cards[m.name].value, s.cards[m.name].unit) if m.name in s.cards else "–"
                 for m in cards]
+        fitted = {q.info.name: q for q in s.growth}
+        verdicts = [growth_cell(fitted[m.name].fit or {}) if m.name in fitted else "–"
+                    for m in grown]
         cells = [f"<b>{esc(s.mode)}</b>", *([esc(s.kernel)] if several_kernels else []),
                  fmt_n(s.max_n) if s.max_n else "–", fmt(s.latency, s.unit), over, growth,
-                 *card, f"<span class='{conf_cls}'>{conf}</span>"]
+                 *card, *verdicts, f"<span class='{conf_cls}'>{conf}</span>"]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return ("<table class='score'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
             + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")

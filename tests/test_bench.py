@@ -78,6 +78,9 @@ def spec(*argv: str):
     (["--metrics", "conn_latency_us,vibes"], "--metrics"),
     (["--load-seconds", "fast"], "--load-seconds"),
     (["--backend", "ebtables"], "--backend"),
+    (["--churn", "10,lots"], "--churn"),
+    (["--churn", "0"], "--churn"),
+    (["--churn-seconds", "0.1"], "--churn-seconds"),
 ])
 def test_bad_spec_names_the_flag(argv, flag):
     with pytest.raises(BenchSpecError) as info:
@@ -96,8 +99,15 @@ def test_spec_sorts_sizes_and_defaults_to_every_mode():
 def test_presets_fill_only_the_flags_not_given():
     nightly = spec("--preset", "nightly", "--repeats", "2")
     assert nightly.sizes[-1] == 30_000 and nightly.count == 1000 and nightly.repeats == 2
-    assert spec().sizes == [1, 10, 100, 1000, 5000, 10000]
-    with pytest.raises(BenchSpecError, match=r"^--preset must be one of bench, nightly"):
+    assert nightly.churn == [1000, 10000] and nightly.churn_seconds == 30
+    assert spec().sizes == [1, 10, 100, 1000, 5000, 10000] and spec().churn == [1000, 10000]
+    quick = spec("--preset", "quick")
+    assert quick.sizes[-1] <= 1000 and quick.repeats == 1 and quick.churn == [100]
+    # a hand-picked sweep churns only when asked to
+    assert spec("--services", "1,10").churn == []
+    assert spec("--services", "1,10", "--churn", "100", "--churn-seconds", "2").churn == [100]
+    assert spec("--churn", "none").churn == []
+    with pytest.raises(BenchSpecError, match=r"^--preset must be one of bench, nightly, quick"):
         spec("--preset", "weekly")
 
 
@@ -127,6 +137,19 @@ def test_spread_flags_repeats_more_than_5_percent_apart():
     assert spread(rows_for([1.0, 100.0], stat="p99")) == [] and spread(rows_for([1.0])) == []
     lines = summary_lines(rows_for([400.0, 460.0, 405.0], target="first"), noisy)
     assert lines[0]["1st"] == 405.0 and lines[0]["noisy"] == ["1st"]
+
+
+def test_the_summary_gives_each_mode_s_churn_percentiles_and_failures():
+    from bench.runner import churn_lines
+
+    stats = (("p50", 0.09), ("p90", 0.14), ("p99", 0.27), ("failed", 2), ("unprogrammed", 1))
+    rows = [Row("ebpf", "6.18", n, "churn_programming_latency_s", stat, value * k, "s", 0,
+                {"rate": 20.0}) for n, k in ((1000, 1), (10000, 2)) for stat, value in stats]
+    assert churn_lines(rows) == [
+        "ebpf churn (programming latency, 20 changes/s): 1,000: p50/p90/p99 90/140/270 ms, "
+        "2 failed connections, 1 unprogrammed; 10,000: p50/p90/p99 180/280/540 ms, "
+        "4 failed connections, 2 unprogrammed"]
+    assert churn_lines(rows_for([400.0])) == []
 
 
 def test_repeats_are_passes_up_and_down_the_sizes():
@@ -203,6 +226,23 @@ def test_tiny_real_sweep_writes_the_run_folder(tmp_path):
         assert len([r for r in programming if r["stat"] == "value" and r["value"] > 0]) == 2
     # more Services, more rules: the count is what the mode wrote, not a constant
     assert by[("rules", 10, "", "count")][0]["value"] > by[("rules", 1, "", "count")][0]["value"]
+    for n in (1, 10):
+        # one change went through ServiceProxy.apply: node1's own sync time, both nodes synced
+        for r in by[("sync_one_s", n, "", "value")]:
+            assert 0 < r["value"] <= r["extra"]["apply_s"] and r["extra"]["synced"] == ["node1", "node2"]
+        # the same objects again (once per size): the tracker found nothing changed, no node
+        # was synced
+        noop = by[("sync_noop_s", n, "", "value")] + by[("sync_noop_s", n, "", "one")]
+        assert len(noop) == 2 and all(r["value"] > 0 and r["extra"]["synced"] == [] for r in noop)
+        # a resync of unchanged state: a sync of each node, node1's time recorded
+        for r in by[("resync_s", n, "", "value")]:
+            assert r["value"] > 0 and set(r["extra"]["per_node"]) == {"node1", "node2"}
+    # the catalog describes every metric the rows hold, churn's too
+    described = {m["name"] for m in meta["metrics"]}
+    assert {r["metric"] for r in rows} <= described
+    assert {"sync_noop_s", "resync_s", "churn_programming_latency_s"} <= described
+    assert next(m for m in meta["metrics"] if m["name"] == "sync_one_s")["verdict"] is True
+    assert meta["args"]["churn"] == []  # --services given, no --churn: none
     # the floor is measured at every size in every pass, at the same moments as the Services
     floors = [r for r in rows if r["metric"] == "floor_conn_latency_us" and r["stat"] == "p50"]
     assert sorted((r["n_services"], r["repeat"]) for r in floors) == [(1, 0), (1, 1), (10, 0), (10, 1)]
@@ -350,5 +390,8 @@ def test_mode_benches_add_their_rows_to_the_run_folder(tmp_path):
     assert full["value"] > 0 and full["extra"]["full"] and full["extra"]["changed"] > 100
     assert all(0 < r["extra"]["changed"] < 10 for r in by_stat["one_changed"])
     assert by_stat["unchanged"][0]["extra"]["changed"] == 0
-    assert read_json(folder / "run.json")["mode_benches"]["nftables"]["status"] == "done"
+    # each value is the mode's own sync time, within the ServiceProxy call that made it
+    assert all(0 < r["value"] <= r["extra"]["call_s"] for r in mine)
+    status = read_json(folder / "run.json")["mode_benches"]["nftables"]
+    assert status["status"] == "done" and status["tracker_build_s"]["100"] >= 0
     assert "nftables" in result.stdout and "sync_s" in result.stdout

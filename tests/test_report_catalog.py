@@ -30,6 +30,8 @@ MADE_UP = [
      "finding": "widget flux", "scorecard": True, "better": "lower"},
     {"name": "gadget_count", "unit": "gadgets", "title": "Gadgets left behind",
      "doc": "Gadgets a sync leaves behind, counted once."},
+    {"name": "rewire_ms", "unit": "ms", "title": "Rewiring one widget", "short": "rewire",
+     "doc": "One widget rewired among N.", "verdict": True},
 ]
 
 
@@ -50,6 +52,11 @@ def made_up_rows() -> list[dict]:
                 rows.append(dict(mode=mode, kernel="6.18.0", n_services=n, metric="widget_flux_ms",
                                  stat="value", value=12.0 + rep * 0.01, unit="ms", repeat=rep,
                                  target="", when=""))
+                # alpha rewires in O(N), beta in O(1)
+                rows.append(dict(mode=mode, kernel="6.18.0", n_services=n, metric="rewire_ms",
+                                 stat="value", value=round(5 + slope * n * 0.1
+                                                           + abs(rng.normal(0, 0.05)), 3),
+                                 unit="ms", repeat=rep, target="", when=""))
         rows.append(dict(mode=mode, kernel="6.18.0", n_services=1000, metric="gadget_count",
                          stat="count", value=7, unit="gadgets", repeat=0, target="", when=""))
     return rows
@@ -86,9 +93,20 @@ def test_a_made_up_metric_renders_with_its_catalog_title_and_unit(tmp_path):
                      r"\(one hop through the proxy, p50", findings), findings
     assert "growing as N" in findings and "widget flux 12.0 ms" in findings
     assert "Fastest: beta" in findings
+    # a `verdict` metric: every mode's sentence states its growth, an exponent only if it grows
+    alpha, beta = findings.split(" beta at ")
+    assert re.search(r"rewire growing as N [\d.]+ \(95 % CI [\d.]+–[\d.]+\), .* at 1,000 "
+                     r"Services", alpha), alpha
+    assert re.search(r"rewire flat, 5\.\d+ ms at 1,000 Services", beta), beta
+    assert "rewire growing" not in beta
     score = page.split("<table class='score'>")[1].split("</table>")[0]
     assert ">hop p50<" in score and ">widget flux<" in score
     assert "title='Widget flux settling time (ms): How long" in score
+    heads = [re.sub(r"<[^>]+>", "", h) for h in re.findall(r"<th>(.*?)</th>", score)]
+    column = heads.index("rewire: growth")
+    cells = {re.sub(r"<[^>]+>", "", c[0]): c[column] for c in
+             (re.findall(r"<td>(.*?)</td>", row) for row in score.split("<tr>")[2:])}
+    assert "N<sup>" in cells["alpha"] and re.sub(r"<[^>]+>", "", cells["beta"]) == "flat"
     # a metric measured at one size: the table shows its title and unit
     single = page.split("<table class='single'>")[1].split("</table>")[0]
     assert "Gadgets left behind</span> <span class='muted'>count, gadgets</span>" in single
