@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.sweep import Row, percentile
+from bench.sweep import NAMESPACE_SCOPED, Row, percentile
 from bench.synthetic import (
     BACKEND_PORT,
     NAMESPACE,
@@ -361,7 +361,8 @@ def run_churn(mode: str, n: int, seconds: float, *, rate: float = RATE, dp: Any 
             say(f"{mode}: churn: programming {n:,} Services on {NODES} nodes")
             t0 = time.perf_counter()
             proxy.install()
-            proxy.replace(services=services, slices=slices)
+            proxy.replace(services=services, slices=slices,
+                          side_by_side=mode in NAMESPACE_SCOPED)
             setup_s = time.perf_counter() - t0
             for client in clients:
                 probers.append(Prober(client.node_name,
@@ -418,7 +419,9 @@ def run_churn(mode: str, n: int, seconds: float, *, rate: float = RATE, dp: Any 
                 start_ns = time.perf_counter_ns()
                 for change in batch:
                     change.apply_ns = start_ns
-                synced = proxy.apply(slices=changed)
+                # Every node runs its own proxy: the nodes sync at once, where the mode's
+                # state is all inside each node's namespace.
+                synced = proxy.apply(slices=changed, side_by_side=mode in NAMESPACE_SCOPED)
                 applies.append({"start_ns": start_ns,
                                 "seconds": (time.perf_counter_ns() - start_ns) / 1e9,
                                 "changes": len(batch),

@@ -258,7 +258,8 @@ class Bench:
         ones past n-1 removed (one ServiceProxy.replace)."""
         services, slices = synthetic_services(n, self.pool, self.cfg.endpoints,
                                               NODEPORT_EVERY, AFFINITY_EVERY, BACKEND_PORT)
-        stats = self.proxy.replace(services=services, slices=slices)
+        stats = self.proxy.replace(services=services, slices=slices,
+                                   side_by_side=self.mode in NAMESPACE_SCOPED)
         self._given, self.slices = services, slices
         self.services = [self.tracker.services[s.key] for s in services]
         self.n = n

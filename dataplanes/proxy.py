@@ -18,6 +18,7 @@ full syncs.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dataplanes.base import Dataplane, FullSyncNeeded, NodeHandle, SyncStats
@@ -93,25 +94,36 @@ class ServiceProxy:
 
     def apply(self, *, pods: Iterable[Pod] = (), services: Iterable[Service] = (),
               slices: Iterable[EndpointSlice] = (), delete_pods: Iterable[Any] = (),
-              delete_services: Iterable[Any] = (), delete_slices: Iterable[Any] = ()
-              ) -> list[SyncStats]:
+              delete_services: Iterable[Any] = (), delete_slices: Iterable[Any] = (),
+              side_by_side: bool = False) -> list[SyncStats]:
         """Change the desired state; sync the nodes whose views changed (and nodes never
-        synced since install). StateError, with nothing changed, for a change refused."""
+        synced since install). StateError, with nothing changed, for a change refused.
+
+        `side_by_side`: sync the nodes on threads at once, for a mode whose state is all
+        inside each node's namespace (each node's iptables-restore or nft then runs on its
+        own core); timings of one node's sync are cleaner one node at a time."""
         changes = self.tracker.apply(pods=pods, services=services, slices=slices,
                                      delete_pods=delete_pods, delete_services=delete_services,
                                      delete_slices=delete_slices)
-        return [self._sync(node, changes[node.name]) for node in self.installed
-                if changes[node.name] or node.name in self._fresh]
+        due = [node for node in self.installed if changes[node.name] or node.name in self._fresh]
+        return self._each(due, lambda node: self._sync(node, changes[node.name]), side_by_side)
+
+    def _each(self, nodes: list[NodeHandle], fn, side_by_side: bool) -> list[SyncStats]:
+        if not side_by_side or len(nodes) < 2:
+            return [fn(node) for node in nodes]
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            return list(pool.map(fn, nodes))
 
     def replace(self, *, services: Iterable[Service] = (), slices: Iterable[EndpointSlice] = (),
-                pods: Iterable[Pod] | None = None) -> list[SyncStats]:
+                pods: Iterable[Pod] | None = None, side_by_side: bool = False
+                ) -> list[SyncStats]:
         """Make these the only Services and EndpointSlices (and pods, when given)."""
         services, slices = list(services), list(slices)
         keep_svcs = {s.key for s in services}
         keep_slices = {s.key for s in slices}
         gone_slices = [sl.key for sl in self.tracker.given_slices() if sl.key not in keep_slices]
         kwargs: dict[str, Any] = {
-            "services": services, "slices": slices,
+            "services": services, "slices": slices, "side_by_side": side_by_side,
             "delete_services": [k for k in self.tracker.services if k not in keep_svcs],
             "delete_slices": gone_slices,
         }
@@ -122,9 +134,10 @@ class ServiceProxy:
             kwargs["delete_pods"] = [k for k in self.tracker.pods if k not in keep_pods]
         return self.apply(**kwargs)
 
-    def resync(self) -> list[SyncStats]:
+    def resync(self, side_by_side: bool = False) -> list[SyncStats]:
         """A full sync of every installed node (repairs what others removed)."""
-        return [self._sync(node, None) for node in self.installed]
+        return self._each(list(self.installed), lambda node: self._sync(node, None),
+                          side_by_side)
 
     # ------------------------------------------------------------------ syncing
 
