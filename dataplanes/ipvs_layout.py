@@ -16,6 +16,7 @@ state.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -178,13 +179,18 @@ class NodeFacts:
 class PortLayout:
     """What one Service port puts on its node (duplicates kept: each is counted once)."""
 
-    servers: list[tuple[VirtualServer, Dests]] = field(default_factory=list)
+    servers: list[tuple[VsKey, VirtualServer, Dests]] = field(default_factory=list)
     members: list[Member] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)  # on kube-ipvs0 (and KUBE-IPVS-IPS)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _real_server(ip: str, port: int) -> RealServer:
+    return RealServer(ip, port)  # one object per endpoint: 30,000 ports share a few hundred
+
+
 def _dests(endpoints: Sequence[EndpointView]) -> Dests:
-    return {(e.ip, e.port): RealServer(e.ip, e.port) for e in endpoints}
+    return {(e.ip, e.port): _real_server(e.ip, e.port) for e in endpoints}
 
 
 def port_layout(sp: ServicePortView, node: NodeFacts,
@@ -197,15 +203,15 @@ def port_layout(sp: ServicePortView, node: NodeFacts,
     persistence = sp.affinity_timeout_s or 0
     servers, members, addresses = out.servers, out.members, out.addresses
 
-    def vs(ip: str, port: int) -> VirtualServer:
-        return VirtualServer(sp.protocol, ip, port, scheduler, persistence)
+    def vs(ip: str, port: int) -> tuple[VsKey, VirtualServer]:
+        return (sp.protocol, ip, port), VirtualServer(sp.protocol, ip, port, scheduler, persistence)
 
     cluster_entry = f"{sp.cluster_ip},{proto}:{sp.port}"
     if sp.internal_traffic_filter == DROP:
         # No virtual server: IPVS would answer it; the VIP stays local for the DROP rule.
         members.append((KUBE_DROP_CLUSTER_IP, cluster_entry))
     else:
-        servers.append((vs(sp.cluster_ip, sp.port), _dests(sp.internal_endpoints)))
+        servers.append((*vs(sp.cluster_ip, sp.port), _dests(sp.internal_endpoints)))
     addresses.append(sp.cluster_ip)
     members.append((KUBE_CLUSTER_IP, cluster_entry))
     for ip, port in {(e.ip, e.port): None for e in sp.all_reachable_endpoints}:
@@ -218,7 +224,7 @@ def port_layout(sp: ServicePortView, node: NodeFacts,
     local_eip = KUBE_EXTERNAL_IP_LOCAL if sp.external_policy_local else KUBE_EXTERNAL_IP
     for eip in sp.external_ips:
         entry = f"{eip},{proto}:{sp.port}"
-        servers.append((vs(eip, sp.port), external))
+        servers.append((*vs(eip, sp.port), external))
         addresses.append(eip)
         members.append((local_eip, entry))
         if dropped:
@@ -231,7 +237,7 @@ def port_layout(sp: ServicePortView, node: NodeFacts,
                            for net in sp.load_balancer_source_ranges)
         for lbip in sp.load_balancer_ips:
             entry = f"{lbip},{proto}:{sp.port}"
-            servers.append((vs(lbip, sp.port), external))
+            servers.append((*vs(lbip, sp.port), external))
             addresses.append(lbip)
             members.append((KUBE_LOAD_BALANCER, entry))
             if sp.external_policy_local:
@@ -247,7 +253,7 @@ def port_layout(sp: ServicePortView, node: NodeFacts,
                     members.append((KUBE_LOAD_BALANCER_SOURCE_IP, f"{entry},{lbip}"))
     if sp.node_port is not None:
         for node_ip in node.node_ips:
-            servers.append((vs(node_ip, sp.node_port), external))
+            servers.append((*vs(node_ip, sp.node_port), external))
             if dropped:
                 members.append((KUBE_DROP_EXTERNAL, f"{node_ip},{proto}:{sp.node_port}"))
         if proto == "tcp":
@@ -370,6 +376,27 @@ class LayoutDelta:
 _Claim = tuple[tuple[str, str, int], VirtualServer, Dests]  # view order, server, dests
 
 
+class _Before:
+    """What a change found before touching them: each virtual server (with its real
+    servers, or None), ipset member and VIP it touched (True: held)."""
+
+    def __init__(self) -> None:
+        self.servers: dict[VsKey, tuple[VirtualServer, Dests] | None] = {}
+        self.members: dict[Member, bool] = {}
+        self.addresses: dict[str, bool] = {}
+
+    def note(self, mirror: LayoutMirror, layout: PortLayout) -> None:
+        for vkey, _, _ in layout.servers:
+            if vkey not in self.servers:
+                self.servers[vkey] = mirror.server(vkey)
+        for member in layout.members:
+            if member not in self.members:
+                self.members[member] = member in mirror.members
+        for ip in layout.addresses:
+            if ip not in self.addresses:
+                self.addresses[ip] = ip in mirror.addresses
+
+
 class LayoutMirror:
     """One node's layout kept by Service port (see the module's docstring).
 
@@ -385,7 +412,7 @@ class LayoutMirror:
         self.claims: dict[VsKey, dict[ViewKey, _Claim]] = {}
         self.members: dict[Member, int] = {}  # ipset member -> how many claims
         self.addresses: dict[str, int] = {}  # VIP -> how many claims
-        self.set_sizes: dict[str, int] = {s.name: 0 for s in IPSETS}
+        self.set_sizes: dict[str, int] = {s.name: 0 for s in IPSETS}  # members held per set
         self.real_servers = 0  # of the virtual servers held
 
     @classmethod
@@ -394,6 +421,8 @@ class LayoutMirror:
         mirror = cls(NodeFacts.of(view), scheduler)
         for sp in view.services:
             mirror._claim(view_key(sp), sp)
+        for name, _ in mirror.members:
+            mirror.set_sizes[name] += 1
         mirror.real_servers = sum(len(mirror._holder(c)[2]) for c in mirror.claims.values())
         return mirror
 
@@ -407,8 +436,7 @@ class LayoutMirror:
             out.services[key] = vs
             out.dests[key] = dict(dests)
         out.addresses = set(self.addresses)
-        for name, entry in self.members:
-            out.ipsets[name].add(entry)
+        out.ipsets = self.ipsets()
         return out
 
     def ipsets(self) -> dict[str, set[str]]:
@@ -422,6 +450,7 @@ class LayoutMirror:
         return tuple(self.set_sizes[s.name] for s in IPSETS)
 
     def server(self, key: VsKey) -> tuple[VirtualServer, Dests] | None:
+        """The virtual server held at `key` and its real servers; None when none is."""
         claims = self.claims.get(key)
         if not claims:
             return None
@@ -439,92 +468,70 @@ class LayoutMirror:
     def change(self, updated: Mapping[ViewKey, ServicePortView],
                removed: Iterable[ViewKey] = ()) -> LayoutDelta:
         """Apply ports updated (new or changed) and removed; the difference they make."""
-        servers: dict[VsKey, tuple[VirtualServer, Dests] | None] = {}  # before, per touched
-        members: dict[Member, bool] = {}  # held before, per touched
-        addresses: dict[str, bool] = {}
+        before = _Before()
         for key in removed:
-            self._retract(key, servers, members, addresses)
+            self._retract(key, before)
         for key, sp in updated.items():
             held = self.ports.get(key)
             if held is not None and held[0] == sp:
                 continue
-            self._retract(key, servers, members, addresses)
-            self._claim(key, sp, servers, members, addresses)
+            self._retract(key, before)
+            self._claim(key, sp, before)
         delta = LayoutDelta()
-        for vkey, before in servers.items():
-            after = self.server(vkey)
-            if before != after:
-                delta.ipvs.server(before, after)
-                self.real_servers += (len(after[1]) if after else 0) - (
-                    len(before[1]) if before else 0)
-        for member, was in members.items():
-            now = member in self.members
+        for vkey, was in before.servers.items():
+            now = self.server(vkey)
             if now != was:
-                (delta.add_members if now else delta.delete_members).append(member)
-                self.set_sizes[member[0]] += 1 if now else -1
-        for ip, was in addresses.items():
-            now = ip in self.addresses
-            if now != was:
-                (delta.add_addresses if now else delta.delete_addresses).append(ip)
+                delta.ipvs.server(was, now)
+                self.real_servers += (len(now[1]) if now else 0) - (len(was[1]) if was else 0)
+        for member, was in before.members.items():
+            if (member in self.members) != was:
+                (delta.delete_members if was else delta.add_members).append(member)
+                self.set_sizes[member[0]] += -1 if was else 1
+        for ip, was in before.addresses.items():
+            if (ip in self.addresses) != was:
+                (delta.delete_addresses if was else delta.add_addresses).append(ip)
         return delta
 
-    def _claim(self, key: ViewKey, sp: ServicePortView,
-               servers: dict | None = None, members: dict | None = None,
-               addresses: dict | None = None) -> None:
+    def _claim(self, key: ViewKey, sp: ServicePortView, before: _Before | None = None) -> None:
         layout = port_layout(sp, self.node, self.scheduler)
+        if before is not None:
+            before.note(self, layout)
         self.ports[key] = (sp, layout)
         order = view_order(sp)
-        for vs, dests in layout.servers:
-            claims = self.claims.get(vs.key)
-            if servers is not None and vs.key not in servers:
-                servers[vs.key] = None if claims is None else self.server(vs.key)
-            if claims is None:
-                claims = self.claims[vs.key] = {}
-            claims[key] = (order, vs, dests)
+        claims = self.claims
+        for vkey, vs, dests in layout.servers:
+            held = claims.get(vkey)
+            if held is None:
+                claims[vkey] = {key: (order, vs, dests)}
+            else:
+                held[key] = (order, vs, dests)
         refs = self.members
         for member in layout.members:
-            n = refs.get(member, 0)
-            if members is not None and member not in members:
-                members[member] = n > 0
-            if n == 0 and members is None:
-                self.set_sizes[member[0]] += 1
-            refs[member] = n + 1
+            refs[member] = refs.get(member, 0) + 1
+        addresses = self.addresses
         for ip in layout.addresses:
-            n = self.addresses.get(ip, 0)
-            if addresses is not None and ip not in addresses:
-                addresses[ip] = n > 0
-            self.addresses[ip] = n + 1
+            addresses[ip] = addresses.get(ip, 0) + 1
 
-    def _retract(self, key: ViewKey, servers: dict, members: dict, addresses: dict) -> None:
+    def _retract(self, key: ViewKey, before: _Before) -> None:
         held = self.ports.pop(key, None)
         if held is None:
             return
         layout = held[1]
-        for vs, _ in layout.servers:
-            if vs.key not in servers:
-                servers[vs.key] = self.server(vs.key)
-            claims = self.claims.get(vs.key)
+        before.note(self, layout)
+        for vkey, _, _ in layout.servers:
+            claims = self.claims.get(vkey)
             if claims is not None:  # None: a port naming one address twice, gone already
                 claims.pop(key, None)
                 if not claims:
-                    del self.claims[vs.key]
-        refs = self.members
-        for member in layout.members:
-            n = refs[member]
-            if member not in members:
-                members[member] = True
-            if n == 1:
-                del refs[member]
-            else:
-                refs[member] = n - 1
-        for ip in layout.addresses:
-            n = self.addresses[ip]
-            if ip not in addresses:
-                addresses[ip] = True
-            if n == 1:
-                del self.addresses[ip]
-            else:
-                self.addresses[ip] = n - 1
+                    del self.claims[vkey]
+        for counts, things in ((self.members, layout.members),
+                               (self.addresses, layout.addresses)):
+            for thing in things:
+                n = counts[thing]
+                if n == 1:
+                    del counts[thing]
+                else:
+                    counts[thing] = n - 1
 
 
 def desired_layout(view: NodeView, scheduler: str = DEFAULT_SCHEDULER) -> IpvsLayout:
