@@ -60,6 +60,7 @@ from dataplanes.ipvs_layout import (
     KUBE_IPVS_IF,
     SCHEDULERS,
     LayoutMirror,
+    NodeFacts,
     desired_layout,
     ipset_restore,
     parse_ipset_save,
@@ -203,9 +204,32 @@ class IpvsDataplane:
     def sync(self, node: NodeHandle, view: NodeView) -> SyncStats:
         started = time.perf_counter()
         full = node.netns not in self._synced
-        # Forgotten until this sync succeeds: an update meanwhile asks for a full sync.
-        known = self._nodes.pop(node.netns, None)
-        mirror = LayoutMirror.of(view, self.scheduler)
+        known = self._nodes.get(node.netns)
+        synced_before = known is not None
+        facts = NodeFacts.of(view)
+        if known is None or known.mirror.node != facts:
+            known = _Node(LayoutMirror(facts, self.scheduler), replace(view, services=()),
+                          dirty=True)  # holds nothing yet: the kernel's sets are read
+            self._nodes[node.netns] = known
+        mirror = known.mirror
+        # The sets as our last writes left them, trusted below while their counts match.
+        trusted = None if known.dirty else (mirror.set_counts(), mirror.ipsets())
+        # The mirror follows the view by the ports that differ (the tracker hands the same
+        # objects again for the ones that did not), so a sync costs one look per port.
+        updated: dict[ViewKey, ServicePortView] = {}
+        before: dict[ViewKey, ServicePortView] = {}
+        seen = set()
+        for sp in view.services:
+            key = view_key(sp)
+            seen.add(key)
+            held = mirror.ports.get(key)
+            if held is None:
+                updated[key] = sp
+            elif held[0] is not sp and held[0] != sp:
+                updated[key], before[key] = sp, held[0]
+        removed = [key for key in mirror.ports if key not in seen]
+        known.dirty = True  # until this sync succeeds: an update meanwhile asks for a full sync
+        mirror.change(updated, removed)
         layout = mirror.layout()
         ipvs = node.call(sync_ipvs, layout)
         if ipvs["failures"]:
@@ -213,18 +237,20 @@ class IpvsDataplane:
             more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
             raise DataplaneError(f"IPVS refused {len(failures)} changes on {node.name}: "
                                  f"{'; '.join(failures[:5])}{more}")
-        trusted = known.mirror if known is not None and not known.dirty else None
         set_changes = self._sync_ipsets(node, layout.ipsets, trusted)
         rules_written = self._sync_iptables(node, view.cluster_cidr)
         commands = self._udp_dest_deletes(ipvs["removed_dests"])
-        if known is not None:
-            commands += self._udp_frontend_deletes(known.mirror, view)
+        if synced_before:
+            for key, sp in updated.items():
+                if sp.protocol == "UDP":
+                    commands += untranslated_udp_flow_deletes(before.get(key), sp)
         flushed = self._run_deletes(node, commands)
         healthcheck.sync(node, view)
         self._synced.add(node.netns)
-        self._nodes[node.netns] = _Node(
-            mirror, replace(view, services=()),
-            {view_key(sp): sp for sp in view.services if sp.health_check_node_port is not None})
+        known.view = replace(view, services=())
+        known.health = {view_key(sp): sp for sp in view.services
+                        if sp.health_check_node_port is not None}
+        known.dirty = False
         changed = (ipvs["messages"] + set_changes + ipvs["addresses_added"]
                    + ipvs["addresses_removed"])
         return SyncStats(
@@ -371,19 +397,19 @@ class IpvsDataplane:
     @staticmethod
     def _object_count(mirror: LayoutMirror) -> int:
         """Virtual servers, real servers and ipset members held."""
-        return len(mirror.claims) + mirror.real_servers + sum(mirror.set_sizes.values())
+        return len(mirror.claims) + mirror.real_servers + sum(mirror.set_counts())
 
     def _sync_ipsets(self, node: NodeHandle, want: dict[str, set[str]] | None,
-                     known: LayoutMirror | None) -> int:
+                     known: tuple[tuple[int, ...], dict[str, set[str]]] | None) -> int:
         """Apply the members that differ; want None only creates the sets that are missing.
 
-        `known`: what our last writes left (a mirror); trusted while the sets' element counts
-        match it, else `ipset save` reads what the kernel holds."""
+        `known`: (element counts, members) as our last writes left them; trusted while the
+        kernel's counts match, else `ipset save` reads what the kernel holds."""
         have = None
         if known is not None:
             fingerprint = node.call(ipset_fingerprint)
-            if fingerprint is not None and fingerprint == known.set_counts():
-                have = known.ipsets()
+            if fingerprint is not None and fingerprint == known[0]:
+                have = known[1]
         if have is None:
             res = node.call(run, ["ipset", "save"])
             if res.returncode != 0:
@@ -453,17 +479,6 @@ class IpvsDataplane:
         return [["conntrack", "-D", "-p", "udp", "--orig-dst", vip, "--orig-port-dst",
                  str(port), "--reply-src", ep_ip, "--reply-port-src", str(ep_port)]
                 for vip, port, proto, ep_ip, ep_port in removed if proto == "UDP"]
-
-    @staticmethod
-    def _udp_frontend_deletes(old: LayoutMirror, new: NodeView) -> list[list[str]]:
-        commands: list[list[str]] = []
-        for sp in new.services:
-            if sp.protocol == "UDP":
-                held = old.ports.get(view_key(sp))
-                before = held[0] if held is not None else None
-                if before is not sp and before != sp:
-                    commands += untranslated_udp_flow_deletes(before, sp)
-        return commands
 
     @staticmethod
     def _run_deletes(node: NodeHandle, commands: list[list[str]]) -> int:

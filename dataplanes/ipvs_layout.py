@@ -391,7 +391,7 @@ class _Before:
                 self.servers[vkey] = mirror.server(vkey)
         for member in layout.members:
             if member not in self.members:
-                self.members[member] = member in mirror.members
+                self.members[member] = member[1] in mirror.sets[member[0]]
         for ip in layout.addresses:
             if ip not in self.addresses:
                 self.addresses[ip] = ip in mirror.addresses
@@ -410,9 +410,9 @@ class LayoutMirror:
         self.ports: dict[ViewKey, tuple[ServicePortView, PortLayout]] = {}
         # Virtual server -> the ports claiming it; the last in view order holds it.
         self.claims: dict[VsKey, dict[ViewKey, _Claim]] = {}
-        self.members: dict[Member, int] = {}  # ipset member -> how many claims
-        self.addresses: dict[str, int] = {}  # VIP -> how many claims
-        self.set_sizes: dict[str, int] = {s.name: 0 for s in IPSETS}  # members held per set
+        # ipset -> member -> how many claims; VIP -> how many claims
+        self.sets: dict[str, dict[str, int]] = {s.name: {} for s in IPSETS}
+        self.addresses: dict[str, int] = {}
         self.real_servers = 0  # of the virtual servers held
 
     @classmethod
@@ -421,9 +421,6 @@ class LayoutMirror:
         mirror = cls(NodeFacts.of(view), scheduler)
         for sp in view.services:
             mirror._claim(view_key(sp), sp)
-        for name, _ in mirror.members:
-            mirror.set_sizes[name] += 1
-        mirror.real_servers = sum(len(mirror._holder(c)[2]) for c in mirror.claims.values())
         return mirror
 
     # ------------------------------------------------------------------ reading
@@ -440,14 +437,11 @@ class LayoutMirror:
         return out
 
     def ipsets(self) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {s.name: set() for s in IPSETS}
-        for name, entry in self.members:
-            out[name].add(entry)
-        return out
+        return {name: set(members) for name, members in self.sets.items()}
 
     def set_counts(self) -> tuple[int, ...]:
         """Members per set, in IPSETS order (what the kernel's element counts must be)."""
-        return tuple(self.set_sizes[s.name] for s in IPSETS)
+        return tuple(len(self.sets[s.name]) for s in IPSETS)
 
     def server(self, key: VsKey) -> tuple[VirtualServer, Dests] | None:
         """The virtual server held at `key` and its real servers; None when none is."""
@@ -460,7 +454,8 @@ class LayoutMirror:
     @staticmethod
     def _holder(claims: Mapping[ViewKey, _Claim]) -> _Claim:
         if len(claims) == 1:
-            return next(iter(claims.values()))
+            for claim in claims.values():
+                return claim
         return max(claims.values(), key=lambda c: c[0])
 
     # ------------------------------------------------------------------ changing
@@ -482,11 +477,9 @@ class LayoutMirror:
             now = self.server(vkey)
             if now != was:
                 delta.ipvs.server(was, now)
-                self.real_servers += (len(now[1]) if now else 0) - (len(was[1]) if was else 0)
         for member, was in before.members.items():
-            if (member in self.members) != was:
+            if (member[1] in self.sets[member[0]]) != was:
                 (delta.delete_members if was else delta.add_members).append(member)
-                self.set_sizes[member[0]] += -1 if was else 1
         for ip, was in before.addresses.items():
             if (ip in self.addresses) != was:
                 (delta.delete_addresses if was else delta.add_addresses).append(ip)
@@ -503,11 +496,15 @@ class LayoutMirror:
             held = claims.get(vkey)
             if held is None:
                 claims[vkey] = {key: (order, vs, dests)}
+                self.real_servers += len(dests)
             else:
+                was = len(self._holder(held)[2])
                 held[key] = (order, vs, dests)
-        refs = self.members
-        for member in layout.members:
-            refs[member] = refs.get(member, 0) + 1
+                self.real_servers += len(self._holder(held)[2]) - was
+        sets = self.sets
+        for name, entry in layout.members:
+            refs = sets[name]
+            refs[entry] = refs.get(entry, 0) + 1
         addresses = self.addresses
         for ip in layout.addresses:
             addresses[ip] = addresses.get(ip, 0) + 1
@@ -520,18 +517,27 @@ class LayoutMirror:
         before.note(self, layout)
         for vkey, _, _ in layout.servers:
             claims = self.claims.get(vkey)
-            if claims is not None:  # None: a port naming one address twice, gone already
-                claims.pop(key, None)
-                if not claims:
-                    del self.claims[vkey]
-        for counts, things in ((self.members, layout.members),
-                               (self.addresses, layout.addresses)):
-            for thing in things:
-                n = counts[thing]
-                if n == 1:
-                    del counts[thing]
-                else:
-                    counts[thing] = n - 1
+            if claims is None or key not in claims:
+                continue  # a port naming one address twice: gone already
+            was = len(self._holder(claims)[2])
+            del claims[key]
+            if claims:
+                self.real_servers += len(self._holder(claims)[2]) - was
+            else:
+                del self.claims[vkey]
+                self.real_servers -= was
+        for name, entry in layout.members:
+            _release(self.sets[name], entry)
+        for ip in layout.addresses:
+            _release(self.addresses, ip)
+
+
+def _release(counts: dict[str, int], thing: str) -> None:
+    n = counts[thing]
+    if n == 1:
+        del counts[thing]
+    else:
+        counts[thing] = n - 1
 
 
 def desired_layout(view: NodeView, scheduler: str = DEFAULT_SCHEDULER) -> IpvsLayout:
