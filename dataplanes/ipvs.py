@@ -17,15 +17,18 @@ The mode in modules, each one concern:
 - `dataplanes/ipvs_kernel.py`: the sockets and tools, run inside the node's namespace;
 - this module: the `Dataplane`, which keeps one mirror per node.
 
-A full `sync` reads back what the kernel holds and applies only the difference: virtual and
-real servers and the VIPs over netlink (requests in batches on one socket); ipset members
-and our chains with `ipset save` / `iptables-save`, skipped while a cheap fingerprint shows
-nobody changed them since our last write; the rules are written only when they differ.
-`update` applies a change from the mirror alone, without reading anything back: the
+A full `sync` brings the node's mirror to the view (laying out again only the ports that
+differ from it), reads back what the kernel holds and applies only the difference: virtual
+and real servers and the VIPs over netlink (requests in batches on one socket); ipset
+members and our chains with `ipset save` / `iptables-save`, skipped while a cheap
+fingerprint shows nobody changed them since our last write; the rules are written only when
+they differ. A sync repairs whatever others removed. `update` applies a change from the mirror alone, without reading anything back: the
 changed ports' virtual and real servers, VIPs and ipset members (each in one netlink batch
 in one thread in the node's namespace); the rules depend on the cluster CIDR alone, so an
 update never writes them. A kernel refusal during an update marks the node dirty and asks
-for a full sync (FullSyncNeeded), as does every later update until one has run.
+for a full sync (FullSyncNeeded), as does every later update until one has run. State
+someone else removed is repaired by the next update that touches it (the kernel refuses the
+write, so a full sync follows) or by the next full sync.
 """
 
 from __future__ import annotations
@@ -82,10 +85,12 @@ _PERSISTENCE = (
 class _Node:
     """What the mode remembers of a node between syncs: the kernel's state as we left it."""
 
-    mirror: LayoutMirror  # equals what IPVS, the ipsets and kube-ipvs0 hold
+    mirror: LayoutMirror  # what our writes left in IPVS, the ipsets and on kube-ipvs0
     view: NodeView  # the last full sync's view without its services (addresses, CIDRs)
     health: dict[ViewKey, ServicePortView] = field(default_factory=dict)  # health-check ports
-    dirty: bool = False  # a write failed: the mirror may not hold; the next change syncs all
+    # A write failed or a sync is under way: the kernel may not hold the mirror, so an
+    # update asks for a full sync and a sync reads the sets instead of trusting them.
+    dirty: bool = False
 
 
 class IpvsDataplane:
