@@ -39,7 +39,7 @@ def detach_xdp(dataplane: Dataplane, node: NodeHandle) -> str:
 
 def flush_ipvs(dataplane: Dataplane, node: NodeHandle) -> str:
     """Someone clears IPVS, its ipsets and the nat table (`ipvsadm -C; ipset flush; iptables -t nat -F`)."""
-    from dataplanes.ipvs import IpvsNetlink
+    from dataplanes.ipvs_kernel import IpvsNetlink
 
     flushed = flush_iptables_nat(dataplane, node)
     node.call(lambda: IpvsNetlink().flush())

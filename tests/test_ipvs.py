@@ -19,13 +19,23 @@ from dataclasses import replace
 import pytest
 
 from dataplanes.base import DataplaneError, Host
-from dataplanes.ipvs import (
+from dataplanes.ipvs import IpvsDataplane
+from dataplanes.ipvs_codec import (
     CMD_DEL_SERVICE,
     CMD_NEW_DEST,
     CMD_NEW_SERVICE,
     IPSET_CMD_ADD,
+    changes_to_messages,
+    dest,
+    encode_request,
+    ipset_request,
+    parse_dest,
+    parse_service,
+    service_full,
+)
+from dataplanes.ipvs_kernel import IpvsNetlink
+from dataplanes.ipvs_layout import (
     IPSETS,
-    JUMPS,
     KUBE_CLUSTER_IP,
     KUBE_DROP_CLUSTER_IP,
     KUBE_DROP_EXTERNAL,
@@ -43,26 +53,15 @@ from dataplanes.ipvs import (
     KUBE_NODE_PORT_TCP,
     KUBE_NODE_PORT_UDP,
     IpvsChanges,
-    IpvsDataplane,
     IpvsLayout,
-    IpvsNetlink,
     RealServer,
-    SavedRules,
     VirtualServer,
-    _dest,
-    _parse_dest,
-    _parse_service,
-    _service_full,
-    changes_to_messages,
     desired_layout,
-    encode_request,
-    ipset_request,
     ipset_restore,
-    iptables_payload,
-    iptables_rules,
     ipvs_changes,
     parse_ipset_save,
 )
+from dataplanes.ipvs_rules import JUMPS, SavedRules, iptables_payload, iptables_rules
 from kube.model import (
     AFFINITY_CLIENT_IP,
     POLICY_LOCAL,
@@ -338,9 +337,9 @@ def test_netlink_requests_decode_as_the_kernel_reads_them():
 
 def test_replies_parse_into_what_the_kernel_holds():
     vs = VirtualServer("TCP", "198.19.0.11", 80, "wrr", 0)
-    assert _parse_service(_service_full(vs)) == vs
-    assert _parse_service(_service_full(replace(vs, persistence_s=10800))).persistence_s == 10800
-    assert _parse_dest(_dest(RealServer("198.18.130.3", 8080, 2))) == RealServer("198.18.130.3", 8080, 2)
+    assert parse_service(service_full(vs)) == vs
+    assert parse_service(service_full(replace(vs, persistence_s=10800))).persistence_s == 10800
+    assert parse_dest(dest(RealServer("198.18.130.3", 8080, 2))) == RealServer("198.18.130.3", 8080, 2)
 
 
 def test_ipset_restore_round_trips_through_save():
