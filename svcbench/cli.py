@@ -454,6 +454,11 @@ def _yes(value: bool) -> str:
     return "yes" if value else "no"
 
 
+# Reasons for buffers that had arrived and were freed with their socket's queue: an
+# application's business, not a packet the network lost.
+NOT_IN_FLIGHT = ("QUEUE_PURGE",)
+
+
 def _drop_line(row: dict) -> str:
     ports = (f"{row['src']}:{row['sport']} -> {row['dst']}:{row['dport']}"
              if row["sport"] or row["dport"] else f"{row['src']} -> {row['dst']}")
@@ -505,6 +510,8 @@ def cmd_monitor(args) -> int:
             while not args.duration or time.monotonic() - started < args.duration:
                 time.sleep(0.1)
                 for drop in monitor.take():
+                    if drop.reason in NOT_IN_FLIGHT:
+                        continue
                     where, node = places.get(drop.netns, ("?", None))
                     row = {**drop.as_dict(), "where": where}
                     for name in [node] if node else names:
