@@ -14,7 +14,12 @@ transparent sockets bound to every VIP to answer UDP.
 
 A sync sends the whole table over the proxy's control socket (no restart: established
 connections keep their backend), swaps the ipsets atomically and rewrites the chains, so
-it also repairs rules, sets or a proxy process that someone removed.
+it also repairs rules, sets or a proxy process that someone removed. It also leaves a
+memory of the node (`_Memory`: each Service port's portals, classes and source ranges,
+and the proxy table it matches), on which `update(node, changes)` builds: the proxy gets
+a delta of the changed entries only (applied in place, refused when its table is not the
+one the memory matches), and the sets only the members the changed ports' portals gained
+or lost, with one `ipset restore`; the rules are a fixed handful and never change.
 """
 
 from __future__ import annotations
