@@ -434,13 +434,22 @@ def _program(sets_payload: str, chains: dict[tuple[str, str], list[str]],
     return {"rules": rules, "conntrack_deletes": _delete_udp_flows(flows)}
 
 
-def _program_delta(sets_payload: str, flows: list[list]) -> int:
-    """One node's kernel side of an update: the portal sets' members that changed (one
-    `ipset restore`), the stale flows of UDP portals whose class changed. Returns how many
-    flows were deleted."""
-    if sets_payload:
-        _command(["ipset", "restore"], sets_payload)
-    return _delete_udp_flows(flows)
+def _deliver(payload: bytes, sets_payload: str, timeout: float, settings: list
+             ) -> tuple[dict[str, Any], int | str | None]:
+    """One node's side of an update, on one thread in the node: the delta to the proxy;
+    once it took it (and only then, so portals never point at entries it lacks), the
+    portal sets' members that changed (one `ipset restore`) and the stale flows of UDP
+    portals whose class changed. Returns (the proxy's reply, flows deleted; None when the
+    proxy did not take the delta; the error when the sets refused)."""
+    reply = _control(payload, timeout)
+    if not reply.get("ok") or reply.get("settings") != settings:
+        return reply, None
+    try:
+        if sets_payload:
+            _command(["ipset", "restore"], sets_payload)
+        return reply, _delete_udp_flows(reply.get("udp_changed", []))
+    except DataplaneError as exc:
+        return reply, str(exc)
 
 
 def _delete_udp_flows(flows: list[list]) -> int:
@@ -692,25 +701,23 @@ class UserspaceDataplane:
                 specs.append(spec)
         payload = json.dumps({"op": "delta", "expect": memory.expect, "services": specs,
                               "removed": removed}, separators=(",", ":")).encode()
+        sets_payload = memory.set_changes(before)
         try:
-            reply = node.call(_control, payload, CONTROL_TIMEOUT_S)
+            reply, deleted = node.call(_deliver, payload, sets_payload, CONTROL_TIMEOUT_S,
+                                       self._settings())
         except OSError as exc:
             raise FullSyncNeeded(f"userspace proxy on {node.name}: {exc}") from None
-        if reply.get("stale") or reply.get("settings") != self._settings():
+        if reply.get("stale"):
             raise FullSyncNeeded(f"userspace proxy on {node.name} holds another table: "
-                                 f"{reply.get('error', reply)}")
+                                 f"{reply.get('error')}")
         if not reply.get("ok"):
             raise DataplaneError(f"userspace proxy on {node.name} refused the delta: "
                                  f"{reply.get('error', reply)}")
+        if reply.get("settings") != self._settings():
+            raise FullSyncNeeded(f"userspace proxy on {node.name} runs with other settings")
+        if isinstance(deleted, str):  # someone destroyed the sets: a sync makes them again
+            raise FullSyncNeeded(f"userspace mode on {node.name}: {deleted}")
         memory.expect = [reply["pid"], reply["tables"]]
-        sets_payload = memory.set_changes(before)
-        flows = reply.get("udp_changed", [])
-        deleted = 0
-        if sets_payload or flows:
-            try:
-                deleted = node.call(_program_delta, sets_payload, flows)
-            except DataplaneError as exc:
-                raise FullSyncNeeded(f"userspace mode on {node.name}: {exc}") from None
         if health:
             healthcheck.sync(node, memory.health_view())
         self._memory[node.netns] = memory

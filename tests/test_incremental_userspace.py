@@ -26,6 +26,7 @@ from clusters.netns import NetnsCluster
 from dataplanes.base import FullSyncNeeded, Host
 from dataplanes.proxy import ServiceProxy
 from dataplanes.userspace import (
+    CHAINS,
     SET_FIREWALL,
     SET_FIREWALL_SOURCES,
     SET_REDIRECT,
@@ -243,3 +244,21 @@ def test_a_proxy_restarted_or_fed_by_another_process_makes_update_ask_for_a_sync
     assert stats["node1"].full and stats["node1"].extra["proxy_spawned"]
     assert lab.dp.proxy_pid(node) not in (None, pid)
     assert lab.state()["proxy"]["services"] == []
+
+
+def test_a_set_gone_makes_update_ask_for_a_sync_which_makes_it_again(lab):
+    lab.apply(services=[svc("web", selector=None)], slices=[eps("web", (POD1, "node1", True))])
+    node = lab.node
+    for table, chain in CHAINS:  # someone empties our chains and destroys a set
+        node.run(["iptables-nft", "-t", table, "-F", chain])
+    node.run(["ipset", "destroy", SET_REDIRECT])
+    view = next(iter(lab.tracker.views["node1"].values()))
+    with pytest.raises(FullSyncNeeded):  # the portal's member has no set to leave
+        lab.dp.update(node, NodeChanges("node1", removed={view_key(view): view}))
+    stats = lab.apply(services=[svc("web", selector=None), svc("two", selector=None)],
+                      slices=[eps("two", (POD2, "node2", True))])
+    assert stats["node1"].full and stats["node1"].extra["rules_rewritten"]
+    assert lab.members(SET_REDIRECT) == sorted(
+        f"{_cluster_ip(lab, n)},tcp:80" for n in ("two", "web"))
+    got = {n.name: lab.state(n) for n in lab.cluster.nodes}
+    assert lab.restarted() == got
