@@ -75,12 +75,14 @@ def portal_key_bytes(ip: str, port: int) -> bytes:
     return struct.pack("!H", port) + socket.inet_aton(ip)
 
 
-def spec_portals(spec: dict[str, Any], node_ips: Iterable[str]) -> dict[PortalKey, tuple[bool, str]]:
+def spec_portals(spec: dict[str, Any], node_ips: Iterable[str]
+                 ) -> dict[PortalKey, tuple[bool, str]]:
     """One table entry's portals: (protocol, ip, port) -> (external, class), from the
     table's reject-or-drop answers; a portal named twice keeps its last meaning."""
     proto = spec["protocol"]
     out: dict[PortalKey, tuple[bool, str]] = {
-        (proto, spec["cluster_ip"], spec["port"]): (False, FILTER_CLASSES[spec["internal_filter"]])}
+        (proto, spec["cluster_ip"], spec["port"]):
+            (False, FILTER_CLASSES[spec["internal_filter"]])}
     # Dropped outsiders of a NodePort or externalIP: pods and the node still short-circuit.
     external = spec["external_filter"]
     ext = (True, EXTERNAL_LOCAL if external == DROP else FILTER_CLASSES[external])
