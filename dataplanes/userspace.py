@@ -338,10 +338,16 @@ class _Memory:
             return  # a protocol this mode skips
         offers = {portal: cls for portal, (_ext, cls) in spec_portals(spec, self.node_ips).items()}
         self.portals[vk] = offers
+        claims = self.classes
+        owner, won = claims.owner, claims.won
         for portal, cls in offers.items():
             if before is not None and portal not in before:
                 before[portal] = self.members(portal)
-            self.classes.offer(portal, vk, cls)
+            if portal in owner:
+                claims.offer(portal, vk, cls)
+            else:  # the common case, written out: no other port names it
+                owner[portal] = vk
+                won[portal] = cls
         fw = spec_source_ranges(spec)
         if fw:
             self.fw[vk] = fw
@@ -596,22 +602,11 @@ class UserspaceDataplane:
     def sync(self, node: NodeHandle, view: NodeView) -> SyncStats:
         start = time.perf_counter()
         self._memory.pop(node.netns, None)  # kept again once the node follows the view
-        memory = _Memory(view.node_ips)
-        specs = []
-        collecting = gc.isenabled()
-        gc.disable()  # acyclic specs and memory: the collector's scans of a large heap only cost
-        try:
-            for sp in view.services:
-                spec = None if sp.protocol in SKIPPED_PROTOCOLS else _service(sp)
-                if spec is not None:
-                    specs.append(spec)
-                memory.place((sp.namespace, sp.service, sp.port_name, sp.protocol, sp.port), sp,
-                             spec, None)
-        finally:
-            if collecting:
-                gc.enable()
+        specs = [None if sp.protocol in SKIPPED_PROTOCOLS else _service(sp)
+                 for sp in view.services]
         message = {"op": "table", "node": view.node, "node_ips": list(view.node_ips),
-                   "cluster_cidr": view.cluster_cidr, "services": specs}
+                   "cluster_cidr": view.cluster_cidr,
+                   "services": [spec for spec in specs if spec is not None]}
         payload = json.dumps(message, separators=(",", ":")).encode()
         spawned = False
         try:
@@ -628,7 +623,18 @@ class UserspaceDataplane:
             raise DataplaneError(f"userspace proxy on {node.name} refused the table: "
                                  f"{reply.get('error', reply)}")
         table_s = time.perf_counter() - start
-        # Portals change only after the proxy knows the new table.
+        # Portals change only after the proxy knows the new table; the memory of the node
+        # (from which they follow) is made while nothing waits for it.
+        memory = _Memory(view.node_ips)
+        collecting = gc.isenabled()
+        gc.disable()  # acyclic memory: the collector's scans of a large heap only cost
+        try:
+            for sp, spec in zip(view.services, specs, strict=True):
+                memory.place((sp.namespace, sp.service, sp.port_name, sp.protocol, sp.port), sp,
+                             spec, None)
+        finally:
+            if collecting:
+                gc.enable()
         classes = memory.classes.won
         sets_payload = render_ipsets(classes, memory.ranges.won)
         chains = render_chains(self.proxy_port, view.cluster_cidr)
