@@ -14,11 +14,17 @@ transparent sockets bound to every VIP to answer UDP.
 
 A sync sends the whole table over the proxy's control socket (no restart: established
 connections keep their backend), swaps the ipsets atomically and rewrites the chains, so
-it also repairs rules, sets or a proxy process that someone removed.
+it also repairs rules, sets or a proxy process that someone removed. It also leaves a
+memory of the node (`_Memory`: each Service port's portals, classes and source ranges,
+and the proxy table it matches), on which `update(node, changes)` builds: the proxy gets
+a delta of the changed entries only (applied in place, refused when its table is not the
+one the memory matches), and the sets only the members the changed ports' portals gained
+or lost, with one `ipset restore`; the rules are a fixed handful and never change.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -26,10 +32,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dataplanes import healthcheck
-from dataplanes.base import DataplaneError, Host, NodeHandle, SyncStats, ipset_networks
+from dataplanes.base import (
+    DataplaneError,
+    FullSyncNeeded,
+    Host,
+    NodeHandle,
+    SyncStats,
+    ipset_networks,
+)
 from dataplanes.nodeproc import log_tail, request_json_line, sweep_logs
 from dataplanes.userspace_proxy import (
     CONNECT_TIMEOUT_S,
@@ -40,11 +53,19 @@ from dataplanes.userspace_proxy import (
     REDIRECT,
     REJECT,
     UDP_IDLE_TIMEOUT_S,
+    Claims,
     PortalKey,
     portal_classes,
     portal_source_ranges,
+    spec_portals,
+    spec_source_ranges,
 )
-from kube.state import NodeView, ServicePortView
+from kube.state import NodeView, ServicePortView, view_order
+
+if TYPE_CHECKING:
+    from kube.tracker import NodeChanges
+
+ViewKey = tuple[str, str, str, str, int]  # kube.tracker.ViewKey
 
 # Service ports this mode does not program, and why.
 SKIPPED_PROTOCOLS = {
@@ -272,6 +293,122 @@ def _jumps_in(saved: str) -> set[tuple[str, str, str]]:
     return found
 
 
+# --------------------------------------------------------------------------- node memory
+
+# Where a portal's members go first and last: an allowed source is in place before the
+# portal is firewalled, and the firewall goes before its sources.
+_ADD_ORDER = {SET_FIREWALL_SOURCES: 0, SET_FIREWALL: 2}
+
+
+def _portal_entry(portal: PortalKey) -> str:
+    proto, ip, port = portal
+    return f"{ip},{proto.lower()}:{port}"
+
+
+class _Memory:
+    """What the mode told one node's proxy and put in its portal sets, by Service port
+    (ViewKey), kept exact by every sync (rebuilt from the view) and update (changed by
+    the ports it touches): each port's portals with their classes and source ranges, and
+    the winner of a portal several ports name (the last in the view's order, `Claims`),
+    from which the sets' members follow. `expect` names the proxy table this memory
+    matches: the proxy's pid and the number of tables and deltas it took."""
+
+    def __init__(self, node_ips: tuple[str, ...]) -> None:
+        self.node_ips = list(node_ips)
+        self.views: dict[ViewKey, ServicePortView] = {}
+        self.portals: dict[ViewKey, dict[PortalKey, str]] = {}
+        self.fw: dict[ViewKey, dict[PortalKey, tuple[str, ...]]] = {}
+        order = self._order
+        self.classes = Claims(order)
+        self.ranges = Claims(order)
+        self.health: dict[ViewKey, ServicePortView] = {}
+        self.expect: list = []
+
+    def _order(self, vk: ViewKey):
+        return view_order(self.views[vk])
+
+    def place(self, vk: ViewKey, sp: ServicePortView, spec: dict[str, Any] | None,
+              before: dict[PortalKey, frozenset] | None) -> None:
+        """A port new (or changed, after `retract`): its portals offered. `before` collects
+        the members each touched portal had (None: not kept, a sync)."""
+        self.views[vk] = sp
+        if sp.health_check_node_port is not None:
+            self.health[vk] = sp
+        if spec is None:
+            return  # a protocol this mode skips
+        offers = {portal: cls for portal, (_ext, cls) in spec_portals(spec, self.node_ips).items()}
+        self.portals[vk] = offers
+        claims = self.classes
+        owner, won = claims.owner, claims.won
+        for portal, cls in offers.items():
+            if before is not None and portal not in before:
+                before[portal] = self.members(portal)
+            if portal in owner:
+                claims.offer(portal, vk, cls)
+            else:  # the common case, written out: no other port names it
+                owner[portal] = vk
+                won[portal] = cls
+        fw = spec_source_ranges(spec)
+        if fw:
+            self.fw[vk] = fw
+            for portal, ranges in fw.items():
+                if before is not None and portal not in before:
+                    before[portal] = self.members(portal)
+                self.ranges.offer(portal, vk, ranges)
+
+    def retract(self, vk: ViewKey, before: dict[PortalKey, frozenset]) -> None:
+        self.health.pop(vk, None)
+        for portal in self.portals.pop(vk, {}):
+            if portal not in before:
+                before[portal] = self.members(portal)
+            self.classes.withdraw(portal, vk)
+        for portal in self.fw.pop(vk, {}):
+            if portal not in before:
+                before[portal] = self.members(portal)
+            self.ranges.withdraw(portal, vk)
+        del self.views[vk]
+
+    def members(self, portal: PortalKey) -> frozenset[tuple[str, str]]:
+        """(set, member) pairs the portal puts in the portal sets now."""
+        entry = _portal_entry(portal)
+        out = set()
+        cls = self.classes.won.get(portal)
+        if cls is not None:
+            out.update((name, entry) for name in SETS if cls in SET_MEMBERS[name])
+        ranges = self.ranges.won.get(portal)
+        if ranges:
+            out.add((SET_FIREWALL, entry))
+            out.update((SET_FIREWALL_SOURCES, f"{entry},{net}") for net in ipset_networks(ranges))
+        return frozenset(out)
+
+    def set_changes(self, before: dict[PortalKey, frozenset]) -> str:
+        """An `ipset restore` payload of the members the touched portals gained and lost
+        ("" when none): additions first (a firewall's sources before the firewall),
+        removals after (the firewall before its sources)."""
+        added, dropped = [], []
+        for portal, was in before.items():
+            now = self.members(portal)
+            added += now - was
+            dropped += was - now
+        added.sort(key=lambda m: _ADD_ORDER.get(m[0], 1))
+        dropped.sort(key=lambda m: -_ADD_ORDER.get(m[0], 1))
+        lines = [f"add {name} {member} -exist" for name, member in added]
+        lines += [f"del {name} {member} -exist" for name, member in dropped]
+        return "\n".join(lines) + "\n" if lines else ""
+
+    def health_view(self) -> _HealthView:
+        return _HealthView(tuple(sorted(self.health.values(), key=view_order)))
+
+
+class _HealthView:
+    """The part of a NodeView dataplanes/healthcheck.py reads."""
+
+    __slots__ = ("services",)
+
+    def __init__(self, services: tuple[ServicePortView, ...]) -> None:
+        self.services = services
+
+
 # --------------------------------------------------------------------------- in the node
 # These run on a thread inside the node's network namespace (NodeHandle.call).
 
@@ -300,16 +437,64 @@ def _program(sets_payload: str, chains: dict[tuple[str, str], list[str]],
     if not rules_intact(chains, saved):
         rules = render_rules(chains, saved)
         _command([IPTABLES_RESTORE, "--noflush"], rules)
-    deleted = 0
+    return {"rules": rules, "conntrack_deletes": _delete_udp_flows(flows)}
+
+
+def _deliver(payload: bytes, sets_payload: str, timeout: float, settings: list
+             ) -> tuple[dict[str, Any], int | str | None]:
+    """One node's side of an update, on one thread in the node: the delta to the proxy;
+    once it took it (and only then, so portals never point at entries it lacks), the
+    portal sets' members that changed (one `ipset restore`) and the stale flows of UDP
+    portals whose class changed. Returns (the proxy's reply, flows deleted; None when the
+    proxy did not take the delta; the error when the sets refused)."""
+    reply = _control(payload, timeout)
+    if not reply.get("ok") or reply.get("settings") != settings:
+        return reply, None
+    try:
+        if sets_payload:
+            _command(["ipset", "restore"], sets_payload)
+        return reply, _delete_udp_flows(reply.get("udp_changed", []))
+    except DataplaneError as exc:
+        return reply, str(exc)
+
+
+def _delete_udp_flows(flows: list[list]) -> int:
     if len(flows) > CONNTRACK_DELETES_MAX:
         _command(["conntrack", "-D", "-p", "udp"], check=False)
-        deleted = 1
-    else:
-        for ip, port in flows:
-            _command(["conntrack", "-D", "-p", "udp", "--orig-dst", ip,
-                      "--orig-port-dst", str(port)], check=False)
-            deleted += 1
-    return {"rules": rules, "conntrack_deletes": deleted}
+        return 1
+    for ip, port in flows:
+        _command(["conntrack", "-D", "-p", "udp", "--orig-dst", ip,
+                  "--orig-port-dst", str(port)], check=False)
+    return len(flows)
+
+
+def _read_state() -> dict[str, Any]:
+    """The suite's portal sets (type and members; no hash sizes, which follow the member
+    count a set was made for) and iptables rules (our chains in order, the jumps to them)."""
+    sets: dict[str, Any] = {}
+    ours = (*SETS, SET_FIREWALL, SET_FIREWALL_SOURCES)
+    for line in _command(["ipset", "save"], check=False).splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] in ours:
+            if parts[0] == "create":
+                sets.setdefault(parts[1], {"type": parts[2], "members": []})["type"] = parts[2]
+            elif parts[0] == "add":
+                sets.setdefault(parts[1], {"type": None, "members": []})["members"].append(
+                    " ".join(parts[2:]))
+    for entry in sets.values():
+        entry["members"].sort()
+    chains = {c for _t, c in CHAINS}
+    rules: dict[str, list[str]] = {}
+    table = ""
+    for line in _command([IPTABLES_SAVE]).splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":") and line[1:].split(" ", 1)[0] in chains:
+            rules.setdefault(table, []).append(line.rsplit(" ", 1)[0])  # no counters
+        elif line.startswith("-A ") and (line[3:].split(" ", 1)[0] in chains or any(
+                line.endswith(f"-j {c}") for c in chains)):
+            rules.setdefault(table, []).append(line)
+    return {"sets": sets, "rules": rules}
 
 
 def _unprogram() -> None:
@@ -371,6 +556,7 @@ class UserspaceDataplane:
         self.connect_timeout_s = float(connect_timeout_s)
         self.udp_idle_timeout_s = float(udp_idle_timeout_s)
         self.proxy_port = int(proxy_port)
+        self._memory: dict[str, _Memory] = {}  # by node netns: what update builds on
 
     # ------------------------------------------------------------------ protocol
 
@@ -408,13 +594,19 @@ class UserspaceDataplane:
                 + "# proxy table\n" + json.dumps(message, indent=1) + "\n")
 
     def install(self, node: NodeHandle) -> None:
+        self._memory.pop(node.netns, None)
         healthcheck.install(node)
         self._ensure_proxy(node)
         node.call(_program, render_ipsets({}), render_chains(self.proxy_port, None), [])
 
     def sync(self, node: NodeHandle, view: NodeView) -> SyncStats:
         start = time.perf_counter()
-        message = table_message(view)
+        self._memory.pop(node.netns, None)  # kept again once the node follows the view
+        specs = [None if sp.protocol in SKIPPED_PROTOCOLS else _service(sp)
+                 for sp in view.services]
+        message = {"op": "table", "node": view.node, "node_ips": list(view.node_ips),
+                   "cluster_cidr": view.cluster_cidr,
+                   "services": [spec for spec in specs if spec is not None]}
         payload = json.dumps(message, separators=(",", ":")).encode()
         spawned = False
         try:
@@ -431,9 +623,20 @@ class UserspaceDataplane:
             raise DataplaneError(f"userspace proxy on {node.name} refused the table: "
                                  f"{reply.get('error', reply)}")
         table_s = time.perf_counter() - start
-        # Portals change only after the proxy knows the new table.
-        classes = portal_classes(message["services"], view.node_ips)
-        sets_payload = render_ipsets(classes, portal_source_ranges(message["services"]))
+        # Portals change only after the proxy knows the new table; the memory of the node
+        # (from which they follow) is made while nothing waits for it.
+        memory = _Memory(view.node_ips)
+        collecting = gc.isenabled()
+        gc.disable()  # acyclic memory: the collector's scans of a large heap only cost
+        try:
+            for sp, spec in zip(view.services, specs, strict=True):
+                memory.place((sp.namespace, sp.service, sp.port_name, sp.protocol, sp.port), sp,
+                             spec, None)
+        finally:
+            if collecting:
+                gc.enable()
+        classes = memory.classes.won
+        sets_payload = render_ipsets(classes, memory.ranges.won)
         chains = render_chains(self.proxy_port, view.cluster_cidr)
         udp_changed = reply.get("udp_changed", [])
         try:
@@ -443,7 +646,9 @@ class UserspaceDataplane:
         counts = dict.fromkeys((REDIRECT, EXTERNAL_LOCAL, DROP, REJECT), 0)
         for cls in classes.values():
             counts[cls] += 1
-        healthcheck.sync(node, view)
+        healthcheck.sync(node, memory.health_view())
+        memory.expect = [reply.get("pid"), reply.get("tables")]
+        self._memory[node.netns] = memory
         return SyncStats(
             mode=self.name,
             node=node.name,
@@ -465,7 +670,101 @@ class UserspaceDataplane:
             },
         )
 
+    def update(self, node: NodeHandle, changes: NodeChanges) -> SyncStats:
+        """Apply one node's changed and removed Service ports: the proxy gets only their
+        table entries (a delta it applies in place), the portal sets only the members
+        those ports' portals gained or lost (one `ipset restore`, none when no portal
+        changed class), and UDP portals whose class changed lose their flows. The rules
+        stay: they are a fixed handful, whatever the Services.
+
+        Raises FullSyncNeeded when there is no memory of the node (never synced by this
+        object, or an earlier update failed), when the proxy is gone or its table is not
+        the one this memory matches (restarted, or fed by another process), or when the
+        sets refuse the change (someone destroyed them). Rules or set members someone
+        else removed are not looked for (that would read them all back): the next sync
+        rewrites them."""
+        start = time.perf_counter()
+        memory = self._memory.pop(node.netns, None)  # back only once the node follows it
+        if memory is None:
+            raise FullSyncNeeded(f"userspace has no memory of {node.name}")
+        before: dict[PortalKey, frozenset] = {}
+        specs, removed = [], []
+        health = False
+        for vk, old in changes.removed.items():
+            if vk in memory.views:
+                health |= vk in memory.health
+                memory.retract(vk, before)
+                if old.protocol not in SKIPPED_PROTOCOLS:
+                    removed.append([old.name, old.protocol])
+        for vk, sp in changes.updated.items():
+            if vk in memory.views:
+                health |= vk in memory.health
+                memory.retract(vk, before)
+            spec = None if sp.protocol in SKIPPED_PROTOCOLS else _service(sp)
+            memory.place(vk, sp, spec, before)
+            health |= sp.health_check_node_port is not None
+            if spec is not None:
+                specs.append(spec)
+        payload = json.dumps({"op": "delta", "expect": memory.expect, "services": specs,
+                              "removed": removed}, separators=(",", ":")).encode()
+        sets_payload = memory.set_changes(before)
+        try:
+            reply, deleted = node.call(_deliver, payload, sets_payload, CONTROL_TIMEOUT_S,
+                                       self._settings())
+        except OSError as exc:
+            raise FullSyncNeeded(f"userspace proxy on {node.name}: {exc}") from None
+        if reply.get("stale"):
+            raise FullSyncNeeded(f"userspace proxy on {node.name} holds another table: "
+                                 f"{reply.get('error')}")
+        if not reply.get("ok"):
+            raise DataplaneError(f"userspace proxy on {node.name} refused the delta: "
+                                 f"{reply.get('error', reply)}")
+        if reply.get("settings") != self._settings():
+            raise FullSyncNeeded(f"userspace proxy on {node.name} runs with other settings")
+        if isinstance(deleted, str):  # someone destroyed the sets: a sync makes them again
+            raise FullSyncNeeded(f"userspace mode on {node.name}: {deleted}")
+        memory.expect = [reply["pid"], reply["tables"]]
+        if health:
+            healthcheck.sync(node, memory.health_view())
+        self._memory[node.netns] = memory
+        return SyncStats(
+            mode=self.name,
+            node=node.name,
+            seconds=time.perf_counter() - start,
+            full=False,
+            services=len(memory.views),
+            rules=len(specs) + len(removed),
+            payload_bytes=len(payload) + len(sets_payload),
+            changed=sets_payload.count("\n"),
+            extra={"proxy_apply_s": reply.get("seconds"), "conntrack_deletes": deleted,
+                   "udp_sessions_closed": reply.get("udp_sessions_closed", 0)},
+        )
+
+    def kernel_state(self, node: NodeHandle) -> dict[str, Any]:
+        """The node as the proxy and the kernel hold it, normalised: the proxy's table as
+        it reports it (entries with sorted endpoints per traffic kind and affinity; each
+        portal's entry, kind and class), the portal sets' members, our chains and jumps,
+        and the health server's ports. The proxy listens on one port this data plane
+        configures (the REDIRECT target), never one it chose, so a restart compares equal;
+        rotation, affinity state, counters and pids are left out."""
+        try:
+            dump = self._request(node, {"op": "dump"}, timeout=CONTROL_TIMEOUT_S)
+        except (OSError, DataplaneError):
+            dump = None
+        state: dict[str, Any] = {"proxy": None}
+        if dump is not None:
+            services = sorted(
+                ({**e, **{k: sorted(e[k]) for k in ("internal", "external", "cluster")}}
+                 for e in dump["services"]), key=lambda e: (e["name"], e["protocol"]))
+            state["proxy"] = {"settings": dump["settings"], "node_ips": dump["node_ips"],
+                              "services": services, "portals": sorted(dump["portals"])}
+        state.update(node.call(_read_state))
+        health = healthcheck.status(node)
+        state["health_ports"] = health.get("ports") if health else None
+        return state
+
     def uninstall(self, node: NodeHandle) -> None:
+        self._memory.pop(node.netns, None)
         healthcheck.uninstall(node)
         self._stop_proxy(node)
         try:

@@ -14,14 +14,16 @@ connected socket towards the backend) per client address, closed after an idle t
 
 Control: JSON lines on the abstract Unix socket CONTROL_NAME, which lives in the node's
 network namespace and so needs no file and cannot collide with another node's proxy.
-Ops: ping, table (the whole table; established connections keep their backend), stats,
-stop. The process exits when its network namespace is deleted.
+Ops: ping, table (the whole table; established connections keep their backend), delta
+(entries changed and gone, applied in place by the sender that knows the table), dump (the
+table as served), stats, stop. The process exits when its network namespace is deleted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import ipaddress
 import os
 import resource
@@ -30,7 +32,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,22 +75,42 @@ def portal_key_bytes(ip: str, port: int) -> bytes:
     return struct.pack("!H", port) + socket.inet_aton(ip)
 
 
+def spec_portals(spec: dict[str, Any], node_ips: Iterable[str]
+                 ) -> dict[PortalKey, tuple[bool, str]]:
+    """One table entry's portals: (protocol, ip, port) -> (external, class), from the
+    table's reject-or-drop answers; a portal named twice keeps its last meaning."""
+    proto = spec["protocol"]
+    out: dict[PortalKey, tuple[bool, str]] = {
+        (proto, spec["cluster_ip"], spec["port"]):
+            (False, FILTER_CLASSES[spec["internal_filter"]])}
+    # Dropped outsiders of a NodePort or externalIP: pods and the node still short-circuit.
+    external = spec["external_filter"]
+    ext = (True, EXTERNAL_LOCAL if external == DROP else FILTER_CLASSES[external])
+    for ip in (*spec["external_ips"], *spec.get("load_balancer_ips", ())):
+        out[(proto, ip, spec["port"])] = ext
+    if spec["node_port"] is not None:
+        for ip in node_ips:
+            out[(proto, ip, spec["node_port"])] = ext
+    return out
+
+
+def spec_source_ranges(spec: dict[str, Any]) -> dict[PortalKey, tuple[str, ...]]:
+    """One table entry's load-balancer portals with loadBalancerSourceRanges, and those."""
+    ranges = tuple(spec.get("source_ranges", ()))
+    if not ranges:
+        return {}
+    return {(spec["protocol"], ip, spec["port"]): ranges
+            for ip in spec.get("load_balancer_ips", ())}
+
+
 def portal_classes(services: Iterable[dict[str, Any]],
                    node_ips: Iterable[str]) -> dict[PortalKey, str]:
-    """Every portal of a table and its class, from the table's reject-or-drop answers."""
+    """Every portal of a table and its class (a portal two entries name: the later's)."""
     node_ips = list(node_ips)
     out: dict[PortalKey, str] = {}
     for svc in services:
-        proto = svc["protocol"]
-        out[(proto, svc["cluster_ip"], svc["port"])] = FILTER_CLASSES[svc["internal_filter"]]
-        # Dropped outsiders of a NodePort or externalIP: pods and the node still short-circuit.
-        external = svc["external_filter"]
-        ext = EXTERNAL_LOCAL if external == DROP else FILTER_CLASSES[external]
-        for ip in (*svc["external_ips"], *svc.get("load_balancer_ips", ())):
-            out[(proto, ip, svc["port"])] = ext
-        if svc["node_port"] is not None:
-            for ip in node_ips:
-                out[(proto, ip, svc["node_port"])] = ext
+        for portal, (_external, cls) in spec_portals(svc, node_ips).items():
+            out[portal] = cls
     return out
 
 
@@ -97,11 +119,58 @@ def portal_source_ranges(services: Iterable[dict[str, Any]]) -> dict[PortalKey, 
     each (the kernel keeps every other source from being redirected here)."""
     out: dict[PortalKey, tuple[str, ...]] = {}
     for svc in services:
-        ranges = tuple(svc.get("source_ranges", ()))
-        if ranges:
-            for ip in svc.get("load_balancer_ips", ()):
-                out[(svc["protocol"], ip, svc["port"])] = ranges
+        out.update(spec_source_ranges(svc))
     return out
+
+
+def spec_order(spec: dict[str, Any]) -> tuple[str, str, int]:
+    """Where a table entry stands in a table (kube.state.view_order: name, protocol, port):
+    a portal two entries name is the later one's."""
+    return (spec["name"], spec["protocol"], spec.get("port", 0))
+
+
+class Claims:
+    """Values several owners may offer for one key, the offer of the owner last in `order`
+    winning, as a whole table applied in order would leave it: `won` (key -> value) and
+    `owner` (key -> owner) are kept exact by offers and withdrawals that cost time in
+    proportion to the owners of that key, never a scan of every key."""
+
+    __slots__ = ("won", "owner", "contested", "order")
+
+    def __init__(self, order: Callable[[Hashable], Any]) -> None:
+        self.won: dict[Hashable, Any] = {}
+        self.owner: dict[Hashable, Hashable] = {}
+        self.contested: dict[Hashable, dict[Hashable, Any]] = {}  # keys offered twice or more
+        self.order = order
+
+    def offer(self, key: Hashable, owner: Hashable, value: Any) -> None:
+        offers = self.contested.get(key)
+        if offers is None:
+            current = self.owner.get(key)
+            if current is None or current == owner:
+                self.owner[key] = owner
+                self.won[key] = value
+                return
+            offers = self.contested[key] = {current: self.won[key]}
+        offers[owner] = value
+        self._crown(key, offers)
+
+    def withdraw(self, key: Hashable, owner: Hashable) -> None:
+        offers = self.contested.get(key)
+        if offers is None:
+            if self.owner.get(key) == owner:
+                del self.owner[key]
+                del self.won[key]
+            return
+        offers.pop(owner, None)
+        if len(offers) == 1:
+            del self.contested[key]
+        self._crown(key, offers)
+
+    def _crown(self, key: Hashable, offers: dict[Hashable, Any]) -> None:
+        winner = max(offers, key=self.order)
+        self.owner[key] = winner
+        self.won[key] = offers[winner]
 
 
 def changed_udp_portals(old: dict[PortalKey, str], new: dict[PortalKey, str]) -> list[list]:
@@ -139,12 +208,15 @@ Endpoint = tuple[str, int]
 class ServiceEntry:
     """One Service port as the proxy serves it: endpoints, round robin, affinity."""
 
-    __slots__ = ("name", "protocol", "internal", "external", "cluster", "short_circuit",
-                 "affinity_s", "affinity", "next", "counters")
+    __slots__ = ("name", "protocol", "rank", "portals", "internal", "external", "cluster",
+                 "short_circuit", "affinity_s", "affinity", "next", "counters")
 
     def __init__(self, spec: dict[str, Any], previous: ServiceEntry | None) -> None:
         self.name: str = spec["name"]
         self.protocol: str = spec["protocol"]
+        self.rank = spec_order(spec)  # where it stands in a table
+        # portal -> (SO_ORIGINAL_DST bytes, external, class): what a table gets from it
+        self.portals: dict[PortalKey, tuple[bytes, bool, str]] = {}
         # ClusterIP clients; outside clients of a NodePort or externalIP; pods and the node
         # reaching a NodePort or externalIP (kube-proxy's short circuit).
         self.internal: list[Endpoint] = [(ip, port) for ip, port in spec["internal"]]
@@ -198,42 +270,112 @@ class ServiceEntry:
 
 
 class Table:
-    """Portals -> Service entries, one dict per protocol, keyed by SO_ORIGINAL_DST bytes."""
+    """Portals -> Service entries, one dict per protocol, keyed by SO_ORIGINAL_DST bytes.
+
+    Built whole from a table message, or changed in place by `patch` (a delta message):
+    each entry keeps its portals, and a portal two entries name (two Services on one
+    load-balancer IP and port) is the later one's in the table's order (`Claims`), so a
+    patched table serves as the whole table of the same entries would.
+    """
 
     def __init__(self, message: dict[str, Any] | None = None,
                  previous: Table | None = None) -> None:
         self.tcp: dict[bytes, tuple[ServiceEntry, bool]] = {}
         self.udp: dict[bytes, tuple[ServiceEntry, bool]] = {}
         self.entries: dict[tuple[str, str], ServiceEntry] = {}
-        self.sticky: list[ServiceEntry] = []  # entries with ClientIP affinity, swept for expiry
+        # entries with ClientIP affinity, swept for expiry
+        self.sticky: dict[tuple[str, str], ServiceEntry] = {}
+        # portal -> (entry key, ...): the entry a portal belongs to; `classes` follows it
+        self.claims = Claims(lambda key: self.entries[key].rank)
         self.classes: dict[PortalKey, str] = {}
+        self.node_ips: list[str] = []
         self.local_ips: frozenset[str] = frozenset({"127.0.0.1"})
         self.cluster_net = 0
         self.cluster_mask = 0xFFFFFFFF  # matches nothing until a table names the cluster CIDR
         if message is None:
             return
-        node_ips = list(message.get("node_ips", []))
-        self.local_ips = frozenset(node_ips) | {"127.0.0.1"}
+        self.node_ips = list(message.get("node_ips", []))
+        self.local_ips = frozenset(self.node_ips) | {"127.0.0.1"}
         if message.get("cluster_cidr"):
             net = ipaddress.ip_network(message["cluster_cidr"])
             self.cluster_net = int(net.network_address)
             self.cluster_mask = int(net.netmask)
-        services = message.get("services", [])
         old = previous.entries if previous is not None else {}
-        for spec in services:
-            key = (spec["name"], spec["protocol"])
-            entry = ServiceEntry(spec, old.get(key))
-            self.entries[key] = entry
-            if entry.affinity_s is not None:
-                self.sticky.append(entry)
-            portals = self.tcp if entry.protocol == "TCP" else self.udp
-            portals[portal_key_bytes(spec["cluster_ip"], spec["port"])] = (entry, False)
-            for ip in (*spec["external_ips"], *spec.get("load_balancer_ips", ())):
-                portals[portal_key_bytes(ip, spec["port"])] = (entry, True)
-            if spec["node_port"] is not None:
-                for ip in node_ips:
-                    portals[portal_key_bytes(ip, spec["node_port"])] = (entry, True)
-        self.classes = portal_classes(services, node_ips)
+        for spec in message.get("services", []):
+            entry = self.entry(spec, old)
+            self._place(entry, None)
+
+    def entry(self, spec: dict[str, Any], old: dict[tuple[str, str], ServiceEntry]
+              ) -> ServiceEntry:
+        """A new entry for `spec` (carrying over what `old` held for the same Service port),
+        its portals resolved; raises on a malformed spec, before anything changed."""
+        entry = ServiceEntry(spec, old.get((spec["name"], spec["protocol"])))
+        entry.portals = {portal: (portal_key_bytes(portal[1], portal[2]), external, cls)
+                         for portal, (external, cls) in spec_portals(spec, self.node_ips).items()}
+        return entry
+
+    def patch(self, specs: list[dict[str, Any]], removed: list[list[str]]
+              ) -> tuple[set[tuple[str, str]], list[list]]:
+        """Entries new or changed, and entries gone ([name, protocol]): the table follows in
+        time that grows with them. Returns (the keys changed, UDP portals whose class
+        changed, as [ip, port]). A malformed spec raises before anything changed."""
+        fresh = [self.entry(spec, self.entries) for spec in specs]
+        gone = [(str(name), str(proto)) for name, proto in removed]
+        before: dict[PortalKey, str | None] = {}
+        for key in gone:
+            if key in self.entries:
+                self._retract(key, before)
+        for entry in fresh:
+            key = (entry.name, entry.protocol)
+            if key in self.entries:
+                self._retract(key, before)
+            self._place(entry, before)
+        udp_changed = sorted([ip, port] for (proto, ip, port), cls in before.items()
+                             if proto == "UDP" and self.classes.get((proto, ip, port)) != cls)
+        return {*gone, *((e.name, e.protocol) for e in fresh)}, udp_changed
+
+    def _place(self, entry: ServiceEntry, before: dict[PortalKey, str | None] | None) -> None:
+        key = (entry.name, entry.protocol)
+        self.entries[key] = entry
+        if entry.affinity_s is not None:
+            self.sticky[key] = entry
+        claims = self.claims
+        owner, won, classes = claims.owner, claims.won, self.classes
+        portals = self.tcp if entry.protocol == "TCP" else self.udp
+        for portal, offer in entry.portals.items():
+            if before is not None and portal not in before:
+                before[portal] = classes.get(portal)
+            if portal not in owner:  # the common case, written out: nobody else names it
+                owner[portal] = key
+                won[portal] = offer
+                raw, external, cls = offer
+                portals[raw] = (entry, external)
+                classes[portal] = cls
+            else:
+                claims.offer(portal, key, offer)
+                self._follow(portal)
+
+    def _retract(self, key: tuple[str, str], before: dict[PortalKey, str | None]) -> None:
+        entry = self.entries.pop(key)
+        self.sticky.pop(key, None)
+        for portal in entry.portals:
+            if portal not in before:
+                before[portal] = self.classes.get(portal)
+            self.claims.withdraw(portal, key)
+            self._follow(portal, entry.portals[portal][0])
+
+    def _follow(self, portal: PortalKey, raw: bytes | None = None) -> None:
+        """The portal's dict entry and class, as its claims now say."""
+        portals = self.tcp if portal[0] == "TCP" else self.udp
+        owner = self.claims.owner.get(portal)
+        if owner is None:
+            if raw is not None:
+                portals.pop(raw, None)
+            self.classes.pop(portal, None)
+            return
+        raw, external, cls = self.claims.won[portal]
+        portals[raw] = (self.entries[owner], external)
+        self.classes[portal] = cls
 
     def in_cluster(self, client_ip: str) -> bool:
         """A pod of the cluster or the node itself (not an outside client)."""
@@ -241,6 +383,21 @@ class Table:
             return True
         addr = int.from_bytes(socket.inet_aton(client_ip), "big")
         return addr & self.cluster_mask == self.cluster_net
+
+    def dump(self) -> dict[str, Any]:
+        """The table as this process serves it: each entry's endpoints for each traffic kind
+        and its affinity, and each portal's entry, kind and class (no counters, no rotation
+        or affinity state)."""
+        services = [{"name": e.name, "protocol": e.protocol, "affinity_s": e.affinity_s,
+                     "internal": [list(x) for x in e.internal],
+                     "external": [list(x) for x in e.external],
+                     "cluster": [list(x) for x in e.cluster]}
+                    for e in self.entries.values()]
+        portals = [[proto, ip, port, *self.claims.owner[(proto, ip, port)],
+                    self.claims.won[(proto, ip, port)][1], cls]
+                   for (proto, ip, port), cls in self.classes.items()]
+        return {"node_ips": self.node_ips, "services": services, "portals": portals,
+                "tcp_portals": len(self.tcp), "udp_portals": len(self.udp)}
 
 
 # --------------------------------------------------------------------------- TCP
@@ -616,6 +773,8 @@ class UdpFront:
         self.conntrack = ConntrackLookup()
         # (client ip, client port, redirected-to ip) -> session: one conntrack flow each
         self.sessions: dict[tuple[str, int, str], UdpSession] = {}
+        # entry key (name, protocol) -> its sessions, so a delta visits only those it changed
+        self.by_entry: dict[tuple[str, str], dict[tuple[str, int, str], UdpSession]] = {}
         self.loop.add_reader(sock.fileno(), self.readable)
 
     def readable(self) -> None:
@@ -662,6 +821,7 @@ class UdpFront:
             entry.counters.failed += 1
             return None
         self.sessions[key] = session
+        self.by_entry.setdefault((entry.name, entry.protocol), {})[key] = session
         return session
 
     def reply(self, data: bytes, client: tuple[str, int], local: str) -> None:
@@ -676,6 +836,12 @@ class UdpFront:
         session.close()
         if self.sessions.get(session.key) is session:
             del self.sessions[session.key]
+            entry_key = (session.entry.name, session.entry.protocol)
+            group = self.by_entry.get(entry_key)
+            if group is not None:
+                group.pop(session.key, None)
+                if not group:
+                    del self.by_entry[entry_key]
 
     def expire(self, idle_s: float) -> int:
         cutoff = self.loop.time() - idle_s
@@ -684,10 +850,15 @@ class UdpFront:
             self.close(session)
         return len(stale)
 
-    def retable(self, table: Table) -> int:
-        """Point sessions at the new table's entries; close those whose backend left."""
+    def retable(self, table: Table, keys: Iterable[tuple[str, str]] | None = None) -> int:
+        """Point sessions at the new table's entries; close those whose backend left. With
+        `keys`, only the sessions of those entries (a delta changed only them)."""
         closed = 0
-        for session in list(self.sessions.values()):
+        if keys is None:
+            sessions = list(self.sessions.values())
+        else:
+            sessions = [s for key in keys for s in self.by_entry.get(key, {}).values()]
+        for session in sessions:
             entry = table.entries.get((session.entry.name, session.entry.protocol))
             endpoint = session.endpoint
             if entry is None or endpoint not in entry.serves():
@@ -727,10 +898,15 @@ class Proxy:
     def apply(self, message: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         old = self.table
+        collecting = gc.isenabled()
+        gc.disable()  # a table is acyclic: the collector's scans of a large heap only cost
         try:
             new = Table(message, old)
         except (KeyError, TypeError, ValueError, OSError) as exc:
             return {"ok": False, "error": f"table refused: {exc!r}"}
+        finally:
+            if collecting:
+                gc.enable()
         self.table = new
         self.tables += 1
         closed = self.udp.retable(new)
@@ -739,7 +915,29 @@ class Proxy:
         return {"ok": True, "services": len(new.entries), "tcp_portals": len(new.tcp),
                 "udp_portals": len(new.udp), "udp_sessions_closed": closed,
                 "udp_changed": changed, "seconds": round(time.perf_counter() - start, 6),
-                "settings": self.settings()}
+                "settings": self.settings(), "tables": self.tables, "pid": os.getpid()}
+
+    def apply_delta(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Entries new or changed ("services": table entries) and gone ("removed": [name,
+        protocol]), applied to the table in place, in time that grows with them. Only for
+        the sender that knows this table: "expect" must name this process and the number
+        of tables and deltas it took (a table sent by anyone else, or a restart, changes
+        it), else the reply says "stale" and the sender sends a whole table."""
+        if request.get("expect") != [os.getpid(), self.tables]:
+            return {"ok": False, "stale": True, "tables": self.tables, "pid": os.getpid(),
+                    "error": f"delta for {request.get('expect')}, this proxy is at "
+                             f"{[os.getpid(), self.tables]}"}
+        start = time.perf_counter()
+        try:
+            keys, changed = self.table.patch(request.get("services", []),
+                                             request.get("removed", []))
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            return {"ok": False, "error": f"delta refused: {exc!r}"}
+        self.tables += 1
+        closed = self.udp.retable(self.table, keys)
+        return {"ok": True, "services": len(self.table.entries), "udp_sessions_closed": closed,
+                "udp_changed": changed, "seconds": round(time.perf_counter() - start, 6),
+                "settings": self.settings(), "tables": self.tables, "pid": os.getpid()}
 
     def settings(self) -> list:
         """What the process was started with: a data plane configured otherwise restarts it."""
@@ -774,12 +972,18 @@ class Proxy:
                     "settings": self.settings()}
         if op == "table":
             return self.apply(request)
+        if op == "delta":
+            return self.apply_delta(request)
+        if op == "dump":
+            return {"ok": True, "pid": os.getpid(), "tables": self.tables,
+                    "settings": self.settings(), **self.table.dump()}
         if op == "stats":
             return self.stats(bool(request.get("services")))
         if op == "stop":
             self.stop("stop requested")
             return {"ok": True}
-        return {"ok": False, "error": f"unknown op {op!r}; accepted: ping, table, stats, stop"}
+        return {"ok": False, "error": f"unknown op {op!r}; accepted: ping, table, delta, dump, "
+                                      "stats, stop"}
 
     async def control_client(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
@@ -798,7 +1002,7 @@ class Proxy:
             await asyncio.sleep(tick)
             now = self.loop.time()
             self.udp.expire(self.udp_idle_timeout)
-            for entry in self.table.sticky:
+            for entry in self.table.sticky.values():
                 if entry.affinity:
                     entry.forget_expired(now)
             if self.netns and now - last_netns_check >= NETNS_CHECK_S:

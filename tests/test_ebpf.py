@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -128,6 +129,73 @@ def test_render_marks_policy_drops_and_overflows_past_the_inline_backends():
     count, flags, *_ = rows[("198.18.0.1", node_port, 0, maps.LB_SCOPE_ALL)]
     assert count == 0 and flags & maps.SVC_F_DROP_EMPTY
     assert rows[("198.18.0.1", node_port, 0, maps.LB_SCOPE_INTERNAL)][0] == 11
+
+
+def _with_ranges_and_external_ips(rng, services: list[Service]) -> list[Service]:
+    """tests/changes.py's Services, their load-balancer IPs from a small pool (so Services
+    share them), some given loadBalancerSourceRanges or an externalIP."""
+    out = []
+    for svc in services:
+        if svc.type == TYPE_LOAD_BALANCER:
+            svc = replace(svc, load_balancer_ips=(f"198.18.32.{rng.randint(1, 3)}",))
+        if svc.type == TYPE_LOAD_BALANCER and rng.random() < 0.5:
+            svc = replace(svc, load_balancer_source_ranges=tuple(
+                rng.sample(["198.18.0.0/24", "198.18.0.200/32", "10.0.0.0/8"], rng.randint(1, 2))))
+        if svc.type != "ExternalName" and rng.random() < 0.2:
+            svc = replace(svc, external_ips=(f"198.18.64.{rng.randint(1, 4)}",))
+        out.append(svc)
+    return out
+
+
+def _memory(st: ebpf._Node) -> dict:
+    return {"maps": ebpf.normalise_maps(st.entries.items(), st.ranges),
+            "routes": st.destinations(PLAN.service_cidr), "health": st.health_view().services}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_applied_changes_leave_the_memory_a_whole_plan_makes(seed):
+    """The node memory an update keeps (elements, shared keys, range keys, routes, health
+    ports) equals a plan of the whole view from nothing, after every random change; and
+    a sync's plan over the kept memory changes nothing."""
+    import random
+
+    from kube.tracker import ChangeTracker
+    from tests.changes import Oracle, random_step
+
+    rng = random.Random(seed)
+    oracle = Oracle(NODES)
+    tracker = ChangeTracker(NODES)
+    counter = [0]
+    st = ebpf._Node("t", 0, None)
+    st.plan(tracker.node_view("node1"), ebpf._Delta())
+    contested = 0
+    for _ in range(250):
+        kwargs, pods, services, slices = random_step(rng, oracle, tracker, counter)
+        kwargs["services"] = _with_ranges_and_external_ips(rng, kwargs["services"])
+        services.update({s.key: s for s in kwargs["services"]})
+        try:
+            changes = tracker.apply(**kwargs)["node1"]
+        except ebpf_state_error():
+            continue
+        oracle.pods, oracle.services, oracle.slices = pods, services, slices
+        st.apply(changes.updated.values(), changes.removed, ebpf._Delta())
+        contested += bool(st.contested)
+        whole = ebpf._Node("t", 0, None)
+        whole.plan(tracker.node_view("node1"), ebpf._Delta())
+        assert _memory(st) == _memory(whole)
+        delta = ebpf._Delta()
+        st.plan(tracker.node_view("node1"), delta)
+        assert delta.writes(st.entries) == ([], [], []) and not delta.ranges
+    idents = [ebpf._ident(v) for v in st.owned.values() if v.protocol in ("TCP", "UDP")]
+    assert len(st.svc_ids) == len(set(idents))
+    assert st.id_refs == {i: n for i, n in Counter(idents).items() if n > 1}
+    assert contested  # two Services on one load-balancer IP and port, at least once
+
+
+def ebpf_state_error():
+    from kube.state import StateError
+
+    return StateError
 
 
 def test_source_text_inlines_every_local_header_once():
@@ -270,7 +338,7 @@ def bpf_node():
     st = ebpf._Node("test", 1, objects)
 
     def program(new_state: ClusterState) -> None:
-        ebpf.EbpfDataplane()._write(st, ebpf._Render(st, new_state.node_view("node1")))
+        st.program(new_state.node_view("node1"))
 
     program(state)
     try:

@@ -74,7 +74,8 @@ from kube.model import (
     Service,
     ServicePort,
 )
-from kube.state import ClusterState
+from kube.state import ClusterState, NodeView, StateError
+from kube.tracker import NodeChanges, view_key
 
 NODES = [Node.numbered(1), Node.numbered(2)]
 WEB = ("ns1/web-1", "ns1/web-2", "ns1/web-3")
@@ -338,6 +339,54 @@ def test_changed_udp_portals_names_every_udp_portal_whose_verdict_moved():
                                              ["198.19.0.5", 53]]
 
 
+def _table_view(table: Table) -> tuple:
+    """What a table serves: each portal's entry, kind and class; each entry's endpoints."""
+    portals = {("TCP", raw): (e.name, e.protocol, ext) for raw, (e, ext) in table.tcp.items()}
+    portals |= {("UDP", raw): (e.name, e.protocol, ext) for raw, (e, ext) in table.udp.items()}
+    entries = {k: (e.internal, e.external, e.cluster, e.affinity_s)
+               for k, e in table.entries.items()}
+    return portals, entries, dict(table.classes), set(table.sticky)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_patched_table_serves_as_the_whole_table_of_the_same_entries(seed):
+    """Random changes as deltas (Table.patch) against the whole table built each time,
+    with Services sharing load-balancer IPs and ports (the later in the table's order
+    holds the portal); the UDP portals a delta reports changed are those whose class
+    moved."""
+    import random
+
+    from kube.tracker import ChangeTracker
+    from tests.changes import Oracle, random_step
+
+    rng = random.Random(seed)
+    oracle, tracker, counter = Oracle(NODES), ChangeTracker(NODES), [0]
+    table = Table(table_message(tracker.node_view("node1")))
+    contested = 0
+    for _ in range(250):
+        kwargs, pods, services, slices = random_step(rng, oracle, tracker, counter)
+        kwargs["services"] = [replace(svc, load_balancer_ips=(f"198.18.32.{rng.randint(1, 3)}",))
+                              if svc.type == TYPE_LOAD_BALANCER else svc
+                              for svc in kwargs["services"]]
+        services.update({svc.key: svc for svc in kwargs["services"]})
+        try:
+            changes = tracker.apply(**kwargs)["node1"]
+        except StateError:
+            continue
+        oracle.pods, oracle.services, oracle.slices = pods, services, slices
+        old_classes = dict(table.classes)
+        specs = table_message(NodeView("node1", "", "", "", "", (), tuple(
+            changes.updated.values())))["services"]
+        removed = [[v.name, v.protocol] for v in changes.removed.values()
+                   if v.protocol in (TCP, UDP)]
+        _keys, udp_changed = table.patch(specs, removed)
+        whole = Table(table_message(tracker.node_view("node1")))
+        assert _table_view(table) == _table_view(whole)
+        assert udp_changed == changed_udp_portals(old_classes, whole.classes)
+        contested += bool(table.claims.contested)
+    assert contested
+
+
 def test_netlink_attributes_nest_and_pad_to_four_bytes():
     inner = _nla(2, b"\x01\x02\x03") + _nla(3, b"\x00\x35")
     outer = _nla(1 | 0x8000, inner)
@@ -374,6 +423,19 @@ class Lab:
         self.state = ClusterState.build(NODES, self.state.pods, services, slices,
                                         previous=self.state)
         return [self.dp.sync(n, self.state.node_view(n.name)) for n in self.cluster.nodes]
+
+    def update(self, services, slices=()) -> list:
+        """As `apply`, but each node gets only its changed views, through `update`."""
+        old = self.state
+        self.state = ClusterState.build(NODES, old.pods, services, slices, previous=old)
+        out = []
+        for n in self.cluster.nodes:
+            was = {view_key(v): v for v in old.node_view(n.name).services}
+            now = {view_key(v): v for v in self.state.node_view(n.name).services}
+            out.append(self.dp.update(n, NodeChanges(
+                n.name, updated={k: v for k, v in now.items() if was.get(k) != v},
+                removed={k: v for k, v in was.items() if k not in now})))
+        return out
 
     def netns(self, source: str) -> str:
         if source == "external":
@@ -653,6 +715,42 @@ def test_udp_flows_of_a_portal_that_changed_verdict_are_cleared(lab):
     assert sync[0].extra["conntrack_deletes"] == 1 and sync[0].changed == 1
     served = lab.probe("ns1/client-a", ip, 53, protocol=UDP, count=3, source_port=40556)
     assert outcomes(served) == {OK: 3}, outcomes(served)
+
+
+@pytest.mark.root
+def test_updates_add_serve_move_and_remove_a_service(lab):
+    """Through `update` alone: a new Service is served, its UDP session leaves a backend
+    the next update removes (the proxy visits only that entry's sessions), a UDP portal
+    whose verdict moves loses its flows, and a removed Service is refused."""
+    lab.apply([web("base")])  # a full sync first: update builds on it
+    svc = web("inc", ServicePort(53, UDP, "", 8080), selector=None)
+    everyone = [Endpoint((lab.state.pod("ns1", n).ip,), node_name=lab.state.pod("ns1", n).node_name,
+                         pod_name=n) for n in ("web-1", "web-2", "web-3")]
+
+    def slice_of(eps):
+        return [EndpointSlice("ns1", "inc-1", "inc", tuple(eps), (EndpointPort(8080, UDP),))]
+
+    added = lab.update([web("base"), svc], slice_of(everyone))
+    assert not added[0].full and added[0].changed == 1  # one member: the ClusterIP portal
+    ip = lab.ip("inc")
+    first = lab.probe("ns1/client-a", ip, 53, protocol=UDP, count=5, source_port=40557)
+    assert outcomes(first) == {OK: 5} and len(backends(first)) == 1, backends(first)
+    gone = next(iter(backends(first)))
+    moved = lab.update([web("base"), svc],
+                       slice_of([e for e in everyone if f"ns1/{e.pod_name}" != gone]))
+    assert moved[0].extra["udp_sessions_closed"] >= 1 and moved[0].changed == 0
+    after = lab.probe("ns1/client-a", ip, 53, protocol=UDP, count=5, source_port=40557)
+    assert outcomes(after) == {OK: 5} and gone not in backends(after)
+    emptied = lab.update([web("base"), svc], slice_of([]))
+    assert emptied[0].extra["conntrack_deletes"] == 1 and emptied[0].changed == 2
+    refused = lab.probe("ns1/client-a", ip, 53, protocol=UDP, count=2, source_port=40557)
+    assert outcomes(refused) == {REFUSED: 2}, outcomes(refused)
+    removed = lab.update([web("base")])
+    assert not removed[0].full and removed[0].changed == 1
+    assert lab.probe("ns1/client-a", lab.ip("base"), 80, count=3).summary()["outcomes"] == {
+        OK: 3}
+    stats = lab.dp.stats(lab.cluster.node("node1"))
+    assert stats["services"] == 1
 
 
 @pytest.mark.root

@@ -47,6 +47,11 @@ def test_established_connection_survives_syncs(cluster, record_property):
             flap = cluster.endpoint_slice("flap", ["ns1/web-1", "ns1/web-2", "ns1/web-3"][: 1 + i % 3])
             cluster.apply([steady, *churn, web_service("flap", selector=None)], [flap])
             syncs += 1
+            # A message crosses between any two syncs, however fast they are (an
+            # incremental update takes well under the conversation's 5 ms trickle).
+            echoed, deadline = talk.echoed, time.monotonic() + 1.0
+            while talk.echoed == echoed and talk.error is None and time.monotonic() < deadline:
+                time.sleep(0.001)
             if talk.error:
                 break
     finally:
