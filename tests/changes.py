@@ -52,6 +52,9 @@ def random_service(rng: random.Random, name: str) -> Service:
         fields["external_name"] = "example.org"
     if kind == "LoadBalancer":
         fields["load_balancer_ips"] = (f"198.18.32.{rng.randint(1, 50)}",)
+        if rng.random() < 0.4:
+            fields["load_balancer_source_ranges"] = rng.choice(
+                [("198.18.64.0/24",), ("198.18.64.0/25", "198.18.70.0/24"), ("198.18.0.0/15",)])
     if rng.random() < 0.3:
         fields["internal_traffic_policy"] = POLICY_LOCAL
     if kind in ("NodePort", "LoadBalancer") and rng.random() < 0.4:

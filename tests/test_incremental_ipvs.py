@@ -120,15 +120,15 @@ def _crowded(rng: random.Random, kwargs: dict, services: dict) -> None:
     crowded = []
     for svc in kwargs.get("services", ()):
         if svc.type == TYPE_LOAD_BALANCER:
-            svc = replace(svc, load_balancer_ips=(f"198.18.32.{rng.randint(1, 3)}",))
-        if svc.type != "ExternalName" and rng.random() < 0.3:
-            svc = replace(svc, external_ips=(f"198.18.64.{rng.randint(1, 2)}",))
+            svc = replace(svc, load_balancer_ips=(f"198.18.32.{rng.randint(1, 2)}",))
+        if svc.type != "ExternalName" and rng.random() < 0.5:
+            svc = replace(svc, external_ips=("198.18.64.1",))
         services[svc.key] = svc
         crowded.append(svc)
     kwargs["services"] = crowded
 
 
-@pytest.mark.parametrize("seed", [0, 2, 3, 4, 5])
+@pytest.mark.parametrize("seed", range(10))
 def test_mirror_follows_random_changes_exactly(seed):
     rng = random.Random(seed)
     oracle = Oracle()
