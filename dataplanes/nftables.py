@@ -51,8 +51,6 @@ from dataplanes.nftlayout import (
     AFFINITY_SCTP,
     AFFINITY_UDP,
     FAMILY,
-    NODEPORT_ENDPOINTS,
-    SERVICE_ENDPOINTS,
     TABLE,
     elements_command,
 )
@@ -229,7 +227,7 @@ class NftablesDataplane:
                ) -> SyncStats:
         elements = mirror.total_elements()
         extra: dict[str, Any] = {
-            "layout": "group and class chains + slot maps",
+            "layout": "class sets and chains + slot maps",
             "render_s": round(render_s, 4),
             "apply_s": round(apply_s, 4),
             "chains": mirror.chain_count(),
@@ -239,10 +237,11 @@ class NftablesDataplane:
         }
         if delta is not None:
             added, deleted = delta.counts()
-            written = [name for name, _ in delta.chains]
+            written = delta.chains_written()
+            dropped = [cls.chain for cls in delta.deleted]
             extra.update(services_changed=len(delta.services), chains_written=written,
-                         chains_deleted=[], elements_added=added, elements_deleted=deleted)
-            changed = added + deleted + len(written)
+                         chains_deleted=dropped, elements_added=added, elements_deleted=deleted)
+            changed = added + deleted + len(written) + len(dropped)
         else:
             changed = elements + mirror.chain_count()
         return SyncStats(
@@ -313,8 +312,8 @@ class NftablesDataplane:
             bits = int(slot)
             proto = next((p for p, b in AFFINITY_PROTOCOL_BITS.items() if bits & b), "tcp")
             k = bits & ~(AFFINITY_UDP | AFFINITY_SCTP)
-            by_ip = stale.get((f"{SERVICE_ENDPOINTS}-{proto}", f"{daddr} . {port}"), ())
-            by_port = stale.get((f"{NODEPORT_ENDPOINTS}-{proto}", port), ())
+            by_ip = stale.get((proto, f"{daddr} . {port}"), ())
+            by_port = stale.get((proto, port), ())
             if k in by_ip or k in by_port:
                 doomed.append(f"{client} . {daddr} . {port} . {slot}")
         if doomed:

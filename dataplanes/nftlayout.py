@@ -1,38 +1,45 @@
 """The nftables mode's table layout, and what one Service port puts into it (pure, no I/O).
 
 kube-proxy's nftables mode (facts, not code): table `ip kube-proxy`; a `service-ips`
-verdict map keyed `ip daddr . meta l4proto . th dport`; `service-nodeports` keyed
-`meta l4proto . th dport`, looked up for `fib daddr type local`; no-endpoint checks from
-filter hooks that reject (no endpoint at all) or drop (no endpoint for this traffic
-policy); `numgen random mod N`; ClientIP affinity in dynamic sets with a timeout;
-masquerade through mark 0x4000 in a postrouting chain. kube-proxy gives every Service and
-every endpoint its own chain, and every chain an anonymous map. Here no Service has a
-chain of its own:
+verdict map keyed `ip daddr . meta l4proto . th dport` sending each frontend to its
+Service's chain; `service-nodeports` keyed `meta l4proto . th dport`, looked up for
+`fib daddr type local`; no-endpoint checks from filter hooks that reject (no endpoint at
+all) or drop (no endpoint for this traffic policy); `numgen random mod N`; ClientIP
+affinity in dynamic sets with a timeout; masquerade through mark 0x4000 in a postrouting
+chain; every Service and every endpoint a chain of its own.
 
-    service-ips            VIP . proto . port   : goto cluster-ip-tcp          (its group)
+Here no Service has a chain of its own, and no verdict map holds an element per Service:
+the kernel validates the whole table whenever a transaction adds a rule, or an element
+that jumps to a chain, walking every element of every verdict map (14 ms for one rule or
+one element at 100,000 Services in a `service-ips` map on this machine; 0.09 ms without
+such a map). A frontend (a ClusterIP, an external or load-balancer IP, a NodePort of a
+Service port) is instead a member of its *class*: a set and a chain of the same name, and
+an endpoint map, shared by every frontend of one shape (path, protocol, endpoint counts,
+policy, affinity):
+
+    services               ip daddr <Service CIDR> meta l4proto tcp goto cluster-ip-tcp
+                           meta l4proto tcp jump external-ip-tcp   (udp, sctp alike)
+                           fib daddr type local ip daddr != 127.0.0.0/8 goto node-ports
     cluster-ip-tcp         ip daddr . th dport @cluster-ip-tcp-3 goto cluster-ip-tcp-3
-    cluster-ip-tcp-3       (set)  VIP . port                                   (its class)
-    service-endpoints-tcp  VIP . port . slot    : endpoint IP . port
+    cluster-ip-tcp-3       (set)  VIP . port
+    cluster-ip-tcp-3-endpoints   VIP . port . slot    : endpoint IP . port
     cluster-ip-tcp-3       ip saddr != <cluster CIDR> meta mark set meta mark or 0x4000
                            meta l4proto tcp dnat to ip daddr . th dport
-                               . numgen random mod 3 map @service-endpoints-tcp
+                               . numgen random mod 3 map @cluster-ip-tcp-3-endpoints
 
-A frontend (a ClusterIP, external or load-balancer IP, or NodePort of a Service port)
-jumps to its *group* chain (path, protocol, traffic policy, affinity: what a Service's
-spec fixes), which finds its *class* (the group with its endpoint counts) by set
-membership. The kernel validates the whole table (every jump of every verdict-map element)
-whenever a transaction adds a jump/goto element or a rule: 14 ms at 100,000 Services on
-this machine. A Service whose endpoints change moves between class sets and changes slot
-elements, none of which is a jump, so it never pays that; only a new frontend (a Service
-port added, or its group changed) or a class never seen since the last full sync does.
+So a Service added, changed or removed is elements of sets and maps; a class (and its
+rule in its path's chain) comes and goes with its first and last member, and what the
+kernel checks for it stays small: no verdict map holds an element per Service, no rule
+reads a map with elements of other classes. A new connection looks its frontend up in the
+class sets of its path and protocol, one set per class in use there (not one per
+Service): the price of no per-Service verdict.
 
-Group and class chains are shared by every frontend of their shape. ClientIP affinity
-remembers `client . VIP . port . slot` (UDP in the slot's bit 30) in one dynamic set with
-the Service's timeout; a slot keeps its endpoint across syncs (holes are filled, never
-shifted). Hairpin masquerade is one postrouting rule over a set of `endpoint IP .
-endpoint IP`. As kube-proxy's `cluster-ips-check`, a new connection still addressed to a
-ClusterIP after DNAT (a port its Service lacks) is rejected, and one to an unallocated
-address of the Service CIDR dropped.
+ClientIP affinity remembers `client . VIP . port . slot` (UDP in the slot's bit 30) in one
+dynamic set with the Service's timeout; a slot keeps its endpoint across syncs (holes are
+filled, never shifted). Hairpin masquerade is one postrouting rule over a set of
+`endpoint IP . endpoint IP`. As kube-proxy's `cluster-ips-check`, a new connection still
+addressed to a ClusterIP after DNAT (a port its Service lacks) is rejected, and one to an
+unallocated address of the Service CIDR dropped.
 """
 
 from __future__ import annotations
@@ -53,15 +60,14 @@ SHORT_CIRCUIT_BASE = 0x10000
 AFFINITY_SET_SIZE = 262144
 LOOPBACK = "127.0.0.0/8"
 
-SERVICE_IPS = "service-ips"
-SERVICE_NODEPORTS = "service-nodeports"
+PATHS = ("cluster-ip", "external-ip", "node-port")
+NODE_PORTS = "node-ports"
 # No endpoint for this traffic: one set per verdict (a verdict-map element jumping to a
 # reject chain would make the kernel validate the whole table when a Service loses its
 # last endpoint).
 NO_ENDPOINT_SERVICES = "no-endpoint-services"  # -reject, -drop
 NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
-SERVICE_ENDPOINTS = "service-endpoints"  # one map per protocol: service-endpoints-tcp, -udp, -sctp
-NODEPORT_ENDPOINTS = "nodeport-endpoints"
+ENDPOINTS = "-endpoints"  # a class's endpoint map: its name and this
 PROTOCOLS = ("tcp", "udp", "sctp")
 HAIRPIN = "hairpin-endpoints"
 CLUSTER_IPS = "cluster-ips"
@@ -89,21 +95,11 @@ SLOT = "numgen random mod 1"  # the typeof of a slot: an integer
 
 # name -> declaration body; elements are added separately.
 MAPS: dict[str, str] = {
-    SERVICE_IPS: f"typeof {IP_KEY} : verdict",
-    SERVICE_NODEPORTS: f"typeof {PORT_KEY} : verdict",
     # A concatenation ending in a network needs an interval map; `type` rather than
     # `typeof`, which nft 1.0.6 does not read back for intervals of concatenations.
     FIREWALL_SOURCES: "type ipv4_addr . inet_proto . inet_service . ipv4_addr : verdict ; "
                       "flags interval",
 }
-# Endpoint maps are per protocol: their data must be typed `ip daddr . tcp dport` (or udp),
-# which adds a `meta l4proto` match to every rule that reads them; `ip daddr . th dport`
-# would not, but nft 1.0.6 cannot read that back from the kernel ("conflicting
-# protocols"), so no rule could be added to an existing table.
-for _proto in PROTOCOLS:
-    _data = f"ip daddr . {_proto} dport"
-    MAPS[f"{SERVICE_ENDPOINTS}-{_proto}"] = f"typeof ip daddr . th dport . {SLOT} : {_data}"
-    MAPS[f"{NODEPORT_ENDPOINTS}-{_proto}"] = f"typeof th dport . {SLOT} : {_data}"
 SETS: dict[str, str] = {
     HAIRPIN: "typeof ip saddr . ip daddr",
     CLUSTER_IPS: "typeof ip daddr",
@@ -145,6 +141,13 @@ def fixed_chains(service_cidr: str = "") -> dict[str, list[str]]:
     def refuse(key: str, sets: str) -> list[str]:
         return [f"{key} @{sets}-drop drop", f"{key} @{sets}-reject goto {REJECT_CHAIN}"]
 
+    # ClusterIPs are in the Service CIDR (manifests refuse others), so a packet to one never
+    # looks at external IPs or NodePorts; the placeholder table of install knows no CIDR.
+    cluster = f"ip daddr {service_cidr} " if service_cidr else ""
+    services = [f"{cluster}meta l4proto {p} {'goto' if cluster else 'jump'} cluster-ip-{p}"
+                for p in PROTOCOLS]
+    services += [f"meta l4proto {p} jump external-ip-{p}" for p in PROTOCOLS]
+    services.append(f"{local} goto {NODE_PORTS}")
     return {
         "nat-prerouting": ["jump services"],
         "nat-output": ["jump services"],
@@ -167,10 +170,10 @@ def fixed_chains(service_cidr: str = "") -> dict[str, list[str]]:
         FIREWALL_CHECK: [f"{IP_KEY} @{FIREWALL_IPS} goto {FIREWALL_SOURCES_CHECK}"],
         # A source inside the ranges returns; anything else to the LB IP is dropped.
         FIREWALL_SOURCES_CHECK: [f"{IP_KEY} . ip saddr vmap @{FIREWALL_SOURCES}", "drop"],
-        "services": [
-            f"{IP_KEY} vmap @{SERVICE_IPS}",
-            f"{local} {PORT_KEY} vmap @{SERVICE_NODEPORTS}",
-        ],
+        "services": services,
+        NODE_PORTS: [f"meta l4proto {p} goto node-port-{p}" for p in PROTOCOLS],
+        # A path's chain holds one rule per class in use (see Class.rule), no more.
+        **{f"{path}-{p}": [] for path in PATHS for p in PROTOCOLS},
         "service-endpoints-check": refuse(IP_KEY, NO_ENDPOINT_SERVICES),
         "nodeport-endpoints-check": refuse(f"{local} {PORT_KEY}", NO_ENDPOINT_NODEPORTS),
         "masquerading": [
@@ -186,37 +189,7 @@ def fixed_chains(service_cidr: str = "") -> dict[str, list[str]]:
     }
 
 
-# --------------------------------------------------------------------------- groups, classes
-
-
-@dataclass(frozen=True)
-class Group:
-    """What a Service's spec fixes for one of its frontends: the chain its dispatch
-    element jumps to. path: "cluster-ip", "external-ip" or "node-port"; local:
-    externalTrafficPolicy Local (the short circuit); affinity: ClientIP timeout or None."""
-
-    path: str
-    protocol: str
-    local: bool = False
-    affinity: int | None = None
-
-    @cached_property
-    def chain(self) -> str:
-        name = f"{self.path}-{self.protocol}" + ("-local" if self.local else "")
-        return name + (f"-affinity-{self.affinity}" if self.affinity is not None else "")
-
-    @cached_property
-    def verdict(self) -> str:
-        """A dispatch element's value."""
-        return f"goto {self.chain}"
-
-    @property
-    def key(self) -> str:
-        """The expression its class sets are keyed by."""
-        return "th dport" if self.path == "node-port" else "ip daddr . th dport"
-
-    def rule(self, cls: ServiceClass) -> str:
-        return f"{self.key} @{cls.chain} goto {cls.chain}"
+# --------------------------------------------------------------------------- classes
 
 
 @dataclass(frozen=True)
@@ -228,7 +201,7 @@ class ServiceClass:
     short_circuit: with externalTrafficPolicy Local, the cluster-wide endpoints at
     SHORT_CIRCUIT_BASE.. that pods and the node itself use (None otherwise);
     affinity: ClientIP timeout in seconds, or None. Its members are a set of the same
-    name as its chain, which its group's chain looks up.
+    name as its chain, which the chain of its path and protocol looks up.
     """
 
     path: str
@@ -247,16 +220,42 @@ class ServiceClass:
             name += f"-affinity-{self.affinity}"
         return name
 
+    @cached_property
+    def endpoints(self) -> str:
+        """Its endpoint map: frontend key . slot -> endpoint. A map of its own, since a rule
+        reading a map makes the kernel check every element of it (21 ms for a new class
+        chain reading a shared map of 300,000 elements)."""
+        return self.chain + ENDPOINTS
+
     @property
-    def group(self) -> Group:
-        return Group(self.path, self.protocol, self.short_circuit is not None, self.affinity)
+    def endpoints_body(self) -> str:
+        """The map's declaration. Its data is typed `ip daddr . tcp dport` (or udp, sctp),
+        which adds a `meta l4proto` match to every rule that reads it; `ip daddr . th dport`
+        would not, but nft 1.0.6 cannot read that back from the kernel ("conflicting
+        protocols"), so no rule could be added to an existing table."""
+        return f"typeof {self.key} . {SLOT} : ip daddr . {self.protocol} dport"
+
+    @property
+    def partition(self) -> str:
+        """The chain of its path and protocol, which holds its rule."""
+        return f"{self.path}-{self.protocol}"
+
+    @property
+    def key(self) -> str:
+        """The expression its set is keyed by."""
+        return "th dport" if self.path == "node-port" else "ip daddr . th dport"
+
+    @cached_property
+    def rule(self) -> str:
+        """Its rule in its partition's chain."""
+        return f"{self.key} @{self.chain} goto {self.chain}"
 
     def rules(self, cluster_cidr: str) -> list[str]:
         m = f"0x{MASQUERADE_MARK:x}"
         masq = f"meta mark set meta mark or {m}"
         nodeport = self.path == "node-port"
         lookup = "th dport" if nodeport else "ip daddr . th dport"
-        emap = f"{NODEPORT_ENDPOINTS if nodeport else SERVICE_ENDPOINTS}-{self.protocol}"
+        emap = self.endpoints
         out: list[str] = []
         if self.short_circuit is None:
             if self.path == "cluster-ip":
@@ -317,51 +316,42 @@ class ServiceClass:
 class SlotGroup:
     """The endpoints of one lookup key at consecutive slots from `base`."""
 
-    emap: str  # service-endpoints-<proto> or nodeport-endpoints-<proto>
     key: str  # "VIP . 80" or "30001"
     base: int
 
 
-FrontendKey = tuple[str, str]  # (service-ips or service-nodeports, "VIP . tcp . 80")
+FrontendKey = str  # "VIP . tcp . 80" (ClusterIP, external, load-balancer IP), "tcp . 30001"
 Element = tuple[str, str]  # (map or set, key)
 Slots = tuple[tuple[SlotGroup, tuple[str, ...]], ...]  # endpoint values "ip . port" by slot
 
 
 @dataclass(frozen=True)
 class Frontend:
-    """What one frontend of a Service port puts into the table: its dispatch element, its
-    class membership, its endpoint slots, its no-endpoint and firewall entries. Elements
-    of two frontends never share a key, so a frontend is added or taken out whole."""
+    """What one frontend of a Service port puts into the table: its class membership, its
+    endpoint slots, its no-endpoint and firewall entries. Elements of two frontends never
+    share a key, so a frontend is added or taken out whole."""
 
-    dispatch: str  # SERVICE_IPS | SERVICE_NODEPORTS
-    key: str  # the dispatch key: "VIP . tcp . 80" or "tcp . 30001"
+    key: str  # its FrontendKey, also its key in no-endpoint and firewall sets
     lookup: str  # its key in class sets and endpoint maps: "VIP . 80" or "30001"
-    group: Group
     cls: ServiceClass | None = None  # None: no endpoint this frontend translates to
     slots: Slots = ()
     refuse: str | None = None  # the no-endpoint set it is in
     sources: tuple[str, ...] = ()  # loadBalancerSourceRanges (load-balancer IPs only)
     hairpin: frozenset[str] = frozenset()  # "ip . ip" of its endpoints
-
-    @property
-    def fkey(self) -> FrontendKey:
-        return (self.dispatch, self.key)
-
-    @property
-    def affinity(self) -> int | None:
-        return self.group.affinity
+    affinity: int | None = None  # ClientIP timeout
 
     @cached_property
     def elements(self) -> dict[Element, str | None]:
         """(map or set, key) -> map value, None for a set member."""
         key = self.key
-        out: dict[Element, str | None] = {(self.dispatch, key): self.group.verdict}
+        out: dict[Element, str | None] = {}
         if self.cls is not None:
             out[self.cls.chain, self.lookup] = None
-        for group, values in self.slots:
-            emap, prefix = group.emap, group.key
-            for k, value in enumerate(values, group.base):
-                out[emap, f"{prefix} . {k}"] = value
+            emap = self.cls.endpoints
+            for group, values in self.slots:
+                prefix = group.key
+                for k, value in enumerate(values, group.base):
+                    out[emap, f"{prefix} . {k}"] = value
         if self.refuse is not None:
             out[self.refuse, key] = None
         if self.sources:
@@ -369,11 +359,6 @@ class Frontend:
             for net in self.sources:
                 out[FIREWALL_SOURCES, f"{key} . {net}"] = "return"
         return out
-
-
-@lru_cache(maxsize=4096)
-def _group(path: str, protocol: str, local: bool, affinity: int | None) -> Group:
-    return Group(path, protocol, local, affinity)
 
 
 @lru_cache(maxsize=4096)
@@ -405,56 +390,49 @@ def render_frontends(sp: ServicePortView, previous: dict[FrontendKey, Frontend] 
     out: dict[FrontendKey, Frontend] = {}
     proto = sp.protocol.lower()
     affinity = sp.affinity_timeout_s
-    ip_map = f"{SERVICE_ENDPOINTS}-{proto}"
-
     # ClusterIP traffic.
-    fkey = (SERVICE_IPS, f"{sp.cluster_ip} . {proto} . {sp.port}")
+    fkey = f"{sp.cluster_ip} . {proto} . {sp.port}"
     lookup = f"{sp.cluster_ip} . {sp.port}"
-    group = _group("cluster-ip", proto, False, affinity)
     eps = sp.internal_endpoints
     if eps:
-        slots = _fill(previous, fkey, SlotGroup(ip_map, lookup, 0), eps)
+        slots = _fill(previous, fkey, SlotGroup(lookup, 0), eps)
         cls = _class("cluster-ip", proto, len(eps), None, affinity)
-        out[fkey] = Frontend(*fkey, lookup, group, cls, (slots,), hairpin=_pairs(eps))
+        out[fkey] = Frontend(fkey, lookup, cls, (slots,), hairpin=_pairs(eps), affinity=affinity)
     else:
         refuse = f"{NO_ENDPOINT_SERVICES}-{VERDICTS[sp.internal_traffic_filter]}"
-        out[fkey] = Frontend(*fkey, lookup, group, refuse=refuse)
+        out[fkey] = Frontend(fkey, lookup, refuse=refuse, affinity=affinity)
     if not sp.has_external:
         return out
 
     # External traffic: external and load-balancer IPs, the NodePort.
     sources = _firewall_sources(sp, node_ip)
-    targets = [(SERVICE_IPS, ip_map, f"{ip} . {sp.port}", f"{ip} . {proto} . {sp.port}",
+    targets = [("external-ip", f"{ip} . {sp.port}", f"{ip} . {proto} . {sp.port}",
                 sources if ip in sp.load_balancer_ips else ())
                for ip in dict.fromkeys((*sp.external_ips, *sp.load_balancer_ips))]
     if sp.node_port is not None:
-        targets.append((SERVICE_NODEPORTS, f"{NODEPORT_ENDPOINTS}-{proto}", f"{sp.node_port}",
-                        f"{proto} . {sp.node_port}", ()))
+        targets.append(("node-port", f"{sp.node_port}", f"{proto} . {sp.node_port}", ()))
     outside, inside = sp.external_endpoints, sp.cluster_endpoints
     local = sp.external_policy_local
     pairs = _pairs(outside, inside) if inside else frozenset()
-    for dispatch, emap, lookup, key, firewall in targets:
-        fkey = (dispatch, key)
-        path = "node-port" if dispatch == SERVICE_NODEPORTS else "external-ip"
-        group = _group(path, proto, local, affinity)
+    for path, lookup, fkey, firewall in targets:
         refuse = None
         if sp.external_traffic_filter:
             # Clients that were not short-circuited reach the filter hooks untranslated.
-            base = NO_ENDPOINT_NODEPORTS if dispatch == SERVICE_NODEPORTS else NO_ENDPOINT_SERVICES
+            base = NO_ENDPOINT_NODEPORTS if path == "node-port" else NO_ENDPOINT_SERVICES
             refuse = f"{base}-{VERDICTS[sp.external_traffic_filter]}"
         cls, slots = None, ()
         if inside and not local:
-            one = _fill(previous, fkey, SlotGroup(emap, lookup, 0), outside)
+            one = _fill(previous, fkey, SlotGroup(lookup, 0), outside)
             cls, slots = _class(path, proto, len(outside), None, affinity), (one,)
         elif inside:
             # Pods and the node itself take the cluster-wide set at SHORT_CIRCUIT_BASE.
-            every = _fill(previous, fkey, SlotGroup(emap, lookup, SHORT_CIRCUIT_BASE), inside)
+            every = _fill(previous, fkey, SlotGroup(lookup, SHORT_CIRCUIT_BASE), inside)
             if outside:
-                slots = (_fill(previous, fkey, SlotGroup(emap, lookup, 0), outside), every)
+                slots = (_fill(previous, fkey, SlotGroup(lookup, 0), outside), every)
             else:
                 slots = (every,)
             cls = _class(path, proto, len(outside), len(inside), affinity)
-        out[fkey] = Frontend(dispatch, key, lookup, group, cls, slots, refuse, firewall, pairs)
+        out[fkey] = Frontend(fkey, lookup, cls, slots, refuse, firewall, pairs, affinity)
     return out
 
 

@@ -17,7 +17,6 @@ from dataplanes.nftlayout import (
     AFFINITY_SCTP,
     AFFINITY_UDP,
     SHORT_CIRCUIT_BASE,
-    Group,
     ServiceClass,
     assign_slots,
 )
@@ -68,14 +67,16 @@ THREE = {"198.18.129.2:8080": 1 / 3, "198.18.130.2:8080": 1 / 3, "198.18.129.3:8
 def test_table_follows_kube_proxys_nftables_layout():
     text = script(backends(3), [web(type=TYPE_NODE_PORT, node_port=30000)])
     assert text.startswith("add table ip kube-proxy\ndelete table ip kube-proxy\n")
-    for name in ("service-ips", "service-nodeports"):
-        assert f"add map ip kube-proxy {name} {{ typeof" in text
     for name in ("no-endpoint-services", "no-endpoint-nodeports"):
         for verdict in ("reject", "drop"):
             assert f"add set ip kube-proxy {name}-{verdict} {{ typeof" in text
-    assert "typeof ip daddr . meta l4proto . th dport : verdict" in text
-    assert "services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport " \
-           "vmap @service-nodeports" in text
+    assert "services ip daddr 198.19.0.0/16 meta l4proto tcp goto cluster-ip-tcp\n" in text
+    assert "services fib daddr type local ip daddr != 127.0.0.0/8 goto node-ports\n" in text
+    assert "cluster-ip-tcp ip daddr . th dport @cluster-ip-tcp-3 goto cluster-ip-tcp-3\n" in text
+    assert "node-port-tcp th dport @node-port-tcp-3 goto node-port-tcp-3\n" in text
+    # No verdict map holds an element per Service (see dataplanes/nftlayout.py).
+    assert [line.split()[4] for line in text.splitlines()
+            if line.startswith("add map") and ": verdict" in line] == ["firewall-sources"]
     assert "numgen random mod 3" in text
     assert "flags dynamic,timeout" in text
     assert "meta mark set meta mark or 0x4000" in text
@@ -95,19 +96,19 @@ def test_no_service_has_a_chain_of_its_own():
     assert chains(few) == chains(many)
     assert {"cluster-ip-tcp", "cluster-ip-tcp-6"} <= chains(many)
     elements = many.table_elements()
-    assert set(elements["service-ips"].values()) == {"goto cluster-ip-tcp"}
-    assert len(elements["service-ips"]) == len(elements["cluster-ip-tcp-6"]) == 300
-    assert len(elements["service-endpoints-tcp"]) == 300 * 6
+    assert len(elements["cluster-ip-tcp-6"]) == len(elements["cluster-ips"]) == 300
+    assert len(elements["cluster-ip-tcp-6-endpoints"]) == 300 * 6
 
 
-def test_group_and_class_chain_names_say_their_shape():
+def test_class_chain_names_say_their_shape():
     assert ServiceClass("cluster-ip", "tcp", 3).chain == "cluster-ip-tcp-3"
     assert ServiceClass("node-port", "udp", 2, 5).chain == "node-port-udp-local-2-cluster-5"
     assert ServiceClass("cluster-ip", "tcp", 3, None, 10800).chain == \
         "cluster-ip-tcp-3-affinity-10800"
-    assert ServiceClass("node-port", "udp", 2, 5).group == Group("node-port", "udp", True)
-    assert Group("node-port", "udp", True, 30).chain == "node-port-udp-local-affinity-30"
-    assert Group("cluster-ip", "tcp").rule(ServiceClass("cluster-ip", "tcp", 3)) == \
+    assert ServiceClass("node-port", "udp", 2, 5).partition == "node-port-udp"
+    assert ServiceClass("node-port", "udp", 2, 5).rule == \
+        "th dport @node-port-udp-local-2-cluster-5 goto node-port-udp-local-2-cluster-5"
+    assert ServiceClass("cluster-ip", "tcp", 3).rule == \
         "ip daddr . th dport @cluster-ip-tcp-3 goto cluster-ip-tcp-3"
 
 
@@ -150,7 +151,7 @@ def test_udp_service_port_uses_the_udp_endpoint_map():
     svc = Service("ns1", "dns", ports=(ServicePort(53, UDP, "dns", 8080),), selector={"app": "web"})
     v = view(backends(2), [svc])
     text = NftablesDataplane().render(v)
-    assert "service-endpoints-udp { " + v.services[0].cluster_ip + " . 53 . 0 :" in text
+    assert "cluster-ip-udp-2-endpoints { " + v.services[0].cluster_ip + " . 53 . 0 :" in text
     r = go(text, CLIENT_POD, v.services[0].cluster_ip, 53, proto="udp")
     assert r.endpoints() == pytest.approx({"198.18.129.2:8080": 0.5, "198.18.130.2:8080": 0.5})
 
@@ -244,7 +245,8 @@ def test_sctp_service_port_has_its_own_endpoint_maps_and_affinity_slots():
                   session_affinity=AFFINITY_CLIENT_IP)
     v = view(backends(2), [svc])
     text = NftablesDataplane().render(v)
-    assert "ip daddr . sctp dport" in text and f"{v.services[0].cluster_ip} . sctp . 9" in text
+    assert "ip daddr . sctp dport" in text and "goto cluster-ip-sctp\n" in text
+    assert f"cluster-ip-sctp-2-affinity-10800 {{ {v.services[0].cluster_ip} . 9 }}" in text
     halves = {"198.18.129.2:9999": 0.5, "198.18.130.2:9999": 0.5}
     r = go(text, CLIENT_POD, v.services[0].cluster_ip, 9, proto="sctp")
     assert r.endpoints() == pytest.approx(halves)
@@ -288,7 +290,7 @@ def test_node_port_local_policy_keeps_client_ip_and_uses_local_endpoints():
     # So is the node itself, masqueraded since its source is the node IP.
     node = go(text, NODE1_IP, NODE1_IP, 30000, from_node=True)
     assert node.endpoints() == pytest.approx(THREE) and node.masquerade is True
-    assert "nodeport-endpoints-tcp { 30000 . 0 :" in text
+    assert "node-port-tcp-local-2-cluster-3-endpoints { 30000 . 0 :" in text
     assert f"30000 . {SHORT_CIRCUIT_BASE} :" in text
 
 
@@ -356,9 +358,12 @@ def test_slots_keep_their_endpoint_and_holes_are_filled():
 # --------------------------------------------------------------------------- incremental
 
 
-def filled(mirror: Mirror) -> dict:
-    """The mirror's maps and sets that hold something (idle classes left out)."""
-    return {name: elements for name, elements in mirror.table_elements().items() if elements}
+def same(a: Mirror, b: Mirror) -> bool:
+    """Two mirrors hold the same table: chains and rules, and every element."""
+    def layout(m: Mirror) -> list[str]:
+        return [line for line in m.script().splitlines() if "element" not in line]
+
+    return layout(a) == layout(b) and a.table_elements() == b.table_elements()
 
 
 def step(mirror: Mirror, v) -> tuple[Mirror, object]:
@@ -383,28 +388,30 @@ def test_update_touches_only_the_changed_service():
     _, delta = step(mirror, v2)
     assert [k[1] for k in delta.services] == ["s7"]
     vip = v2.service("ns1/s7:p80").cluster_ip
-    text = delta.script()
-    lines = text.splitlines()
+    lines = delta.script().splitlines()
     assert all(vip in line for line in lines if "element" in line and "hairpin" not in line)
-    # A class never seen: its set, its chain, a rule in its group's chain. Nothing else.
+    # A class never seen: its set, its chain, its rule in the ClusterIP TCP chain.
+    t = "ip kube-proxy"
     assert [line for line in lines if "element" not in line] == [
-        "add set ip kube-proxy cluster-ip-tcp-1 { typeof ip daddr . th dport ; }",
-        "add chain ip kube-proxy cluster-ip-tcp-1",
-        "add rule ip kube-proxy cluster-ip-tcp-1 ip saddr != 198.18.128.0/17 "
+        f"add set {t} cluster-ip-tcp-1 {{ typeof ip daddr . th dport ; }}",
+        f"add map {t} cluster-ip-tcp-1-endpoints {{ typeof ip daddr . th dport . "
+        "numgen random mod 1 : ip daddr . tcp dport ; }",
+        f"add chain {t} cluster-ip-tcp-1",
+        f"add rule {t} cluster-ip-tcp-1 ip saddr != 198.18.128.0/17 "
         "meta mark set meta mark or 0x4000",
-        "add rule ip kube-proxy cluster-ip-tcp-1 meta l4proto tcp dnat to ip daddr . th dport "
-        ". numgen random mod 1 map @service-endpoints-tcp",
-        "add rule ip kube-proxy cluster-ip-tcp "
-        "ip daddr . th dport @cluster-ip-tcp-1 goto cluster-ip-tcp-1",
+        f"add rule {t} cluster-ip-tcp-1 meta l4proto tcp dnat to ip daddr . th dport "
+        ". numgen random mod 1 map @cluster-ip-tcp-1-endpoints",
+        f"flush chain {t} cluster-ip-tcp",
+        f"add rule {t} cluster-ip-tcp ip daddr . th dport @cluster-ip-tcp-1 goto cluster-ip-tcp-1",
+        f"add rule {t} cluster-ip-tcp ip daddr . th dport @cluster-ip-tcp-4 goto cluster-ip-tcp-4",
     ]
-    assert mirror.table_elements() == render_table(v2).table_elements()
-    # Back again: only elements change; the idle class stays until a full sync.
+    assert same(mirror, render_table(v2))
+    # Back again: the class goes with its last member, after the elements.
     _, undo = step(mirror, v1)
-    assert all("element" in line for line in undo.script().splitlines())
-    assert mirror.classes["cluster-ip-tcp-1"] and mirror.members["cluster-ip-tcp-1"] == 0
-    back = mirror.table_elements()
-    assert back.pop("cluster-ip-tcp-1") == {} and back == old
-    assert "cluster-ip-tcp-1" not in render_table(v1).script()
+    assert undo.script().splitlines()[-3:] == [f"delete chain {t} cluster-ip-tcp-1",
+                                               f"delete set {t} cluster-ip-tcp-1",
+                                               f"delete map {t} cluster-ip-tcp-1-endpoints"]
+    assert mirror.table_elements() == old and same(mirror, render_table(v1))
 
 
 def placed(n: int) -> list[Pod]:
@@ -417,30 +424,29 @@ def test_removed_services_and_endpoints_leave_the_maps():
     mirror = render_table(view(pods, [web("a"), web("b")]))
     b = mirror.views["ns1", "b", "p80", "TCP", 80].cluster_ip
     _, delta = step(mirror, view(pods[:2], [web("a")]))  # web-2 and b leave
-    assert len(mirror.table_elements()["service-ips"]) == 1
-    # b: its dispatch, class member and 3 slots; a: its class member (3 -> 2 endpoints),
-    # slot 1 (now web-1), slot 2; web-2's hairpin pair; b's ClusterIP.
-    assert delta.counts() == (2, 5 + 3 + 1 + 1)  # (added, deleted)
+    # Both leave the 3-endpoint class, whose set and map go whole; deleted besides: web-2's
+    # hairpin pair and b's ClusterIP. Added: a in the 2-endpoint class, and its 2 slots.
+    assert delta.counts() == (1 + 2, 1 + 1)  # (added, deleted)
+    assert [c.chain for c in delta.deleted] == ["cluster-ip-tcp-3"]
     assert "198.18.129.3 . 198.18.129.3" not in mirror.hairpin
     assert b not in mirror.cluster_ips
     assert f"delete element ip kube-proxy cluster-ips {{ {b} }}" in delta.script()
 
 
-def test_endpoint_changes_write_no_jump_element_and_no_rule():
-    """The kernel validates the whole table for a new jump element or rule (14 ms at
-    100,000 Services): an endpoint change, down to none and back, needs neither once its
-    classes exist."""
-    pods = placed(3)
-    svc = web("a", type=TYPE_NODE_PORT, node_port=30000, external_ips=("198.18.64.10",),
-              session_affinity=AFFINITY_CLIENT_IP, external_traffic_policy=POLICY_LOCAL)
-    mirror = render_table(view(pods, [svc, web("b")]))
-    for chosen in (pods[:1], [], pods[1:], pods, pods[:2], pods):
-        _, delta = step(mirror, view(chosen, [svc, web("b")]))
-        if delta.chains:  # a class seen for the first time
-            continue
+def test_endpoint_changes_within_classes_in_use_write_only_elements():
+    """Nothing a Service's change writes makes the kernel walk a per-Service verdict map
+    (there is none); once its classes are in use it writes no rule either."""
+    pods = placed(4)
+    keep = [web("k2", app="two"), web("k3", app="three")]  # keep the 2 and 3 classes in use
+    two = [Pod("ns1", f"t{i}", {"app": "two"}, "node2", pods[0].ports) for i in range(2)]
+    three = [Pod("ns1", f"h{i}", {"app": "three"}, "node2", pods[0].ports) for i in range(3)]
+    mirror = render_table(view([*pods[:3], *two, *three], [web("a"), *keep]))
+    for chosen in (pods[1:], pods[:2], pods[2:], pods[:3]):
+        _, delta = step(mirror, view([*chosen, *two, *three], [web("a"), *keep]))
         text = delta.script()
-        assert text and "goto" not in text and "jump" not in text and "rule" not in text, text
-        assert "service-ips" not in text and "service-nodeports" not in text
+        assert text and all(line.startswith(("add element", "delete element"))
+                            for line in text.splitlines()), text
+        assert "goto" not in text and "jump" not in text
 
 
 def test_stale_affinity_names_slots_whose_endpoint_changed():
@@ -449,7 +455,7 @@ def test_stale_affinity_names_slots_whose_endpoint_changed():
     mirror = render_table(view(pods, [sticky]))
     _, delta = step(mirror, view(pods[1:], [sticky]))  # web-0 (slot 0) leaves
     ((where, slots),) = delta.stale.items()
-    assert where[0] == "service-endpoints-tcp" and slots == {0, 2}  # slot 2 moved to slot 0
+    assert where[0] == "tcp" and slots == {0, 2}  # slot 2 moved to slot 0
     _, delta2 = step(mirror, view(pods[1:], [web("a")]))
     assert delta2.stale == {where: {0, 1}}
 
@@ -462,15 +468,14 @@ def test_colliding_load_balancer_ips_go_to_the_first_service_whatever_the_histor
     b = web("b", app="other", **{**LOAD_BALANCER, "node_port": 30002})
     others = [*pods, Pod("ns1", "o", {"app": "other"}, "node2", pods[0].ports)]
     both = view(others, [a, b])
-    key = f"{LB_IP} . tcp . 80"
     mirror = render_table(view(others, [b]))
     _, delta = step(mirror, both)  # a arrives: the LB IP's slots change hands
-    assert filled(mirror) == filled(render_table(both))
-    assert delta.touched[("service-endpoints-tcp", f"{LB_IP} . 80 . 0")][1] in {
+    assert same(mirror, render_table(both))
+    assert delta.touched[("external-ip-tcp-3-endpoints", f"{LB_IP} . 80 . 0")][1] in {
         f"{p.ip} . 8080" for p in pods}
-    _, gone = step(mirror, view(others, [b]))  # a leaves: b's frontend comes back
-    assert filled(mirror) == filled(render_table(view(others, [b])))
-    assert ("service-ips", key) not in gone.touched  # the same group: no jump rewritten
+    assert ("external-ip-tcp-1", f"{LB_IP} . 80") in delta.touched  # b's class: left
+    step(mirror, view(others, [b]))  # a leaves: b's frontend comes back
+    assert same(mirror, render_table(view(others, [b])))
 
 
 def test_load_balancer_source_ranges_change_incrementally():
@@ -527,7 +532,6 @@ def test_load_balancer_ips_as_kube_proxy():
 
 def test_load_balancer_source_ranges_fill_the_firewall_maps():
     plain = render_table(view(backends(2), [web(**LOAD_BALANCER)])).table_elements()
-    assert plain["service-ips"][f"{LB_IP} . tcp . 80"] == "goto external-ip-tcp"
     assert f"{LB_IP} . 80" in plain["external-ip-tcp-2"]
     assert plain["firewall-ips"] == {} and plain["firewall-sources"] == {}
 
@@ -540,7 +544,7 @@ def test_load_balancer_source_ranges_fill_the_firewall_maps():
     assert maps["firewall-sources"] == {f"{key} . 198.18.0.200/32": "return",
                                         f"{key} . 198.18.1.0/24": "return"}
     # The NodePort is not filtered.
-    assert maps["service-nodeports"]["tcp . 30001"] == "goto node-port-tcp"
+    assert "30001" in maps["node-port-tcp-2"]
     # A range holding the node's address admits the LB IP itself, as kube-proxy does.
     maps = render_table(view(backends(2), [web(**LOAD_BALANCER, load_balancer_source_ranges=(
         "198.18.0.0/24",))])).table_elements()
