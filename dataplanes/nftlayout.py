@@ -30,7 +30,9 @@ policy, affinity):
 So a Service added, changed or removed is elements of sets and maps; a class (and its
 rule in its path's chain) comes and goes with its first and last member, and what the
 kernel checks for it stays small: no verdict map holds an element per Service, no rule
-reads a map with elements of other classes. A new connection looks its frontend up in the
+reads a map with elements of other classes. A frontend whose endpoint count changes moves
+to another class, its slots (same numbers, same endpoints) to that class's map: a
+transaction of about twice its endpoints. A new connection looks its frontend up in the
 class sets of its path and protocol, one set per class in use there (not one per
 Service): the price of no per-Service verdict.
 
