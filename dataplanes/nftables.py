@@ -30,14 +30,19 @@ with the whole view, diffing a copy of its Ruleset.
               a Service added / removed  (a sync)               update 0.23 / 0.21 ms
               one changed, sync(view)                           1.4 ms (1.2-29)
               full sync, CPU             0.43-0.45 s            0.35-0.38 s
+              full sync, wall            0.45-0.96 s            0.37-0.59 s
     30,000    one Service changed        34.4 ms (23.9-50.1)    update 0.44 ms (0.33-0.63)
               a Service added / removed                         update 0.23 / 0.22 ms
               one changed, sync(view)                           3.0 ms (2.6-97)
               full sync, CPU             1.43-1.47 s            1.15-1.18 s
+              full sync, wall            1.46-3.0 s             1.19-1.55 s
     100,000   one Service changed        217 ms (92-389)        update 0.45 ms (0.33-1.18)
               a Service added / removed                         update 0.33 / 0.23 ms
               one changed, sync(view)                           16 ms (13-129)
               full sync, CPU             4.86-4.95 s            3.84-3.93 s
+              full sync, wall            5.0-8.5 s              3.9-5.9 s
+    100,000   a NodePort's / an affinity Service's endpoint fewer and back: update 0.54 /
+              0.60 ms (0.42-0.87 / 0.33-0.73)
 
 An update at 100,000 Services: 0.25 ms in libnftables (parsing, its cache of the table's
 chains and sets, the kernel's commit), 0.04 ms in the mirror, 0.02 ms reading the
