@@ -45,7 +45,8 @@ def test_services_sharing_endpoints_one_deleted(cluster):
     """Two NodePort Services of the same shape select the same pods; one is deleted, then
     created again, while the other keeps serving every endpoint on its ClusterIP (TCP and
     UDP) and its NodePort, and a connection open through it across the delete stays up.
-    nftables serves both through one chain per Service shape and shared endpoint maps; the
+    nftables serves both through one class per Service shape (a chain, a member set and an
+    endpoint map they share); the
     other modes hold the same endpoint addresses twice (iptables' KUBE-SEP-* chains, IPVS
     real servers, ebpf backends, the userspace proxy's table) and clear conntrack entries
     when a Service goes: deleting one Service must leave the other's rules, backends and
