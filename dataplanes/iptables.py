@@ -11,6 +11,7 @@ rewrites the shared chains). A full sync reads the kernel back and writes what d
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import math
@@ -109,14 +110,10 @@ def hook_rules() -> dict[tuple[str, str], list[str]]:
 # --------------------------------------------------------------------------- names
 
 
-BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"  # RFC 4648, Go's base32.StdEncoding
-
-
 def port_proto_hash(service_port_name: str, protocol: str) -> str:
     """kube-proxy's portProtoHash: base32(sha256(name + protocol))[:16], protocol lower case."""
     digest = hashlib.sha256((service_port_name + protocol).encode()).digest()
-    bits = int.from_bytes(digest[:10], "big")  # 80 bits are exactly 16 base32 characters
-    return "".join(BASE32[(bits >> shift) & 31] for shift in range(75, -1, -5))
+    return base64.b32encode(digest[:10]).decode()  # 80 bits are exactly 16 characters
 
 
 def service_chain(sp: ServicePortView) -> str:
@@ -524,9 +521,10 @@ def _target(rule: str) -> str:
 
 
 def _restore_cost(rules: list[str]) -> int:
-    """What writing a chain costs iptables-nft-restore: one, plus the distinct chains its rules
-    jump to (their lookups make a payload's cost grow with the square of their number)."""
-    return 1 + len({_target(r) for r in rules if " -j KUBE-" in r})
+    """What writing a chain costs iptables-nft-restore: one, plus the rules that jump to one of
+    our chains (the distinct targets' lookups make a payload's cost grow with the square of
+    their number; a chain's rules mostly jump to distinct chains)."""
+    return 1 + sum(" -j KUBE-" in r for r in rules)
 
 
 # One chain's part of a restore: (table, chain), its rules, and whether the restore declares it
