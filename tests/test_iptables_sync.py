@@ -26,7 +26,9 @@ from dataplanes.base import DataplaneError, FullSyncNeeded
 from dataplanes.iptables import IptablesDataplane, endpoint_chain, render_ruleset, service_chain
 from dataplanes.iptrace import trace
 from kube.model import (
+    AFFINITY_CLIENT_IP,
     POLICY_LOCAL,
+    SCTP,
     TYPE_NODE_PORT,
     UDP,
     ContainerPort,
@@ -500,6 +502,32 @@ def test_sync_repairs_a_service_chain_deleted_by_hand(cluster):
     fixed = dp.sync(node, v3)
     assert fixed.extra["written"] == [f"nat/{sep}"], fixed.extra
     assert dp.sync(node, v3).extra["restores"] == 0
+
+
+def test_a_second_full_sync_reads_back_every_shape_and_writes_nothing(cluster):
+    """Every rule shape the mode writes is recognised in iptables-save's form (probabilities
+    kept in 2^-31 steps, the recent match's options reordered, MARK as --set-xmark, ...)."""
+    from tests.scenarios import BOTH_LOCAL, LOAD_BALANCER, backends
+    from tests.scenarios import view as scenario_view
+    from tests.scenarios import web as scenario_web
+
+    c, dp = cluster
+    node = c.node
+    ranges = ("198.18.0.0/24", "10.1.2.3/8", "0.0.0.0/0")  # the node's own, host bits, all
+    v = scenario_view(backends(7), [
+        scenario_web("plain"),
+        scenario_web("both", **BOTH_LOCAL),
+        scenario_web("lb", **LOAD_BALANCER, load_balancer_source_ranges=ranges),
+        scenario_web("sticky", session_affinity=AFFINITY_CLIENT_IP),
+        scenario_web("empty", app="nobody", type=TYPE_NODE_PORT, node_port=30009),
+        Service("ns1", "dns", (ServicePort(53, UDP, "dns", 8080),), selector={"app": "web"}),
+        Service("ns1", "sc", (ServicePort(53, SCTP, "", 8080),), selector={"app": "web"}),
+    ])
+    dp.install(node)
+    first = dp.sync(node, v)
+    assert first.extra["chains_written"] > 20
+    again = dp.sync(node, v)
+    assert again.changed == 0 and again.extra["restores"] == 0, again.extra["written"]
 
 
 def test_uninstall_leaves_no_kube_chain(cluster):
