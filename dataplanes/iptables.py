@@ -903,10 +903,18 @@ class IptablesDataplane:
             else:
                 items += [(key, part, False) for part in self._parts(w.appends[key])]
         payloads = []
+        checks = w.checks
+        if checks and self.backend == "nft" and (items or w.delete):
+            # On nft the canary checks go first, alone (2 ms): a -C in the payload that
+            # rewrites KUBE-SERVICES makes it 0.2 s slower at 10,000 Services. A legacy
+            # restore reads each table it names whole, so there they ride in the first one.
+            payloads.append(_payload((), checks=True))
+            self._restore(node, payloads[-1])
+            checks = False
         batches = self._batches(items, sorted(w.delete, key=_write_order, reverse=True))
         for i, (part, delete) in enumerate(batches):
             last = i == len(batches) - 1
-            payload = _payload(part, delete, w.extra if last else None, w.checks and i == 0)
+            payload = _payload(part, delete, w.extra if last else None, checks and i == 0)
             self._restore(node, payload)
             payloads.append(payload)
         return payloads

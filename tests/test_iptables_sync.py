@@ -406,7 +406,8 @@ def test_update_rewrites_only_the_changed_service(cluster):
     v2 = c.view(services, {"b2": "web2"})  # b2 leaves svc1 and joins svc2
     svc1b, svc2b = v2.service("ns1/svc1:p80"), v2.service("ns1/svc2:p80")
     stats = dp.update(node, changes(v1, v2))
-    assert not stats.full and stats.extra["restores"] == 1
+    # One restore (on nft the canary checks go in one of their own before it).
+    assert not stats.full and stats.extra["restores"] == (2 if dp.backend == "nft" else 1)
     b2 = next(e for e in svc2b.internal_endpoints if e.ip == c.ip_of("b2"))
     gone = next(e for e in svc1.internal_endpoints if e.ip == c.ip_of("b2"))
     expected = {service_chain(svc1b), service_chain(svc2b), endpoint_chain(svc2b, b2)}
