@@ -1,12 +1,22 @@
 """The iptables data plane: kube-proxy's iptables mode, written with iptables-restore.
 
-The layout follows kube-proxy's proxier (chain names, rule order, probabilities, marks);
-the code is our own. Every write is `iptables-restore --noflush`, so only KUBE-* chains
-are touched. Each Service port renders to a `Piece` (its own KUBE-SVC/SVL/EXT/FW/SEP-*
-chains and its rows in the shared chains KUBE-SERVICES, KUBE-NODEPORTS, ...), kept per
-node; a change rewrites the changed ports' chains and rebuilds a shared chain, by joining
-the kept rows, only when its rows changed (kube-proxy's partial sync, #110268, which always
-rewrites the shared chains). A full sync reads the kernel back and writes what differs.
+The layout follows kube-proxy's proxier (chain names, rule order, probabilities, marks,
+no per-endpoint comments above 1,000 endpoint chains); the code is our own. Every write is
+`iptables-restore --noflush`, so only KUBE-* chains are touched.
+
+Each Service port renders to a `Piece`: its own chains (KUBE-SVC/SVL/EXT/FW/SEP-*) and its
+rows in the shared chains (KUBE-SERVICES in nat and filter, KUBE-NODEPORTS,
+KUBE-EXTERNAL-SERVICES, KUBE-PROXY-FIREWALL), kept per node with the port's view.
+
+- `update(node, changes)` is kube-proxy's partial sync (#110268): the changed ports' chains
+  are written, the removed ones' deleted, and a shared chain is rebuilt from the kept rows
+  (a join of strings) only when some of its rows changed (kube-proxy rewrites the shared
+  chains on every sync); the first restore checks the canaries.
+- `sync(node, view)` is the full sync: iptables-save read back, every chain that differs
+  from what it should hold rewritten, stale chains deleted, hooks and canaries ensured; a
+  sync that finds everything in place writes nothing.
+
+On nft, big writes are split into restores of bounded cost (see `_batches`).
 """
 
 from __future__ import annotations
