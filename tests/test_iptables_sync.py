@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -21,11 +22,13 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from clusters.nsenter import in_netns, run_in_netns
-from dataplanes.base import DataplaneError
+from dataplanes.base import DataplaneError, FullSyncNeeded
 from dataplanes.iptables import IptablesDataplane, endpoint_chain, render_ruleset, service_chain
 from dataplanes.iptrace import trace
 from kube.model import (
+    AFFINITY_CLIENT_IP,
     POLICY_LOCAL,
+    SCTP,
     TYPE_NODE_PORT,
     UDP,
     ContainerPort,
@@ -35,6 +38,7 @@ from kube.model import (
     ServicePort,
 )
 from kube.state import ClusterState
+from kube.tracker import NodeChanges, view_key
 
 pytestmark = pytest.mark.root
 
@@ -373,7 +377,15 @@ def test_node_port_from_an_external_client(cluster):
     assert tcp_ask(c.external_ns, NODE.ip, 30002)[0] == "refused"  # no such NodePort
 
 
-def test_partial_sync_rewrites_only_the_changed_service(cluster):
+def changes(old, new) -> NodeChanges:
+    """What the change tracker would hand the mode between two views of the node."""
+    was = {view_key(v): v for v in old.services}
+    now = {view_key(v): v for v in new.services}
+    return NodeChanges(new.node, updated={k: v for k, v in now.items() if was.get(k) != v},
+                       removed={k: v for k, v in was.items() if k not in now})
+
+
+def test_update_rewrites_only_the_changed_service(cluster):
     c, dp = cluster
     node = c.node
     services = [web("svc1"), web("svc2", app="web2")]
@@ -393,22 +405,40 @@ def test_partial_sync_rewrites_only_the_changed_service(cluster):
 
     v2 = c.view(services, {"b2": "web2"})  # b2 leaves svc1 and joins svc2
     svc1b, svc2b = v2.service("ns1/svc1:p80"), v2.service("ns1/svc2:p80")
-    stats = dp.sync(node, v2)
-    assert not stats.full
+    stats = dp.update(node, changes(v1, v2))
+    # One restore (on nft the canary checks go in one of their own before it).
+    assert not stats.full and stats.extra["restores"] == (2 if dp.backend == "nft" else 1)
     b2 = next(e for e in svc2b.internal_endpoints if e.ip == c.ip_of("b2"))
     gone = next(e for e in svc1.internal_endpoints if e.ip == c.ip_of("b2"))
     expected = {service_chain(svc1b), service_chain(svc2b), endpoint_chain(svc2b, b2)}
     expected.add(endpoint_chain(svc1, gone))  # deleted
     assert set(stats.extra["changed_chains"]) == expected
-    assert stats.changed == len(expected)
+    # svc2's first endpoint moves its ClusterIP row from filter's REJECT to nat's jump: both
+    # KUBE-SERVICES chains are rebuilt from the kept rows; KUBE-NODEPORTS is left alone.
+    assert stats.extra["shared_chains"] == ["filter/KUBE-SERVICES", "nat/KUBE-SERVICES"]
+    assert stats.changed == len(expected) + 2
     after = save(node, dp, counters=True)
     assert rules_of(after, kept) == rules_of(before, kept), "an unchanged chain was rewritten"
     assert endpoint_chain(svc1, gone) not in chains_in(after, "nat")
     assert tcp_ask(c.pod_ns["c1"], svc2b.cluster_ip, 80)[0] == "b2"
     assert {tcp_ask(c.pod_ns["c1"], svc1b.cluster_ip, 80)[0] for _ in range(4)} == {"b1"}
-    # Nothing changed: a partial sync writes no service chain at all.
-    again = dp.sync(node, v2)
-    assert not again.full and again.changed == 0 and again.extra["changed_chains"] == []
+    # An endpoint change alone (svc2 gains c1) rewrites its Service's chains, no shared one.
+    v3 = c.view(services, {"b2": "web2", "c1": "web2"})
+    third = dp.update(node, changes(v2, v3))
+    assert not third.full and third.extra["shared_chains"] == [], third.extra
+    assert third.extra["chains_written"] == 2 and third.extra["chains_deleted"] == 0
+    # A view equal to what the memory holds writes nothing; the restore only checks canaries.
+    same = dp.update(node, NodeChanges(node.name, updated={view_key(v): v for v in v3.services}))
+    assert same.changed == 0 and same.rules == 0 and same.extra["restores"] == 1
+    # What the updates left is what a full sync of the same view leaves, and a full sync of
+    # it reads the kernel back and writes nothing.
+    state = dp.kernel_state(node)
+    again = dp.sync(node, v3)
+    assert again.full and again.changed == 0 and again.extra["restores"] == 0, again.extra
+    dp.uninstall(node)
+    dp.install(node)
+    assert dp.sync(node, v3).extra["chains_written"] > 0
+    assert dp.kernel_state(node) == state
 
 
 @pytest.mark.parametrize("how", [("-F",), ("-F", "-X")])
@@ -422,12 +452,83 @@ def test_flushed_nat_table_is_restored_by_the_next_sync(cluster, how):
     for flag in how:
         node.run([*dp.iptables_cmd, "-t", "nat", flag])
     assert "KUBE-SVC" not in "\n".join(rules_of(save(node, dp), "KUBE-SERVICES"))
-    stats = dp.sync(node, v)
-    assert stats.full, "the emptied canary must force a full sync"
+    # An update's restore checks the canaries first: it fails whole and asks for a full sync.
+    v2 = c.view([web(), web("svc2")])
+    with pytest.raises(FullSyncNeeded):
+        dp.update(node, changes(v, v2))
+    with pytest.raises(FullSyncNeeded):  # and keeps asking until one ran
+        dp.update(node, changes(v, v2))
+    stats = dp.sync(node, v2)
+    assert stats.full and stats.extra["chains_written"] > 0
     text = save(node, dp)
     assert service_chain(v.services[0]) in chains_in(text, "nat")
     assert re.search(r"^-A PREROUTING .*-j KUBE-SERVICES$", text, re.M)
     assert tcp_ask(c.pod_ns["c1"], vip, 80)[0] in ("b1", "b2")
+    assert not dp.update(node, changes(v2, v)).full  # updates again
+
+
+def test_sync_repairs_a_service_chain_deleted_by_hand(cluster):
+    c, dp = cluster
+    node = c.node
+    services = [web("svc1"), web("svc2", app="web2")]
+    v = c.view(services, {"b2": "web2"})  # svc1: b1, svc2: b2
+    dp.install(node)
+    dp.sync(node, v)
+    svc1 = v.service("ns1/svc1:p80")
+    chain = service_chain(svc1)
+    # Someone removes svc1's chain: its jump in KUBE-SERVICES first, or -X refuses.
+    jump = next(r for r in rules_of(save(node, dp), "KUBE-SERVICES") if r.endswith(chain))
+    nat = [*dp.iptables_cmd, "-t", "nat"]
+    node.run([*nat, "-D", *shlex.split(jump)[1:]])
+    node.run([*nat, "-F", chain])
+    node.run([*nat, "-X", chain])
+    assert tcp_ask(c.pod_ns["c1"], svc1.cluster_ip, 80)[0] != "b1"
+    # An update that rewrites nothing referring to it does not notice (kube-proxy's partial
+    # sync would, as it rewrites KUBE-SERVICES every time) ...
+    v2 = c.view(services, {"b2": "web2", "c1": "web2"})
+    assert dp.update(node, changes(v, v2)).extra["shared_chains"] == []
+    # ... one that rewrites KUBE-SERVICES fails as a whole and asks for a full sync ...
+    v3 = c.view([*services, web("svc3")], {"b2": "web2", "c1": "web2"})
+    with pytest.raises(FullSyncNeeded):
+        dp.update(node, changes(v2, v3))
+    # ... which puts back exactly what is missing.
+    stats = dp.sync(node, v3)
+    assert stats.full
+    assert set(stats.extra["written"]) >= {f"nat/{chain}", "nat/KUBE-SERVICES"}, stats.extra
+    assert tcp_ask(c.pod_ns["c1"], svc1.cluster_ip, 80)[0] == "b1"
+    # A rule changed inside a chain is found too, and only that chain is written.
+    sep = endpoint_chain(svc1, svc1.internal_endpoints[0])
+    node.run([*nat, "-R", sep, "2", "-p", "tcp", "-j", "DNAT", "--to-destination",
+              f"{c.ip_of('c1')}:{BACKEND_PORT}"])
+    fixed = dp.sync(node, v3)
+    assert fixed.extra["written"] == [f"nat/{sep}"], fixed.extra
+    assert dp.sync(node, v3).extra["restores"] == 0
+
+
+def test_a_second_full_sync_reads_back_every_shape_and_writes_nothing(cluster):
+    """Every rule shape the mode writes is recognised in iptables-save's form (probabilities
+    kept in 2^-31 steps, the recent match's options reordered, MARK as --set-xmark, ...)."""
+    from tests.scenarios import BOTH_LOCAL, LOAD_BALANCER, backends
+    from tests.scenarios import view as scenario_view
+    from tests.scenarios import web as scenario_web
+
+    c, dp = cluster
+    node = c.node
+    ranges = ("198.18.0.0/24", "10.1.2.3/8", "0.0.0.0/0")  # the node's own, host bits, all
+    v = scenario_view(backends(7), [
+        scenario_web("plain"),
+        scenario_web("both", **BOTH_LOCAL),
+        scenario_web("lb", **LOAD_BALANCER, load_balancer_source_ranges=ranges),
+        scenario_web("sticky", session_affinity=AFFINITY_CLIENT_IP),
+        scenario_web("empty", app="nobody", type=TYPE_NODE_PORT, node_port=30009),
+        Service("ns1", "dns", (ServicePort(53, UDP, "dns", 8080),), selector={"app": "web"}),
+        Service("ns1", "sc", (ServicePort(53, SCTP, "", 8080),), selector={"app": "web"}),
+    ])
+    dp.install(node)
+    first = dp.sync(node, v)
+    assert first.extra["chains_written"] > 20
+    again = dp.sync(node, v)
+    assert again.changed == 0 and again.extra["restores"] == 0, again.extra["written"]
 
 
 def test_uninstall_leaves_no_kube_chain(cluster):
@@ -489,13 +590,15 @@ def test_split_restores_write_the_same_rules(cluster):
     dp.install(node)
     whole = dp.sync(node, v)
     assert whole.extra["restores"] == 1
-    one_go = save(node, dp)
+    one_go, one_go_state = save(node, dp), dp.kernel_state(node)
     dp.uninstall(node)
-    split = IptablesDataplane(dp.backend, max_chains_per_restore=2)  # leaves first, in 2s
+    split = IptablesDataplane(dp.backend, restore_budget=3)  # leaves first, in small restores
     split.install(node)
     stats = split.sync(node, v)
-    assert stats.extra["restores"] == -(-stats.extra["chains_written"] // 2) > 1
+    # Each restore costs at most 3 (a chain: 1 + the chains it jumps to), or is one chain.
+    assert stats.extra["restores"] >= stats.extra["chains_written"] // 3 > 1
     assert by_chain(save(node, split)) == by_chain(one_go)
+    assert split.kernel_state(node) == one_go_state
     assert tcp_ask(c.pod_ns["c1"], v.service("ns1/svc1:p80").cluster_ip, 80)[0] in ("b1", "b2")
     assert tcp_ask(c.external_ns, NODE.ip, 30000)[1] == EXTERNAL_CLIENT
     split.uninstall(node)  # also in leaf-last steps of 2 chains

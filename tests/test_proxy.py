@@ -22,9 +22,8 @@ NS = "ns1"
 
 
 class Recording:
-    """The real iptables mode, with every call it gets written down (and `update`, which
-    iptables lacks, answered by a full sync of the tracker's view, so the ServiceProxy's
-    choice shows)."""
+    """The real iptables mode, with every call it gets written down (its `update` may be
+    told to ask for a full sync, as a mode that lost track of a node does)."""
 
     def __init__(self, tracker: ChangeTracker) -> None:
         self.tracker = tracker
@@ -53,7 +52,9 @@ class Recording:
         self.calls.append(("update", node.name, changes))
         if node.name in self.lost:
             raise FullSyncNeeded(f"{node.name} forgotten")
-        return self.mode.sync(node, self.tracker.node_view(node.name))
+        stats = self.mode.update(node, changes)
+        assert not stats.full
+        return stats
 
 
 @pytest.fixture(scope="module")
