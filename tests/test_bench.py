@@ -388,7 +388,9 @@ def test_mode_benches_add_their_rows_to_the_run_folder(tmp_path):
     full = by_stat["full"][0]
     # a full sync from empty writes every Service; one change writes a few elements, none rewrites nothing
     assert full["value"] > 0 and full["extra"]["full"] and full["extra"]["changed"] > 100
-    assert all(0 < r["extra"]["changed"] < 10 for r in by_stat["one_changed"])
+    # (a Service whose endpoint count changes moves to its new shape's class: a few dozen)
+    assert all(0 < r["extra"]["changed"] < full["extra"]["changed"] / 10
+               for r in by_stat["one_changed"])
     assert by_stat["unchanged"][0]["extra"]["changed"] == 0
     # each value is the mode's own sync time, within the ServiceProxy call that made it
     assert all(0 < r["value"] <= r["extra"]["call_s"] for r in mine)

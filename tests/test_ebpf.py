@@ -137,7 +137,7 @@ def _with_ranges_and_external_ips(rng, services: list[Service]) -> list[Service]
     out = []
     for svc in services:
         if svc.type == TYPE_LOAD_BALANCER:
-            svc = replace(svc, load_balancer_ips=(f"198.18.32.{rng.randint(1, 3)}",))
+            svc = replace(svc, load_balancer_ips=(f"198.18.32.{rng.randint(1, 2)}",))
         if svc.type == TYPE_LOAD_BALANCER and rng.random() < 0.5:
             svc = replace(svc, load_balancer_source_ranges=tuple(
                 rng.sample(["198.18.0.0/24", "198.18.0.200/32", "10.0.0.0/8"], rng.randint(1, 2))))

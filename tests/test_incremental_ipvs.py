@@ -274,7 +274,8 @@ def test_incremental_ipvs_in_guest(tmp_path):
     """Boot one guest kernel and run this module's guest tests in it."""
     if IN_GUEST:
         pytest.skip("already inside the guest kernel")
-    from clusters.uml import run_in_guest, uml_missing
+    from clusters.uml import run_in_guest
+    from clusters.uml_host import uml_missing
 
     problems = uml_missing()
     if problems:
