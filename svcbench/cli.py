@@ -412,12 +412,18 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _node_names(cluster, wanted: str | None) -> list[str]:
+    """The run's node names; UsageError when --node names none of them."""
+    names = [n.name for n in cluster.nodes]
+    if wanted is not None and wanted not in names:
+        raise UsageError(f"--node {wanted!r} is not a node of run {cluster.run_id}; nodes: "
+                         f"{', '.join(names)}")
+    return names
+
+
 def cmd_endpoint_list(args) -> int:
     cluster = _attach(args.run)
-    names = [n.name for n in cluster.nodes]
-    if args.node is not None and args.node not in names:
-        raise UsageError(f"--node {args.node!r} is not a node of run {cluster.run_id}; nodes: "
-                         f"{', '.join(names)}")
+    _node_names(cluster, args.node)
     nodes, manifests, previous = _stored(cluster)
     state = _track(nodes, manifests, previous).state()
     # A pod's own conditions; an address that is no pod: its EndpointSlice's.
@@ -477,10 +483,7 @@ def cmd_monitor(args) -> int:
     from kube.lookup import ServiceIndex
 
     cluster = _attach(args.run)
-    names = [n.name for n in cluster.nodes]
-    if args.node is not None and args.node not in names:
-        raise UsageError(f"--node {args.node!r} is not a node of run {cluster.run_id}; nodes: "
-                         f"{', '.join(names)}")
+    names = _node_names(cluster, args.node)
     nodes, manifests, previous = _stored(cluster)
     tracker = _track(nodes, manifests, previous)
     places: dict[int, tuple[str, str | None]] = {}  # nsfs inode -> (where, node)
