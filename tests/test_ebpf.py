@@ -593,6 +593,30 @@ def test_a_removed_backend_loses_its_flows_and_the_others_keep_theirs(bpf_node):
             assert after == before  # a flow keeps its backend while the Service lists it
 
 
+def test_a_tcp_connection_keeps_its_endpoint_after_the_endpoint_leaves(bpf_node):
+    """As netfilter's conntrack does for kube-proxy: an open TCP connection's segments keep
+    going to its endpoint after the endpoint leaves the Service (sending them to another
+    endpoint would be answered with a reset); new connections avoid it."""
+    objects, state, program = bpf_node
+    client = state.pod("ns1", "client-a").ip
+    vip = state.service_obj("ns1", "web").cluster_ip
+    web3 = state.pod("ns1", "web-3").ip
+    program(state_of())  # every endpoint listed (an earlier test may have removed one)
+    flows = {port: parse(run(objects, "svb_xdp_lxc", tcp(client, port, vip, 80))[1])["dst"]
+             for port in range(47000, 47060)}
+    assert web3 in flows.values()
+    program(state_of(pods=[p for p in PODS if p.name != "web-3"]))
+    try:
+        for port, before in flows.items():
+            segment = tcp(client, port, vip, 80, flags=0x10)  # the handshake's ACK
+            assert parse(run(objects, "svb_xdp_lxc", segment)[1])["dst"] == before
+        fresh = {parse(run(objects, "svb_xdp_lxc", tcp(client, port, vip, 80))[1])["dst"]
+                 for port in range(47100, 47160)}
+        assert web3 not in fresh
+    finally:
+        program(state_of())
+
+
 def test_closed_flows_never_rewrite_a_direct_connection_on_the_same_ports(bpf_node):
     objects, state, _ = bpf_node
     client = state.pod("ns1", "client-a").ip

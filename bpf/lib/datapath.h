@@ -152,7 +152,11 @@ SVB_INLINE int service_path(struct xdp_md *ctx, int from)
 	e = ct4_lookup(&pkt.tuple, CT_ORIGINAL);
 	if (e && e->svc_id == svc->svc_id && !ct4_stale(e, pkt.tuple.proto, now)) {
 		be = lb4_member(&key, svc, e->daddr, e->dport, e->slot);
-		if (be && !(syn && now - e->created_ns > CT_SYN_REUSE_NS)) {
+		/* A TCP connection keeps its endpoint after the endpoint leaves the Service, as
+		 * netfilter's conntrack keeps it for kube-proxy: sending its next segment to another
+		 * endpoint would be answered with a reset. A SYN, or UDP, chooses again. */
+		if ((be || (pkt.tuple.proto == IPPROTO_TCP && !syn)) &&
+		    !(syn && now - e->created_ns > CT_SYN_REUSE_NS)) {
 			struct ipv4_tuple seen = pkt.tuple;
 
 			ct4_touch(e, now);
