@@ -177,6 +177,11 @@ class NftablesDataplane:
             try:
                 if script:
                     self._transact(node, script)
+                purge = mirror.purge_idle()  # a full sync leaves no idle class behind
+                if purge:
+                    self._transact(node, purge)
+                    script += purge
+                    delta.purged = mirror.purged
             except DataplaneError:
                 delta = None  # our memory and the kernel disagree: start over from scratch
         if delta is None:
@@ -256,7 +261,7 @@ class NftablesDataplane:
         if delta is not None:
             added, deleted = delta.counts()
             written = delta.chains_written()
-            dropped = [cls.chain for cls in delta.deleted]
+            dropped = [cls.chain for cls in delta.deleted] + delta.purged
             extra.update(services_changed=len(delta.services), chains_written=written,
                          chains_deleted=dropped, elements_added=added, elements_deleted=deleted)
             changed = added + deleted + len(written) + len(dropped)

@@ -56,12 +56,12 @@ class Delta:
     hairpin: dict[str, list[bool]] = field(default_factory=dict)  # pair -> [before, after]
     cluster_ips: dict[str, list[bool]] = field(default_factory=dict)
     classes: dict[str, list[Any]] = field(default_factory=dict)  # name -> [before, after]
-    partitions: dict[str, list[str]] = field(default_factory=dict)  # chains rewritten: rules
     services: list[ViewKey] = field(default_factory=list)  # Service ports rendered again
     stale: dict[tuple[str, str], set[int]] = field(default_factory=dict)  # (proto, key): slots
     udp: list[tuple[ServicePortView | None, ServicePortView | None]] = field(
         default_factory=list)  # UDP ports changed: (before, after)
     health: bool = False  # a health-check NodePort changed
+    purged: list[str] = field(default_factory=list)  # idle classes a full sync took out
     cluster_cidr: str = ""
 
     @property
@@ -102,9 +102,9 @@ class Delta:
         out += [declare_chain(c.chain) for c in created]
         out += [f"add rule {t} {c.chain} {rule}" for c in created
                 for rule in c.rules(self.cluster_cidr)]
-        for name, rules in self.partitions.items():
-            out.append(f"flush chain {t} {name}")
-            out += [f"add rule {t} {name} {rule}" for rule in rules]
+        # A new class's rule is appended to its path's chain: the classes' sets hold
+        # disjoint frontends, so their order does not matter.
+        out += [f"add rule {t} {c.partition} {c.rule}" for c in created]
         gone, fresh = self._split()
         out += [elements_command("delete", name, keys) for name, keys in gone.items()]
         out += [elements_command("add", name, items) for name, items in fresh.items()]
@@ -119,7 +119,8 @@ class Delta:
         return sum(map(len, fresh.values())), sum(map(len, gone.values()))
 
     def chains_written(self) -> list[str]:
-        return [c.chain for c in self.created] + list(self.partitions)
+        created = self.created
+        return [c.chain for c in created] + sorted({c.partition for c in created})
 
 
 class Mirror:
@@ -135,6 +136,8 @@ class Mirror:
         self.active: dict[FrontendKey, Frontend] = {}  # the frontend the table holds
         self.classes: dict[str, ServiceClass] = {}  # present: those with a member
         self.members: dict[str, int] = {}  # class -> active frontends in it
+        self.idle: set[str] = set()  # classes left without members since the last full sync
+        self.purged: list[str] = []  # what the last purge_idle took out
         self.hairpin: dict[str, int] = {}
         self.cluster_ips: dict[str, int] = {}
         self.health: dict[ViewKey, ServicePortView] = {}  # ports with a health-check port
@@ -197,9 +200,26 @@ class Mirror:
         # A class created and deleted again (or the reverse) within the change: nothing to do.
         d.classes = {name: pair for name, pair in d.classes.items()
                      if (pair[0] is None) != (pair[1] is None)}
-        touched = {cls.partition for pair in d.classes.values() for cls in pair if cls}
-        d.partitions = {name: self.partition_rules(name) for name in sorted(touched)}
         return d
+
+    def purge_idle(self) -> str:
+        """Drop the idle classes (see `_member`): the transaction that takes them out of the
+        table, their paths' chains rewritten; "" when there is none. O(classes) rules, whose
+        re-binding walks every member: for full syncs, which are O(N) anyway."""
+        if not self.idle:
+            return ""
+        t = f"{FAMILY} {TABLE}"
+        gone = [self.classes.pop(name) for name in sorted(self.idle)]
+        self.idle.clear()
+        self.purged = [cls.chain for cls in gone]
+        out = []
+        for partition in sorted({cls.partition for cls in gone}):
+            out.append(f"flush chain {t} {partition}")
+            out += [f"add rule {t} {partition} {rule}" for rule in self.partition_rules(partition)]
+        for cls in gone:
+            out += [f"delete chain {t} {cls.chain}", f"delete set {t} {cls.chain}",
+                    f"delete map {t} {cls.endpoints}"]
+        return "\n".join(out) + "\n"
 
     def changes(self, services: tuple[ServicePortView, ...]
                 ) -> tuple[dict[ViewKey, ServicePortView], list[ViewKey]]:
@@ -325,15 +345,21 @@ class Mirror:
             del self.members[name]
         if (before == 0) == (after == 0):
             return
-        if after:
-            self.classes[name] = cls
-        else:
-            del self.classes[name]
+        if not after:
+            # Emptied: kept, idle, until the next full sync (`purge_idle`). Taking its rule
+            # out of its path's chain now would rewrite that chain, and re-adding rules bound
+            # to the other classes' sets makes the kernel walk all their members: O(N).
+            self.idle.add(name)
+            return
+        if name in self.idle:
+            self.idle.discard(name)  # back in use: its set, chain and rule are still there
+            return
+        self.classes[name] = cls
         if d is not None:
             if name in d.classes:
-                d.classes[name][1] = cls if after else None
+                d.classes[name][1] = cls
             else:
-                d.classes[name] = [None if after else cls, cls if after else None]
+                d.classes[name] = [None, cls]
 
     def partition_rules(self, partition: str) -> list[str]:
         """The rules of a path's chain: one per class present, in name order (O(classes))."""
@@ -467,6 +493,19 @@ def normalise(listing: dict[str, Any]) -> dict[str, Any]:
             }
         elif kind == "rule":
             chains[body["chain"]]["rules"].append(json.dumps(body["expr"], sort_keys=True))
+    # A class left without members forwards nothing: updates keep it until the next full
+    # sync (Mirror.purge_idle), a full sync has none. Left out, with its path rule.
+    idle = {name for name, body in sets.items()
+            if name in chains and not body["elements"] and name + ENDPOINTS in sets}
+    for name in idle:
+        del chains[name], sets[name], sets[name + ENDPOINTS]
+    for chain in chains.values():
+        rules = [r for r in chain["rules"] if not any(f'"@{c}"' in r for c in idle)]
+        # A path's chain holds one rule per class, appended as classes come: in any order.
+        if rules and all(('"goto"' in r or '"jump"' in r) and any(f'"@{c}"' in r for c in sets)
+                         for r in rules):
+            rules.sort()
+        chain["rules"] = rules
     return {"chains": chains, "sets": sets}
 
 

@@ -202,12 +202,22 @@ def test_a_transaction_the_kernel_refuses_drops_the_mirror(rig, monkeypatch):
     rig.same_as_a_restart()
 
 
-def test_a_class_comes_and_goes_with_its_members(rig):
+def test_a_class_comes_with_its_first_member_and_goes_at_a_full_sync(rig):
+    """A new class appends its one rule to its path's chain; an emptied class stays idle
+    (taking its rule out would bind every other class's set again, a walk of all their
+    members) until the next full sync purges it; back in use, it costs no chain."""
     rig.apply(services=[web()])
     node = rig.cluster.nodes[0]
     stats, _, _ = rig.apply(pods=[rig.pod("web-0", ready=False)])  # 4 -> 3 endpoints
     assert stats[0].extra["chains_written"] == ["cluster-ip-tcp-3", "cluster-ip-tcp"]
-    assert stats[0].extra["chains_deleted"] == ["cluster-ip-tcp-4"]
+    assert stats[0].extra["chains_deleted"] == []
     chains = node.run(["nft", "list", "chains", FAMILY]).stdout
-    assert "cluster-ip-tcp-3" in chains and "cluster-ip-tcp-4" not in chains
+    assert "cluster-ip-tcp-3" in chains and "cluster-ip-tcp-4" in chains  # 4: idle
+    stats, _, _ = rig.apply(pods=[rig.pod("web-0", ready=True)])  # back to 4: no chain written
+    assert stats[0].extra["chains_written"] == [] and stats[0].extra["chains_deleted"] == []
+    stats, _, _ = rig.apply(pods=[rig.pod("web-0", ready=False)])
+    assert stats[0].extra["chains_written"] == []
+    (full,) = [s for s in rig.proxy.resync() if s.node == node.name]
+    assert full.extra["chains_deleted"] == ["cluster-ip-tcp-4"]
+    assert "cluster-ip-tcp-4" not in node.run(["nft", "list", "chains", FAMILY]).stdout
     rig.same_as_a_restart()

@@ -227,10 +227,12 @@ def test_incremental_sync_touches_only_the_changed_service(cluster):
     assert s.extra["services_changed"] == 3, s.extra  # a, b and c; nothing else
     assert s.changed == s.extra["elements_added"] + s.extra["elements_deleted"] + len(
         s.extra["chains_written"]) + len(s.extra["chains_deleted"])
-    # a and b move to the 2-endpoint class (membership, and their 2 slots to its map), the
-    # 3-endpoint class goes whole; c: out of no-endpoint-services-reject, into the 1-endpoint
-    # class with its slot; web-3 stays in the hairpin set.
-    assert s.extra["elements_added"] + s.extra["elements_deleted"] == 2 * 3 + 3, s.extra
+    # a and b move to the 2-endpoint class (membership, and their 2 slots to its map) from
+    # the 3-endpoint class (membership, 3 slots each), which this full sync then purges;
+    # c: out of no-endpoint-services-reject, into the 1-endpoint class with its slot;
+    # web-3 stays in the hairpin set.
+    assert s.extra["elements_added"] + s.extra["elements_deleted"] == 2 * 3 + 2 + 2 * 4 + 1, (
+        s.extra)
     assert s.extra["chains_deleted"] == ["cluster-ip-tcp-3"]
     after = endpoint_slots(node)
     # web-1 and web-2 keep their slots in a and b (affinity stays valid).
