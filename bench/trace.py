@@ -12,7 +12,7 @@ the tracepoint's own fields (no kernel struct layouts), so the headers bcc compi
 against need not match the running kernel.
 
 bcc finds tracepoints through tracefs, which this host does not mount. The tracer is
-therefore a child process in a mount namespace of its own (`unshare --mount`) that
+therefore a child process (bpf/tracefs.py) in a mount namespace of its own that
 mounts tracefs there: nothing changes in the host's mounts, and libbcc never loads into
 the sweep's process. Other runs on the host may use the same RFC 2544 addresses, so the
 caller keeps only the handshakes of its own sockets (by source port).
@@ -29,17 +29,15 @@ import ctypes
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
-TRACEFS = "/sys/kernel/tracing"
+from bpf.tracefs import kill_child, start_child
+
 READY_TIMEOUT_S = 90.0  # clang compiles the program first; slow on a loaded 2-core host
 PROGRAM = r"""
 #include <uapi/linux/ptrace.h>
@@ -147,17 +145,9 @@ class HandshakeTrace:
         self._start()
 
     def _start(self) -> None:
-        client_ip = self.client_ip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-        script = f'mount -t tracefs nodev {TRACEFS} && exec "$0" -m bench.trace --client {client_ip}'
         # stderr to a file: a pipe nobody reads during a sweep would stall the child when full.
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        self._proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-            env=env, start_new_session=True,
-        )
+        self._proc = start_child("bench.trace", ["--client", self.client_ip], self._stderr)
         ready = self._read_line(READY_TIMEOUT_S)
         if ready != "ready":
             self._kill()
@@ -185,9 +175,7 @@ class HandshakeTrace:
         return self._stderr.read().strip()
 
     def _kill(self) -> None:
-        if self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        self._proc.wait()
+        kill_child(self._proc)
 
     def _exit_reason(self) -> str:
         code = self._proc.returncode

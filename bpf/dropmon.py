@@ -7,7 +7,7 @@ location. A bcc program keeps drops whose network namespace is one it was told t
 through a perf buffer. It reads kernel memory at offsets taken from the running kernel's
 BTF (bpf/btf.py), so the generic headers bcc compiles against need not match the kernel.
 
-As bench/trace.py does, the program runs in a child process inside a mount namespace of
+As bench/trace.py's, the program runs in a child process (bpf/tracefs.py) in a mount namespace of
 its own that mounts tracefs (the host's mounts do not change): `DropMonitor` starts it,
 `watch(inode)` adds a namespace, `drops()` returns what was reported so far. The child
 prints one JSON line per drop and stops at end of file on its stdin, on `stop`, or after
@@ -23,7 +23,6 @@ import json
 import os
 import re
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -36,9 +35,8 @@ from typing import Any
 
 from bpf.btf import BtfError, kernel_btf
 from bpf.setup import bcc_import
+from bpf.tracefs import TRACEFS, kill_child, start_child
 
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
-TRACEFS = "/sys/kernel/tracing"
 FORMAT = f"{TRACEFS}/events/skb/kfree_skb/format"
 READY_TIMEOUT_S = 90.0  # clang compiles the program first; slow on a loaded 2-core host
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
@@ -203,16 +201,8 @@ class DropMonitor:
         self._watching: set[int] = set()
         self._acked = threading.Condition(self._lock)
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-        script = (f'mount -t tracefs nodev {TRACEFS} && exec "$0" -m bpf.dropmon '
-                  f'--max-seconds {max_seconds:g}')
-        self._proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-             sys.executable],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-            env=env, start_new_session=True,
-        )
+        self._proc = start_child("bpf.dropmon", ["--max-seconds", f"{max_seconds:g}"],
+                                 self._stderr)
         ready, _, _ = select.select([self._proc.stdout], [], [], READY_TIMEOUT_S)
         line = self._proc.stdout.readline().strip() if ready else ""
         if line != "ready":
@@ -285,10 +275,7 @@ class DropMonitor:
             self._drops.clear()
 
     def _kill(self) -> None:
-        if self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-        self._proc.wait()
+        kill_child(self._proc)
 
     def close(self) -> None:
         if self._proc.poll() is None:
