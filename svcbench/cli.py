@@ -173,6 +173,11 @@ def _stored(cluster) -> tuple[list[Node], Manifests, ClusterState]:
     return nodes, manifests, previous
 
 
+def _stored_tracker(cluster) -> ChangeTracker:
+    """The running cluster's desired state, as its last up/apply/delete left it."""
+    return _track(*_stored(cluster))
+
+
 def _store(cluster, manifests: Manifests, tracker: ChangeTracker, stats) -> None:
     cluster.meta["manifests"] = manifests.to_documents()
     cluster.meta["allocations"] = allocations(tracker.pods.values(), tracker.services.values())
@@ -352,8 +357,7 @@ def cmd_status(args) -> int:
     from clusters.netns import process_alive
 
     cluster = _attach(args.run)
-    nodes, manifests, previous = _stored(cluster)
-    tracker = _track(nodes, manifests, previous)
+    tracker = _stored_tracker(cluster)
     state = tracker.state()
     syncs = cluster.meta.get("syncs", {})
     agents = {n["name"]: n.get("agent") for n in cluster.state.get("nodes", [])}
@@ -424,8 +428,7 @@ def _node_names(cluster, wanted: str | None) -> list[str]:
 def cmd_endpoint_list(args) -> int:
     cluster = _attach(args.run)
     _node_names(cluster, args.node)
-    nodes, manifests, previous = _stored(cluster)
-    state = _track(nodes, manifests, previous).state()
+    state = _stored_tracker(cluster).state()
     # A pod's own conditions; an address that is no pod: its EndpointSlice's.
     rows: dict[tuple[str, str], dict] = {}
     for pod in state.pods:
@@ -484,8 +487,7 @@ def cmd_monitor(args) -> int:
 
     cluster = _attach(args.run)
     names = _node_names(cluster, args.node)
-    nodes, manifests, previous = _stored(cluster)
-    tracker = _track(nodes, manifests, previous)
+    tracker = _stored_tracker(cluster)
     places: dict[int, tuple[str, str | None]] = {}  # nsfs inode -> (where, node)
     for n in cluster.nodes:
         if args.node in (None, n.name):
