@@ -59,10 +59,8 @@ from kube.model import (
 from kube.state import ClusterState, StateError
 from kube.tracker import ChangeTracker, NodeChanges, view_key
 from tests.changes import NODES, Oracle, random_step
+from tests.guest import guest_junit
 from tests.incremental import run_against_full_syncs
-
-IN_GUEST = os.environ.get("SVCBENCH_KERNEL") == "uml"
-
 
 # --------------------------------------------------------------------------- a kernel model
 
@@ -272,19 +270,7 @@ def test_update_without_a_full_sync_asks_for_one():
 @pytest.mark.timeout(900)
 def test_incremental_ipvs_in_guest(tmp_path):
     """Boot one guest kernel and run this module's guest tests in it."""
-    if IN_GUEST:
-        pytest.skip("already inside the guest kernel")
-    from clusters.uml import run_in_guest
-    from clusters.uml_host import uml_missing
-
-    problems = uml_missing()
-    if problems:
-        pytest.skip("no User-Mode-Linux guest: " + "; ".join(problems))
-    junit = tmp_path / "guest-junit.xml"
-    rc = run_in_guest(["-p", "no:cacheprovider", "-q", "-rs", "-k", "guest_",
-                       f"--junitxml={junit}", __file__], module="pytest", timeout=600)
-    assert rc == 0, f"the guest tests failed (pytest exited {rc}); their output is above"
-    report = junit.read_text()
+    report = guest_junit(__file__, tmp_path)
     assert report.count("<testcase") >= 3 and "<skipped" not in report
     assert "<failure" not in report and "<error" not in report
 

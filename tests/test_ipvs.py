@@ -75,11 +75,11 @@ from kube.model import (
     ServicePort,
 )
 from kube.state import ClusterState
+from tests.guest import IN_GUEST, guest_junit
 
 NODES = (Node.numbered(1), Node.numbered(2))
 PORTS = (ContainerPort(8080), ContainerPort(8080, UDP))
 EXTERNAL_CLIENT = "198.18.0.200"
-IN_GUEST = os.environ.get("SVCBENCH_KERNEL") == "uml"
 
 
 def pods(ready: dict[str, bool] | None = None) -> list[Pod]:
@@ -416,19 +416,7 @@ def test_render_shows_what_a_sync_programs():
 @pytest.mark.timeout(900)
 def test_ipvs_in_guest(tmp_path):
     """Boot one guest kernel and run this module's guest tests in it, with real traffic."""
-    if IN_GUEST:
-        pytest.skip("already inside the guest kernel")
-    from clusters.uml import run_in_guest
-    from clusters.uml_host import uml_missing
-
-    problems = uml_missing()
-    if problems:
-        pytest.skip("no User-Mode-Linux guest: " + "; ".join(problems))
-    junit = tmp_path / "guest-junit.xml"  # written by the guest, read here: results reach the host
-    rc = run_in_guest(["-p", "no:cacheprovider", "-q", "-rs", "-k", "guest_", f"--junitxml={junit}", __file__],
-                      module="pytest", timeout=600)
-    assert rc == 0, f"the guest tests failed (pytest exited {rc}); their output is above"
-    report = junit.read_text()
+    report = guest_junit(__file__, tmp_path)
     assert report.count("<testcase") >= 9 and "<skipped" not in report and "<failure" not in report
 
 
