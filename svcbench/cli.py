@@ -620,28 +620,9 @@ def cmd_conformance(args) -> int:
 
 
 def cmd_service_list(args) -> int:
-    cluster = _attach(args.run)
-    if args.mode != "ebpf":
-        raise UsageError(f"--mode {args.mode}: service list reads the eBPF maps; accepted: ebpf")
-    from dataplanes.ebpf import service_list
+    from svcbench.cmd_service import run
 
-    nodes = [cluster.node(args.node)] if args.node else cluster.nodes
-    data = {node.name: service_list(node) for node in nodes}
-    if args.json:
-        _emit_json(data)
-        return 0
-    for name, rows in data.items():
-        t = Table("ID", "Frontend", "Type", "Backends", title=f"{name}: lb4_services")
-        for row in rows:
-            backends = "\n".join(
-                f"{b['address']}{' (local)' if b.get('local') else ''}" for b in row["backends"]
-            ) or (row.get("empty") or "")
-            kind = row["type"] + (f" affinity {row['affinity_timeout_s']}s" if row.get("affinity_timeout_s") else "")
-            if row.get("source_ranges"):
-                kind += "\nfrom " + ", ".join(row["source_ranges"])
-            t.add_row(str(row["id"]), row["frontend"], kind, backends)
-        out.print(t)
-    return 0
+    return run(args)
 
 
 def cmd_report(args) -> int:
@@ -773,10 +754,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     conformance_arguments(sp)
 
-    sp = command("service", cmd_service_list, "list the services a node's data plane holds (service list)")
+    sp = command("service", cmd_service_list, "list the Service frontends a node's kernel (or "
+                 "userspace proxy) holds, in one shape for every mode (cilium service list)")
     sp.add_argument("action", choices=("list",))
-    sp.add_argument("--mode", choices=("ebpf",), default="ebpf")
+    sp.add_argument("--mode", default=None, help="the run's mode (the default; no other)")
     sp.add_argument("--node", help="node name (default: every node)")
+    sp.add_argument("--check", action="store_true", help="compare with the intended view; "
+                    "list every difference and exit 1 when there is one")
     run_flag(sp)
     sp.add_argument("--json", action="store_true")
 

@@ -1,7 +1,7 @@
 """`--kernel uml` on the command line: which guest kernel a command line runs in, and how.
 
 `clusters/uml.py` owns the guests (boot, command channel, stop); this module reads the
-command line: `up` boots a kept guest that keeps the cluster; apply/delete/probe/status/down
+command line: `up` boots a kept guest that keeps the cluster; apply/delete/probe/status/service/down
 go to the guest holding the run; anything else (bench, conformance) runs in a one-shot
 guest. `--kernel uml` is dropped from what the guest runs.
 """
@@ -23,7 +23,7 @@ from clusters.uml import (
 )
 from clusters.uml_host import UmlError
 
-RUN_COMMANDS = ("apply", "delete", "probe", "status", "down")
+RUN_COMMANDS = ("apply", "delete", "probe", "status", "down", "service")
 
 
 def drop_kernel_flag(argv: Sequence[str]) -> list[str]:

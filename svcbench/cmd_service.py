@@ -1,0 +1,93 @@
+"""`svcbench service list [--mode M] [--node N] [--json] [--check]`: each node's Service
+frontends as its kernel (or the userspace proxy) holds them, one row shape for every mode
+(`dataplanes/servicelist.py`); `--check` compares them with the node's intended view and
+exits 1 when they differ."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from dataplanes import servicelist as sl
+
+
+def _backend_text(b: sl.Backend) -> str:
+    notes = [n for n in ("local" if b.local else None, b.state if b.state not in (None, "ready")
+                         else None, f"weight {b.weight}" if b.weight is not None else None) if n]
+    return b.address + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _table(title: str, rows: list[sl.Row]) -> Table:
+    t = Table("kind", "frontend", "service", "backends", "affinity", "source ranges",
+              "no endpoints", "objects", title=title)
+    for r in rows:
+        service = r.service or "?"
+        if r.service_from == sl.FROM_VIEW:
+            service += " (by address)"
+        backends = "\n".join(_backend_text(b) for b in r.backends)
+        if r.local_endpoints is not None:
+            backends = f"{r.local_endpoints} local endpoints"
+        t.add_row(r.kind, r.frontend, service, backends or "-",
+                  f"{r.affinity_timeout_s}s" if r.affinity_timeout_s else "-",
+                  "\n".join(r.source_ranges) or "-", r.no_endpoints or "-",
+                  "\n".join(r.objects))
+    return t
+
+
+def _difference_text(d: dict) -> str:
+    def show(v):
+        return ", ".join(v) if isinstance(v, list) else str(v)
+
+    detail = {"missing frontend": "", "extra frontend": "",
+              "backend missing": f" {d['want']}", "backend extra": f" {d['have']}"}.get(
+        d["what"], f": want {show(d['want'])}, have {show(d['have'])}")
+    return (f"{d['node']}: {d['kind']} {d['frontend']} ({d['service'] or '?'}): "
+            f"{d['what']}{detail}")
+
+
+def run(args) -> int:
+    from dataplanes.modes import MODES, make
+    from svcbench import cli
+
+    cluster = cli._attach(args.run)
+    names = cli._node_names(cluster, args.node)
+    run_mode = str(cluster.meta.get("mode", "iptables"))
+    base = run_mode.split(":")[0]  # a mode with options, as "ipvs:lc", reads as its mode
+    mode = args.mode or base
+    if mode.split(":")[0] not in MODES:
+        raise cli.UsageError(f"--mode {mode!r} is not a proxy mode; accepted: "
+                             f"{', '.join(MODES)}")
+    if mode.split(":")[0] != base:
+        raise cli.UsageError(f"--mode {mode}: run {cluster.run_id} runs mode {base}, and a "
+                             f"node's kernel holds only that mode's state; leave --mode out "
+                             f"or give {base}")
+    dp = make(base, backend=cluster.meta.get("backend"))
+    tracker = cli._stored_tracker(cluster)
+    skipped = sl.skipped_protocols(base)
+    held: dict[str, list[sl.Row]] = {}
+    diffs: list[dict] = []
+    for node in cluster.nodes:
+        if args.node not in (None, node.name):
+            continue
+        view = tracker.node_view(node.name)
+        held[node.name] = sl.kernel_rows(base, dp, node, view)
+        if args.check:
+            diffs += sl.differences(node.name, sl.intended_rows(view, skipped), held[node.name])
+    assert set(held) <= set(names)
+    if args.json:
+        data = {"run": cluster.run_id, "mode": base,
+                "nodes": {n: [r.to_json() for r in rows] for n, rows in held.items()}}
+        if args.check:
+            data["differences"] = diffs
+        cli._emit_json(data)
+    else:
+        for name, rows in held.items():
+            cli.out.print(_table(f"{name}: {base}", rows))
+        if args.check:
+            for d in diffs:
+                cli.out.print(_difference_text(d), markup=False, highlight=False,
+                              soft_wrap=True)
+            checked = ", ".join(held)
+            cli.out.print(f"{len(diffs)} differences between the kernel and the intended view "
+                          f"on {checked}" if diffs else
+                          f"no difference between the kernel and the intended view on {checked}")
+    return 1 if args.check and diffs else 0
