@@ -561,6 +561,42 @@ def test_guest_no_endpoints_and_unserved_ports_are_refused(guest):
         assert time.monotonic() - started < 4.0
 
 
+def test_guest_service_list_check_finds_a_removed_real_server(guest):
+    """`svcbench service list --check` in IPVS mode: the rows read back from the node's
+    virtual servers and ipsets equal the view's, every kind (ClusterIP, NodePort with a
+    Local policy dropping outsiders, externalIP, load balancer with source ranges, no
+    endpoints); one real server deleted by hand is exactly one difference."""
+    from clusters.nsenter import in_netns
+    from dataplanes import servicelist as sl
+
+    node = guest.cluster.node("node1")
+    want = view(GUEST_SERVICES)
+    intended = sl.intended_rows(want, sl.skipped_protocols("ipvs"))
+
+    def check() -> list[dict]:
+        return sl.differences("node1", intended, sl.kernel_rows("ipvs", guest.dp, node, want))
+
+    assert check() == []
+    rows = {r.frontend: r for r in sl.kernel_rows("ipvs", guest.dp, node, want)}
+    assert rows["198.19.0.16:80/TCP"].no_endpoints == "reject"
+    assert rows["198.18.0.1:30081/TCP"].no_endpoints == "drop"
+    assert rows["198.18.32.5:80/TCP"].source_ranges == ["198.18.0.200/32", "198.18.1.0/24"]
+    assert rows["198.19.0.11:80/TCP"].objects[0] == "TCP 198.19.0.11:80 rr"
+    web = guest.kernel("node1").services[("TCP", "198.19.0.11", 80)]
+    gone = next(rs for rs in guest.kernel("node1").dests[web.key].values()
+                if rs.ip == "198.18.130.3")
+
+    def remove() -> None:
+        with IpvsNetlink() as nl:
+            assert not nl.apply(changes_to_messages(IpvsChanges(delete_dests=[(web, gone)])))
+
+    in_netns(node.netns, remove)
+    assert [(d["frontend"], d["what"], d["have"], d["want"]) for d in check()] == [
+        ("198.19.0.11:80/TCP", "backend missing", None, "198.18.130.3:8080")]
+    guest.apply(GUEST_SERVICES)  # put it back for the tests below
+    assert check() == []
+
+
 def test_guest_sync_applies_only_the_difference(guest):
     again = guest.apply(GUEST_SERVICES)
     for stats in again.values():

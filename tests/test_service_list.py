@@ -1,0 +1,129 @@
+"""`svcbench service list --check` on a running cluster of each host mode (IPVS: the guest
+test in test_ipvs.py): the rows read back from the kernel (or the userspace proxy) equal
+the intended view's after `up`; one object removed by hand (a KUBE-SVC jump, an nft map
+element, a BPF map entry, a proxy table entry) is reported as exactly that difference,
+exit 1; a bad --mode or --node is one sentence, exit 2; --json parses."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shlex
+import socket
+from pathlib import Path
+
+import pytest
+
+from dataplanes.base import Host
+from dataplanes.modes import make
+from svcbench.cli import main
+
+pytestmark = pytest.mark.root
+EXAMPLE = str(Path(__file__).parent.parent / "examples" / "web.yaml")
+MODES = ("iptables", "nftables", "ebpf", "userspace")
+WEB = "198.19.0.1:80/TCP"
+GONE = "198.18.130.3:8080"  # web-3, on node2
+
+
+@pytest.fixture(scope="module", params=MODES)
+def run(request):
+    mode = request.param
+    missing = make(mode).missing(Host())
+    if missing:
+        pytest.skip(f"mode {mode} cannot run here: {'; '.join(missing)}")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["up", "--mode", mode, "-f", EXAMPLE, "--json"]) == 0
+    run_id = json.loads(buf.getvalue())["run"]
+    yield mode, run_id
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["down", "--run", run_id]) == 0
+
+
+def _check(run_id: str, capsys) -> tuple[int, dict]:
+    rc = main(["service", "list", "--run", run_id, "--check", "--json"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def _break(mode: str, run_id: str) -> None:
+    """Remove the object that sends node1's ClusterIP 198.19.0.1:80 to web-3."""
+    from clusters.netns import NetnsCluster
+
+    node = NetnsCluster.attach(run_id).node("node1")
+    if mode == "iptables":
+        saved = node.run(["iptables-save", "-t", "nat"]).stdout
+        line = next(rule for rule in saved.splitlines()
+                    if rule.startswith("-A KUBE-SVC-") and f"-> {GONE}" in rule)
+        node.run(["iptables", "-t", "nat", "-D", *shlex.split(line)[1:]])
+    elif mode == "nftables":
+        listing = json.loads(node.run(["nft", "-j", "list", "map", "ip", "kube-proxy",
+                                       "cluster-ip-tcp-3-endpoints"]).stdout)
+        elems = next(x["map"]["elem"] for x in listing["nftables"] if "map" in x)
+        slot = next(key["concat"][2] for key, value in elems
+                    if f"{value['concat'][0]}:{value['concat'][1]}" == GONE)
+        node.run(["nft", "delete", "element", "ip", "kube-proxy", "cluster-ip-tcp-3-endpoints",
+                  f"{{ 198.19.0.1 . 80 . {slot} }}"])
+    elif mode == "ebpf":
+        from bpf import loader, maps
+        from dataplanes.ebpf import netns_cookie
+
+        objects = loader.find_node_objects(node.call(netns_cookie), loader.compile_object())
+        try:
+            key = maps.LB4_KEY.pack(socket.inet_aton("198.19.0.1"), socket.htons(80), 0, 6,
+                                    0, 0)
+            assert objects.map("lb4_services").delete(key)
+        finally:
+            objects.close()
+    elif mode == "userspace":
+        from dataplanes.userspace import UserspaceDataplane, _service
+        from svcbench.cli import _stored_tracker
+
+        dp = UserspaceDataplane()
+        view = _stored_tracker(NetnsCluster.attach(run_id)).node_view("node1")
+        spec = _service(view.service("ns1/web:http"))
+        spec["internal"] = [e for e in spec["internal"] if f"{e[0]}:{e[1]}" != GONE]
+        at = dp._request(node, {"op": "ping"})
+        dp._request(node, {"op": "delta", "expect": [at["pid"], at["tables"]],
+                           "services": [spec], "removed": []})
+
+
+def test_check_is_clean_after_up_and_names_what_was_removed(run, capsys):
+    mode, run_id = run
+    rc, data = _check(run_id, capsys)
+    assert (rc, data["differences"], data["mode"]) == (0, [], mode)
+    node1 = {r["frontend"]: r for r in data["nodes"]["node1"]}
+    web = node1[WEB]
+    assert web["kind"] == "ClusterIP" and web["service"] == "ns1/web:http"
+    assert [b["address"] for b in web["backends"]] == [
+        "198.18.129.2:8080", "198.18.130.2:8080", GONE]
+    assert node1["198.19.0.2:80/TCP"]["no_endpoints"] == "reject"
+    assert node1["198.18.0.1:30080/TCP"]["kind"] == "NodePort"
+    assert web["service_from"] == ("kernel" if mode in ("iptables", "userspace") else "view")
+
+    _break(mode, run_id)
+    rc, data = _check(run_id, capsys)
+    found = [(d["node"], d["frontend"], d["what"], d["want"], d["have"])
+             for d in data["differences"]]
+    expected = {
+        "ebpf": [("node1", WEB, "missing frontend", "ns1/web:http", None)],
+        # The NodePort's KUBE-EXT chain jumps to the same KUBE-SVC chain.
+        "iptables": [("node1", WEB, "backend missing", GONE, None),
+                     ("node1", "198.18.0.1:30080/TCP", "backend missing", GONE, None)],
+    }.get(mode, [("node1", WEB, "backend missing", GONE, None)])
+    assert (rc, found) == (1, expected)
+    assert main(["service", "list", "--run", run_id, "--check", "--node", "node1"]) == 1
+    text = capsys.readouterr().out
+    assert f"node1: ClusterIP {WEB} (ns1/web:http)" in text and "differences" in text
+    if mode == "iptables":  # the flags are checked before any mode's reader: once is enough
+        _bad_flags_are_one_sentence(mode, run_id, capsys)
+
+
+def _bad_flags_are_one_sentence(mode: str, run_id: str, capsys) -> None:
+    other = "nftables"
+    for argv, says in ((["--mode", other], f"runs mode {mode}"),
+                       (["--mode", "bogus"], "is not a proxy mode"),
+                       (["--node", "node9"], "--node 'node9' is not a node")):
+        assert main(["service", "list", "--run", run_id, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1
