@@ -361,7 +361,7 @@ def nftables_rows(state: dict[str, Any], view: NodeView | None) -> list[Row]:
                     r = row(key)
                     r.kind = {"cluster-ip": CLUSTER_IP, "node-port": NODE_PORT}.get(path, r.kind)
                     r.affinity_timeout_s = affinity
-                    r.objects.append(f"set {name}")
+                    r.objects.insert(0, f"class {name}")
             emap = sets.get(name + "-endpoints", {})
             for group in emap.get("elements", []):
                 base_key, slots, endpoints = group
@@ -369,10 +369,11 @@ def nftables_rows(state: dict[str, Any], view: NodeView | None) -> list[Row]:
                 base = int(parts[-1])
                 for key in keys_of(path, proto, parts[:-1]):
                     r = row(key)
+                    span = f"{base + min(slots)}-{base + max(slots)}" if slots else "none"
                     if base >= SHORT_CIRCUIT_BASE:
-                        r.objects.append(f"map {name}-endpoints slots {base}+ (pods, node)")
+                        r.objects.append(f"slots {span} (pods, node)")
                         continue
-                    r.objects.append(f"map {name}-endpoints slots {base}+{len(slots)}")
+                    r.objects.append(f"slots {span}")
                     for ep in endpoints:
                         ip, port = _nft_flat(_nft_value(ep))
                         r.backends.append(Backend(f"{ip}:{port}"))
@@ -400,7 +401,7 @@ def nftables_rows(state: dict[str, Any], view: NodeView | None) -> list[Row]:
         r = row(key)
         r.kind = LOAD_BALANCER
         r.source_ranges = ranges(nets, key.partition(":")[0])
-        r.objects.append("set firewall-ips, map firewall-sources")
+        r.objects.append("firewall-ips, firewall-sources")
     return list(rows.values())
 
 
