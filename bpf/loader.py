@@ -312,7 +312,9 @@ def find_node_objects(netns_cookie: int, obj: CompiledObject) -> NodeObjects | N
             if fd is None:
                 continue
             info = syscall.map_info(fd)
-            name = info["name"]
+            # The kernel keeps 15 characters of a map's name (BPF_OBJ_NAME_LEN):
+            # lb4_source_ranges reads back as lb4_source_rang.
+            name = next((n for n in maps.LAYOUTS if n[:15] == info["name"]), info["name"])
             spec = obj.maps.get(name)
             if spec is not None and (info["key_size"], info["value_size"]) != (
                     spec.key_size, spec.value_size):
