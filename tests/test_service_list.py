@@ -24,17 +24,37 @@ EXAMPLE = str(Path(__file__).parent.parent / "examples" / "web.yaml")
 MODES = ("iptables", "nftables", "ebpf", "userspace")
 WEB = "198.19.0.1:80/TCP"
 GONE = "198.18.130.3:8080"  # web-3, on node2
+# Every other kind of frontend: a load balancer (source ranges, affinity, Local policy, a
+# health-check NodePort) with an externalIP.
+LB = """
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: ns1}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.19.0.3
+  selector: {app: web}
+  externalTrafficPolicy: Local
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  externalIPs: [198.18.64.1]
+  loadBalancerSourceRanges: [198.18.0.0/24]
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30081}]
+status: {loadBalancer: {ingress: [{ip: 198.18.32.1}]}}
+"""
 
 
 @pytest.fixture(scope="module", params=MODES)
-def run(request):
+def run(request, tmp_path_factory):
     mode = request.param
+    lb = tmp_path_factory.mktemp("svclist") / "lb.yaml"
+    lb.write_text(LB)
     missing = make(mode).missing(Host())
     if missing:
         pytest.skip(f"mode {mode} cannot run here: {'; '.join(missing)}")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["up", "--mode", mode, "-f", EXAMPLE, "--json"]) == 0
+        assert main(["up", "--mode", mode, "-f", EXAMPLE, "-f", str(lb), "--json"]) == 0
     run_id = json.loads(buf.getvalue())["run"]
     yield mode, run_id
     with contextlib.redirect_stdout(io.StringIO()):
@@ -100,6 +120,11 @@ def test_check_is_clean_after_up_and_names_what_was_removed(run, capsys):
     assert node1["198.19.0.2:80/TCP"]["no_endpoints"] == "reject"
     assert node1["198.18.0.1:30080/TCP"]["kind"] == "NodePort"
     assert web["service_from"] == ("kernel" if mode in ("iptables", "userspace") else "view")
+    lb = node1["198.18.32.1:80/TCP"]  # read back by a second process (ebpf: the LPM trie)
+    assert (lb["kind"], lb["source_ranges"], lb["affinity_timeout_s"]) == (
+        "LoadBalancer", ["198.18.0.0/24"], 60)
+    assert [b["address"] for b in lb["backends"]] == ["198.18.129.2:8080"]  # local only
+    assert node1["*:30000/TCP"]["local_endpoints"] == 1
 
     _break(mode, run_id)
     rc, data = _check(run_id, capsys)
