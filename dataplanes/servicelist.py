@@ -264,7 +264,8 @@ def iptables_rows(state: dict[str, Any], view: NodeView | None) -> list[Row]:
                     nets.append(o["-s"])
                     ext = o["-j"]
                 elif o.get("-j", "").startswith("KUBE-EXT-"):
-                    ext = o["-j"]  # no source ranges: every source
+                    ext = o["-j"]  # no -s: every source (iptables-save omits 0.0.0.0/0)
+                    nets.append("0.0.0.0/0")
             r.source_ranges = ranges(nets, own)
             if ext:
                 follow(r, ext)
