@@ -35,6 +35,8 @@ def _table(title: str, rows: list[sl.Row]) -> Table:
 
 def _difference_text(d: dict) -> str:
     def show(v):
+        if v in (None, []):
+            return "none"
         return ", ".join(v) if isinstance(v, list) else str(v)
 
     detail = {"missing frontend": "", "extra frontend": "",

@@ -24,9 +24,12 @@ EXAMPLE = str(Path(__file__).parent.parent / "examples" / "web.yaml")
 MODES = ("iptables", "nftables", "ebpf", "userspace")
 WEB = "198.19.0.1:80/TCP"
 GONE = "198.18.130.3:8080"  # web-3, on node2
-# Every other kind of frontend: a load balancer (source ranges, affinity, Local policy, a
-# health-check NodePort) with an externalIP.
-LB = """
+# Every other kind of frontend and what the readers must tell apart: a load balancer
+# (source ranges, affinity, Local policy, a health-check NodePort) with an externalIP; UDP;
+# a serving+terminating local endpoint; internalTrafficPolicy Local; 0.0.0.0/0 ranges and
+# no NodePorts; an empty UDP load balancer (reject); Local policies with the only endpoint
+# on node2 (drop on node1).
+MORE = """
 apiVersion: v1
 kind: Service
 metadata: {name: lb, namespace: ns1}
@@ -41,20 +44,93 @@ spec:
   loadBalancerSourceRanges: [198.18.0.0/24]
   ports: [{name: http, port: 80, targetPort: http, nodePort: 30081}]
 status: {loadBalancer: {ingress: [{ip: 198.18.32.1}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: far, namespace: ns2, labels: {app: far}}
+spec:
+  nodeName: node2
+  containers: [{name: echo, ports: [{name: http, containerPort: 8080}, {name: dns, containerPort: 8080, protocol: UDP}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: leaving, namespace: ns2, labels: {app: far}, deletionTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  nodeName: node1
+  containers: [{name: echo, ports: [{name: http, containerPort: 8080}, {name: dns, containerPort: 8080, protocol: UDP}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: far, namespace: ns2}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: far}
+  externalIPs: [198.18.64.9]
+  ports:
+    - {name: http, port: 80, targetPort: http}
+    - {name: dns, port: 53, targetPort: dns, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: itp, namespace: ns2}
+spec:
+  internalTrafficPolicy: Local
+  selector: {app: far}
+  ports: [{name: http, port: 81, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: open-lb, namespace: ns2}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  selector: {app: far}
+  loadBalancerSourceRanges: [0.0.0.0/0]
+  ports: [{name: http, port: 80, targetPort: http}]
+status: {loadBalancer: {ingress: [{ip: 198.18.32.9}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty-lb, namespace: ns2}
+spec:
+  type: LoadBalancer
+  selector: {app: nothing}
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: UDP}]
+status: {loadBalancer: {ingress: [{ip: 198.18.32.10}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: solo, namespace: ns3, labels: {app: solo}}
+spec:
+  nodeName: node2
+  containers: [{name: echo, ports: [{name: http, containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: solo, namespace: ns3}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  selector: {app: solo}
+  externalIPs: [198.18.64.20]
+  ports: [{name: http, port: 80, targetPort: http}]
+status: {loadBalancer: {ingress: [{ip: 198.18.32.20}]}}
 """
 
 
 @pytest.fixture(scope="module", params=MODES)
 def run(request, tmp_path_factory):
     mode = request.param
-    lb = tmp_path_factory.mktemp("svclist") / "lb.yaml"
-    lb.write_text(LB)
+    more = tmp_path_factory.mktemp("svclist") / "more.yaml"
+    more.write_text(MORE)
     missing = make(mode).missing(Host())
     if missing:
         pytest.skip(f"mode {mode} cannot run here: {'; '.join(missing)}")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["up", "--mode", mode, "-f", EXAMPLE, "-f", str(lb), "--json"]) == 0
+        assert main(["up", "--mode", mode, "-f", EXAMPLE, "-f", str(more), "--json"]) == 0
     run_id = json.loads(buf.getvalue())["run"]
     yield mode, run_id
     with contextlib.redirect_stdout(io.StringIO()):
@@ -125,6 +201,8 @@ def test_check_is_clean_after_up_and_names_what_was_removed(run, capsys):
         "LoadBalancer", ["198.18.0.0/24"], 60)
     assert [b["address"] for b in lb["backends"]] == ["198.18.129.2:8080"]  # local only
     assert node1["*:30000/TCP"]["local_endpoints"] == 1
+    solo = [r for r in data["nodes"]["node1"] if r["service"] == "ns3/solo:http"]
+    assert len(solo) == 4 and all(r["no_endpoints"] == "drop" for r in solo)
 
     _break(mode, run_id)
     rc, data = _check(run_id, capsys)
