@@ -151,12 +151,11 @@ class Namer:
         if view is not None:
             for row in intended_rows(view):
                 self.by_frontend[row.frontend] = (row.kind, row.service)
-        self.node_ips = tuple(view.node_ips) if view is not None else ()
 
-    def fill(self, row: Row, kind_hint: str | None = None) -> None:
+    def fill(self, row: Row) -> None:
         known = self.by_frontend.get(row.frontend)
-        if row.kind == "?":
-            row.kind = kind_hint or (known[0] if known else "?")
+        if row.kind == "?" and known:
+            row.kind = known[0]
         if not row.service:
             if known:
                 row.service, row.service_from = known[1], FROM_VIEW
