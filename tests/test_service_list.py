@@ -2,7 +2,8 @@
 test in test_ipvs.py): the rows read back from the kernel (or the userspace proxy) equal
 the intended view's after `up`; one object removed by hand (a KUBE-SVC jump, an nft map
 element, a BPF map entry, a proxy table entry) is reported as exactly that difference,
-exit 1; a bad --mode or --node is one sentence, exit 2; --json parses."""
+exit 1; a bad --mode or --node is one sentence, exit 2; --json parses. Offline: each kind of
+difference, and source ranges compared as networks."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from dataplanes import servicelist as sl
 from dataplanes.base import Host
 from dataplanes.modes import make
 from svcbench.cli import main
 
-pytestmark = pytest.mark.root
 EXAMPLE = str(Path(__file__).parent.parent / "examples" / "web.yaml")
 MODES = ("iptables", "nftables", "ebpf", "userspace")
 WEB = "198.19.0.1:80/TCP"
@@ -184,6 +185,7 @@ def _break(mode: str, run_id: str) -> None:
                            "services": [spec], "removed": []})
 
 
+@pytest.mark.root
 def test_check_is_clean_after_up_and_names_what_was_removed(run, capsys):
     mode, run_id = run
     rc, data = _check(run_id, capsys)
@@ -230,3 +232,39 @@ def _bad_flags_are_one_sentence(mode: str, run_id: str, capsys) -> None:
         assert main(["service", "list", "--run", run_id, *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert says in err and len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- offline
+
+
+def test_differences_name_each_kind_of_mismatch():
+    def row(**kw) -> sl.Row:
+        base = dict(frontend="198.19.0.9:80/TCP", kind="ClusterIP", service="ns/a:http",
+                    service_from="kernel", backends=[sl.Backend("198.18.129.2:8080")])
+        return sl.Row(**{**base, **kw})
+
+    want = [row(), row(frontend="198.19.0.10:80/TCP"),
+            row(frontend="198.18.32.1:80/TCP", kind="LoadBalancer", source_ranges=["10.0.0.0/8"],
+                affinity_timeout_s=60, no_endpoints=None)]
+    have = [row(backends=[sl.Backend("198.18.129.3:8080")], no_endpoints="drop"),
+            row(frontend="198.18.32.1:80/TCP", kind="LoadBalancer", service="ns/b:http"),
+            row(frontend="198.19.0.11:80/TCP")]
+    found = [(d["frontend"], d["what"], d["want"], d["have"])
+             for d in sl.differences("node1", want, have)]
+    assert found == [
+        ("198.19.0.9:80/TCP", "backend missing", "198.18.129.2:8080", None),
+        ("198.19.0.9:80/TCP", "backend extra", None, "198.18.129.3:8080"),
+        ("198.19.0.9:80/TCP", "no endpoints", None, "drop"),
+        ("198.19.0.10:80/TCP", "missing frontend", "ns/a:http", None),
+        ("198.19.0.11:80/TCP", "extra frontend", None, "ns/a:http"),
+        ("198.18.32.1:80/TCP", "service", "ns/a:http", "ns/b:http"),
+        ("198.18.32.1:80/TCP", "affinity", 60, None),
+        ("198.18.32.1:80/TCP", "source ranges", ["10.0.0.0/8"], []),
+    ]
+
+
+def test_source_ranges_compare_as_networks_without_the_lb_ip_itself():
+    assert sl.ranges(["198.18.0.0/25", "198.18.0.128/25", "198.18.32.1/32"], "198.18.32.1") == [
+        "198.18.0.0/24"]
+    # IPVS's ipsets hold 0.0.0.0/0 as its two halves; iptables-save omits it.
+    assert sl.ranges(["0.0.0.0/1", "128.0.0.0/1"]) == sl.ranges(["0.0.0.0/0"]) == ["0.0.0.0/0"]
