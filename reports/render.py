@@ -12,7 +12,8 @@ The page is built in four steps, one module each:
   one size), inline SVG, from the rows as series (reports/series.py);
 - reports/page.py assembles them in reading order: headline findings, the conformance
   matrix, the charts, the growth fits, the agreement, the environment and, with an older
-  run, the change per metric and mode.
+  run, the tracked metrics' gate (reports/gate.py: exit 1 on a regression) and the change
+  per metric and mode.
 
 The page loads nothing (no fonts, scripts or images from anywhere), so it opens offline;
 figures counted in clock ticks carry their resolution, and a reader never sees nan or
