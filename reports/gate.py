@@ -4,7 +4,9 @@ Which metrics are tracked, and how much worse each may get, is declared once, in
 catalog (bench/metrics.py's `track=`, written into run.json): a series (metric, stat,
 target), a size and a threshold. For each tracked series, mode and kernel both runs
 measured, at the declared size where both have it (else the largest size both have), the
-gate compares the medians over repeats. A change is a regression only when both hold:
+gate compares the medians over repeats; a series the catalog gives a floor (a new
+connection's) is compared as its ratio to the floor measured in the same pass, so that the
+machine's own drift, which moves both, cancels. A change is a regression only when both hold:
 
 - the newer median is worse than the older by more than the threshold, and
 - it lies outside what the older run measured (above its largest value when lower is
@@ -66,6 +68,7 @@ class GateRow:
     old_range: tuple[float, float] | None = None
     new_range: tuple[float, float] | None = None
     change: float | None = None
+    over_floor_change: float | None = None  # what the verdict read, where a floor was measured
     note: str = ""
     lost: list[str] = field(default_factory=list)  # conformance: passed before, not now
 
@@ -113,8 +116,12 @@ def compare(new: Run, old: Run, fallback: Catalog | None = None) -> Gate:
     catalog = new.catalog.merged(old.catalog)
     if fallback is not None:
         catalog = catalog.merged(fallback)
+    # The gates of the first catalog that declares any: the newer run's, the older's, else
+    # the fallback (run.json files from before `track` existed describe the metrics without)
+    declared = next((c.tracked() for c in (new.catalog, old.catalog, fallback or Catalog())
+                     if c.tracked()), [])
     rows: list[GateRow] = []
-    for info, track in catalog.tracked():
+    for info, track in declared:
         rows += _series_rows(new, old, catalog, info, track)
     rows += _conformance_rows(new, old)
     return Gate(old, new, rows)
@@ -159,31 +166,67 @@ def _series_rows(new: Run, old: Run, catalog: Catalog, info: MetricInfo,
                 notes.append(f"{fmt_n(track.size)} Services not measured by both runs")
             if old_k != new_k:
                 notes.append(f"kernel {old_k} before")
-            out.append(_judge(base, n, a[a["n_services"] == n]["value"],
-                              b[b["n_services"] == n]["value"], track.threshold, higher, notes))
+            a_n, b_n = a[a["n_services"] == n], b[b["n_services"] == n]
+            over = (_over_floor(old.bench, a_n, info.floor, track.stat, mode, old_k, n),
+                    _over_floor(new.bench, b_n, info.floor, track.stat, mode, new_k, n))
+            out.append(_judge(base, n, a_n["value"], b_n["value"], track.threshold, higher,
+                              notes, *over))
     return out
 
 
+def _over_floor(bench: pd.DataFrame, rows: pd.DataFrame, floor: str | None, stat: str,
+                mode: str, kernel: str, n: int) -> pd.Series | None:
+    """Per pass, the series' value over its floor measured in the same pass at the same size
+    (a new connection over one that crosses the same path without Services): what the
+    machine's own drift moves alike cancels. None without a floor there."""
+    if not floor or "base" not in bench.columns or "repeat" not in rows.columns:
+        return None
+    f = bench[(bench["base"] == floor) & (bench["stat"] == stat) & (bench["mode"] == mode)
+              & (bench["kernel"] == kernel) & (bench["n_services"] == n)]
+    if f.empty:
+        return None
+    # the sweep's floor series names its target (`:floor`); another bench may have written
+    # rows of the same metric without one, measured elsewhere: the named series first
+    keys = sorted(set(f["metric"]), key=lambda k: (":" not in k, k))
+    f = f[f["metric"] == keys[0]]
+    base = f.groupby("repeat")["value"].median()
+    mine = rows.groupby("repeat")["value"].median()
+    common = mine.index.intersection(base.index[base > 0])
+    ratios = (mine[common] / base[common]).dropna()
+    return ratios if len(ratios) else None
+
+
+def _ratio(m0: float, m1: float) -> float:
+    if m0 == 0:
+        return 0.0 if m1 == 0 else math.inf
+    return m1 / m0 - 1
+
+
 def _judge(row: GateRow, n: int, a: pd.Series, b: pd.Series, threshold: float,
-           higher: bool | None, notes: list[str]) -> GateRow:
+           higher: bool | None, notes: list[str], a_floor: pd.Series | None = None,
+           b_floor: pd.Series | None = None) -> GateRow:
+    """The verdict on the medians (over the floor of the same passes where both runs have
+    one); the row shows the values themselves."""
     row.n = int(n)
-    m0, m1 = float(a.median()), float(b.median())
-    row.old_median, row.new_median = m0, m1
+    row.old_median, row.new_median = float(a.median()), float(b.median())
     row.old_range = (float(a.min()), float(a.max()))
     row.new_range = (float(b.min()), float(b.max()))
-    if m0 == 0:
-        row.change = 0.0 if m1 == 0 else math.inf
-    else:
-        row.change = m1 / m0 - 1
+    row.change = _ratio(row.old_median, row.new_median)
+    judged_a, judged_b = a, b
+    if a_floor is not None and b_floor is not None:
+        judged_a, judged_b = a_floor, b_floor
+        row.over_floor_change = _ratio(float(a_floor.median()), float(b_floor.median()))
+        notes = [f"judged over the floor of the same passes: "
+                 f"{'−' if row.over_floor_change < 0 else '+'}"
+                 f"{abs(row.over_floor_change) * 100:.1f} %", *notes]
+    m0, m1 = float(judged_a.median()), float(judged_b.median())
+    lo, hi = float(judged_a.min()), float(judged_a.max())
+    change = _ratio(m0, m1)
     # worse: how much worse the newer median is, as a fraction; beyond: outside the old range
     if higher:
-        worse = -row.change
-        beyond_old = m1 < row.old_range[0]
-        better_beyond = m1 > row.old_range[1]
+        worse, beyond_old, better_beyond = -change, m1 < lo, m1 > hi
     else:
-        worse = row.change
-        beyond_old = m1 > row.old_range[1]
-        better_beyond = m1 < row.old_range[0]
+        worse, beyond_old, better_beyond = change, m1 > hi, m1 < lo
     if worse > threshold:
         row.verdict = REGRESSION if beyond_old else WITHIN_SPREAD
     elif -worse > threshold and better_beyond:

@@ -31,8 +31,9 @@ def sync_one_rows(mode, values, kernel="6.18.0"):
 def write_run(path, rows, conformance, kernel="6.18.0", metrics=True):
     path.mkdir(parents=True)
     write_csv(path / "bench.csv", [{**r, "kernel": kernel} for r in rows])
+    metrics = catalog() if metrics is True else metrics
     write_json(path / "run.json", {"kernel": kernel, "complete": True,
-                                   **({"metrics": catalog()} if metrics else {})})
+                                   **({"metrics": metrics} if metrics else {})})
     for mode, failed in conformance.items():
         write_json(path / f"conformance-{mode}.json", conformance_doc(mode, failed))
     return path
@@ -142,3 +143,31 @@ def test_a_bad_folder_or_nothing_in_common_exits_2_in_one_sentence(runs, capsys,
     assert len(err) == 1 and "nothing to compare" in err[0]
     assert cli_main(["report", "--compare", str(a), str(b)]) == 0
     assert "no tracked regression (2 compared)" in capsys.readouterr().out
+    # a catalog written before `track` existed describes the metrics, but declares no gate
+    untracked = [{k: v for k, v in m.items() if k != "track"} for m in catalog()]
+    c = write_run(tmp_path / "c", rows, {}, metrics=untracked)
+    assert cli_main(["report", "--compare", str(c), str(b)]) == 0
+    assert "no tracked regression (2 compared)" in capsys.readouterr().out
+
+
+def test_a_new_connection_is_judged_over_the_floor_of_the_same_passes(tmp_path):
+    """A machine that is slower tonight moves the floor too: no regression; the Services'
+    own cost growing is one."""
+    def latency_rows(conn, floor):
+        return [dict(mode="iptables", kernel="6.18.0", n_services=n, metric=metric, stat="p50",
+                     value=value * (1 + 0.01 * rep), unit="us", repeat=rep, target=target,
+                     when="")
+                for n in SIZES for rep in range(3)
+                for metric, target, value in (("conn_latency_us", "last", conn),
+                                              ("floor_conn_latency_us", "floor", floor))]
+
+    old = write_run(tmp_path / "old", latency_rows(900, 400), {})
+    slower = write_run(tmp_path / "slower", latency_rows(1350, 600), {})
+    worse = write_run(tmp_path / "worse", latency_rows(1350, 400), {})
+    row = verdicts(gate_compare(load_run(slower), load_run(old)))[("conn_latency_us:last",
+                                                                   "iptables")]
+    assert row.change == pytest.approx(0.5) and abs(row.over_floor_change) < 1e-9
+    assert row.verdict == OK and "judged over the floor of the same passes" in row.note
+    row = verdicts(gate_compare(load_run(worse), load_run(old)))[("conn_latency_us:last",
+                                                                  "iptables")]
+    assert row.over_floor_change == pytest.approx(0.5) and row.verdict == REGRESSION
