@@ -1,5 +1,5 @@
 # One image for svcbench on Kubernetes: the node agent (`svcbench agent ...`), the echo
-# workload and the probe pods all run it (the manifests under clusters/ name svcbench:dev).
+# workload and the probe pods all run it (the objects kube/deploy.py creates name svcbench:dev).
 #
 #   docker build -t svcbench:dev . && kind load docker-image svcbench:dev
 #
