@@ -5,6 +5,7 @@ through `svcbench doctor --fix` (Debian/Ubuntu), so it works on a fresh machine.
 """
 
 import glob
+import json
 import os
 
 import nox
@@ -89,6 +90,28 @@ def _sweep_and_report(session, args, preset):
         session.run("svcbench", "conformance", "--mode", mode, *kernel, "--out", out,
                     success_codes=[0, 1])
     session.run("svcbench", "report", run)
+    return run
+
+
+def _preset(run):
+    try:
+        with open(os.path.join(run, "run.json")) as f:
+            return (json.load(f).get("args") or {}).get("preset")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _previous(run):
+    """The run folder this one is compared with: $SVCBENCH_PREVIOUS_RUN (CI puts the last
+    night that passed there), else the newest other run of the same preset under runs/."""
+    given = os.environ.get("SVCBENCH_PREVIOUS_RUN")
+    if given is not None:
+        return given if given and os.path.isdir(given) else None
+    others = sorted((p for p in glob.glob(os.path.join(RUNS, "bench-*"))
+                     if os.path.isdir(p) and not os.path.samefile(p, run)),
+                    key=os.path.getmtime)
+    preset = _preset(run)
+    return next((p for p in reversed(others) if _preset(p) == preset), None)
 
 
 @nox.session
@@ -108,16 +131,24 @@ def bench(session):
 
 @nox.session
 def nightly(session):
-    """Up to 30,000 Services with more repeats, conformance of every mode, the report, and
-    micro benchmarks compared with the previous night's."""
+    """Up to 30,000 Services with more repeats, conformance of every mode, the report, micro
+    benchmarks compared with the previous night's, then the tracked metrics compared with the
+    previous nightly run (`svcbench report --compare`): a regression fails the session."""
     _install(session, "test", "bench")
-    _sweep_and_report(session, session.posargs or NIGHTLY_ARGS, "nightly")
+    run = _sweep_and_report(session, session.posargs or NIGHTLY_ARGS, "nightly")
     # The first night has nothing to compare with (pytest-benchmark calls that a usage error).
     earlier = glob.glob(os.path.join(MICRO_DIR, "*", "*.json"))
     if not earlier:
         session.log("micro benchmarks: no earlier night under runs/micro, saving this one only")
     session.run("python", "-m", "pytest", *MICRO_ARGS, *(MICRO_COMPARE_ARGS if earlier else []),
                 success_codes=[0, 1])
+    # Last, the gate: the tracked metrics against the previous night (the report gets the
+    # section too); a regression beyond its threshold fails the session (exit 1).
+    previous = _previous(run)
+    if previous is None:
+        session.log("no earlier nightly run to compare with: this one is the first")
+        return
+    session.run("svcbench", "report", run, "--compare", previous)
 
 
 @nox.session

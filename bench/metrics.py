@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.probes import CLK_TCK
@@ -31,6 +31,7 @@ from bench.sweep import (
     load_mode,
     percentile,
 )
+from reports.catalog import Track
 
 SIZE = "size"
 TRAFFIC = "traffic"
@@ -73,6 +74,8 @@ class Metric:
     scorecard: bool = False  # a column of the findings' table
     resolution: str = ""  # what makes its values come in steps, when something does
     verdict: bool = False  # each mode's sentence and the scorecard state its growth verdict
+    # The nightly's regression gates on it (`svcbench report --compare OLD NEW`, exit 1).
+    track: tuple[Track, ...] = ()
 
     @property
     def budget(self) -> str:
@@ -260,7 +263,8 @@ METRICS: tuple[Metric, ...] = (
            measure_interleaved, ("first", "last", "random"),
            title="New connection to a Service", short="new connection",
            # the last Service walks the most rules
-           headline=("last", "random", "", "first"), floor=FLOOR),
+           headline=("last", "random", "", "first"), floor=FLOOR,
+           track=(Track(0.30, stat="p50", target="last"),)),
     Metric("podip_conn_latency_us", "us",
            "New connection to the floor's pod IP while N Services are programmed (interleaved "
            "with the Service connections).",
@@ -292,7 +296,7 @@ METRICS: tuple[Metric, ...] = (
            measure_sync_one, group=PROGRAMMING, budget_s=40.0, budget_key="change",
            noise_stat=None,
            title="Change one Service's endpoints at N Services", short="one change",
-           verdict=True),
+           verdict=True, track=(Track(0.50),)),
     Metric("programming_latency_s", "s",
            "From the change to the first connection served by the new endpoint (probe).",
            measure_programming, group=PROGRAMMING, budget_s=40.0, budget_key="change",
@@ -316,7 +320,7 @@ METRICS: tuple[Metric, ...] = (
            measure_sync_full, group=PROGRAMMING, budget_s=60.0, budget_key="scratch",
            noise_stat=None,
            title="Program all N Services from empty", short="sync", finding="full sync",
-           scorecard=True),
+           scorecard=True, track=(Track(0.30, size=10_000),)),
     Metric("rules", "rules", "Rules, chains and map entries the full sync wrote.",
            measure_rules, group=PROGRAMMING, repeats=lambda cfg: 1, noise_stat=None,
            title="Rules, chains and map entries programmed", short="rules", scorecard=True),
@@ -552,7 +556,8 @@ def catalog() -> list[dict[str, Any]]:
     shown = ("title", "short", "better", "floor", "finding", "scorecard", "resolution", "verdict")
     sweep = [{"name": m.name, "unit": m.unit, "doc": m.doc, "phase": m.phase, "group": m.group,
               "targets": [t for t in m.targets if t], "budget_s": m.budget_s,
-              "headline": list(m.headline), **{k: getattr(m, k) for k in shown}}
+              "headline": list(m.headline), **{k: getattr(m, k) for k in shown},
+              "track": [asdict(t) for t in m.track]}
              for m in METRICS]
     others = [{"name": r.name, "unit": r.unit, "doc": r.doc, "phase": r.phase, "title": r.title,
                "short": r.short, "better": r.better, "floor": r.floor, "finding": r.finding,

@@ -1,4 +1,5 @@
-"""`python -m reports RUN_DIR [--compare OLDER_RUN_DIR] [-o FILE]`: the report without the CLI."""
+"""`python -m reports RUN_DIR [--compare OLDER_RUN_DIR] [-o FILE] [--json]`: the report without
+the CLI (with --compare: exit 1 when a tracked metric regressed, as `svcbench report`)."""
 
 import sys
 

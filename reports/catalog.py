@@ -59,6 +59,33 @@ def title_from_id(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class Track:
+    """A regression gate on one series of a metric: `svcbench report --compare` calls it a
+    regression when the newer run's median is worse than the older's by more than
+    `threshold` (a fraction) and lies outside what the older run measured."""
+
+    threshold: float
+    stat: str = "value"
+    target: str = ""  # the series' target word ("last"); "" for a metric without targets
+    size: int | None = None  # at this many Services where both runs have it, else the largest
+
+    @classmethod
+    def of(cls, entry: Any) -> Track | None:
+        """One catalog `track` entry; None for one this version cannot read."""
+        if not isinstance(entry, Mapping):
+            return None
+        threshold, size = entry.get("threshold"), entry.get("size")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                or not math.isfinite(threshold) or threshold < 0:
+            return None
+        stat, target = entry.get("stat", "value"), entry.get("target") or ""
+        if not isinstance(stat, str) or not stat or not isinstance(target, str):
+            return None
+        ok_size = isinstance(size, int) and not isinstance(size, bool) and size > 0
+        return cls(float(threshold), stat, target, size if ok_size else None)
+
+
+@dataclass(frozen=True)
 class MetricInfo:
     """One catalog entry; what it lacks has a default that says nothing false."""
 
@@ -74,6 +101,7 @@ class MetricInfo:
     scorecard: bool = False
     resolution: str = ""
     verdict: bool = False  # each mode's sentence and the scorecard state its growth verdict
+    track: tuple[Track, ...] = ()  # the regression gates on it (`report --compare`)
     described: bool = True  # False: not in the catalog at all
 
     @classmethod
@@ -91,7 +119,9 @@ class MetricInfo:
             headline=tuple(str(t) for t in headline) if isinstance(headline, list) else (),
             floor=floor if isinstance(floor, str) and floor else None,
             finding=text("finding"), scorecard=entry.get("scorecard") is True,
-            resolution=text("resolution"), verdict=entry.get("verdict") is True)
+            resolution=text("resolution"), verdict=entry.get("verdict") is True,
+            track=tuple(t for t in map(Track.of, entry.get("track") or ()) if t)
+            if isinstance(entry.get("track"), list) else ())
 
     @property
     def heading(self) -> str:
@@ -209,6 +239,10 @@ class Catalog:
 
     def scorecard(self) -> list[MetricInfo]:
         return [m for m in self.entries.values() if m.scorecard]
+
+    def tracked(self) -> list[tuple[MetricInfo, Track]]:
+        """Every regression gate the catalog declares, in its order."""
+        return [(m, t) for m in self.entries.values() for t in m.track]
 
     def verdicts(self) -> list[MetricInfo]:
         """The metrics whose growth verdict every mode's sentence states."""

@@ -20,6 +20,8 @@ from reports.findings import (
     section_status,
     summarize_modes,
 )
+from reports.gate import Gate, section_gate
+from reports.gate import compare as gate_compare
 from reports.load import Run, load_run, run_agreement
 from reports.results import _write_atomic
 from reports.series import chart_series, fits_for, headline_keys, modes_of, split_series
@@ -271,8 +273,9 @@ document.querySelectorAll('button.key').forEach(function (b) {
 """
 
 
-def render_html(run: Run, older: Run | None = None) -> str:
-    """The whole report as one HTML string (no external resources)."""
+def render_html(run: Run, older: Run | None = None, gate: Gate | None = None) -> str:
+    """The whole report as one HTML string (no external resources); with an older run, the
+    tracked metrics' gate (computed here unless given) and the change per metric."""
     catalog = run.catalog
     series_keys, single = split_series(run.bench, chart_series(run.bench, catalog), catalog)
     fits = fits_for(run.bench, series_keys, catalog)
@@ -305,7 +308,10 @@ def render_html(run: Run, older: Run | None = None) -> str:
         ("environment", "6. Environment", section_environment(run)),
     ]
     if older is not None:
-        sections.append(("compare", "7. Change since the older run", section_compare(run, older)))
+        gate = gate or gate_compare(run, older)
+        sections.append(("tracked", "7. Tracked metrics against the older run",
+                          section_gate(gate, catalog.merged(older.catalog))))
+        sections.append(("compare", "8. Change since the older run", section_compare(run, older)))
     body = "".join(f"<section id='{sid}'><h2>{title}</h2>{content}</section>"
                    for sid, title, content in sections)
     return (
@@ -327,6 +333,12 @@ def write_report(run_dir: str | Path, output: str | Path | None = None,
     """Render RUN_DIR (and optionally the change since COMPARE) to one HTML file; its path."""
     run = load_run(run_dir)
     older = load_run(compare) if compare else None
+    return write_page(run, older, output)
+
+
+def write_page(run: Run, older: Run | None = None, output: str | Path | None = None,
+               gate: Gate | None = None) -> Path:
+    """Write the page of runs already read; its path."""
     path = Path(output) if output else run.path / REPORT_HTML
-    _write_atomic(path, render_html(run, older))
+    _write_atomic(path, render_html(run, older, gate))
     return path

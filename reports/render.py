@@ -12,7 +12,8 @@ The page is built in four steps, one module each:
   one size), inline SVG, from the rows as series (reports/series.py);
 - reports/page.py assembles them in reading order: headline findings, the conformance
   matrix, the charts, the growth fits, the agreement, the environment and, with an older
-  run, the change per metric and mode.
+  run, the tracked metrics' gate (reports/gate.py: exit 1 on a regression) and the change
+  per metric and mode.
 
 The page loads nothing (no fonts, scripts or images from anywhere), so it opens offline;
 figures counted in clock ticks carry their resolution, and a reader never sees nan or
@@ -22,36 +23,60 @@ inf. No metric is named in reports/: titles, units and roles come from run.json'
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
+from reports.catalog import Catalog
 from reports.findings import compare_runs, measured_elsewhere
+from reports.gate import Gate, text_table
+from reports.gate import compare as gate_compare
 from reports.load import ReportError, Run, load_run, normalize_bench
-from reports.page import REPORT_HTML, render_html, write_report
+from reports.page import REPORT_HTML, render_html, write_page, write_report
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder (bench.csv, run.json, "
                         "conformance*.json)")
     parser.add_argument("--compare", metavar="OLDER_RUN_DIR",
-                        help="older run folder: show the change per metric and mode")
+                        help="older run folder: show the change per metric and mode, and judge "
+                        "the tracked metrics (exit 1 when one regressed beyond its threshold)")
     parser.add_argument("-o", "--output", metavar="FILE",
                         help=f"where to write the page (default RUN_DIR/{REPORT_HTML})")
+    parser.add_argument("--json", action="store_true",
+                        help="print the page's path (and with --compare the tracked metrics' "
+                        "verdicts) as JSON")
     return parser
 
 
-def run_report_command(args: argparse.Namespace) -> int:
-    """`svcbench report`: write the page, print its path; 2 when the run folder is unusable."""
+def run_report_command(args: argparse.Namespace, fallback: Catalog | None = None) -> int:
+    """`svcbench report`: write the page, print its path; with --compare print the tracked
+    metrics' table too and return 1 when one regressed. 2 when a run folder is unusable or
+    the two share nothing tracked. `fallback`: a catalog for runs whose run.json lacks one."""
+    as_json = getattr(args, "json", False)
     try:
-        path = write_report(args.run_dir, args.output, args.compare)
+        run = load_run(args.run_dir)
+        older = load_run(args.compare) if args.compare else None
+        gate: Gate | None = gate_compare(run, older, fallback) if older is not None else None
+        if gate is not None and not gate.compared:
+            raise ReportError(
+                f"nothing to compare: {args.compare!r} and {args.run_dir!r} share no tracked "
+                f"metric measured by the same mode, nor a mode's conformance checks")
+        path = write_page(run, older, args.output, gate)
     except ReportError as exc:
         print(f"svcbench report: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"svcbench report: cannot write the report: {exc}", file=sys.stderr)
         return 1
-    print(path)
-    return 0
+    if as_json:
+        doc = {"report": str(path), **({"compare": gate.as_dict()} if gate else {})}
+        print(json.dumps(doc, indent=2))
+    else:
+        if gate is not None:
+            print(text_table(gate))
+        print(path)
+    return 1 if gate is not None and gate.regressions else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

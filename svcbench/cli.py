@@ -626,9 +626,12 @@ def cmd_service_list(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from bench.metrics import catalog
+    from reports.catalog import Catalog
     from reports.render import run_report_command
 
-    return run_report_command(args)
+    # a run.json from before the catalog declared the tracked metrics: this version's
+    return run_report_command(args, Catalog(catalog()))
 
 
 def cmd_gc(args) -> int:
