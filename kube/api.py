@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -140,6 +141,8 @@ def trigger_time(body: dict) -> float | None:
     value = ((body.get("metadata") or {}).get("annotations") or {}).get(TRIGGER_TIME)
     if not isinstance(value, str):
         return None
+    # Go writes RFC3339Nano: up to nine fraction digits, more than Python reads.
+    value = re.sub(r"(\.\d{6})\d+", r"\1", value.strip())
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     except ValueError:
@@ -192,10 +195,15 @@ class Reflector:
         return self
 
     def stop(self) -> None:
+        """Ask the thread to end (it is a daemon: a watch blocked in a read ends with the
+        stream, or with the process)."""
         self._stop.set()
         if self._watch is not None:
             self._watch.stop()
-        self._thread.join(timeout=5)
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def list(self) -> None:
         """One list: the kind's whole state, and the resourceVersion to watch from."""

@@ -1,0 +1,59 @@
+"""A node's host network as a proxy running on that node sees it (dataplanes.base.NodeHandle).
+
+`svcbench agent` on a Kubernetes node (hostNetwork) programs the network namespace it
+runs in; on this machine it programs a named namespace (`--netns`, a node of a svcbench
+run), never the root one. Pods are found as the CNI plugins route them: a /32 route per
+pod IP through the pod's veth (`ip -4 route show scope link`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from clusters.nsenter import in_netns, run_in_netns
+
+
+@dataclass(eq=False)
+class HostNode:
+    name: str
+    ip: str
+    pod_cidr: str
+    netns: str = ""  # "" : the namespace this process runs in
+    uplink: str = "eth0"
+
+    def run(self, argv: Sequence[str], *, input: str | bytes | None = None, check: bool = True,
+            timeout: float | None = 120) -> subprocess.CompletedProcess:
+        if isinstance(input, bytes):
+            input = input.decode()
+        argv = [str(a) for a in argv]
+        if self.netns:
+            proc = run_in_netns(self.netns, argv, input=input, timeout=timeout)
+        else:
+            proc = subprocess.run(argv, input=input, capture_output=True, text=True,
+                                  timeout=timeout)
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout, proc.stderr)
+        return proc
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return in_netns(self.netns, fn, *args, **kwargs) if self.netns else fn(*args, **kwargs)
+
+    def pod_interfaces(self) -> dict[str, str]:
+        """Pod IP -> the node-side interface of its veth: the /32 routes inside the pod CIDR."""
+        import ipaddress
+
+        cidr = ipaddress.ip_network(self.pod_cidr)
+        out = self.run(["ip", "-4", "-o", "route", "show", "scope", "link"], check=False).stdout
+        found = {}
+        for line in out.splitlines():
+            words = line.split()
+            if len(words) >= 3 and words[1] == "dev" and "/" not in words[0]:
+                try:
+                    if ipaddress.ip_address(words[0]) in cidr:
+                        found[words[0]] = words[2]
+                except ValueError:
+                    continue
+        return found

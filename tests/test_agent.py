@@ -1,0 +1,232 @@
+"""`svcbench agent` against a recorded Kubernetes API: the real `kubernetes` client lists and
+watches a tiny API server on 127.0.0.1 (tests/fakeapi.py) that serves objects and watch
+events as an API server writes them (tests/data/k8s). First with a recording mode (what
+reaches the mode, label handling, headless, bookmarks, 410 relist, healthz and metrics),
+then programming a real namespace-cluster node in every host mode, with traffic."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.fakeapi import END, FakeApiServer, now_rfc3339, recorded, recorded_events
+
+pytest.importorskip("kubernetes", reason="the kube extra (kubernetes client) is not installed")
+pytest.importorskip("prometheus_client", reason="the kube extra (prometheus-client) is missing")
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from dataplanes.base import SyncStats  # noqa: E402
+from svcbench.agent import Agent, Served  # noqa: E402
+
+
+class Recorder:
+    """A mode that keeps the last view it was given per node (full syncs only)."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.views: dict[str, object] = {}
+        self.installed: list[str] = []
+        self.syncs = 0
+
+    def missing(self, host):
+        return []
+
+    def install(self, node):
+        self.installed.append(node.name)
+
+    def uninstall(self, node):
+        self.installed.remove(node.name)
+
+    def sync(self, node, view):
+        self.views[node.name] = view
+        self.syncs += 1
+        return SyncStats(self.name, node.name, 0.0, True, len(view.services))
+
+
+class Handle:
+    def __init__(self, node) -> None:
+        self.name, self.ip, self.pod_cidr = node.name, node.ip, node.pod_cidr
+        self.netns, self.uplink = "fake", "eth0"
+
+
+def _client(fake: FakeApiServer, tmp_path):
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(fake.kubeconfig(tmp_path / "kubeconfig")),
+                            client_configuration=cfg)
+    return client.ApiClient(cfg)
+
+
+def _wait(what, timeout: float = 5.0):
+    ends = time.monotonic() + timeout
+    while time.monotonic() < ends:
+        got = what()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what.__doc__ or what}")
+
+
+def _start(agent: Agent):
+    import threading
+
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    assert agent.ready.wait(10), f"no first sync: {agent.error}"
+    return thread
+
+
+def _served(mode: Recorder) -> set[str]:
+    view = mode.views["node1"]
+    return {f"{v.namespace}/{v.service}" for v in view.services}
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_agent_follows_the_api(tmp_path):
+    """List, watch, bookmark, 410 relist; label and headless handling; healthz; metrics."""
+    with FakeApiServer() as fake:
+        mode = Recorder()
+        agent = Agent(_client(fake, tmp_path), "node1", mode, Handle, min_sync_period=0.05,
+                      sync_period=60)
+        served = Served(agent, ("127.0.0.1", 0), ("127.0.0.1", 0))
+        healthz, metrics = (f"http://127.0.0.1:{p}" for p in served.ports)
+        try:
+            code, _ = _get(healthz + "/healthz")
+            assert code == 503  # no sync yet
+            thread = _start(agent)
+            # Unlabelled, with a ClusterIP: served; another proxy's and the headless: not.
+            assert _served(mode) == {"default/kubernetes", "ns1/web"}
+            view = mode.views["node1"]
+            assert (view.node_ip, view.pod_cidr) == ("198.18.0.1", "198.18.129.0/24")
+            web = next(v for v in view.services if v.service == "web")
+            assert [(e.ip, e.port, e.local) for e in web.endpoints] == [("198.18.129.2", 8080, True)]
+            assert web.node_zone == "zone1"  # from the Node object's label
+
+            # Watch: a Service and its slice arrive, the slice with its trigger time.
+            svc_events = recorded_events("watch-services.jsonl")
+            slice_events = recorded_events("watch-endpointslices.jsonl",
+                                           TRIGGER_TIME=now_rfc3339(-0.3))
+            fake.push("services", svc_events[0])
+            fake.push("endpointslices", slice_events[0])
+
+            def late_served():
+                """ns1/late with its endpoint"""
+                late = [v for v in mode.views["node1"].services if v.service == "late"]
+                return late and late[0].endpoints
+            _wait(late_served)
+            # A bookmark moves the resourceVersion the next watch starts from.
+            fake.push("services", svc_events[1], END)
+            _wait(lambda: len(fake.seen("services", watch=True)) == 2)
+            assert agent.reflectors["services"].bookmarks == 1
+            # 410 Gone: the agent lists again; the new list no longer has ns1/late.
+            fake.set_list("services", {**recorded("services.json"),
+                                       "metadata": {"resourceVersion": "1010"}})
+            fake.push("services", *recorded_events("watch-gone.jsonl"))
+            _wait(lambda: "ns1/late" not in _served(mode))
+            assert agent.reflectors["services"].gone == 1
+            assert len(fake.seen("services", watch=False)) == 2
+            watch_versions = [q.get("resourceVersion") for q in fake.seen("services", watch=True)]
+            assert watch_versions[:3] == ["1000", "1005", "1010"], watch_versions
+            assert all(q.get("allowWatchBookmarks") == "true"
+                       for q in fake.seen("services", watch=True))
+            assert fake.seen("nodes", watch=False)[0]["fieldSelector"] == "metadata.name=node1"
+
+            code, body = _get(healthz + "/healthz")
+            health = json.loads(body)
+            assert code == 200 and health["nodeEligible"] is True, health
+            assert set(health) == {"lastUpdated", "currentTime", "nodeEligible"}
+            assert agent.healthz(now=agent.last_sync + 2 * 60 + 1)[0] == 503  # stale
+            assert _get(healthz + "/metrics")[0] == 404
+
+            code, body = _get(metrics + "/metrics")
+            assert code == 200
+            families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+            samples = {s.name: s.value for f in families.values() for s in f.samples
+                       if not s.labels}
+            assert families["kubeproxy_sync_proxy_rules_duration_seconds"].type == "histogram"
+            assert samples["kubeproxy_sync_proxy_rules_duration_seconds_count"] >= 3
+            # the slice's trigger time was 0.3 s before it was pushed
+            assert samples["kubeproxy_network_programming_duration_seconds_count"] == 1
+            assert 0.3 <= samples["kubeproxy_network_programming_duration_seconds_sum"] < 10
+            assert abs(samples["kubeproxy_sync_proxy_rules_last_timestamp_seconds"]
+                       - agent.last_sync) < 1e-3
+            assert samples["kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"] > 0
+            assert samples["svcbench_agent_services"] == 2
+            assert samples["svcbench_agent_endpoints"] == 2
+
+            # The node gets the autoscaler's deletion taint: not eligible, 503.
+            node = recorded("nodes.json")["items"][0]
+            node["spec"]["taints"] = [{"key": "ToBeDeletedByClusterAutoscaler",
+                                       "value": "1", "effect": "NoSchedule"}]
+            fake.push("nodes", {"type": "MODIFIED", "object": {"kind": "Node",
+                                                                "apiVersion": "v1", **node}})
+            _wait(lambda: agent.facts and not agent.facts.eligible)
+            code, body = _get(healthz + "/healthz")
+            assert code == 503 and json.loads(body)["nodeEligible"] is False
+        finally:
+            agent.stop()
+            served.close()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert mode.installed == []  # uninstalled on the way out
+
+
+def test_agent_with_a_proxy_name(tmp_path):
+    """--proxy-name: only the Services labelled for it (kube-proxy's informer filter)."""
+    with FakeApiServer() as fake:
+        mode = Recorder()
+        agent = Agent(_client(fake, tmp_path), "node1", mode, Handle, proxy_name="svcbench",
+                      min_sync_period=0.05)
+        thread = _start(agent)
+        try:
+            assert _served(mode) == {"ns1/mine"}
+        finally:
+            agent.stop()
+            thread.join(10)
+
+
+def test_agent_cli_without_an_api(tmp_path, capsys, monkeypatch):
+    """A kubeconfig that points nowhere: one sentence, exit 2, nothing programmed."""
+    import argparse
+
+    from svcbench import cli
+    from svcbench.cmd_agent import add_agent_arguments
+
+    def main(argv):  # cli.main without building every command's parser (seconds of imports)
+        parser = argparse.ArgumentParser(prog="svcbench agent")
+        add_agent_arguments(parser)
+        args = parser.parse_args(argv[1:])
+        args.command, args.func = "agent", cli.cmd_agent
+        return cli._run(args, argv)
+
+    config = tmp_path / "kubeconfig"
+    config.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    status = main(["agent", "--mode", "iptables", "--node-name", "node1",
+                   "--kubeconfig", str(config)])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "127.0.0.1:9 cannot be reached" in lines[0], err
+    # Without a kubeconfig outside a pod: the same, naming what is missing.
+    assert main(["agent", "--mode", "iptables", "--node-name", "node1"]) == 2
+    assert "--kubeconfig" in capsys.readouterr().err
