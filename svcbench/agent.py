@@ -203,6 +203,7 @@ class Agent:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.events.put(ApiEvent("", "STOP", []))  # wakes the loop at once
 
     def _step(self) -> None:
         timeout = self._wait_s()
@@ -212,6 +213,8 @@ class Agent:
             event = None
         while event is not None:
             self._take(event)
+            if self.stop_event.is_set():
+                return
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
@@ -227,6 +230,8 @@ class Agent:
         return max(0.0, min(self._last_full_mono + self.sync_period - now, 0.5))
 
     def _take(self, event: ApiEvent) -> None:
+        if event.type == "STOP":
+            return
         if event.kind == NODES:
             self._take_node(event)
             return
@@ -463,7 +468,7 @@ class Served:
         server = ThreadingHTTPServer(where, handler)
         server.daemon_threads = True
         self.servers.append(server)
-        threading.Thread(target=server.serve_forever, name=f"http-{where[1]}",
+        threading.Thread(target=server.serve_forever, args=(0.1,), name=f"http-{where[1]}",
                          daemon=True).start()
 
     @property

@@ -230,3 +230,83 @@ def test_agent_cli_without_an_api(tmp_path, capsys, monkeypatch):
     # Without a kubeconfig outside a pod: the same, naming what is missing.
     assert main(["agent", "--mode", "iptables", "--node-name", "node1"]) == 2
     assert "--kubeconfig" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a real node
+
+HOST_MODES = ("iptables", "nftables", "ebpf", "userspace")
+NS = "ns1"
+
+
+@pytest.fixture(scope="module")
+def node_cluster():
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    from clusters.netns import NetnsCluster
+    from kube.model import Node, Pod
+    from kube.state import ClusterState
+
+    pods = [Pod(NS, "web-1", {"app": "web"}, "node1"), Pod(NS, "client", {}, "node1")]
+    with NetnsCluster.create(1) as made:
+        placed = ClusterState.build([Node.numbered(1)], pods).pods
+        # the recorded EndpointSlices name web-1 at the first pod address of node1
+        assert {p.name: p.ip for p in placed}["web-1"] == "198.18.129.2"
+        made.set_pods(placed)
+        yield made
+
+
+def _probe(made, ip: str, count: int, timeout: float = 0.5) -> list[str]:
+    from clusters.nsenter import in_netns
+    from clusters.workloads.probe import OK, probe
+
+    result = in_netns(made.pod_netns(NS, "client"), probe, ip, 80, count=count, timeout=timeout)
+    return [s.backend if s.outcome == OK else s.outcome for s in result.samples]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("mode_name", HOST_MODES)
+def test_agent_programs_a_node(node_cluster, mode_name, tmp_path):
+    """Events in, kernel state and traffic out: the agent programs node1 of a namespace
+    cluster in each host mode from the recorded API; a watched Service comes and goes."""
+    from dataplanes.base import Host
+    from dataplanes.modes import make
+
+    made = node_cluster
+    mode = make(mode_name)
+    missing = mode.missing(Host())
+    if missing:
+        pytest.skip(f"{mode_name} cannot run here: {'; '.join(missing)}")
+    node = made.node("node1")
+
+    def state() -> str:
+        return json.dumps(mode.kernel_state(node))
+
+    with FakeApiServer() as fake:
+        agent = Agent(_client(fake, tmp_path), "node1", mode,
+                      lambda facts: node if (facts.ip, facts.pod_cidr) == (node.ip, node.pod_cidr)
+                      else pytest.fail(f"the Node object's facts {facts} are not node1's"),
+                      min_sync_period=0.05, sync_period=60)
+        thread = _start(agent)
+        try:
+            held = state()
+            assert "198.19.0.50" in held  # ns1/web
+            for skipped in ("198.19.0.51", "198.19.0.52"):  # another proxy's, for --proxy-name
+                assert skipped not in held
+            assert _probe(made, "198.19.0.50", 3) == ["ns1/web-1"] * 3
+
+            svc_events = recorded_events("watch-services.jsonl")
+            slice_events = recorded_events("watch-endpointslices.jsonl",
+                                           TRIGGER_TIME=now_rfc3339())
+            fake.push("services", svc_events[0])
+            fake.push("endpointslices", slice_events[0])
+            _wait(lambda: "198.19.0.60" in state())
+            assert _probe(made, "198.19.0.60", 2) == ["ns1/web-1"] * 2
+            fake.push("services", svc_events[2])
+            fake.push("endpointslices", slice_events[1])
+            _wait(lambda: "198.19.0.60" not in state())
+        finally:
+            agent.stop()
+            thread.join(15)
+        assert not thread.is_alive()
+    # uninstalled: the ClusterIP leads nowhere
+    assert "ns1/web-1" not in _probe(made, "198.19.0.50", 1, timeout=0.3)
