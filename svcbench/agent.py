@@ -161,6 +161,7 @@ class Agent:
         self.slices: dict[tuple[str, str], EndpointSlice] = {}
         self.dirty_services: set[tuple[str, str]] = set()
         self.dirty_slices: set[tuple[str, str]] = set()
+        self.applied_slices: dict[tuple[str, str], EndpointSlice] = {}  # in the tracker
         self.triggers: dict[tuple[str, str], float] = {}  # slice -> change time, since start
         self.tracker: ChangeTracker | None = None
         self.proxy: ServiceProxy | None = None
@@ -344,7 +345,7 @@ class Agent:
         ups = [self.services[k] for k in dirty_services
                if k in self.services and tracker.services.get(k) != self.services[k]]
         downs = [k for k in dirty_services if k not in self.services and k in tracker.services]
-        held = {sl.key: sl for sl in tracker.given_slices()}
+        held = self.applied_slices
         slice_ups = [self.slices[k] for k in dirty_slices
                      if k in self.slices and held.get(k) != self.slices[k]]
         slice_downs = [k for k in dirty_slices if k not in self.slices and k in held]
@@ -352,8 +353,11 @@ class Agent:
         try:
             stats = self.proxy.apply(services=ups, delete_services=downs, slices=slice_ups,
                                      delete_slices=slice_downs)
+            held.update((sl.key, sl) for sl in slice_ups)
         except StateError:
             stats = self._apply_one_by_one(ups, downs, slice_ups, slice_downs)
+        for key in slice_downs:
+            held.pop(key, None)
         self._synced(started, full=any(s.full for s in stats) if stats else False,
                      changed_slices=dirty_slices)
         self.metrics.service_changes.inc(len(dirty_services))
@@ -371,6 +375,7 @@ class Agent:
         for sl in slice_ups:
             try:
                 stats += self.proxy.apply(slices=[sl])
+                self.applied_slices[sl.key] = sl
             except StateError as exc:
                 self.metrics.refused.inc()
                 log.warning("left out: %s", exc)

@@ -6,6 +6,7 @@ then programming a real namespace-cluster node in every host mode, with traffic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -238,10 +239,8 @@ HOST_MODES = ("iptables", "nftables", "ebpf", "userspace")
 NS = "ns1"
 
 
-@pytest.fixture(scope="module")
-def node_cluster():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
+@contextlib.contextmanager
+def _one_node_cluster():
     from clusters.netns import NetnsCluster
     from kube.model import Node, Pod
     from kube.state import ClusterState
@@ -252,6 +251,14 @@ def node_cluster():
         # the recorded EndpointSlices name web-1 at the first pod address of node1
         assert {p.name: p.ip for p in placed}["web-1"] == "198.18.129.2"
         made.set_pods(placed)
+        yield made
+
+
+@pytest.fixture(scope="module")
+def node_cluster():
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    with _one_node_cluster() as made:
         yield made
 
 
@@ -268,10 +275,13 @@ def _probe(made, ip: str, count: int, timeout: float = 0.5) -> list[str]:
 def test_agent_programs_a_node(node_cluster, mode_name, tmp_path):
     """Events in, kernel state and traffic out: the agent programs node1 of a namespace
     cluster in each host mode from the recorded API; a watched Service comes and goes."""
+    _programs(node_cluster, mode_name, tmp_path)
+
+
+def _programs(made, mode_name: str, tmp_path) -> None:
     from dataplanes.base import Host
     from dataplanes.modes import make
 
-    made = node_cluster
     mode = make(mode_name)
     missing = mode.missing(Host())
     if missing:
@@ -310,3 +320,4 @@ def test_agent_programs_a_node(node_cluster, mode_name, tmp_path):
         assert not thread.is_alive()
     # uninstalled: the ClusterIP leads nowhere
     assert "ns1/web-1" not in _probe(made, "198.19.0.50", 1, timeout=0.3)
+
