@@ -201,19 +201,26 @@ def test_agent_with_a_proxy_name(tmp_path):
             thread.join(10)
 
 
-def test_agent_cli_without_an_api(tmp_path, capsys, monkeypatch):
-    """A kubeconfig that points nowhere: one sentence, exit 2, nothing programmed."""
+def main(argv: list[str]) -> int:
+    """`svcbench.cli.main` for the agent alone: building every command's parser imports
+    the benchmark and report packages (seconds here)."""
     import argparse
 
+    from clusters.signals import interrupt_on_signals
     from svcbench import cli
     from svcbench.cmd_agent import add_agent_arguments
 
-    def main(argv):  # cli.main without building every command's parser (seconds of imports)
-        parser = argparse.ArgumentParser(prog="svcbench agent")
-        add_agent_arguments(parser)
-        args = parser.parse_args(argv[1:])
-        args.command, args.func = "agent", cli.cmd_agent
-        return cli._run(args, argv)
+    parser = argparse.ArgumentParser(prog="svcbench agent")
+    add_agent_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    args.command, args.func = "agent", cli.cmd_agent
+    with interrupt_on_signals() as caught:
+        status = cli._run(args, argv)
+    return caught.exit_status or status
+
+
+def test_agent_cli_without_an_api(tmp_path, capsys, monkeypatch):
+    """A kubeconfig that points nowhere: one sentence, exit 2, nothing programmed."""
 
     config = tmp_path / "kubeconfig"
     config.write_text(json.dumps({
@@ -321,3 +328,56 @@ def _programs(made, mode_name: str, tmp_path) -> None:
     # uninstalled: the ClusterIP leads nowhere
     assert "ns1/web-1" not in _probe(made, "198.19.0.50", 1, timeout=0.3)
 
+
+
+@pytest.mark.root
+def test_agent_command_stops_on_sigterm(node_cluster, tmp_path):
+    """The command on a namespace node (--netns): serves /healthz and traffic; SIGTERM
+    uninstalls the mode's state and exits 128 + 15."""
+    import signal
+    import threading
+
+    made = node_cluster
+    node = made.node("node1")
+    seen: dict[str, object] = {}
+    port = _free_port()
+    with FakeApiServer() as fake:
+        config = fake.kubeconfig(tmp_path / "kubeconfig")
+
+        def client_side() -> None:
+            try:
+                def healthy():
+                    """/healthz 200"""
+                    return _listening(port) and _get(
+                        f"http://127.0.0.1:{port}/healthz")[0] == 200
+                _wait(healthy, timeout=20)
+                seen["probe"] = _probe(made, "198.19.0.50", 2)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        helper = threading.Thread(target=client_side, daemon=True)
+        helper.start()
+        status = main(["agent", "--mode", "iptables", "--node-name", "node1",
+                       "--kubeconfig", str(config), "--netns", node.netns,
+                       "--healthz-bind-address", f"127.0.0.1:{port}",
+                       "--metrics-bind-address", "127.0.0.1:0", "--min-sync-period", "50ms"])
+        helper.join(10)
+    assert seen.get("probe") == ["ns1/web-1"] * 2, seen
+    assert status == 128 + signal.SIGTERM
+    assert "KUBE-" not in node.run(["iptables-save"]).stdout  # uninstalled
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
