@@ -21,7 +21,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -56,7 +56,24 @@ class ApiObjectError(ValueError):
     """An API object the suite cannot read (the message says which and why)."""
 
 
+EVERY_ADDRESS = "0.0.0.0/0"
+
 # --------------------------------------------------------------------------- objects
+
+
+def cluster_plan(cluster_cidr: str = PLAN.cluster_cidr,
+                 service_cidr: str = PLAN.service_cidr) -> AddressPlan:
+    """The address plan of a real cluster: its pod and Service CIDRs (kube-proxy's
+    --cluster-cidr; the apiserver's --service-cluster-ip-range), and any address for
+    endpoints, externalIPs and load-balancer ingress, which the API server has validated
+    (the suite's own clusters keep them inside 198.18.0.0/15)."""
+    for flag, value in (("--cluster-cidr", cluster_cidr), ("--service-cidr", service_cidr)):
+        if not _ipv4_net(value):
+            raise ValueError(f"{flag} {value!r} must be an IPv4 network such as 10.96.0.0/12")
+    return replace(PLAN, cluster_cidr=str(ipaddress.ip_network(cluster_cidr, strict=False)),
+                   service_cidr=str(ipaddress.ip_network(service_cidr, strict=False)),
+                   endpoint_cidr=EVERY_ADDRESS, external_ip_cidr=EVERY_ADDRESS,
+                   load_balancer_cidr=EVERY_ADDRESS)
 
 
 def _one(body: dict, kind: tuple[str, str], plan: AddressPlan) -> Any:

@@ -39,13 +39,14 @@ from kube.api import (
     ApiObjectError,
     NodeFacts,
     Reflector,
+    cluster_plan,
     node_from_api,
     object_key,
     service_from_api,
     slice_from_api,
     trigger_time,
 )
-from kube.model import PLAN, AddressPlan, EndpointSlice, Service
+from kube.model import AddressPlan, EndpointSlice, Service
 from kube.state import StateError
 from kube.tracker import ChangeTracker
 
@@ -132,7 +133,7 @@ class Agent:
     def __init__(self, api_client: Any, node_name: str, dataplane: Dataplane,
                  handle_for: Callable[[Any], NodeHandle], *, proxy_name: str | None = None,
                  min_sync_period: float = 1.0, sync_period: float = 30.0,
-                 plan: AddressPlan = PLAN, watch_timeout_s: int = 300) -> None:
+                 plan: AddressPlan | None = None, watch_timeout_s: int = 300) -> None:
         from kubernetes import client
 
         self.node_name = node_name
@@ -141,7 +142,7 @@ class Agent:
         self.proxy_name = proxy_name
         self.min_sync_period = min_sync_period
         self.sync_period = sync_period
-        self.plan = plan
+        self.plan = plan or cluster_plan()
         self.metrics = Metrics()
         self.events: queue.Queue[ApiEvent] = queue.Queue()
         core, discovery = client.CoreV1Api(api_client), client.DiscoveryV1Api(api_client)

@@ -44,6 +44,7 @@ def _seconds(flag: str):
 
 def add_agent_arguments(sp: argparse.ArgumentParser) -> None:
     from dataplanes.modes import IPTABLES_BACKENDS, MODES
+    from kube.model import PLAN
 
     sp.add_argument("--mode", choices=list(MODES), required=True, help="proxy mode")
     sp.add_argument("--backend", choices=IPTABLES_BACKENDS, default=None,
@@ -65,6 +66,12 @@ def add_agent_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--sync-period", type=_seconds("--sync-period"), default=30.0,
                     help="time between full syncs, which repair what others removed "
                          "(default 30s)")
+    sp.add_argument("--cluster-cidr", default=PLAN.cluster_cidr,
+                    help="the cluster's pod network: traffic from outside it is masqueraded "
+                         f"(default {PLAN.cluster_cidr}, the suite's)")
+    sp.add_argument("--service-cidr", default=PLAN.service_cidr,
+                    help="the cluster's Service ClusterIP range (default "
+                         f"{PLAN.service_cidr}, the suite's)")
     sp.add_argument("--netns", default=None,
                     help="program this network namespace (a node of a svcbench run) instead "
                          "of the one the agent runs in")
@@ -118,6 +125,7 @@ def run_agent(args) -> int:
     from clusters.host import HostNode
     from dataplanes.base import Host
     from dataplanes.modes import make
+    from kube.api import cluster_plan
     from svcbench.agent import Agent, AgentStopped, Served, parse_bind
 
     node_name = args.node_name or os.environ.get(NODE_NAME_ENV)
@@ -127,6 +135,7 @@ def run_agent(args) -> int:
     try:
         healthz = parse_bind(args.healthz_bind_address, "--healthz-bind-address")
         metrics = parse_bind(args.metrics_bind_address, "--metrics-bind-address")
+        plan = cluster_plan(args.cluster_cidr, args.service_cidr)
     except ValueError as exc:
         raise AgentUsageError(str(exc)) from None
     if args.netns and not os.path.exists(f"/run/netns/{args.netns}"):
@@ -145,7 +154,7 @@ def run_agent(args) -> int:
     agent = Agent(api, node_name, dataplane,
                   lambda node: HostNode(node.name, node.ip, node.pod_cidr, args.netns or ""),
                   proxy_name=args.proxy_name, min_sync_period=args.min_sync_period,
-                  sync_period=args.sync_period)
+                  sync_period=args.sync_period, plan=plan)
     try:
         served = Served(agent, healthz, metrics)
     except OSError as exc:

@@ -381,3 +381,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_objects_of_another_address_plan():
+    """A kind-like cluster (Services in 10.96.0.0/12, the apiserver's endpoint on the node's
+    172.18.0.2): read under the agent's plan for that cluster; the suite's own plan, which
+    keeps every address in 198.18.0.0/15, refuses them with the reason."""
+    from kube.api import ApiObjectError, cluster_plan, service_from_api, slice_from_api
+    from kube.model import PLAN
+
+    svc = recorded("services.json")["items"][0]  # default/kubernetes
+    svc["spec"]["clusterIP"] = "10.96.0.1"
+    svc["spec"]["clusterIPs"] = ["10.96.0.1"]
+    sl = recorded("endpointslices.json")["items"][0]
+    sl["endpoints"][0]["addresses"] = ["172.18.0.2"]
+    plan = cluster_plan("10.244.0.0/16", "10.96.0.0/12")
+    assert service_from_api(svc, plan).cluster_ip == "10.96.0.1"
+    assert slice_from_api(sl, plan).endpoints[0].addresses == ("172.18.0.2",)
+    with pytest.raises(ApiObjectError, match=r"spec.clusterIP.*198\.19\.0\.0/16"):
+        service_from_api(svc, PLAN)
+    with pytest.raises(ApiObjectError, match=r"addresses\[0\].*198\.18\.0\.0/15"):
+        slice_from_api(sl, PLAN)
+    with pytest.raises(ValueError, match="--service-cidr"):
+        cluster_plan("10.244.0.0/16", "fd00::/108")
