@@ -41,6 +41,18 @@ class HostNode:
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return in_netns(self.netns, fn, *args, **kwargs) if self.netns else fn(*args, **kwargs)
 
+    @classmethod
+    def holding(cls, name: str, ip: str, pod_cidr: str, netns: str = "") -> HostNode:
+        """The node whose interface holding `ip` (its InternalIP) is the uplink."""
+        node = cls(name, ip, pod_cidr, netns)
+        out = node.run(["ip", "-4", "-o", "addr", "show"], check=False).stdout
+        for line in out.splitlines():  # "2: eth0    inet 198.18.0.1/24 brd ... scope global"
+            words = line.split()
+            if len(words) >= 4 and words[2] == "inet" and words[3].split("/")[0] == ip:
+                node.uplink = words[1].split("@")[0]
+                break
+        return node
+
     def pod_interfaces(self) -> dict[str, str]:
         """Pod IP -> the node-side interface of its veth: the /32 routes inside the pod CIDR."""
         import ipaddress

@@ -107,6 +107,9 @@ class Metrics:
                                    "Service ports in this node's view", registry=r)
         self.endpoints = Gauge("svcbench_agent_endpoints",
                                "Endpoints (address and port) in this node's view", registry=r)
+        self.sync_failures = Counter("svcbench_agent_sync_failures",
+                                     "Syncs the mode failed (each is retried as a full sync)",
+                                     registry=r)
         self.refused = Counter("svcbench_agent_objects_refused",
                                "API objects left out: unreadable or refused by the state",
                                registry=r)
@@ -173,6 +176,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.error: str | None = None
         self.ready = threading.Event()  # set after the first sync
+        self._failed = False  # the last sync failed: the next one is full
 
     # ------------------------------------------------------------------ health
 
@@ -323,23 +327,31 @@ class Agent:
     # ------------------------------------------------------------------ syncing
 
     def _maybe_sync(self) -> None:
-        now = time.monotonic()
         if self.proxy is None:
-            if self.facts is not None and self.listed >= {NODES, SERVICES, SLICES}:
-                self.tracker = self._new_tracker()
-                self.proxy = ServiceProxy(self.dataplane, [self.handle_for(self.facts.node)],
-                                          self.tracker)
-                self.proxy.install()
-                self._sync()
+            if self.facts is None or not self.listed >= {NODES, SERVICES, SLICES}:
+                return  # as kube-proxy, the first sync waits until every kind is listed
+            self.tracker = self._new_tracker()
+            self.proxy = ServiceProxy(self.dataplane, [self.handle_for(self.facts.node)],
+                                      self.tracker)
+            self.proxy.install()  # a mode that cannot install ends the agent
+        now = time.monotonic()
+        if now - self._last_sync_mono < self.min_sync_period:
             return
-        if self.dirty_services or self.dirty_slices:
-            if now - self._last_sync_mono >= self.min_sync_period:
-                self._sync()
-        elif now - self._last_full_mono >= self.sync_period:
-            self._full_sync()
+        try:
+            if self.dirty_services or self.dirty_slices:
+                self._sync(full=self._failed)
+            elif self._failed or now - self._last_full_mono >= self.sync_period:
+                self._full_sync()
+        except Exception as exc:  # noqa: BLE001 - kube-proxy logs a failed sync and retries
+            self._failed = True  # the tracker may hold changes the node does not
+            self._last_sync_mono = time.monotonic()  # the next try waits min_sync_period
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.metrics.sync_failures.inc()
+            log.error("sync failed, retrying with a full sync: %s", self.error)
 
-    def _sync(self) -> None:
-        """Hand the changed objects to the proxy (one `apply`), then record the sync."""
+    def _sync(self, full: bool = False) -> None:
+        """Hand the changed objects to the proxy (one `apply`, which syncs the node), or,
+        after a failed sync, to the tracker alone and then sync the node in full."""
         dirty_services, self.dirty_services = self.dirty_services, set()
         dirty_slices, self.dirty_slices = self.dirty_slices, set()
         tracker = self.tracker
@@ -350,42 +362,54 @@ class Agent:
         slice_ups = [self.slices[k] for k in dirty_slices
                      if k in self.slices and held.get(k) != self.slices[k]]
         slice_downs = [k for k in dirty_slices if k not in self.slices and k in held]
+        apply = tracker.apply if full else self.proxy.apply
         started = time.monotonic()
+        stats: list = []
         try:
-            stats = self.proxy.apply(services=ups, delete_services=downs, slices=slice_ups,
-                                     delete_slices=slice_downs)
+            stats = apply(services=ups, delete_services=downs, slices=slice_ups,
+                          delete_slices=slice_downs)
             held.update((sl.key, sl) for sl in slice_ups)
         except StateError:
-            stats = self._apply_one_by_one(ups, downs, slice_ups, slice_downs)
+            stats = self._apply_one_by_one(apply, ups, downs, slice_ups, slice_downs)
         for key in slice_downs:
             held.pop(key, None)
-        self._synced(started, full=any(s.full for s in stats) if stats else False,
-                     changed_slices=dirty_slices)
         self.metrics.service_changes.inc(len(dirty_services))
         self.metrics.endpoint_changes.inc(len(dirty_slices))
+        if full:
+            self._full_sync(started, dirty_slices)
+        else:
+            self._synced(started, full=any(s.full for s in stats), changed_slices=dirty_slices)
 
-    def _apply_one_by_one(self, ups, downs, slice_ups, slice_downs) -> list:
-        stats = []
-        stats += self.proxy.apply(delete_services=downs, delete_slices=slice_downs)
+    def _apply_one_by_one(self, apply, ups, downs, slice_ups, slice_downs) -> list:
+        """The batch was refused: each object alone, the refused ones left out."""
+        stats: list = []
+
+        def one(**change) -> bool:
+            try:
+                out = apply(**change)
+            except StateError as exc:
+                self.metrics.refused.inc()
+                log.warning("left out: %s", exc)
+                return False
+            if isinstance(out, list):
+                stats.extend(out)
+            return True
+
+        one(delete_services=downs, delete_slices=slice_downs)
         for svc in ups:
-            try:
-                stats += self.proxy.apply(services=[svc])
-            except StateError as exc:
-                self.metrics.refused.inc()
-                log.warning("left out: %s", exc)
+            one(services=[svc])
         for sl in slice_ups:
-            try:
-                stats += self.proxy.apply(slices=[sl])
+            if one(slices=[sl]):
                 self.applied_slices[sl.key] = sl
-            except StateError as exc:
-                self.metrics.refused.inc()
-                log.warning("left out: %s", exc)
         return stats
 
-    def _full_sync(self) -> None:
-        started = time.monotonic()
+    def _full_sync(self, started: float | None = None, changed_slices: set = frozenset()
+                   ) -> None:
+        started = time.monotonic() if started is None else started
         self.proxy.resync()
-        self._synced(started, full=True, changed_slices=set())
+        self._failed = False
+        self.error = None
+        self._synced(started, full=True, changed_slices=set(changed_slices))
 
     def _synced(self, started: float, full: bool, changed_slices: set) -> None:
         now_mono = time.monotonic()

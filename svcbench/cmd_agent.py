@@ -152,7 +152,8 @@ def run_agent(args) -> int:
                         format="svcbench agent: %(levelname)s %(message)s")
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     agent = Agent(api, node_name, dataplane,
-                  lambda node: HostNode(node.name, node.ip, node.pod_cidr, args.netns or ""),
+                  lambda node: HostNode.holding(node.name, node.ip, node.pod_cidr,
+                                                args.netns or ""),
                   proxy_name=args.proxy_name, min_sync_period=args.min_sync_period,
                   sync_period=args.sync_period, plan=plan)
     try:

@@ -201,6 +201,29 @@ def test_agent_with_a_proxy_name(tmp_path):
             thread.join(10)
 
 
+def test_agent_retries_a_failed_sync(tmp_path):
+    """A sync the mode fails is logged, counted and retried as a full sync, as kube-proxy
+    retries; the agent does not stop."""
+
+    class FailsOnce(Recorder):
+        def sync(self, node, view):
+            if not self.syncs:
+                self.syncs += 1
+                raise RuntimeError("iptables-restore: line 7 failed")
+            return super().sync(node, view)
+
+    with FakeApiServer() as fake:
+        mode = FailsOnce()
+        agent = Agent(_client(fake, tmp_path), "node1", mode, Handle, min_sync_period=0.05)
+        thread = _start(agent)
+        try:
+            assert _served(mode) == {"default/kubernetes", "ns1/web"}
+            assert agent.error is None and agent.metrics.sync_failures._value.get() == 1
+        finally:
+            agent.stop()
+            thread.join(10)
+
+
 def main(argv: list[str]) -> int:
     """`svcbench.cli.main` for the agent alone: building every command's parser imports
     the benchmark and report packages (seconds here)."""
