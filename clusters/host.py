@@ -3,7 +3,7 @@
 `svcbench agent` on a Kubernetes node (hostNetwork) programs the network namespace it
 runs in; on this machine it programs a named namespace (`--netns`, a node of a svcbench
 run), never the root one. Pods are found as the CNI plugins route them: a /32 route per
-pod IP through the pod's veth (`ip -4 route show scope link`).
+pod IP through the pod's veth (`ip -4 route show`).
 """
 
 from __future__ import annotations
@@ -54,18 +54,21 @@ class HostNode:
         return node
 
     def pod_interfaces(self) -> dict[str, str]:
-        """Pod IP -> the node-side interface of its veth: the /32 routes inside the pod CIDR."""
+        """Pod IP -> the node-side interface of its veth: the direct /32 routes inside the
+        pod CIDR (scope link here, scope host from the ptp plugin and kindnet)."""
         import ipaddress
 
         cidr = ipaddress.ip_network(self.pod_cidr)
-        out = self.run(["ip", "-4", "-o", "route", "show", "scope", "link"], check=False).stdout
+        out = self.run(["ip", "-4", "-o", "route", "show", "table", "main"], check=False).stdout
         found = {}
         for line in out.splitlines():
             words = line.split()
-            if len(words) >= 3 and words[1] == "dev" and "/" not in words[0]:
-                try:
-                    if ipaddress.ip_address(words[0]) in cidr:
-                        found[words[0]] = words[2]
-                except ValueError:
-                    continue
+            if len(words) < 3 or "via" in words or "dev" not in words:
+                continue
+            dst = words[0].removesuffix("/32")
+            try:
+                if "/" not in dst and ipaddress.ip_address(dst) in cidr:
+                    found[dst] = words[words.index("dev") + 1]
+            except (ValueError, IndexError):
+                continue
         return found

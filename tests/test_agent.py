@@ -388,6 +388,12 @@ def test_agent_command_stops_on_sigterm(node_cluster, tmp_path):
     assert seen.get("probe") == ["ns1/web-1"] * 2, seen
     assert status == 128 + signal.SIGTERM
     assert "KUBE-" not in node.run(["iptables-save"]).stdout  # uninstalled
+    # the command's node handle finds what the cluster knows: uplink and pod veths
+    from clusters.host import HostNode
+
+    handle = HostNode.holding("node1", node.ip, node.pod_cidr, node.netns)
+    assert handle.uplink == node.uplink
+    assert handle.pod_interfaces() == node.pod_interfaces()
 
 
 def _listening(port: int) -> bool:
