@@ -263,6 +263,8 @@ class Agent:
             obj = None if event.type == "DELETED" else self._read(parse, body)
             if obj is None:
                 read.pop(key, None)
+                # a deleted slice's trigger time is its last update's, not the deletion's
+                self.triggers.pop(key, None)
             else:
                 read[obj.key] = obj
                 self._note_trigger(event.kind, obj.key, body)
@@ -284,7 +286,7 @@ class Agent:
             return
         t = trigger_time(body)
         # As kube-proxy: a change from before the proxy started is no programming latency.
-        if t is not None and t >= self.started - 1.0:
+        if t is not None and t > self.started:
             self.triggers[key] = t
 
     def _take_node(self, event: ApiEvent) -> None:
