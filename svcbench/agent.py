@@ -311,20 +311,14 @@ class Agent:
                                f"{facts.node.pod_cidr}); restart the agent")
         log.info("node %s: zone %r -> %r: rebuilding its view", self.node_name, old.node.zone,
                  facts.node.zone)
-        tracker = self._new_tracker()
-        self._apply_all(tracker, list(self.tracker.services.values()),
-                        self.tracker.given_slices())
-        self.tracker = self.proxy.tracker = tracker
-        self._full_sync()
+        self.tracker = self.proxy.tracker = self._new_tracker()
+        self.applied_slices = {}
+        self.dirty_services |= set(self.services)
+        self.dirty_slices |= set(self.slices)
+        self._sync(full=True)  # every object into the new tracker, then a full sync
 
     def _new_tracker(self) -> ChangeTracker:
         return ChangeTracker([self.facts.node], plan=self.plan, proxy_name=self.proxy_name)
-
-    @staticmethod
-    def _apply_all(tracker: ChangeTracker, services, slices) -> None:
-        for svc in services:
-            tracker.apply(services=[svc])
-        tracker.apply(slices=slices)
 
     # ------------------------------------------------------------------ syncing
 

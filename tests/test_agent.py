@@ -173,8 +173,19 @@ def test_agent_follows_the_api(tmp_path):
             assert samples["svcbench_agent_services"] == 2
             assert samples["svcbench_agent_endpoints"] == 2
 
-            # The node gets the autoscaler's deletion taint: not eligible, 503.
+            # The node's zone label changes: the view is rebuilt with it.
             node = recorded("nodes.json")["items"][0]
+            node["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone9"
+            fake.push("nodes", {"type": "MODIFIED", "object": {"kind": "Node",
+                                                                "apiVersion": "v1", **node}})
+
+            def rezoned():
+                """the view in zone9"""
+                return {v.node_zone for v in mode.views["node1"].services} == {"zone9"}
+            _wait(rezoned)
+            assert _served(mode) == {"default/kubernetes", "ns1/web"}
+
+            # The node gets the autoscaler's deletion taint: not eligible, 503.
             node["spec"]["taints"] = [{"key": "ToBeDeletedByClusterAutoscaler",
                                        "value": "1", "effect": "NoSchedule"}]
             fake.push("nodes", {"type": "MODIFIED", "object": {"kind": "Node",
