@@ -176,7 +176,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.error: str | None = None
         self.ready = threading.Event()  # set after the first sync
-        self._failed = False  # the last sync failed: the next one is full
+        self._failed = False  # the last sync failed (or the view was rebuilt): next is full
 
     # ------------------------------------------------------------------ health
 
@@ -315,7 +315,7 @@ class Agent:
         self.applied_slices = {}
         self.dirty_services |= set(self.services)
         self.dirty_slices |= set(self.slices)
-        self._sync(full=True)  # every object into the new tracker, then a full sync
+        self._failed = True  # the next sync: every object into the new tracker, then full
 
     def _new_tracker(self) -> ChangeTracker:
         return ChangeTracker([self.facts.node], plan=self.plan, proxy_name=self.proxy_name)
