@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 NODE_NAME_ENV = "NODE_NAME"
@@ -21,22 +22,26 @@ class AgentUsageError(ValueError):
     """Bad input or an API that is not there: one sentence, exit status 2."""
 
 
+GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
+UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
 def _seconds(flag: str):
+    """A duration as kube-proxy takes it (Go's: 1s, 500ms, 1m30s) or plain seconds."""
+
     def parse(value: str) -> float:
         text = value.strip()
-        scale = 1.0
-        for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
-            if text.endswith(suffix):
-                text, scale = text[: -len(suffix)], factor
-                break
         try:
-            seconds = float(text) * scale
+            seconds = float(text)
         except ValueError:
-            seconds = -1.0
+            parts = GO_DURATION.findall(text)
+            joined = "".join(n + u for n, u in parts)
+            seconds = sum(float(n) * UNITS[u] for n, u in parts) if (
+                parts and joined == text) else -1.0
         if not 0 < seconds <= 86400:
             raise argparse.ArgumentTypeError(
                 f"{flag} {value!r} must be a duration above 0 and at most 24h, such as 1s, "
-                "500ms or 30s")
+                "500ms or 1m30s")
         return seconds
 
     return parse

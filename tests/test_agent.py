@@ -447,3 +447,15 @@ def test_objects_of_another_address_plan():
         slice_from_api(sl, PLAN)
     with pytest.raises(ValueError, match="--service-cidr"):
         cluster_plan("10.244.0.0/16", "fd00::/108")
+
+
+def test_agent_durations_read_as_kube_proxy_writes_them():
+    import argparse
+
+    from svcbench.cmd_agent import _seconds
+
+    parse = _seconds("--sync-period")
+    assert [parse(v) for v in ("30s", "500ms", "1m0s", "2")] == [30.0, 0.5, 60.0, 2.0]
+    for bad in ("0", "1x", "-1s", "25h"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--sync-period"):
+            parse(bad)
