@@ -50,6 +50,7 @@ DELETION_TAINT = "ToBeDeletedByClusterAutoscaler"
 GONE = 410
 WATCH_TIMEOUT_S = 300  # the server ends each watch after this; it is resumed at once
 RETRY_S = 1.0  # between attempts after an error other than 410
+PAGE_SIZE = 500  # objects per list page (client-go's pager)
 
 
 class ApiObjectError(ValueError):
@@ -194,14 +195,16 @@ class Reflector:
     `lists`, `watches` and `gone` (410 answers) for tests and logs."""
 
     def __init__(self, kind: str, list_fn: Callable[..., Any], out: queue.Queue,
-                 watch_timeout_s: int = WATCH_TIMEOUT_S, **kwargs: Any) -> None:
+                 watch_timeout_s: int = WATCH_TIMEOUT_S, page_size: int = PAGE_SIZE,
+                 **kwargs: Any) -> None:
         self.kind = kind
+        self.page_size = page_size
         self.list_fn = list_fn
         self.out = out
         self.kwargs = kwargs
         self.watch_timeout_s = watch_timeout_s
         self.resource_version: str | None = None
-        self.lists = self.watches = self.gone = self.bookmarks = 0
+        self.lists = self.pages = self.watches = self.gone = self.bookmarks = 0
         self.error: str | None = None  # the last failure, until a list or watch succeeds
         self._stop = threading.Event()
         self._watch: Any = None
@@ -223,17 +226,30 @@ class Reflector:
         return not self._thread.is_alive()
 
     def list(self) -> None:
-        """One list: the kind's whole state, and the resourceVersion to watch from."""
+        """One list: the kind's whole state, and the resourceVersion to watch from, in pages
+        of `page_size` as client-go's pager asks (a 410 on a later page lists again)."""
         import json
 
-        resp = self.list_fn(_preload_content=False, **self.kwargs)
-        try:
-            body = json.loads(resp.data)
-        finally:
-            resp.release_conn()
+        items: list[dict] = []
+        token = None
+        while True:
+            kwargs = dict(self.kwargs, limit=self.page_size)
+            if token:
+                kwargs["_continue"] = token
+            resp = self.list_fn(_preload_content=False, **kwargs)
+            try:
+                body = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            self.pages += 1
+            items += body.get("items") or []
+            meta = body.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                break
         self.lists += 1
-        self.resource_version = (body.get("metadata") or {}).get("resourceVersion")
-        self.out.put(ApiEvent(self.kind, "LIST", body.get("items") or [], self.resource_version))
+        self.resource_version = meta.get("resourceVersion")
+        self.out.put(ApiEvent(self.kind, "LIST", items, self.resource_version))
 
     def watch_once(self) -> None:
         """Watch from the last resourceVersion until the server ends the watch; raises the

@@ -136,7 +136,8 @@ class Agent:
     def __init__(self, api_client: Any, node_name: str, dataplane: Dataplane,
                  handle_for: Callable[[Any], NodeHandle], *, proxy_name: str | None = None,
                  min_sync_period: float = 1.0, sync_period: float = 30.0,
-                 plan: AddressPlan | None = None, watch_timeout_s: int = 300) -> None:
+                 plan: AddressPlan | None = None, watch_timeout_s: int = 300,
+                 page_size: int = 500) -> None:
         from kubernetes import client
 
         self.node_name = node_name
@@ -150,12 +151,12 @@ class Agent:
         self.events: queue.Queue[ApiEvent] = queue.Queue()
         core, discovery = client.CoreV1Api(api_client), client.DiscoveryV1Api(api_client)
         self.reflectors = {
-            NODES: Reflector(NODES, core.list_node, self.events, watch_timeout_s,
+            NODES: Reflector(NODES, core.list_node, self.events, watch_timeout_s, page_size,
                              field_selector=f"metadata.name={node_name}"),
             SERVICES: Reflector(SERVICES, core.list_service_for_all_namespaces, self.events,
-                                watch_timeout_s),
+                                watch_timeout_s, page_size),
             SLICES: Reflector(SLICES, discovery.list_endpoint_slice_for_all_namespaces,
-                              self.events, watch_timeout_s),
+                              self.events, watch_timeout_s, page_size),
         }
         self.started = time.time()
         self.listed: set[str] = set()

@@ -6,7 +6,7 @@ It answers the three collections a node proxy reads (`/api/v1/services`,
 is the List (the JSON in tests/data/k8s, replaceable with `set_list`); a GET with
 `watch=true` streams one JSON event per line, those a test `push`es, until the watch's
 timeoutSeconds, an `END` or an ERROR event (after which the server ends the stream, as it does for
-410 Gone). `fieldSelector=metadata.name=X` is honoured for lists. Every request is
+410 Gone). `fieldSelector=metadata.name=X`, `limit` and `continue` are honoured for lists. Every request is
 recorded (path and query) for assertions.
 """
 
@@ -115,6 +115,11 @@ class FakeApiServer:
                 if selector.startswith("metadata.name="):
                     name = selector.split("=", 1)[1]
                     body["items"] = [i for i in body["items"] if i["metadata"]["name"] == name]
+                if "limit" in query:  # pages; the continue token is the next item's index
+                    start, size = int(query.get("continue", "0")), int(query["limit"])
+                    if start + size < len(body["items"]):
+                        body["metadata"]["continue"] = str(start + size)
+                    body["items"] = body["items"][start:start + size]
                 self._json(200, body)
 
             def _json(self, code: int, body: dict) -> None:

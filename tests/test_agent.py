@@ -103,7 +103,7 @@ def test_agent_follows_the_api(tmp_path):
     with FakeApiServer() as fake:
         mode = Recorder()
         agent = Agent(_client(fake, tmp_path), "node1", mode, Handle, min_sync_period=0.05,
-                      sync_period=60)
+                      sync_period=60, page_size=2)
         served = Served(agent, ("127.0.0.1", 0), ("127.0.0.1", 0))
         healthz, metrics = (f"http://127.0.0.1:{p}" for p in served.ports)
         try:
@@ -143,7 +143,11 @@ def test_agent_follows_the_api(tmp_path):
             fake.push("services", *recorded_events("watch-gone.jsonl"))
             _wait(lambda: "ns1/late" not in _served(mode))
             assert agent.reflectors["services"].gone == 1
-            assert len(fake.seen("services", watch=False)) == 2
+            # two lists of five Services, in pages of two: 3 requests each
+            lists = fake.seen("services", watch=False)
+            assert [(q.get("limit"), q.get("continue")) for q in lists] == [
+                ("2", None), ("2", "2"), ("2", "4")] * 2
+            assert agent.reflectors["services"].pages == 6
             watch_versions = [q.get("resourceVersion") for q in fake.seen("services", watch=True)]
             assert watch_versions[:3] == ["1000", "1005", "1010"], watch_versions
             assert all(q.get("allowWatchBookmarks") == "true"
