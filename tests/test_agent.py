@@ -326,7 +326,10 @@ def test_agent_programs_a_node(node_cluster, mode_name, tmp_path):
     _programs(node_cluster, mode_name, tmp_path)
 
 
-def _programs(made, mode_name: str, tmp_path) -> None:
+def _programs(made, mode_name: str, tmp_path, api_netns: str | None = None) -> None:
+    """`api_netns`: the fake API server listens, and the agent's threads run, in this
+    namespace's loopback instead of the test's own."""
+    from clusters.nsenter import in_netns
     from dataplanes.base import Host
     from dataplanes.modes import make
 
@@ -339,12 +342,15 @@ def _programs(made, mode_name: str, tmp_path) -> None:
     def state() -> str:
         return json.dumps(mode.kernel_state(node))
 
-    with FakeApiServer() as fake:
+    def inside(fn, *args):
+        return in_netns(api_netns, fn, *args) if api_netns else fn(*args)
+
+    with inside(FakeApiServer) as fake:
         agent = Agent(_client(fake, tmp_path), "node1", mode,
                       lambda facts: node if (facts.ip, facts.pod_cidr) == (node.ip, node.pod_cidr)
                       else pytest.fail(f"the Node object's facts {facts} are not node1's"),
                       min_sync_period=0.05, sync_period=60)
-        thread = _start(agent)
+        thread = inside(_start, agent)  # its threads (and theirs) start in that namespace
         try:
             held = state()
             assert "198.19.0.50" in held  # ns1/web
@@ -463,3 +469,35 @@ def test_agent_durations_read_as_kube_proxy_writes_them():
     for bad in ("0", "1x", "-1s", "25h"):
         with pytest.raises(argparse.ArgumentTypeError, match="--sync-period"):
             parse(bad)
+
+
+# --------------------------------------------------------------------------- ipvs, in the guest
+
+GUEST_OPT_IN = "SVCBENCH_AGENT_GUEST"
+
+
+def test_agent_ipvs_in_guest(tmp_path):
+    """IPVS runs only in the User-Mode-Linux guest kernel: one boot runs
+    `test_guest_agent_ipvs` there. Opt-in: the boot alone costs more than this file's share
+    of the test budget (11-18 s measured here)."""
+    if not os.environ.get(GUEST_OPT_IN):
+        pytest.skip(f"the guest boot (11-18 s) is over this file's test budget; "
+                    f"{GUEST_OPT_IN}=1 runs it")
+    from tests.guest import guest_junit
+
+    report = guest_junit(__file__, tmp_path)
+    assert 'name="test_guest_agent_ipvs"' in report and "<failure" not in report, report
+    assert "<skipped" not in report, report
+
+
+@pytest.mark.root
+def test_guest_agent_ipvs(tmp_path):
+    """The agent in IPVS mode on a guest kernel's namespace node, as the host modes above."""
+    from tests.guest import IN_GUEST
+
+    if not IN_GUEST:
+        pytest.skip("runs inside the UML guest (test_agent_ipvs_in_guest boots it)")
+    # The guest kernel's own root namespace has no loopback up: the fake API and the
+    # agent's client talk over the external client namespace's.
+    with _one_node_cluster() as made:
+        _programs(made, "ipvs", tmp_path, api_netns=made.external_netns)
