@@ -109,7 +109,8 @@ class NodeFacts:
 
 def node_from_api(body: dict, plan: AddressPlan = PLAN) -> NodeFacts:
     """A v1 Node: its name and labels (read as a Node manifest), first InternalIP (else
-    ExternalIP) IPv4 address, pod CIDR and zone label."""
+    ExternalIP) IPv4 address, pod CIDR (the plan's cluster CIDR when it has none) and zone
+    label."""
     labels = _one({k: v for k, v in body.items() if k in ("metadata",)}, KINDS[NODES],
                   plan).labels  # spec and status hold much the manifest reader does not know
     meta, spec, status = (body.get(k) or {} for k in ("metadata", "spec", "status"))
@@ -125,10 +126,10 @@ def node_from_api(body: dict, plan: AddressPlan = PLAN) -> NodeFacts:
     if ip is None:
         raise ApiObjectError(f"Node {name}: status.addresses has no IPv4 InternalIP or "
                              "ExternalIP; the proxy needs the node's address.")
+    # Without a pod CIDR of its own (an IPAM that does not use the node's), the node's pods
+    # are anywhere in the cluster's.
     cidrs = [c for c in [spec.get("podCIDR"), *(spec.get("podCIDRs") or [])] if _ipv4_net(c)]
-    if not cidrs:
-        raise ApiObjectError(f"Node {name}: spec.podCIDR is not an IPv4 network ("
-                             f"{spec.get('podCIDR')!r}); the proxy needs the node's pod CIDR.")
+    cidrs.append(plan.cluster_cidr)
     base = ipaddress.ip_network(plan.node_cidr)
     index = int(ipaddress.ip_address(ip)) - int(base.network_address)
     if not 1 <= index <= plan.max_nodes or ipaddress.ip_address(ip) not in base:
