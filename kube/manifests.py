@@ -768,7 +768,7 @@ def _read_target_port(r: _Reader, at: Field) -> int | str | None:
     return value
 
 
-def _read_endpoint_slice(r: _Reader) -> EndpointSlice:
+def _read_endpoint_slice(r: _Reader, plan: AddressPlan) -> EndpointSlice:
     namespace, name, labels = r.metadata()
     r.known_fields((), r.body, SLICE_FIELDS, "an EndpointSlice")
     service_name = labels.get(SERVICE_NAME_LABEL)
@@ -798,7 +798,7 @@ def _read_endpoint_slice(r: _Reader) -> EndpointSlice:
                 f"must list from 1 to {MAX_SLICE_ADDRESSES} IPv4 addresses, not {len(addresses)}",
             )
         for a, value in enumerate(addresses):
-            r.ipv4(at + ("addresses", a), value, "benchmark range", BENCHMARK_CIDR)
+            r.ipv4(at + ("addresses", a), value, "benchmark range", plan.endpoint_cidr)
         r.mapping(at + ("conditions",), CONDITION_FIELDS, "endpoint conditions")
         ready = r.flag(at + ("conditions", "ready"))
         serving = r.flag(at + ("conditions", "serving"))
@@ -1105,7 +1105,7 @@ class _Load:
         elif kind == NODE:
             obj = _read_node(r)
         else:
-            obj = _read_endpoint_slice(r)
+            obj = _read_endpoint_slice(r, self.plan)
         key = (kind, *obj.key)
         if key in self.objects:
             raise ManifestError(

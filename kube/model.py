@@ -59,6 +59,9 @@ class AddressPlan:
     node_port_range: tuple[int, int] = (30000, 32767)
     # The pod's default gateway: a link-local address on the node side of every pod veth.
     pod_gateway: str = "169.254.1.1"
+    # What an EndpointSlice may name. `svcbench agent` on a real cluster widens this and the
+    # external-IP and load-balancer ranges to every address (the API already validated them).
+    endpoint_cidr: str = "198.18.0.0/15"
 
     @property
     def max_nodes(self) -> int:

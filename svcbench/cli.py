@@ -661,6 +661,15 @@ def cmd_bench(args) -> int:
         raise UsageError(str(exc)) from None
 
 
+def cmd_agent(args) -> int:
+    from svcbench.cmd_agent import AgentUsageError, run_agent
+
+    try:
+        return run_agent(args)
+    except AgentUsageError as exc:
+        raise UsageError(str(exc)) from None
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -779,6 +788,12 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.runner import add_bench_arguments
 
     add_bench_arguments(sp)
+
+    sp = command("agent", cmd_agent, "proxy this node's Services from a Kubernetes API server "
+                 "(kube-proxy's role, with the chosen mode)")
+    from svcbench.cmd_agent import add_agent_arguments
+
+    add_agent_arguments(sp)
     return p
 
 
