@@ -63,6 +63,7 @@ from bench.synthetic import (
     pool_pods,
     synthetic_services,
 )
+from dataplanes.modes import mode_name
 
 NODES = 3
 POOL_PER_NODE = 2
@@ -362,7 +363,7 @@ def run_churn(mode: str, n: int, seconds: float, *, rate: float = RATE, dp: Any 
             t0 = time.perf_counter()
             proxy.install()
             proxy.replace(services=services, slices=slices,
-                          side_by_side=mode in NAMESPACE_SCOPED)
+                          side_by_side=mode_name(mode) in NAMESPACE_SCOPED)
             setup_s = time.perf_counter() - t0
             for client in clients:
                 probers.append(Prober(client.node_name,
@@ -421,7 +422,7 @@ def run_churn(mode: str, n: int, seconds: float, *, rate: float = RATE, dp: Any 
                     change.apply_ns = start_ns
                 # Every node runs its own proxy: the nodes sync at once, where the mode's
                 # state is all inside each node's namespace.
-                synced = proxy.apply(slices=changed, side_by_side=mode in NAMESPACE_SCOPED)
+                synced = proxy.apply(slices=changed, side_by_side=mode_name(mode) in NAMESPACE_SCOPED)
                 applies.append({"start_ns": start_ns,
                                 "seconds": (time.perf_counter_ns() - start_ns) / 1e9,
                                 "changes": len(batch),

@@ -111,8 +111,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--preset", default="bench",
                         help=f"defaults for the flags below: bench (nox -s bench) or nightly "
                              f"(up to {nightly['services'].rsplit(',', 1)[1]} Services)")
-    parser.add_argument("--modes", help="comma-separated proxy modes, or all (default: every "
-                                        "mode; those this host cannot run are skipped with why)")
+    parser.add_argument("--modes", help="comma-separated proxy modes, each with its options "
+                                        "(ipvs:rr,ipvs:lc compares two schedulers), or all "
+                                        "(default: every mode; those this host cannot run are "
+                                        "skipped with why)")
     parser.add_argument("--kernel", help="host (default), or uml to run inside a User-Mode-Linux "
                                          "guest kernel")
     parser.add_argument("--services", help="comma-separated numbers of Services, swept up and "
@@ -199,13 +201,26 @@ def _list(flag: str, text: str, accepted: Sequence[str]) -> list[str] | None:
     return list(dict.fromkeys(words))
 
 
+def _modes(text: str) -> list[str] | None:
+    """--modes: all (None), or mode specs (dataplanes/modes.py), each by its canonical label:
+    `ipvs:rr,ipvs:lc` sweeps IPVS twice, one series per scheduler."""
+    from dataplanes.modes import UnknownMode, parse_modes
+
+    if str(text).strip() == "all":
+        return None
+    try:
+        return [spec.label for spec in parse_modes(text, "--modes")]
+    except UnknownMode as exc:
+        raise BenchSpecError(f"{exc} (or all)") from None
+
+
 def parse_spec(args: argparse.Namespace) -> BenchSpec:
     """The sweep the flags ask for, or BenchSpecError naming the flag and its accepted values."""
     from bench.metrics import BY_NAME
     from dataplanes.modes import IPTABLES_BACKENDS, MODES
 
     args = _flags(args)
-    modes = _list("--modes", args.modes, list(MODES))
+    modes = _modes(args.modes)
     sizes_text = str(args.services)
     try:
         sizes = sorted({int(x) for x in sizes_text.split(",") if x.strip()})
