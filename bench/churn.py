@@ -481,7 +481,7 @@ def churn_modes(modes: Sequence[str], sizes: Sequence[int], seconds: float, rate
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dataplanes.modes import MODES
+    from dataplanes.modes import UnknownMode, parse_modes
 
     parser = argparse.ArgumentParser(prog="python -m bench.churn",
                                      description="Network programming latency while endpoints "
@@ -501,16 +501,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.probe:
         return probe_main(args.probe, args.gap, IDLE_GAP_S, CONNECT_TIMEOUT_S)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    try:  # mode specs, as `svcbench bench --modes` takes them (ipvs:rr,ipvs:lc)
+        modes, bad = [s.label for s in parse_modes(args.modes)], None
+    except UnknownMode as exc:
+        modes, bad = [], str(exc)
     try:
         sizes = ([int(x) for x in args.services.split(",") if x.strip()] if args.services
                  else list(SIZES[args.preset]))
     except ValueError:
         sizes = []
     seconds = args.seconds if args.seconds is not None else SECONDS[args.preset]
-    problem = (f"--modes must name some of {', '.join(MODES)}, not {args.modes!r}"
-               if bad or not modes else
+    problem = (bad if bad else
                f"--services must be whole numbers from 1 to 60,000, not {args.services!r}"
                if not sizes or not all(1 <= n <= 60000 for n in sizes) else
                f"--seconds must be from 0.5 to 3600, not {seconds}"
