@@ -8,10 +8,10 @@ entry asked for by its reply tuple over ctnetlink. Either way the 6 raw bytes
 Services.
 
 A backend is chosen round robin (or at random, with `--balancing random`), or by ClientIP
-affinity; one that refuses or does not
-answer within the connect timeout costs a retry with the next one, not a failed
-connection. TCP is spliced in both directions with half-close; UDP gets one session (a
-connected socket towards the backend) per client address, closed after an idle timeout.
+affinity; one that refuses or does not answer within the connect timeout costs a retry
+with the next one, not a failed connection. TCP is spliced in both directions with
+half-close; UDP gets one session (a connected socket towards the backend) per client
+address, closed after an idle timeout.
 
 Control: JSON lines on the abstract Unix socket CONTROL_NAME, which lives in the node's
 network namespace and so needs no file and cannot collide with another node's proxy.
