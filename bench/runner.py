@@ -721,6 +721,12 @@ SUMMARY_LEGEND = ("full/one/prog: ms to program all Services from empty, one Ser
 SHORT_MODE = {"iptables": "ipt", "nftables": "nft", "userspace": "user"}
 
 
+def _short_mode(label: str) -> str:
+    """The summary's mode column: "userspace:random" -> "user:random"."""
+    name, colon, options = label.partition(":")
+    return SHORT_MODE.get(name, name) + colon + options
+
+
 def summary_lines(rows: list[Row], noisy: list[dict]) -> list[dict[str, Any]]:
     """One line per (mode, size): the median over repeats of each column; '!' marks noise."""
     flagged = {(s["mode"], s["n_services"], s["metric"], s["target"], s["when"]) for s in noisy}
@@ -805,11 +811,12 @@ def _print_summary(folder: RunFolder, out: Console, err: Console, as_json: bool)
                   title=f"{folder.path}: {meta['status']} in {meta['wall_s']:.0f} s")
     for column in table.columns[1:]:
         column.justify = "right"
+    table.columns[0].overflow = "fold"  # a mode spec (user:random) wraps rather than ends in …
     previous = None
     for line in lines:
         if previous is not None and line["mode"] != previous:
             table.add_section()
-        shown = SHORT_MODE.get(line["mode"], line["mode"]) if line["mode"] != previous else ""
+        shown = _short_mode(line["mode"]) if line["mode"] != previous else ""
         previous = line["mode"]
         n = line["when"] or str(line["services"])
         # Noise is a colour, not a character: every cell keeps to five characters.
