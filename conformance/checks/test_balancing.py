@@ -41,7 +41,11 @@ from kube.model import TCP, UDP, ServicePort
 ROUND_ROBIN = ("rr", "wrr")  # wrr with equal weights is rr
 RANDOM = ("random",)
 SOURCE_HASHING = ("sh", "mh")  # hash of the client's address (mh: Maglev's table)
-DESTINATION_FIXED = ("dh", "fo")  # hash of the VIP; the first of equal weights: one backend
+# One backend per node for every client while connections come one at a time: dh hashes
+# the VIP; fo keeps the first of equal weights; ovf the first whose active connections are
+# below its weight (1); lblc and lblcr keep the server (set) they gave the VIP while it is
+# not overloaded (more active connections than its weight).
+DESTINATION_FIXED = ("dh", "fo", "ovf", "lblc", "lblcr")
 LEAST_CONNECTION = ("lc", "wlc", "sed", "nq")
 WHAT = {
     "rr": "round robin", "wrr": "weighted round robin (equal weights: round robin)",
@@ -150,17 +154,24 @@ def test_balancing_random_uniform(cluster, dataplane):
 def test_balancing_hashing_sticky(cluster, dataplane):
     """Hashing: 6 TCP connections from each of seven pods (four on node1, three on node2).
     Source hashing (sh, mh): each pod always reaches one endpoint, and the pods together
-    reach more than one (the hash spreads addresses). Destination hashing and failover (dh,
-    fo): every pod through a node reaches the same one endpoint (the VIP hashes alike; with
-    equal weights failover keeps the first).
+    reach more than one (the hash spreads addresses). Destination hashing, failover,
+    overflow and locality-based least connection (dh, fo, ovf, lblc, lblcr), with one
+    connection at a time: every pod through a node reaches the same one endpoint (the VIP
+    hashes alike; equal weights keep the first; a server with no other connection is never
+    overloaded).
 
-    Stands for kube-proxy's `--ipvs-scheduler=sh` (and mh, dh, fo, which it passes to the
-    kernel as well); no upstream e2e test checks the algorithm (e2e has none).
+    Stands for kube-proxy's `--ipvs-scheduler=sh` (and mh, dh, fo, ovf, lblc, lblcr, which
+    it passes to the kernel as well); no upstream e2e test checks the algorithm (e2e has
+    none).
     """
     algorithm = _balancing(dataplane, SOURCE_HASHING + DESTINATION_FIXED,
-                           "hashing (source or destination) and failover")
+                           "hashing, failover and locality")
     ip = _service(cluster, "hashed")
-    results = cluster.probes(*(Probe(c, ip, 80, count=STICKY_SAMPLES) for c in STICKY_CLIENTS))
+    requests = [Probe(c, ip, 80, count=STICKY_SAMPLES) for c in STICKY_CLIENTS]
+    if algorithm in SOURCE_HASHING:
+        results = cluster.probes(*requests)  # at once: the hash ignores the load
+    else:
+        results = [cluster.probes(req)[0] for req in requests]  # one connection at a time
     chosen: dict[str, str] = {}
     for client, result in zip(STICKY_CLIENTS, results, strict=True):
         assert outcomes(result) == {OK: STICKY_SAMPLES}, f"from {client}: {describe(result)}"
