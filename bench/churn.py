@@ -63,6 +63,7 @@ from bench.synthetic import (
     pool_pods,
     synthetic_services,
 )
+from dataplanes.modes import mode_name
 
 NODES = 3
 POOL_PER_NODE = 2
@@ -362,7 +363,7 @@ def run_churn(mode: str, n: int, seconds: float, *, rate: float = RATE, dp: Any 
             t0 = time.perf_counter()
             proxy.install()
             proxy.replace(services=services, slices=slices,
-                          side_by_side=mode in NAMESPACE_SCOPED)
+                          side_by_side=mode_name(mode) in NAMESPACE_SCOPED)
             setup_s = time.perf_counter() - t0
             for client in clients:
                 probers.append(Prober(client.node_name,
@@ -421,7 +422,7 @@ def run_churn(mode: str, n: int, seconds: float, *, rate: float = RATE, dp: Any 
                     change.apply_ns = start_ns
                 # Every node runs its own proxy: the nodes sync at once, where the mode's
                 # state is all inside each node's namespace.
-                synced = proxy.apply(slices=changed, side_by_side=mode in NAMESPACE_SCOPED)
+                synced = proxy.apply(slices=changed, side_by_side=mode_name(mode) in NAMESPACE_SCOPED)
                 applies.append({"start_ns": start_ns,
                                 "seconds": (time.perf_counter_ns() - start_ns) / 1e9,
                                 "changes": len(batch),
@@ -480,7 +481,7 @@ def churn_modes(modes: Sequence[str], sizes: Sequence[int], seconds: float, rate
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dataplanes.modes import MODES
+    from dataplanes.modes import UnknownMode, parse_modes
 
     parser = argparse.ArgumentParser(prog="python -m bench.churn",
                                      description="Network programming latency while endpoints "
@@ -500,16 +501,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.probe:
         return probe_main(args.probe, args.gap, IDLE_GAP_S, CONNECT_TIMEOUT_S)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    try:  # mode specs, as `svcbench bench --modes` takes them (ipvs:rr,ipvs:lc)
+        modes, bad = [s.label for s in parse_modes(args.modes)], None
+    except UnknownMode as exc:
+        modes, bad = [], str(exc)
     try:
         sizes = ([int(x) for x in args.services.split(",") if x.strip()] if args.services
                  else list(SIZES[args.preset]))
     except ValueError:
         sizes = []
     seconds = args.seconds if args.seconds is not None else SECONDS[args.preset]
-    problem = (f"--modes must name some of {', '.join(MODES)}, not {args.modes!r}"
-               if bad or not modes else
+    problem = (bad if bad else
                f"--services must be whole numbers from 1 to 60,000, not {args.services!r}"
                if not sizes or not all(1 <= n <= 60000 for n in sizes) else
                f"--seconds must be from 0.5 to 3600, not {seconds}"

@@ -111,8 +111,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--preset", default="bench",
                         help=f"defaults for the flags below: bench (nox -s bench) or nightly "
                              f"(up to {nightly['services'].rsplit(',', 1)[1]} Services)")
-    parser.add_argument("--modes", help="comma-separated proxy modes, or all (default: every "
-                                        "mode; those this host cannot run are skipped with why)")
+    parser.add_argument("--modes", help="comma-separated proxy modes, each with its options "
+                                        "(ipvs:rr,ipvs:lc compares two schedulers), or all "
+                                        "(default: every mode; those this host cannot run are "
+                                        "skipped with why)")
     parser.add_argument("--kernel", help="host (default), or uml to run inside a User-Mode-Linux "
                                          "guest kernel")
     parser.add_argument("--services", help="comma-separated numbers of Services, swept up and "
@@ -199,13 +201,26 @@ def _list(flag: str, text: str, accepted: Sequence[str]) -> list[str] | None:
     return list(dict.fromkeys(words))
 
 
+def _modes(text: str) -> list[str] | None:
+    """--modes: all (None), or mode specs (dataplanes/modes.py), each by its canonical label:
+    `ipvs:rr,ipvs:lc` sweeps IPVS twice, one series per scheduler."""
+    from dataplanes.modes import UnknownMode, parse_modes
+
+    if str(text).strip() == "all":
+        return None
+    try:
+        return [spec.label for spec in parse_modes(text, "--modes")]
+    except UnknownMode as exc:
+        raise BenchSpecError(f"{exc} (or all)") from None
+
+
 def parse_spec(args: argparse.Namespace) -> BenchSpec:
     """The sweep the flags ask for, or BenchSpecError naming the flag and its accepted values."""
     from bench.metrics import BY_NAME
     from dataplanes.modes import IPTABLES_BACKENDS, MODES
 
     args = _flags(args)
-    modes = _list("--modes", args.modes, list(MODES))
+    modes = _modes(args.modes)
     sizes_text = str(args.services)
     try:
         sizes = sorted({int(x) for x in sizes_text.split(",") if x.strip()})
@@ -706,6 +721,12 @@ SUMMARY_LEGEND = ("full/one/prog: ms to program all Services from empty, one Ser
 SHORT_MODE = {"iptables": "ipt", "nftables": "nft", "userspace": "user"}
 
 
+def _short_mode(label: str) -> str:
+    """The summary's mode column: "userspace:random" -> "user:random"."""
+    name, colon, options = label.partition(":")
+    return SHORT_MODE.get(name, name) + colon + options
+
+
 def summary_lines(rows: list[Row], noisy: list[dict]) -> list[dict[str, Any]]:
     """One line per (mode, size): the median over repeats of each column; '!' marks noise."""
     flagged = {(s["mode"], s["n_services"], s["metric"], s["target"], s["when"]) for s in noisy}
@@ -790,11 +811,12 @@ def _print_summary(folder: RunFolder, out: Console, err: Console, as_json: bool)
                   title=f"{folder.path}: {meta['status']} in {meta['wall_s']:.0f} s")
     for column in table.columns[1:]:
         column.justify = "right"
+    table.columns[0].overflow = "fold"  # a mode spec (user:random) wraps rather than ends in …
     previous = None
     for line in lines:
         if previous is not None and line["mode"] != previous:
             table.add_section()
-        shown = SHORT_MODE.get(line["mode"], line["mode"]) if line["mode"] != previous else ""
+        shown = _short_mode(line["mode"]) if line["mode"] != previous else ""
         previous = line["mode"]
         n = line["when"] or str(line["services"])
         # Noise is a colour, not a character: every cell keeps to five characters.

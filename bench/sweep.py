@@ -43,7 +43,7 @@ from bench.synthetic import (
 from clusters.netns import NetnsCluster
 from clusters.nsenter import in_netns
 from dataplanes.base import Host, SyncStats
-from dataplanes.modes import make
+from dataplanes.modes import make, mode_name
 from dataplanes.proxy import ServiceProxy
 from kube.model import EndpointSlice, Node, Pod, Service
 from kube.state import ClusterState
@@ -259,7 +259,7 @@ class Bench:
         services, slices = synthetic_services(n, self.pool, self.cfg.endpoints,
                                               NODEPORT_EVERY, AFFINITY_EVERY, BACKEND_PORT)
         stats = self.proxy.replace(services=services, slices=slices,
-                                   side_by_side=self.mode in NAMESPACE_SCOPED)
+                                   side_by_side=mode_name(self.mode) in NAMESPACE_SCOPED)
         self._given, self.slices = services, slices
         self.services = [self.tracker.services[s.key] for s in services]
         self.n = n
@@ -403,7 +403,7 @@ class Bench:
             elif isinstance(stats.extra.get("kernel_bytes"), int):
                 reported = stats.extra["kernel_bytes"]
             uninstall_s = None
-            if self.mode not in NAMESPACE_SCOPED:
+            if mode_name(self.mode) not in NAMESPACE_SCOPED:
                 t0 = time.perf_counter()
                 proxy.uninstall()
                 uninstall_s = time.perf_counter() - t0

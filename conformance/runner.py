@@ -238,7 +238,10 @@ def run_conformance(
         )
     plugin = ConformancePlugin(mode, backend, kernel=kernel, dataplane_factory=dataplane_factory,
                                progress=progress)
-    plugin.dataplane()  # an unknown mode or bad option fails here, before any namespace exists
+    try:
+        plugin.dataplane()  # an unknown mode or bad option fails here, before any namespace exists
+    except ValueError as exc:  # modes.UnknownMode, or a data plane refusing an option
+        raise ConformanceError(str(exc)) from None
     out = Path(out_dir) if out_dir else new_run_dir(kind="conformance")
     out.mkdir(parents=True, exist_ok=True)
     args = [
@@ -427,11 +430,15 @@ def _merge_junit(roots: list[ET.Element]) -> ET.ElementTree:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `svcbench conformance`."""
-    from dataplanes.modes import IPTABLES_BACKENDS, MODES
+    from dataplanes.modes import IPTABLES_BACKENDS, MODES, SPEC_FORM
 
-    parser.add_argument("--mode", choices=list(MODES), default="iptables", help="proxy mode")
+    # Checked by the CLI before it runs (dataplanes/modes.py), and passed on as given to
+    # shards and guests: `--mode ipvs:lc` reaches every process that builds the data plane.
+    parser.add_argument("--mode", default="iptables", metavar="MODE[:OPTIONS]",
+                        help=f"proxy mode ({', '.join(MODES)}) and its options, {SPEC_FORM}: "
+                             "ipvs:lc, userspace:random, iptables:legacy")
     parser.add_argument("--backend", choices=IPTABLES_BACKENDS, default=None,
-                        help="iptables backend (default nft)")
+                        help="iptables backend (default nft), where the mode spec sets none")
     parser.add_argument("--kernel", choices=("host", "uml"), default="host",
                         help="this host's kernel, or a User-Mode-Linux guest kernel (IPVS)")
     parser.add_argument("-k", dest="keyword", metavar="PATTERN",

@@ -98,6 +98,10 @@ class Host:
 
 class Dataplane(Protocol):
     name: str
+    # How a new connection without ClientIP affinity picks its endpoint: "random" (iptables,
+    # nftables, ebpf), "rr" (userspace's default) or the IPVS scheduler ("rr", "lc", "sh",
+    # ...); the balancing checks (conformance/checks/test_balancing.py) assert it.
+    balancing: str
     # Optional: conformance check name -> why this mode cannot meet it by design.
     # deviations: dict[str, str]
 

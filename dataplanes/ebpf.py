@@ -980,6 +980,7 @@ def _suite_program_names() -> dict[int, str]:
 
 class EbpfDataplane:
     name = "ebpf"
+    balancing = "random"  # bpf_get_prandom_u32() % count (bpf/lib/lb.h)
     deviations: dict[str, str] = {
         "connections_survive_proxy_restart": (
             "uninstall frees the XDP programs' connection table with them (nothing is pinned), "

@@ -636,6 +636,7 @@ class _Write:
 
 class IptablesDataplane:
     name = "iptables"
+    balancing = "random"  # statistic --mode random probabilities, as kube-proxy
 
     def __init__(self, backend: str | None = None, restore_budget: int | None = None):
         """backend None: nft, or legacy where the kernel has no nf_tables IPv4 family (the UML

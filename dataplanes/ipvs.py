@@ -122,6 +122,13 @@ class IpvsDataplane:
         self._written: dict[str, tuple[str, dict[tuple[str, str], list[str]]]] = {}
         self._iptables_seen: dict[str, tuple] = {}
 
+    @property
+    def balancing(self) -> str:
+        """The scheduler every virtual server gets (kube-proxy's `--ipvs-scheduler`). Every
+        real server has weight 1 (Kubernetes endpoints carry no weight), so wrr balances as
+        rr, wlc as lc, and sed as nq would with equal weights."""
+        return self.scheduler
+
     # ------------------------------------------------------------------ iptables backend
 
     @property
@@ -149,6 +156,13 @@ class IpvsDataplane:
                            "--kernel uml")
             else:
                 out.append("the kernel has no IPVS (CONFIG_IP_VS); run with --kernel uml")
+        elif host.has_proc("/proc/config.gz"):
+            # The kernel loads ip_vs_<scheduler> when the first virtual server names it (the
+            # guest's modprobe points at its module tree, and loads them all at boot).
+            option = f"CONFIG_IP_VS_{self.scheduler.upper()}"
+            if host.kernel_config(option) is None:
+                out.append(f"kernel {host.kernel} lacks {option}: no IPVS {self.scheduler} "
+                           "scheduler here")
         for cmd in ("ipset", self._iptables("-restore")[0], self._iptables("-save")[0]):
             if not host.which(cmd):
                 package = "ipset" if cmd == "ipset" else "iptables"

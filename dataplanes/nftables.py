@@ -95,6 +95,7 @@ class _HealthView:
 
 class NftablesDataplane:
     name = "nftables"
+    balancing = "random"  # numgen random mod N, as kube-proxy
 
     def __init__(self) -> None:
         self._mirrors: dict[str, Mirror] = {}  # by network namespace

@@ -45,6 +45,7 @@ from dataplanes.base import (
 )
 from dataplanes.nodeproc import log_tail, request_json_line, sweep_logs
 from dataplanes.userspace_proxy import (
+    BALANCING,
     CONNECT_TIMEOUT_S,
     CONTROL_NAME,
     DROP,
@@ -552,7 +553,11 @@ class UserspaceDataplane:
 
     def __init__(self, connect_timeout_s: float = CONNECT_TIMEOUT_S,
                  udp_idle_timeout_s: float = UDP_IDLE_TIMEOUT_S,
-                 proxy_port: int = PROXY_PORT) -> None:
+                 proxy_port: int = PROXY_PORT, balancing: str = "rr") -> None:
+        if balancing not in BALANCING:
+            raise ValueError(f"userspace balancing {balancing!r}: use one of "
+                             f"{', '.join(BALANCING)}")
+        self.balancing = balancing  # how the proxy picks a backend: "rr" or "random"
         self.connect_timeout_s = float(connect_timeout_s)
         self.udp_idle_timeout_s = float(udp_idle_timeout_s)
         self.proxy_port = int(proxy_port)
@@ -806,7 +811,7 @@ class UserspaceDataplane:
         return os.path.join(LOG_DIR, f"{node.netns.rsplit('/', 1)[-1]}.log")
 
     def _settings(self) -> list:
-        return [self.proxy_port, self.connect_timeout_s, self.udp_idle_timeout_s]
+        return [self.proxy_port, self.connect_timeout_s, self.udp_idle_timeout_s, self.balancing]
 
     def _ensure_proxy(self, node: NodeHandle) -> int:
         """The pid of the node's proxy, started when none answers with our settings."""
@@ -825,7 +830,8 @@ class UserspaceDataplane:
                 "--port", str(self.proxy_port),
                 "--netns", node.netns,
                 "--connect-timeout", str(self.connect_timeout_s),
-                "--udp-idle-timeout", str(self.udp_idle_timeout_s)]
+                "--udp-idle-timeout", str(self.udp_idle_timeout_s),
+                "--balancing", self.balancing]
         proc = node.call(_spawn, argv, log_path)
         # Reap it whenever it exits, so it never lingers as a zombie of this process.
         threading.Thread(target=proc.wait, name=f"reap:userspace:{node.name}", daemon=True).start()

@@ -7,10 +7,11 @@ entry asked for by its reply tuple over ctnetlink. Either way the 6 raw bytes
 (port, address) are the key of one dict: the lookup costs the same for 1 or 10,000
 Services.
 
-A backend is chosen round robin, or by ClientIP affinity; one that refuses or does not
-answer within the connect timeout costs a retry with the next one, not a failed
-connection. TCP is spliced in both directions with half-close; UDP gets one session (a
-connected socket towards the backend) per client address, closed after an idle timeout.
+A backend is chosen round robin (or at random, with `--balancing random`), or by ClientIP
+affinity; one that refuses or does not answer within the connect timeout costs a retry
+with the next one, not a failed connection. TCP is spliced in both directions with
+half-close; UDP gets one session (a connected socket towards the backend) per client
+address, closed after an idle timeout.
 
 Control: JSON lines on the abstract Unix socket CONTROL_NAME, which lives in the node's
 network namespace and so needs no file and cannot collide with another node's proxy.
@@ -26,6 +27,7 @@ import asyncio
 import gc
 import ipaddress
 import os
+import random
 import resource
 import signal
 import socket
@@ -66,6 +68,8 @@ REJECT = "reject"  # no endpoints at all: refused at once
 CLASSES = (REDIRECT, EXTERNAL_LOCAL, DROP, REJECT)
 # A table's "internal_filter" / "external_filter" (the view's) -> the portal's class.
 FILTER_CLASSES = {None: REDIRECT, DROP: DROP, REJECT: REJECT}
+
+BALANCING = ("rr", "random")  # how a backend is picked without affinity (--balancing)
 
 PortalKey = tuple[str, str, int]  # (protocol, ip, port)
 
@@ -210,6 +214,7 @@ class ServiceEntry:
 
     __slots__ = ("name", "protocol", "rank", "portals", "internal", "external", "cluster",
                  "short_circuit", "affinity_s", "affinity", "next", "counters")
+    at_random = False  # the process's --balancing random: a random first choice, then in turn
 
     def __init__(self, spec: dict[str, Any], previous: ServiceEntry | None) -> None:
         self.name: str = spec["name"]
@@ -247,7 +252,8 @@ class ServiceEntry:
         return self.cluster if in_cluster else self.external
 
     def order(self, endpoints: list[Endpoint], client_ip: str, now: float) -> list[Endpoint]:
-        """The backends to try, first choice first: the client's affinity, else round robin."""
+        """The backends to try, first choice first: the client's affinity, else round robin
+        (or a random one); the rest in turn after it."""
         n = len(endpoints)
         if n == 0:
             return endpoints
@@ -256,8 +262,11 @@ class ServiceEntry:
             if held is not None and held[1] > now and held[0] in endpoints:
                 first = endpoints.index(held[0])
                 return endpoints[first:] + endpoints[:first]
-        start = self.next % n
-        self.next = start + 1
+        if self.at_random:
+            start = random.randrange(n)
+        else:
+            start = self.next % n
+            self.next = start + 1
         return endpoints[start:] + endpoints[:start]
 
     def chosen(self, client_ip: str, endpoint: Endpoint, now: float) -> None:
@@ -941,7 +950,8 @@ class Proxy:
 
     def settings(self) -> list:
         """What the process was started with: a data plane configured otherwise restarts it."""
-        return [self.port, self.connect_timeout, self.udp_idle_timeout]
+        return [self.port, self.connect_timeout, self.udp_idle_timeout,
+                "random" if ServiceEntry.at_random else "rr"]
 
     def stats(self, services: bool) -> dict[str, Any]:
         totals = ServiceCounters()
@@ -1065,7 +1075,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a backend has to accept before the next one is tried")
     parser.add_argument("--udp-idle-timeout", type=float, default=UDP_IDLE_TIMEOUT_S,
                         help="seconds of silence after which a UDP session is closed")
+    parser.add_argument("--balancing", choices=BALANCING, default="rr",
+                        help="how a backend is picked without affinity: rr (round robin) or "
+                             "random")
     args = parser.parse_args(argv)
+    ServiceEntry.at_random = args.balancing == "random"
     proxy = Proxy(args.port, args.netns, args.connect_timeout, args.udp_idle_timeout)
     if uvloop is not None:
         return uvloop.run(proxy.run())

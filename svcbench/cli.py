@@ -583,7 +583,8 @@ def cmd_conformance(args) -> int:
     )
     from reports.results import new_run_dir
 
-    out_dir = args.out_dir or str(new_run_dir(kind=f"conformance-{args.mode}"))
+    kind = "".join(c if c.isalnum() else "-" for c in args.mode.lower())
+    out_dir = args.out_dir or str(new_run_dir(kind=f"conformance-{kind}"))
     jobs = args.jobs or default_jobs()
     try:
         with _progress(f"conformance: {args.mode}") as status:
@@ -674,7 +675,7 @@ def cmd_agent(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dataplanes.modes import IPTABLES_BACKENDS, MODES
+    from dataplanes.modes import IPTABLES_BACKENDS, MODES, SPEC_FORM
 
     p = _ArgumentParser(
         prog="svcbench",
@@ -691,9 +692,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--run", help="run id (default: the only live run)")
 
     def mode_flags(sp, default="iptables"):
-        sp.add_argument("--mode", choices=list(MODES), default=default, help="proxy mode")
+        sp.add_argument("--mode", default=default, metavar="MODE[:OPTIONS]",
+                        help=f"proxy mode ({', '.join(MODES)}) and its options, "
+                             f"{SPEC_FORM}: ipvs:lc, userspace:random, iptables:legacy, "
+                             "ipvs:scheduler=sh,backend=legacy")
         sp.add_argument("--backend", choices=IPTABLES_BACKENDS, default=None,
-                        help="iptables backend (default nft)")
+                        help="iptables backend (default nft), where the mode spec sets none")
 
     sp = command("doctor", cmd_doctor, "list prerequisites present and missing")
     sp.add_argument("--fix", action="store_true", help="install what is missing (Debian/Ubuntu, root)")
@@ -830,8 +834,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return caught.exit_status or status
 
 
+MODE_SPEC_COMMANDS = ("up", "render", "conformance")
+
+
+def _mode_spec(args) -> None:
+    """--mode checked (dataplanes/modes.py's spec) and made canonical before anything runs,
+    here or in a guest; UsageError naming the field and the accepted values."""
+    if args.command not in MODE_SPEC_COMMANDS:
+        return
+    from dataplanes.modes import UnknownMode, parse_mode
+
+    try:
+        args.mode = parse_mode(args.mode).label
+    except UnknownMode as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _run(args, argv: list[str]) -> int:
     try:
+        _mode_spec(args)
         if _guest_bound(args):
             return forward(argv)
         return args.func(args) or 0

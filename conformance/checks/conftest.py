@@ -2,7 +2,8 @@
 
 Run through `conformance.runner.run_conformance` (which registers a ConformancePlugin
 carrying the mode, its options and a progress callback) or directly:
-`python3 -m pytest conformance/checks --mode iptables [--backend legacy]`.
+`python3 -m pytest conformance/checks --mode iptables [--backend legacy]` (or a mode spec,
+`--mode ipvs:lc`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from conformance.runner import PLUGIN_NAME, ConformancePlugin, check_name, parse
 def pytest_addoption(parser):
     group = parser.getgroup("svcbench conformance")
     group.addoption("--mode", default=os.environ.get("SVCBENCH_MODE", "iptables"),
-                    help="proxy mode to check (default iptables)")
+                    help="proxy mode to check, with its options as a mode spec "
+                         "(dataplanes/modes.py: ipvs:lc, userspace:random; default iptables)")
     group.addoption("--backend", default=os.environ.get("SVCBENCH_BACKEND"),
                     help="mode option: iptables backend nft|legacy")
     group.addoption("--shard", default=None, metavar="I/N",
