@@ -50,7 +50,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bpf import cgroup, loader, maps, syscall
+from bpf import cgroup, loader, maps, syscall, xdpdrops
 from bpf.setup import bcc_missing
 from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, FullSyncNeeded, Host, NodeHandle, SyncStats
@@ -1180,6 +1180,13 @@ class EbpfDataplane:
 
     def join_host_cgroup(self, node: NodeHandle, pid: int | None = None) -> str:
         return join_host_cgroup(node, pid)
+
+    def drop_reporter(self, node: NodeHandle) -> xdpdrops.XdpDropReader | None:
+        """What the node's XDP programs drop, as `svcbench monitor --type drop` shows it
+        (the ring buffer of bpf/lib/drop.h; see dataplanes/base.py); None when the mode is
+        not loaded on the node."""
+        fd = xdpdrops.find_ring(node.call(netns_cookie))
+        return None if fd is None else xdpdrops.XdpDropReader(fd)
 
     # ------------------------------------------------------------------ internals
 
