@@ -1181,6 +1181,44 @@ class EbpfDataplane:
     def join_host_cgroup(self, node: NodeHandle, pid: int | None = None) -> str:
         return join_host_cgroup(node, pid)
 
+    def summary(self, node: NodeHandle) -> dict[str, Any]:
+        """For `svcbench status`: the XDP program on each link, the socket hooks of this
+        node, and each map's entry count against its size (one batch read per map: BPF
+        keeps no count), and the health server. `loaded` is False when the node has no
+        programs of this build."""
+        with self._lock:
+            cookie = node.call(netns_cookie)
+            names = _suite_program_names()
+            xdp = {link: names.get(prog_id, f"foreign program {prog_id}")
+                   for link, (_index, prog_id, _mode) in node.call(_xdp_state).items()
+                   if prog_id}
+            st = self._nodes.get(node.netns)
+            own = st is not None and st.cookie == cookie
+            objects = st.objects if own else loader.find_node_objects(
+                cookie, loader.compile_object())
+            out: dict[str, Any] = {"loaded": objects is not None, "xdp": xdp,
+                                   "xdp_programs": len(xdp)}
+            if objects is not None:
+                try:
+                    entries = {}
+                    for name, m in objects.maps.items():
+                        if not m.key_size:
+                            continue  # the ring buffer: no entries
+                        count = len(m.keys()) if name == "lb4_source_ranges" else len(m.dump())
+                        info = syscall.map_info(m.fd)
+                        entries[name] = {"entries": count, "max": info["max_entries"]}
+                    entries["lb4_services"]["entries"] -= 1 if objects.map(
+                        "lb4_services").lookup(CANARY_KEY) is not None else 0
+                    out["maps"] = entries
+                    hooks = self._hook_state(node, cookie)
+                    out["socket_hooks"] = sum(len(v) for v in hooks.values())
+                    out["programs_loaded"] = len(objects.programs)
+                finally:
+                    if not own:
+                        objects.close()
+        out["health_server"] = healthcheck.summary(node)
+        return out
+
     def drop_reporter(self, node: NodeHandle) -> xdpdrops.XdpDropReader | None:
         """What the node's XDP programs drop, as `svcbench monitor --type drop` shows it
         (the ring buffer of bpf/lib/drop.h; see dataplanes/base.py); None when the mode is
