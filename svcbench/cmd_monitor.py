@@ -24,6 +24,15 @@ from typing import Any
 # application's business, not a packet the network lost.
 NOT_IN_FLIGHT = ("QUEUE_PURGE",)
 POLL_S = 0.1
+# Where the kernel frees a frame an XDP program dropped, when the frame had an sk_buff
+# (veth, generic XDP): kfree_skb sees it with no reason of its own (NOT_SPECIFIED). When the
+# mode reported that drop with its reason, the kernel's row is left out.
+XDP_FREES = ("veth_xdp_rcv_skb", "do_xdp_generic", "netif_receive_generic_xdp")
+RECENT_S = 2.0
+
+
+def _tuple(row: dict) -> tuple:
+    return (row["protocol"], row["src"], row["sport"], row["dst"], row["dport"])
 
 
 def drop_line(row: dict) -> str:
@@ -111,17 +120,26 @@ def run(args, cluster, tracker, names: list[str], out, err) -> int:
             err.print(f"watching {len(places)} namespaces of run {cluster.run_id} for drops"
                       + (f" for {args.duration:g} s" if args.duration else "; Ctrl-C ends"))
 
+        recent: dict[tuple, float] = {}  # what the mode reported lately, by 5-tuple
+
         def collect() -> list[tuple[dict, str | None]]:
             rows = []
-            for drop in kernel.take() if kernel is not None else ():
-                if drop.reason in NOT_IN_FLIGHT:
-                    continue
-                where, node = places.get(drop.netns, ("?", None))
-                rows.append(({**drop.as_dict(), "where": where}, node))
+            # The kernel's first: a report the mode made for one of them is in its ring by then.
+            drops = kernel.take() if kernel is not None else []
             for node, reporter in reporters.items():
                 for event in reporter.take():
                     rows.append(({**event, "netns": node_inode[node],
                                   "where": f"node/{node}"}, node))
+                    recent[_tuple(event)] = time.monotonic()
+            for old in [k for k, t in recent.items() if time.monotonic() - t > RECENT_S]:
+                del recent[old]
+            for drop in drops:
+                if drop.reason in NOT_IN_FLIGHT:
+                    continue
+                if drop.location in XDP_FREES and _tuple(drop.as_dict()) in recent:
+                    continue  # the frame an XDP program dropped, already shown with its reason
+                where, node = places.get(drop.netns, ("?", None))
+                rows.append(({**drop.as_dict(), "where": where}, node))
             rows.sort(key=lambda r: r[0]["time"])
             return rows
 
