@@ -116,9 +116,9 @@ def run(args, cluster, tracker, names: list[str], out, err) -> int:
                 raise
             kernel = None
             warn(f"{exc}; only the {dp.name} mode's own drop reports are shown")
-        if not args.json:
-            err.print(f"watching {len(places)} namespaces of run {cluster.run_id} for drops"
-                      + (f" for {args.duration:g} s" if args.duration else "; Ctrl-C ends"))
+        # on stderr, also with --json: a script waits for this line before sending traffic
+        err.print(f"watching {len(places)} namespaces of run {cluster.run_id} for drops"
+                  + (f" for {args.duration:g} s" if args.duration else "; Ctrl-C ends"))
 
         recent: dict[tuple, float] = {}  # what the mode reported lately, by 5-tuple
 
@@ -168,12 +168,12 @@ def run(args, cluster, tracker, names: list[str], out, err) -> int:
                 for row, node in collect():
                     seen += 1
                     emit(row, node)
-            time.sleep(2 * POLL_S)  # what the last moments reported
-            for row, node in collect():
-                seen += 1
-                emit(row, node)
         except KeyboardInterrupt:
             pass  # Ctrl-C is how a live monitor ends
+        time.sleep(3 * POLL_S)  # what the last moments reported (later signals are ignored)
+        for row, node in collect():
+            seen += 1
+            emit(row, node)
     if not args.json:
         err.print(f"{seen} drops in {time.monotonic() - started:.1f} s")
     return 0
