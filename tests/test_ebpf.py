@@ -501,6 +501,35 @@ def test_nodeport_snat_only_for_remote_endpoints_and_policy_local_drops(bpf_node
     assert rc == XDP_PASS and parse(out)["dst"] in {state.pod("ns1", p).ip for p in ("web-2", "web-3")}
 
 
+def test_drops_and_rejects_are_reported_with_their_reason_and_nothing_else(bpf_node):
+    """What the XDP path drops (and what it answers with a reject) is reported once in the
+    node's xdp_drops ring buffer, read as `svcbench monitor` reads it; forwarded packets
+    are not reported."""
+    from bpf import xdpdrops
+
+    objects, state, _ = bpf_node
+    ring = xdpdrops.RingReader(os.dup(objects.map("xdp_drops").fd))
+    try:
+        local_np = state.service_obj("ns1", "local").ports[0].node_port
+        client = state.pod("ns1", "client-a").ip
+        vip = state.service_obj("ns1", "empty").cluster_ip
+        web = state.service_obj("ns1", "web").cluster_ip
+        assert run(objects, "svb_xdp_host", tcp(EXTERNAL, 45000, "198.18.0.1", local_np))[0] \
+            == XDP_DROP
+        assert run(objects, "svb_xdp_lxc", tcp(client, 42000, vip, 80))[0] == XDP_PASS
+        assert run(objects, "svb_xdp_lxc", tcp(client, 42001, web, 80))[0] == XDP_PASS
+        rows = [xdpdrops.decode(raw) for raw in ring.read()]
+    finally:
+        ring.close()
+    assert [(r["reason"], r["location"], r["protocol"], r["src"], r["sport"], r["dst"],
+             r["dport"], r["tcp_flags"]) for r in rows] == [
+        ("XDP:NO_LOCAL_ENDPOINT", "svb_xdp_host", "TCP", EXTERNAL, 45000, "198.18.0.1",
+         local_np, "SYN"),
+        ("XDP:NO_ENDPOINT", "svb_xdp_lxc, answered with a reject", "TCP", client, 42000, vip,
+         80, "SYN")]
+    assert abs(rows[0]["time"] - time.time()) < 60 and rows[0]["svc_id"] > 0
+
+
 def both_local(selector: dict[str, str]) -> list[Service]:
     return [Service("ns1", "both", (ServicePort(80, TCP, "", 8080),), type=TYPE_NODE_PORT,
                     selector=selector, external_ips=(EXTERNAL_IP,),
