@@ -12,7 +12,9 @@ In the spirit of Cilium's kube-proxy replacement, with our own programs (bpf/):
   unreachable when a frontend has no endpoints, a drop when the traffic policy excludes
   the ones it has. Load-balancer IPs are frontends like externalIPs; with
   loadBalancerSourceRanges a new flow's source must match the LPM trie
-  `lb4_source_ranges` (Service id, network), or it is dropped.
+  `lb4_source_ranges` (Service id, network), or it is dropped. Every drop (and every
+  reject answered) is reported with its reason into the ring buffer `xdp_drops`, which
+  `svcbench monitor --type drop` reads (bpf/lib/drop.h, bpf/xdpdrops.py).
 - Host-network processes: every socket of the node's namespace reaches Services, and the
   node's own NodePorts, through policy routes into an XDP-attached veth pair (HOST_LINK,
   NODEPORT_TABLE); processes placed in the
