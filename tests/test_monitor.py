@@ -84,7 +84,8 @@ def _guest_monitor_problem() -> str:
         return f"no guest kernel config to check ({exc})"
     needs = {
         "CONFIG_FTRACE": "no tracefs events, so no skb:kfree_skb tracepoint to attach to",
-        "CONFIG_PERF_EVENTS": "no perf_event_open, through which tracepoint programs attach",
+        "CONFIG_PERF_EVENTS": "perf_event_open, through which tracepoint programs attach, "
+                              "answers ENOSYS",
         "CONFIG_DEBUG_INFO_BTF": "no /sys/kernel/btf/vmlinux for the sk_buff offsets",
     }
     missing = [f"{option} ({why})" for option, why in needs.items() if option not in config]
