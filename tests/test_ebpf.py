@@ -11,6 +11,7 @@ Three layers, cheapest first:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from dataclasses import replace
 
 import pytest
 
-from bpf import loader, maps, syscall
+from bpf import loader, maps, syscall, xdpdrops
 from dataplanes import ebpf
 from kube.model import (
     AFFINITY_CLIENT_IP,
@@ -505,8 +506,6 @@ def test_drops_and_rejects_are_reported_with_their_reason_and_nothing_else(bpf_n
     """What the XDP path drops (and what it answers with a reject) is reported once in the
     node's xdp_drops ring buffer, read as `svcbench monitor` reads it; forwarded packets
     are not reported."""
-    from bpf import xdpdrops
-
     objects, state, _ = bpf_node
     ring = xdpdrops.RingReader(os.dup(objects.map("xdp_drops").fd))
     try:
@@ -1047,9 +1046,15 @@ def test_load_balancer_ips_and_source_ranges(bpf_node):
     program(state_of([replace(svc, load_balancer_source_ranges=(inside, "198.18.9.9/32"))]))
     row = _rows(objects)[(lb_ip, "")]
     assert row["source_ranges"] == [inside, "198.18.9.9/32"]
-    assert from_outside(EXTERNAL) == every  # 198.18.0.200 is inside
-    assert from_outside("198.18.1.7", n=3) == {"drop"}
-    assert from_pod(3) == {"drop"}  # the pod network is not in the ranges
+    with contextlib.closing(xdpdrops.RingReader(os.dup(objects.map("xdp_drops").fd))) as ring:
+        assert from_outside(EXTERNAL) == every  # 198.18.0.200 is inside
+        assert from_outside("198.18.1.7", n=3) == {"drop"}
+        assert from_pod(3) == {"drop"}  # the pod network is not in the ranges
+        denied = [xdpdrops.decode(raw) for raw in ring.read()]
+    # each drop reported once, with its reason (svcbench monitor shows these)
+    assert [(d["reason"], d["location"], d["src"], d["dst"]) for d in denied] == (
+        [("XDP:SOURCE_RANGE_DENIED", "svb_xdp_host", "198.18.1.7", lb_ip)] * 3
+        + [("XDP:SOURCE_RANGE_DENIED", "svb_xdp_lxc", client_a, lb_ip)] * 3)
     assert from_outside("198.18.1.7", "198.18.0.1", node_port) == every
     # A flow that began while its source was allowed keeps going (new flows only).
     established = tcp("198.18.9.9", 60000, lb_ip, 80)
