@@ -19,12 +19,24 @@ from rich.table import Table
 MODE_OPTIONS = {"iptables": ("backend",), "ipvs": ("backend",)}
 
 
-def _agent(agent: dict | None) -> str:
+def _agent(agent: dict | None) -> tuple[str, dict[str, Any] | None]:
+    """The echo agent's state ("running" only when its process lives and its control
+    socket answers), and what it serves: listening sockets, pods, connections."""
     from clusters.netns import process_alive
+    from clusters.workloads.echo import AgentClient, AgentError
 
     if not agent:
-        return "none"
-    return "running" if process_alive(agent.get("pid"), agent.get("start")) else "gone"
+        return "none", None
+    if not process_alive(agent.get("pid"), agent.get("start")):
+        return "gone", None
+    try:
+        stats = AgentClient(agent["control"], timeout=2.0).stats()
+    except (OSError, ValueError, AgentError):
+        return "not answering", None
+    pods = stats.get("pods", {})
+    return "running", {"pid": agent.get("pid"), "listening": stats.get("listening", 0),
+                       "pods": len(pods),
+                       "connections": sum(c.get("connections", 0) for c in pods.values())}
 
 
 def _summary(dp, node) -> dict[str, Any]:
@@ -95,12 +107,14 @@ def collect(cluster, tracker, dp) -> dict[str, Any]:
     node_rows = []
     for n in cluster.nodes:
         view = tracker.node_view(n.name)
+        agent_state, echo = _agent(agents.get(n.name))
         node_rows.append({
             "name": n.name, "ip": n.ip, "pod_cidr": n.pod_cidr, "netns": n.netns,
             "service_ports": len(view.services),
             "endpoints": sum(len(sp.endpoints) for sp in view.services),
             "local_endpoints": sum(1 for sp in view.services for e in sp.endpoints if e.local),
-            "echo_agent": _agent(agents.get(n.name)),
+            "echo_agent": agent_state,
+            "echo": echo,
             "last_sync": syncs.get(n.name),
             "dataplane": _summary(dp, n),
         })
@@ -140,7 +154,9 @@ def run(args, cluster, tracker, out) -> int:
         when = (f"{'full' if last['full'] else 'partial'}, {last['seconds'] * 1000:.1f} ms, "
                 f"{time.strftime('%H:%M:%S', time.localtime(last['time']))}") if last else "-"
         t.add_row(n["name"], n["ip"], n["pod_cidr"], str(n["service_ports"]),
-                  f"{n['endpoints']} ({n['local_endpoints']})", n["echo_agent"], when)
+                  f"{n['endpoints']} ({n['local_endpoints']})",
+                  n["echo_agent"] + (f" ({n['echo']['listening']} sockets)" if n["echo"] else ""),
+                  when)
     out.print(t)
     t = Table("node", f"{data['mode']} data plane")
     for n in data["nodes"]:

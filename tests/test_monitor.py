@@ -126,6 +126,7 @@ def _check_status(mode: str, data: dict) -> None:
     for node in data["nodes"]:
         s = node["dataplane"]
         assert node["echo_agent"] == "running" and node["last_sync"]["seconds"] > 0, node
+        assert node["echo"]["listening"] > 0 and node["echo"]["pods"] >= 2, node
         assert "error" not in s, s
         assert s["health_server"]["running"] and s["health_server"]["pid"], s
         netns = node["netns"]
