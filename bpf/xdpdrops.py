@@ -41,9 +41,11 @@ REASONS = {
     7: "SNAT_PORTS_EXHAUSTED",
     8: "CT_FULL",
 }
-# Reasons whose packet was answered (RST / ICMP port unreachable), not silently dropped.
+# Reasons whose packet was answered (RST / ICMP port unreachable), not silently dropped;
+# the socket hooks refuse the call itself (ECONNREFUSED) before any packet exists.
 ANSWERED = {"NO_ENDPOINT": "answered with a reject"}
-FROM = {0: "svb_xdp_lxc", 1: "svb_xdp_host"}
+REFUSED_CALL = "the call refused with ECONNREFUSED"
+FROM = {0: "svb_xdp_lxc", 1: "svb_xdp_host", 2: "svb_sock4_conn", 3: "svb_sock4_send"}
 # struct xdp_drop_event: ts_ns, saddr, daddr, sport, dport, ifindex, proto, reason, from,
 # tcp_flags, svc_id
 EVENT = struct.Struct("=Q4s4sHHIBBBBI")
@@ -134,10 +136,12 @@ def decode(raw: bytes, now_wall: float | None = None, now_mono_ns: int | None = 
         "time": round(wall - (mono - ts) / 1e9, 6),
         "reason": f"XDP:{name}",
         "location": FROM.get(source, str(source)) + (
+            f", {REFUSED_CALL}" if source >= 2 else
             f", {ANSWERED[name]}" if name in ANSWERED else ""),
         "ifindex": ifindex,
         "protocol": PROTOCOLS.get(proto, str(proto)),
-        "src": socket.inet_ntoa(saddr), "dst": socket.inet_ntoa(daddr),
+        "src": socket.inet_ntoa(saddr) if source < 2 else "",  # unknown at connect()
+        "dst": socket.inet_ntoa(daddr),
         "sport": socket.ntohs(sport), "dport": socket.ntohs(dport),
         "tcp_flags": "|".join(n for bit, n in TCP_FLAGS if flags & bit) if proto == 6 else "",
         "svc_id": svc_id,

@@ -12,6 +12,7 @@ Three layers, cheapest first:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -826,26 +827,35 @@ def test_nodeport_and_external_ip_from_outside(lab):
 
 
 def test_host_network_processes_reach_services(lab):
-    cluster, _, state = lab
+    cluster, dp, state = lab
     node = cluster.nodes[0]
     vip = state.service_obj("ns1", "web").cluster_ip
+    empty_vip = state.service_obj("ns1", "empty").cluster_ip
     from clusters.workloads.probe import probe
 
+    reporter = dp.drop_reporter(node)  # what `svcbench monitor` reads of the node
     # any process of the node namespace: routed into the XDP host path
     for protocol, outcome in ((TCP, "ok"), (UDP, "ok")):
         result = node.call(probe, vip, 80, protocol=protocol, count=20)
         assert result.summary()["outcomes"] == {outcome: 20}, result.summary()
-    empty = node.call(probe, state.service_obj("ns1", "empty").cluster_ip, 80, count=3)
+    empty = node.call(probe, empty_vip, 80, count=3)
     assert empty.summary()["outcomes"] == {"refused": 3}
-    # a process in the run's cgroup: balanced at connect(), getpeername() answers the VIP
+    # a process in the run's cgroup: balanced at connect(), getpeername() answers the VIP;
+    # a Service without endpoints refuses connect() itself
     code = textwrap.dedent("""
         import json, socket, sys
         sys.stdin.readline()
-        vip, port = sys.argv[1], int(sys.argv[2])
+        vip, port, empty = sys.argv[1], int(sys.argv[2]), sys.argv[3]
         s = socket.create_connection((vip, port), 2)
-        print(json.dumps([s.getpeername()[0], s.recv(200).decode().split()[0]]))
+        try:
+            socket.create_connection((empty, port), 2)
+            refused = None
+        except ConnectionRefusedError as exc:
+            refused = exc.errno
+        print(json.dumps([s.getpeername()[0], s.recv(200).decode().split()[0], refused]))
     """)
-    proc = subprocess.Popen(["ip", "netns", "exec", node.netns, sys.executable, "-c", code, vip, "80"],
+    proc = subprocess.Popen(["ip", "netns", "exec", node.netns, sys.executable, "-c", code, vip,
+                             "80", empty_vip],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -853,8 +863,17 @@ def test_host_network_processes_reach_services(lab):
         out, err = proc.communicate("go\n", timeout=10)
     finally:
         proc.kill()
-    peer, backend = json.loads(out)
-    assert peer == vip and backend.startswith("ns1/web-"), err
+    peer, backend, refused = json.loads(out)
+    assert peer == vip and backend.startswith("ns1/web-") and refused == errno.ECONNREFUSED, err
+    # both refusals reported with their reason: the XDP host path's RSTs, the hook's refusal
+    try:
+        rows = reporter.take()
+    finally:
+        reporter.close()
+    assert [(r["reason"], r["location"].split(",")[0], r["dst"], r["dport"]) for r in rows] == (
+        [("XDP:NO_ENDPOINT", "svb_xdp_lxc", empty_vip, 80)] * 3
+        + [("XDP:NO_ENDPOINT", "svb_sock4_conn", empty_vip, 80)]), rows
+    assert rows[0]["src"] == node.ip and rows[-1]["src"] == "", rows
     assert str(os.getpid()) not in open(os.path.join(path, "cgroup.procs")).read().split()
 
 

@@ -26,6 +26,12 @@
 #endif
 #define SVB_RB_NO_WAKEUP 1
 
+/* Where a report comes from, beyond FROM_POD and FROM_UPLINK (bpf/lib/common.h): the
+ * cgroup socket hooks, which refuse a host process's connect() or sendmsg() to a Service
+ * without endpoints (no packet exists yet; the source is unknown there, left 0). */
+#define FROM_SOCK_CONNECT 2
+#define FROM_SOCK_SENDMSG 3
+
 struct xdp_drop_event {
 	__u64 ts_ns;               /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 	__be32 saddr;
@@ -42,19 +48,25 @@ struct xdp_drop_event {
 
 BPF_RINGBUF_OUTPUT(xdp_drops, XDP_DROPS_PAGES);
 
-SVB_INLINE void xdp_drop_report(struct xdp_md *ctx, const struct ipv4_tuple *t, __u8 reason,
-				int from, __u8 tcp, __u32 svc_id)
+SVB_INLINE void xdp_drop_report_at(__u32 ifindex, const struct ipv4_tuple *t, __u8 reason,
+				   int from, __u8 tcp, __u32 svc_id)
 {
 	struct xdp_drop_event ev = {
 		.ts_ns = bpf_ktime_get_ns(),
 		.saddr = t->saddr, .daddr = t->daddr,
 		.sport = t->sport, .dport = t->dport,
-		.ifindex = ctx->ingress_ifindex,
+		.ifindex = ifindex,
 		.proto = t->proto, .reason = reason, .from = (__u8)from, .tcp_flags = tcp,
 		.svc_id = svc_id,
 	};
 
 	xdp_drops.ringbuf_output(&ev, sizeof(ev), SVB_RB_NO_WAKEUP);
+}
+
+SVB_INLINE void xdp_drop_report(struct xdp_md *ctx, const struct ipv4_tuple *t, __u8 reason,
+				int from, __u8 tcp, __u32 svc_id)
+{
+	xdp_drop_report_at(ctx->ingress_ifindex, t, reason, from, tcp, svc_id);
 }
 
 #endif
