@@ -57,7 +57,8 @@ def _health(h: dict | None) -> str:
 
 
 def describe(mode: str, s: dict[str, Any]) -> str:
-    """One node's summary as one short text, per mode."""
+    """One node's summary as one short text, per mode ("ipvs" or a spec, "ipvs:lc")."""
+    mode = mode.split(":", 1)[0]
     if "error" in s:
         return f"error: {s['error']}"
     parts: list[str] = []
@@ -103,7 +104,7 @@ def collect(cluster, tracker, dp) -> dict[str, Any]:
     syncs = cluster.meta.get("syncs", {})
     agents = {n["name"]: n.get("agent") for n in cluster.state.get("nodes", [])}
     mode = cluster.meta.get("mode")
-    options = {k: cluster.meta.get(k) for k in MODE_OPTIONS.get(mode, ())}
+    options = {k: cluster.meta.get(k) for k in MODE_OPTIONS.get((mode or "").split(":")[0], ())}
     node_rows = []
     for n in cluster.nodes:
         view = tracker.node_view(n.name)
