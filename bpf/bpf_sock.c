@@ -9,6 +9,7 @@
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/lb.h"
+#include "lib/drop.h"
 
 #define SYS_PROCEED 1
 #define SYS_REJECT 0
@@ -24,7 +25,7 @@ SVB_INLINE struct node_config *sock4_node(struct bpf_sock_addr *ctx)
 	return cfg;
 }
 
-SVB_INLINE int sock4_forward(struct bpf_sock_addr *ctx)
+SVB_INLINE int sock4_forward(struct bpf_sock_addr *ctx, int from)
 {
 	struct node_config *cfg = sock4_node(ctx);
 	struct lb4_key key;
@@ -51,6 +52,14 @@ SVB_INLINE int sock4_forward(struct bpf_sock_addr *ctx)
 		/* dropping has no socket-level meaning: the packet leaves untranslated */
 		if (svc->flags & SVC_F_DROP_EMPTY)
 			return SYS_PROCEED;
+		{
+			/* reported as the XDP path reports its rejects (bpf/lib/drop.h) */
+			struct ipv4_tuple t = {
+				.daddr = address, .dport = port, .proto = (__u8)ctx->protocol,
+			};
+
+			xdp_drop_report_at(0, &t, DROP_NO_ENDPOINT, from, 0, svc->svc_id);
+		}
 		bpf_set_retval(-SVB_ECONNREFUSED);
 		return SYS_REJECT;
 	}
@@ -88,12 +97,12 @@ SVB_INLINE int sock4_reverse(struct bpf_sock_addr *ctx)
 
 int svb_sock4_conn(struct bpf_sock_addr *ctx)
 {
-	return sock4_forward(ctx);
+	return sock4_forward(ctx, FROM_SOCK_CONNECT);
 }
 
 int svb_sock4_send(struct bpf_sock_addr *ctx)
 {
-	return sock4_forward(ctx);
+	return sock4_forward(ctx, FROM_SOCK_SENDMSG);
 }
 
 int svb_sock4_recv(struct bpf_sock_addr *ctx)

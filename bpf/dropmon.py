@@ -185,6 +185,24 @@ def netns_inode(path: str) -> int:
     return os.stat(path).st_ino
 
 
+def kernel_problem() -> str | None:
+    """Why this kernel cannot run the monitor at all, in one sentence (None if it may): a
+    kernel built without CONFIG_FTRACE has no tracefs and so no tracepoint to attach to
+    (Debian's User-Mode-Linux guest kernel, which also lacks CONFIG_PERF_EVENTS and BTF)."""
+    try:
+        with open("/proc/filesystems") as fh:
+            has_tracefs = any(line.split()[-1:] == ["tracefs"] for line in fh)
+    except OSError:
+        has_tracefs = True  # cannot tell: let the child find out
+    if not has_tracefs:
+        return (f"kernel {os.uname().release} has no tracefs (built without CONFIG_FTRACE), "
+                "so there is no skb:kfree_skb tracepoint to attach to")
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        return (f"kernel {os.uname().release} has no BTF (/sys/kernel/btf/vmlinux; "
+                "CONFIG_DEBUG_INFO_BTF) to take the sk_buff offsets from")
+    return None
+
+
 def _flags(value: int) -> str:
     return "|".join(name for bit, name in TCP_FLAGS if value & bit)
 
@@ -196,6 +214,9 @@ class DropMonitor:
     """A drop-monitor child watching the given namespaces (see the module's docstring)."""
 
     def __init__(self, netns_inodes: list[int] = (), max_seconds: float = 3600.0) -> None:
+        problem = kernel_problem()
+        if problem:
+            raise DropMonitorUnavailable(f"the skb:kfree_skb drop monitor cannot run: {problem}")
         self._drops: list[Drop] = []
         self._lock = threading.Lock()
         self._watching: set[int] = set()

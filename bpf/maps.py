@@ -114,6 +114,12 @@ class NodeConfig(ctypes.Structure):
                 ("build", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
+class Nothing(ctypes.Structure):
+    """The key and value of a ring buffer map (it has neither: both sizes are 0)."""
+
+    _fields_: list = []
+
+
 @dataclass(frozen=True)
 class MapLayout:
     name: str  # as in bpf/lib/maps.h, also the kernel's map name
@@ -131,6 +137,8 @@ LAYOUTS = {
         MapLayout("sock4_revnat", Sock4Key, Sock4Val),
         MapLayout("node_config", ctypes.c_uint32, NodeConfig),
         MapLayout("lb4_source_ranges", Lb4RangeKey, Lb4Range),
+        # the XDP drop reports (bpf/lib/drop.h, read by bpf/xdpdrops.py): a ring buffer
+        MapLayout("xdp_drops", Nothing, Nothing),
     )
 }
 

@@ -133,6 +133,18 @@ class Dataplane(Protocol):
     # tests/incremental.py compares it after updates with a full sync's.
     # def kernel_state(self, node: NodeHandle) -> dict[str, Any]: ...
 
+    # Optional: for `svcbench status`, what the mode has on the node, cheaply counted (no
+    # full dump where a count will do): its options, the programs / rules / sets / processes
+    # present with their counts, and the health of its processes; JSON-able.
+    # def summary(self, node: NodeHandle) -> dict[str, Any]: ...
+
+    # Optional: for `svcbench monitor --type drop`, the drops the mode makes where the
+    # kernel's kfree_skb tracepoint cannot see them (XDP_DROP, a proxy's refusals): an object
+    # with `take() -> list[dict]` (rows as bpf/dropmon.py's Drop without netns, reason
+    # prefixed "XDP:" / "PROXY:", the events since the last take) and `close()`; None when
+    # the mode is not running on the node.
+    # def drop_reporter(self, node: NodeHandle) -> Any: ...
+
     # Optional, on the class: what killed runs of this mode left outside their network
     # namespaces (BPF hooks, cgroups), one line per thing removed. For `netns_names` that
     # still exist (a run being torn down), their state too.

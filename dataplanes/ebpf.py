@@ -12,7 +12,9 @@ In the spirit of Cilium's kube-proxy replacement, with our own programs (bpf/):
   unreachable when a frontend has no endpoints, a drop when the traffic policy excludes
   the ones it has. Load-balancer IPs are frontends like externalIPs; with
   loadBalancerSourceRanges a new flow's source must match the LPM trie
-  `lb4_source_ranges` (Service id, network), or it is dropped.
+  `lb4_source_ranges` (Service id, network), or it is dropped. Every drop (and every
+  reject answered) is reported with its reason into the ring buffer `xdp_drops`, which
+  `svcbench monitor --type drop` reads (bpf/lib/drop.h, bpf/xdpdrops.py).
 - Host-network processes: every socket of the node's namespace reaches Services, and the
   node's own NodePorts, through policy routes into an XDP-attached veth pair (HOST_LINK,
   NODEPORT_TABLE); processes placed in the
@@ -50,7 +52,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bpf import cgroup, loader, maps, syscall
+from bpf import cgroup, loader, maps, syscall, xdpdrops
 from bpf.setup import bcc_missing
 from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, FullSyncNeeded, Host, NodeHandle, SyncStats
@@ -1181,6 +1183,51 @@ class EbpfDataplane:
 
     def join_host_cgroup(self, node: NodeHandle, pid: int | None = None) -> str:
         return join_host_cgroup(node, pid)
+
+    def summary(self, node: NodeHandle) -> dict[str, Any]:
+        """For `svcbench status`: the XDP program on each link, the socket hooks of this
+        node, and each map's entry count against its size (one batch read per map: BPF
+        keeps no count), and the health server. `loaded` is False when the node has no
+        programs of this build."""
+        with self._lock:
+            cookie = node.call(netns_cookie)
+            names = _suite_program_names()
+            xdp = {link: names.get(prog_id, f"foreign program {prog_id}")
+                   for link, (_index, prog_id, _mode) in node.call(_xdp_state).items()
+                   if prog_id}
+            st = self._nodes.get(node.netns)
+            own = st is not None and st.cookie == cookie
+            objects = st.objects if own else loader.find_node_objects(
+                cookie, loader.compile_object())
+            out: dict[str, Any] = {"loaded": objects is not None, "xdp": xdp,
+                                   "xdp_programs": len(xdp)}
+            if objects is not None:
+                try:
+                    entries = {}
+                    for name, m in objects.maps.items():
+                        if not m.key_size:
+                            continue  # the ring buffer: no entries
+                        count = len(m.keys()) if name == "lb4_source_ranges" else len(m.dump())
+                        info = syscall.map_info(m.fd)
+                        entries[name] = {"entries": count, "max": info["max_entries"]}
+                    entries["lb4_services"]["entries"] -= 1 if objects.map(
+                        "lb4_services").lookup(CANARY_KEY) is not None else 0
+                    out["maps"] = entries
+                    hooks = self._hook_state(node, cookie)
+                    out["socket_hooks"] = sum(len(v) for v in hooks.values())
+                    out["programs_loaded"] = len(objects.programs)
+                finally:
+                    if not own:
+                        objects.close()
+        out["health_server"] = healthcheck.summary(node)
+        return out
+
+    def drop_reporter(self, node: NodeHandle) -> xdpdrops.XdpDropReader | None:
+        """What the node's XDP programs drop, as `svcbench monitor --type drop` shows it
+        (the ring buffer of bpf/lib/drop.h; see dataplanes/base.py); None when the mode is
+        not loaded on the node."""
+        fd = xdpdrops.find_ring(node.call(netns_cookie))
+        return None if fd is None else xdpdrops.XdpDropReader(fd)
 
     # ------------------------------------------------------------------ internals
 

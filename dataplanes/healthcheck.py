@@ -380,6 +380,15 @@ def status(node) -> dict[str, Any] | None:
         return None
 
 
+def summary(node) -> dict[str, Any]:
+    """For `svcbench status`: whether the node's health server answers, its pid and how
+    many health-check NodePorts it serves."""
+    reply = status(node)
+    if not reply:
+        return {"running": False, "pid": None, "ports": 0}
+    return {"running": True, "pid": reply.get("pid"), "ports": len(reply.get("ports") or {})}
+
+
 def server_pid(node) -> int | None:
     reply = status(node)
     return reply.get("pid") if reply else None

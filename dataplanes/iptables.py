@@ -731,6 +731,27 @@ class IptablesDataplane:
                     out.setdefault(table, {})[chain] = hooks
         return out
 
+    def summary(self, node: NodeHandle) -> dict[str, object]:
+        """For `svcbench status`: the backend, KUBE-* chains and their rules per table (one
+        iptables-save: iptables has no cheaper count), the jumps from the built-in chains,
+        the per-Service chains, and the health server."""
+        saved = self._save(node)
+        tables: dict[str, dict[str, int]] = {}
+        jumps = services = 0
+        for (table, chain), rules in saved.rules.items():
+            if chain.startswith("KUBE-"):
+                t = tables.setdefault(table, {"chains": 0, "rules": 0})
+                t["chains"] += 1
+                t["rules"] += len(rules)
+                services += chain.startswith(SERVICE_CHAIN_PREFIXES)
+            elif chain in BUILTIN_CHAINS:
+                jumps += sum(1 for r in rules if _target(r).startswith("KUBE-"))
+        return {"options": {"backend": self.backend}, "tables": tables,
+                "chains": sum(t["chains"] for t in tables.values()),
+                "rules": sum(t["rules"] for t in tables.values()),
+                "service_chains": services, "jumps": jumps,
+                "health_server": healthcheck.summary(node)}
+
     def uninstall(self, node: NodeHandle) -> None:
         """Remove the jump rules, then every KUBE-* chain, roots before the chains they jump to."""
         healthcheck.uninstall(node)

@@ -453,6 +453,31 @@ class IpvsDataplane:
                                      f"{res.stderr.strip()}")
         return changes
 
+    def summary(self, node: NodeHandle) -> dict[str, Any]:
+        """For `svcbench status`: the scheduler and backend, virtual and real servers (one
+        netlink dump), kube-ipvs0's addresses, our ipsets' member counts (`ipset list -t`,
+        headers only), our chains and rules, and the health server."""
+        layout, addresses = node.call(read_ipvs)
+        sets: dict[str, int] = {}
+        res = node.call(run, ["ipset", "list", "-t"])
+        name = None
+        for line in res.stdout.splitlines() if res.returncode == 0 else ():
+            if line.startswith("Name: "):
+                name = line[6:].strip()
+            elif line.startswith("Number of entries: ") and name and name.startswith("KUBE-"):
+                sets[name] = int(line.split(":", 1)[1])
+        saved = self._save(node)
+        return {
+            "options": {"scheduler": self.scheduler, "backend": self._backend},
+            "virtual_servers": len(layout.services),
+            "real_servers": sum(len(d) for d in layout.dests.values()),
+            "addresses": None if addresses is None else len(addresses),
+            "ipsets": len(sets), "ipset_members": sum(sets.values()), "members_by_set": sets,
+            "chains": len(saved.chains), "rules": sum(len(r) for r in saved.chains.values()),
+            "jumps": len(saved.jumps),
+            "health_server": healthcheck.summary(node),
+        }
+
     def _save(self, node: NodeHandle) -> SavedRules:
         res = node.call(run, self._iptables("-save"))
         if res.returncode != 0:

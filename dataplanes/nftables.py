@@ -244,6 +244,28 @@ class NftablesDataplane:
             return {"table": None}
         return normalise(json.loads(res.stdout))
 
+    def summary(self, node: NodeHandle) -> dict[str, Any]:
+        """For `svcbench status`: whether the node's table exists, its chains, rules, sets
+        and maps with their element counts (one `nft -j list table`: nftables has no count
+        without the listing), and the health server."""
+        res = node.run(["nft", "-j", "list", "table", FAMILY, TABLE], check=False, timeout=600)
+        health = healthcheck.summary(node)
+        if res.returncode != 0:
+            return {"table": None, "health_server": health}
+        counts = {"chains": 0, "rules": 0, "sets": 0, "maps": 0, "elements": 0}
+        per: dict[str, int] = {}
+        for item in json.loads(res.stdout).get("nftables", []):
+            kind = next(iter(item))
+            if kind in ("chain", "rule"):
+                counts[kind + "s"] += 1
+            elif kind in ("set", "map"):
+                counts[kind + "s"] += 1
+                n = len(item[kind].get("elem", ()))
+                per[item[kind]["name"]] = n
+                counts["elements"] += n
+        return {"table": f"{FAMILY} {TABLE}", **counts, "elements_by_set": per,
+                "health_server": health}
+
     # ------------------------------------------------------------------ pieces
 
     def _stats(self, start: float, node: NodeHandle, mirror: Mirror, delta: Delta | None,

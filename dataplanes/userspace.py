@@ -788,6 +788,46 @@ class UserspaceDataplane:
         with services=True, keyed "ns/svc:port/PROTO"), its pid and CPU seconds."""
         return self._request(node, {"op": "stats", "services": services})
 
+    def summary(self, node: NodeHandle) -> dict[str, Any]:
+        """For `svcbench status`: the proxy's settings, whether it answers (pid, tables and
+        Service ports it holds, its counters), the portal sets' member counts and our
+        iptables rules, and the health server."""
+        try:
+            stats = self._request(node, {"op": "stats"}, timeout=2.0)
+            ping = self._request(node, {"op": "ping"}, timeout=2.0)
+            proxy: dict[str, Any] = {
+                "running": True, "pid": stats["pid"], "tables": stats["tables"],
+                "services": stats["services"], "loop": ping.get("loop"),
+                **{k: stats[k] for k in ("connections", "sessions", "retries", "failed",
+                                         "active", "unknown", "udp_sessions", "cpu_s")}}
+        except (OSError, DataplaneError) as exc:
+            proxy = {"running": False, "error": str(exc)}
+        state = node.call(_read_state)
+        return {
+            "options": {"proxy_port": self.proxy_port,
+                        "connect_timeout_s": self.connect_timeout_s,
+                        "udp_idle_timeout_s": self.udp_idle_timeout_s},
+            "proxy": proxy,
+            "ipsets": len(state["sets"]),
+            "ipset_members": sum(len(s["members"]) for s in state["sets"].values()),
+            "rules": sum(1 for rules in state["rules"].values() for r in rules
+                         if r.startswith("-A ")),
+            "chains": sum(1 for rules in state["rules"].values() for r in rules
+                          if r.startswith(":")),
+            "health_server": healthcheck.summary(node),
+        }
+
+    def drop_reporter(self, node: NodeHandle) -> ProxyRefusals | None:
+        """The connections and flows the node's proxy refuses from now on, as `svcbench
+        monitor --type drop` shows them (see dataplanes/base.py); None when no proxy answers.
+        What the kernel drops for it (the ipset drops of Local policies and source ranges)
+        the kfree_skb monitor sees."""
+        try:
+            first = self._request(node, {"op": "events", "after": None}, timeout=2.0)
+        except (OSError, DataplaneError):
+            return None
+        return ProxyRefusals(self, node, first["seq"])
+
     def proxy_pid(self, node: NodeHandle) -> int | None:
         try:
             return self._request(node, {"op": "ping"}, timeout=2.0).get("pid")
@@ -861,3 +901,30 @@ class UserspaceDataplane:
             time.sleep(0.01)
         if _alive(pid):
             os.kill(pid, 9)
+
+
+class ProxyRefusals:
+    """Polls a node's proxy for the refusals numbered after the last one seen."""
+
+    def __init__(self, dp: UserspaceDataplane, node: NodeHandle, seq: int) -> None:
+        self._dp, self._node, self._seq = dp, node, seq
+
+    def take(self) -> list[dict[str, Any]]:
+        """The refusals since the last take, as monitor rows (reason "PROXY:NAME", the
+        Service port the proxy served); [] while the proxy does not answer."""
+        try:
+            reply = self._dp._request(self._node, {"op": "events", "after": self._seq},
+                                      timeout=2.0)
+        except (OSError, DataplaneError):
+            return []
+        if reply["seq"] < self._seq:  # a new proxy process: its numbers start again
+            self._seq = 0
+            return self.take()
+        self._seq = reply["seq"]
+        return [{"time": e["time"], "reason": e["reason"], "location": "userspace proxy",
+                 "ifindex": 0, "protocol": e["protocol"], "src": e["src"],
+                 "dst": e["dst"], "sport": e["sport"], "dport": e["dport"], "tcp_flags": "",
+                 "proxy_service": e["service"]} for e in reply["events"]]
+
+    def close(self) -> None:
+        pass

@@ -17,13 +17,15 @@ Control: JSON lines on the abstract Unix socket CONTROL_NAME, which lives in the
 network namespace and so needs no file and cannot collide with another node's proxy.
 Ops: ping, table (the whole table; established connections keep their backend), delta
 (entries changed and gone, applied in place by the sender that knows the table), dump (the
-table as served), stats, stop. The process exits when its network namespace is deleted.
+table as served), stats, events (connections and flows it refused, for `svcbench monitor
+--type drop`), stop. The process exits when its network namespace is deleted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import ipaddress
 import os
@@ -207,6 +209,46 @@ class ServiceCounters:
 
 
 Endpoint = tuple[str, int]
+
+# Refusals kept for `events` (svcbench monitor --type drop): the newest REFUSALS_KEPT.
+REFUSALS_KEPT = 1024
+NO_ENDPOINT = "NO_ENDPOINT"  # the entry has no endpoint for this client (a table race)
+ALL_BACKENDS_FAILED = "ALL_BACKENDS_FAILED"  # every backend tried refused or stayed silent
+UNKNOWN_PORTAL = "UNKNOWN_PORTAL"  # redirected here, but no Service has that address now
+
+
+class Refusals:
+    """What the proxy refused (a TCP reset, a UDP flow not forwarded), numbered, the newest
+    REFUSALS_KEPT kept: a monitor asks for those after the last number it saw. Recorded only
+    when a connection or flow fails, so serving costs nothing."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.kept: collections.deque = collections.deque(maxlen=REFUSALS_KEPT)
+
+    def add(self, reason: str, service: str, protocol: str, client: Any,
+            portal: bytes | tuple[str, int] | None) -> None:
+        self.seq += 1
+        if isinstance(portal, bytes) and len(portal) == 6:  # SO_ORIGINAL_DST's (port, address)
+            portal = (socket.inet_ntoa(portal[2:]), struct.unpack("!H", portal[:2])[0])
+        src, sport = client if isinstance(client, tuple) and len(client) >= 2 else ("", 0)
+        dst, dport = portal if isinstance(portal, tuple) else ("", 0)
+        self.kept.append({"seq": self.seq, "time": round(time.time(), 6),
+                          "reason": f"PROXY:{reason}", "service": service,
+                          "protocol": protocol, "src": src, "sport": sport, "dst": dst,
+                          "dport": dport})
+
+    def since(self, after: int | None) -> dict[str, Any]:
+        """Those numbered above `after` (None: none, only the current number)."""
+        events = [] if after is None else [e for e in self.kept if e["seq"] > after]
+        return {"ok": True, "seq": self.seq, "events": events}
+
+
+def _peer(transport: asyncio.BaseTransport) -> Any:
+    try:
+        return transport.get_extra_info("peername")
+    except OSError:
+        return None
 
 
 class ServiceEntry:
@@ -427,7 +469,7 @@ class Downstream(asyncio.Protocol):
     """The connection a client opened to a Service portal (redirected here)."""
 
     __slots__ = ("proxy", "transport", "upstream", "entry", "client_ip", "order", "attempt",
-                 "dialing", "timer", "early", "eof", "closed")
+                 "dialing", "timer", "early", "eof", "closed", "portal")
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -448,9 +490,12 @@ class Downstream(asyncio.Protocol):
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         except OSError:
             raw = b""
-        hit = proxy.table.tcp.get(raw[2:8])
+        self.portal = raw[2:8]
+        hit = proxy.table.tcp.get(self.portal)
         if hit is None:
             proxy.unknown += 1  # not redirected, or a portal dropped by the last table
+            if len(self.portal) == 6:
+                proxy.refusals.add(UNKNOWN_PORTAL, "", "TCP", _peer(transport), self.portal)
             _reset(transport)
             return
         entry, external = hit
@@ -467,6 +512,7 @@ class Downstream(asyncio.Protocol):
         entry.counters.connections += 1
         if not endpoints:
             entry.counters.failed += 1
+            proxy.refusals.add(NO_ENDPOINT, entry.name, "TCP", _peer(transport), self.portal)
             _reset(transport)
             return
         self.entry = entry
@@ -482,6 +528,8 @@ class Downstream(asyncio.Protocol):
         self.attempt += 1
         if self.attempt >= len(self.order) or self.attempt >= MAX_ATTEMPTS:
             self.entry.counters.failed += 1
+            self.proxy.refusals.add(ALL_BACKENDS_FAILED, self.entry.name, "TCP",
+                                    _peer(self.transport), self.portal)
             _reset(self.transport)
             return
         if self.attempt:
@@ -687,11 +735,12 @@ class UdpSession:
     """One client address of one UDP portal: a connected socket towards its backend."""
 
     __slots__ = ("front", "key", "entry", "client", "local", "order", "attempt", "sock", "last",
-                 "pending")
+                 "pending", "portal")
 
     def __init__(self, front: UdpFront, key: tuple, entry: ServiceEntry, client: tuple[str, int],
-                 local: str, order: list[Endpoint]) -> None:
+                 local: str, order: list[Endpoint], portal: bytes = b"") -> None:
         self.front = front
+        self.portal = portal  # the Service address the client wrote to
         self.key = key
         self.entry = entry
         self.client = client
@@ -741,6 +790,8 @@ class UdpSession:
             self.send(self.pending)
         else:
             self.entry.counters.failed += 1
+            self.front.proxy.refusals.add(ALL_BACKENDS_FAILED, self.entry.name, "UDP",
+                                          self.client, self.portal)
             self.front.close(self)
 
     def readable(self) -> None:
@@ -819,15 +870,18 @@ class UdpFront:
         hit = proxy.table.udp.get(portal) if portal else None
         if hit is None:
             proxy.unknown += 1
+            proxy.refusals.add(UNKNOWN_PORTAL, "", "UDP", client, portal)
             return None
         entry, external = hit
         endpoints = entry.endpoints(external, external and entry.short_circuit
                                     and proxy.table.in_cluster(client[0]))
         entry.counters.sessions += 1
         order = entry.order(endpoints, client[0], self.loop.time())
-        session = UdpSession(self, key, entry, client, local, order)
+        session = UdpSession(self, key, entry, client, local, order, portal)
         if not session.next_backend():
             entry.counters.failed += 1
+            proxy.refusals.add(NO_ENDPOINT if not order else ALL_BACKENDS_FAILED, entry.name,
+                               "UDP", client, portal)
             return None
         self.sessions[key] = session
         self.by_entry.setdefault((entry.name, entry.protocol), {})[key] = session
@@ -899,6 +953,7 @@ class Proxy:
     unknown: int = 0  # connections and flows whose portal is in no table
     tables: int = 0
     started: float = field(default_factory=time.time)
+    refusals: Refusals = field(default_factory=Refusals)
 
     def log(self, message: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} userspace-proxy[{os.getpid()}] {message}",
@@ -989,11 +1044,13 @@ class Proxy:
                     "settings": self.settings(), **self.table.dump()}
         if op == "stats":
             return self.stats(bool(request.get("services")))
+        if op == "events":
+            return self.refusals.since(request.get("after"))
         if op == "stop":
             self.stop("stop requested")
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}; accepted: ping, table, delta, dump, "
-                                      "stats, stop"}
+                                      "stats, events, stop"}
 
     async def control_client(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:

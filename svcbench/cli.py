@@ -354,66 +354,10 @@ def cmd_probe(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from clusters.netns import process_alive
+    from svcbench.cmd_status import run
 
     cluster = _attach(args.run)
-    tracker = _stored_tracker(cluster)
-    state = tracker.state()
-    syncs = cluster.meta.get("syncs", {})
-    agents = {n["name"]: n.get("agent") for n in cluster.state.get("nodes", [])}
-    node_rows = []
-    for n in cluster.nodes:
-        view = tracker.node_view(n.name)
-        agent = agents.get(n.name)
-        node_rows.append({
-            "name": n.name, "ip": n.ip, "pod_cidr": n.pod_cidr, "netns": n.netns,
-            "service_ports": len(view.services),
-            "endpoints": sum(len(sp.endpoints) for sp in view.services),
-            "local_endpoints": sum(1 for sp in view.services for e in sp.endpoints if e.local),
-            "echo_agent": ("none" if not agent else "running"
-                           if process_alive(agent.get("pid"), agent.get("start")) else "gone"),
-            "last_sync": syncs.get(n.name),
-        })
-    data = {
-        "run": cluster.run_id,
-        "mode": cluster.meta.get("mode"),
-        "backend": cluster.meta.get("backend"),
-        "nodes": node_rows,
-        "pods": [{"namespace": p.namespace, "name": p.name, "node": p.node_name, "ip": p.ip,
-                  "ready": p.ready} for p in state.pods],
-        "services": [
-            {"namespace": s.namespace, "name": s.name, "type": s.type, "cluster_ip": s.cluster_ip,
-             "ports": [{"name": p.name, "protocol": p.protocol, "port": p.port,
-                        "node_port": p.node_port} for p in s.ports]}
-            for s in state.services
-        ],
-    }
-    if args.json:
-        _emit_json(data)
-        return 0
-    out.print(f"run {data['run']}  mode {data['mode']}")
-    t = Table("node", "ip", "pod CIDR", "service ports", "endpoints (local)", "echo agent",
-              "last sync")
-    for n in data["nodes"]:
-        last = n["last_sync"]
-        when = (f"{'full' if last['full'] else 'partial'}, {last['seconds'] * 1000:.1f} ms, "
-                f"{time.strftime('%H:%M:%S', time.localtime(last['time']))}") if last else "-"
-        t.add_row(n["name"], n["ip"], n["pod_cidr"], str(n["service_ports"]),
-                  f"{n['endpoints']} ({n['local_endpoints']})", n["echo_agent"], when)
-    out.print(t)
-    t = Table("pod", "node", "ip", "ready")
-    for p in data["pods"]:
-        t.add_row(f"{p['namespace']}/{p['name']}", p["node"], p["ip"], str(p["ready"]))
-    out.print(t)
-    t = Table("service", "type", "cluster IP", "ports")
-    for s in data["services"]:
-        ports = ", ".join(
-            f"{p['port']}/{p['protocol']}" + (f":{p['node_port']}" if p["node_port"] else "")
-            for p in s["ports"]
-        )
-        t.add_row(f"{s['namespace']}/{s['name']}", s["type"], s["cluster_ip"] or "", ports)
-    out.print(t)
-    return 0
+    return run(args, cluster, _stored_tracker(cluster), out)
 
 
 def _node_names(cluster, wanted: str | None) -> list[str]:
@@ -463,80 +407,12 @@ def _yes(value: bool) -> str:
     return "yes" if value else "no"
 
 
-# Reasons for buffers that had arrived and were freed with their socket's queue: an
-# application's business, not a packet the network lost.
-NOT_IN_FLIGHT = ("QUEUE_PURGE",)
-
-
-def _drop_line(row: dict) -> str:
-    ports = (f"{row['src']}:{row['sport']} -> {row['dst']}:{row['dport']}"
-             if row["sport"] or row["dport"] else f"{row['src']} -> {row['dst']}")
-    flags = f" [{row['tcp_flags']}]" if row["tcp_flags"] else ""
-    clock = time.strftime("%H:%M:%S", time.localtime(row["time"])) + f".{int(row['time'] % 1 * 1000):03d}"
-    line = f"{clock} {row['where']:<22} {row['reason']} ({row['location']}) {row['protocol']} {ports}{flags}"
-    if row.get("service"):
-        line += f"  {row['service']} via {row['via']}" + (" (reply)" if row["reply"] else "")
-        if row.get("verdict"):
-            line += f", the view says {row['verdict']}"
-    return line
-
-
 def cmd_monitor(args) -> int:
-    from bpf.dropmon import DropMonitor, netns_inode
-    from kube.lookup import ServiceIndex
+    from svcbench.cmd_monitor import run
 
     cluster = _attach(args.run)
     names = _node_names(cluster, args.node)
-    tracker = _stored_tracker(cluster)
-    places: dict[int, tuple[str, str | None]] = {}  # nsfs inode -> (where, node)
-    for n in cluster.nodes:
-        if args.node in (None, n.name):
-            places[netns_inode(f"/run/netns/{n.netns}")] = (f"node/{n.name}", n.name)
-    for key, pod in cluster.pods.items():
-        if args.node in (None, pod.node):
-            places[netns_inode(f"/run/netns/{pod.netns}")] = (f"pod/{key}", pod.node)
-    if args.node is None:
-        places[netns_inode(f"/run/netns/{cluster.external_netns}")] = ("external", None)
-        prefix = cluster.netns_name(cluster.run_id, "")
-        for name in cluster.namespaces:  # the underlay and any other namespace of the run
-            places.setdefault(netns_inode(f"/run/netns/{name}"),
-                              (f"netns/{name.removeprefix(prefix)}", None))
-    indexes = {}
-    for name in names:
-        view = tracker.node_view(name)
-        indexes[name] = ServiceIndex(view.services, view.node_ips, view.cluster_cidr)
-    seen = 0
-    started = time.monotonic()
-    with DropMonitor(list(places), max_seconds=(args.duration or 86400) + 5) as monitor:
-        if not args.json:
-            err.print(f"watching {len(places)} namespaces of run {cluster.run_id} for drops"
-                      + (f" for {args.duration:g} s" if args.duration else "; Ctrl-C ends"))
-        try:
-            while not args.duration or time.monotonic() - started < args.duration:
-                time.sleep(0.1)
-                for drop in monitor.take():
-                    if drop.reason in NOT_IN_FLIGHT:
-                        continue
-                    where, node = places.get(drop.netns, ("?", None))
-                    row = {**drop.as_dict(), "where": where}
-                    for name in [node] if node else names:
-                        match = indexes[name].lookup(drop.protocol, drop.src, drop.sport,
-                                                     drop.dst, drop.dport)
-                        if match:
-                            row.update(service=match.service, via=match.via,
-                                       reply=match.reply, verdict=match.verdict)
-                            break
-                    seen += 1
-                    if args.json:
-                        sys.stdout.write(json.dumps(row) + "\n")
-                        sys.stdout.flush()
-                    else:
-                        out.print(_drop_line(row), markup=False, highlight=False, soft_wrap=True)
-        except KeyboardInterrupt:
-            pass  # Ctrl-C is how a live monitor ends
-    if not args.json:
-        err.print(f"{seen} drops in {time.monotonic() - started:.1f} s")
-    return 0
+    return run(args, cluster, _stored_tracker(cluster), names, out, err)
 
 
 def cmd_down(args) -> int:
@@ -740,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_flag(sp)
     sp.add_argument("--json", action="store_true")
 
-    sp = command("status", cmd_status, "nodes, pods and Services of the running cluster")
+    sp = command("status", cmd_status, "nodes, pods and Services of the running cluster, and "
+                 "per node what the mode has there (rules, programs, processes; cilium status)")
     run_flag(sp)
     sp.add_argument("--json", action="store_true")
 
@@ -755,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("monitor", cmd_monitor, "show packets the kernel drops in the running cluster, "
                  "with the drop reason and the Service they were for (cilium monitor -t drop)")
     sp.add_argument("--type", choices=("drop",), default="drop",
-                    help="what to show (drop: every packet the kernel drops, skb:kfree_skb)")
+                    help="what to show (drop: every packet the kernel drops, skb:kfree_skb, "
+                         "and what the mode drops itself: XDP programs, the userspace proxy)")
     sp.add_argument("--node", help="only this node's namespace and its pods (default: all)")
     sp.add_argument("--duration", type=_seconds("--duration", 86400), default=None,
                     help="stop after this many seconds (default: until Ctrl-C)")

@@ -11,6 +11,8 @@ Three layers, cheapest first:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -25,7 +27,7 @@ from dataclasses import replace
 
 import pytest
 
-from bpf import loader, maps, syscall
+from bpf import loader, maps, syscall, xdpdrops
 from dataplanes import ebpf
 from kube.model import (
     AFFINITY_CLIENT_IP,
@@ -501,6 +503,33 @@ def test_nodeport_snat_only_for_remote_endpoints_and_policy_local_drops(bpf_node
     assert rc == XDP_PASS and parse(out)["dst"] in {state.pod("ns1", p).ip for p in ("web-2", "web-3")}
 
 
+def test_drops_and_rejects_are_reported_with_their_reason_and_nothing_else(bpf_node):
+    """What the XDP path drops (and what it answers with a reject) is reported once in the
+    node's xdp_drops ring buffer, read as `svcbench monitor` reads it; forwarded packets
+    are not reported."""
+    objects, state, _ = bpf_node
+    ring = xdpdrops.RingReader(os.dup(objects.map("xdp_drops").fd))
+    try:
+        local_np = state.service_obj("ns1", "local").ports[0].node_port
+        client = state.pod("ns1", "client-a").ip
+        vip = state.service_obj("ns1", "empty").cluster_ip
+        web = state.service_obj("ns1", "web").cluster_ip
+        assert run(objects, "svb_xdp_host", tcp(EXTERNAL, 45000, "198.18.0.1", local_np))[0] \
+            == XDP_DROP
+        assert run(objects, "svb_xdp_lxc", tcp(client, 42000, vip, 80))[0] == XDP_PASS
+        assert run(objects, "svb_xdp_lxc", tcp(client, 42001, web, 80))[0] == XDP_PASS
+        rows = [xdpdrops.decode(raw) for raw in ring.read()]
+    finally:
+        ring.close()
+    assert [(r["reason"], r["location"], r["protocol"], r["src"], r["sport"], r["dst"],
+             r["dport"], r["tcp_flags"]) for r in rows] == [
+        ("XDP:NO_LOCAL_ENDPOINT", "svb_xdp_host", "TCP", EXTERNAL, 45000, "198.18.0.1",
+         local_np, "SYN"),
+        ("XDP:NO_ENDPOINT", "svb_xdp_lxc, answered with a reject", "TCP", client, 42000, vip,
+         80, "SYN")]
+    assert abs(rows[0]["time"] - time.time()) < 60 and rows[0]["svc_id"] > 0
+
+
 def both_local(selector: dict[str, str]) -> list[Service]:
     return [Service("ns1", "both", (ServicePort(80, TCP, "", 8080),), type=TYPE_NODE_PORT,
                     selector=selector, external_ips=(EXTERNAL_IP,),
@@ -798,26 +827,35 @@ def test_nodeport_and_external_ip_from_outside(lab):
 
 
 def test_host_network_processes_reach_services(lab):
-    cluster, _, state = lab
+    cluster, dp, state = lab
     node = cluster.nodes[0]
     vip = state.service_obj("ns1", "web").cluster_ip
+    empty_vip = state.service_obj("ns1", "empty").cluster_ip
     from clusters.workloads.probe import probe
 
+    reporter = dp.drop_reporter(node)  # what `svcbench monitor` reads of the node
     # any process of the node namespace: routed into the XDP host path
     for protocol, outcome in ((TCP, "ok"), (UDP, "ok")):
         result = node.call(probe, vip, 80, protocol=protocol, count=20)
         assert result.summary()["outcomes"] == {outcome: 20}, result.summary()
-    empty = node.call(probe, state.service_obj("ns1", "empty").cluster_ip, 80, count=3)
+    empty = node.call(probe, empty_vip, 80, count=3)
     assert empty.summary()["outcomes"] == {"refused": 3}
-    # a process in the run's cgroup: balanced at connect(), getpeername() answers the VIP
+    # a process in the run's cgroup: balanced at connect(), getpeername() answers the VIP;
+    # a Service without endpoints refuses connect() itself
     code = textwrap.dedent("""
         import json, socket, sys
         sys.stdin.readline()
-        vip, port = sys.argv[1], int(sys.argv[2])
+        vip, port, empty = sys.argv[1], int(sys.argv[2]), sys.argv[3]
         s = socket.create_connection((vip, port), 2)
-        print(json.dumps([s.getpeername()[0], s.recv(200).decode().split()[0]]))
+        try:
+            socket.create_connection((empty, port), 2)
+            refused = None
+        except ConnectionRefusedError as exc:
+            refused = exc.errno
+        print(json.dumps([s.getpeername()[0], s.recv(200).decode().split()[0], refused]))
     """)
-    proc = subprocess.Popen(["ip", "netns", "exec", node.netns, sys.executable, "-c", code, vip, "80"],
+    proc = subprocess.Popen(["ip", "netns", "exec", node.netns, sys.executable, "-c", code, vip,
+                             "80", empty_vip],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -825,8 +863,17 @@ def test_host_network_processes_reach_services(lab):
         out, err = proc.communicate("go\n", timeout=10)
     finally:
         proc.kill()
-    peer, backend = json.loads(out)
-    assert peer == vip and backend.startswith("ns1/web-"), err
+    peer, backend, refused = json.loads(out)
+    assert peer == vip and backend.startswith("ns1/web-") and refused == errno.ECONNREFUSED, err
+    # both refusals reported with their reason: the XDP host path's RSTs, the hook's refusal
+    try:
+        rows = reporter.take()
+    finally:
+        reporter.close()
+    assert [(r["reason"], r["location"].split(",")[0], r["dst"], r["dport"]) for r in rows] == (
+        [("XDP:NO_ENDPOINT", "svb_xdp_lxc", empty_vip, 80)] * 3
+        + [("XDP:NO_ENDPOINT", "svb_sock4_conn", empty_vip, 80)]), rows
+    assert rows[0]["src"] == node.ip and rows[-1]["src"] == "", rows
     assert str(os.getpid()) not in open(os.path.join(path, "cgroup.procs")).read().split()
 
 
@@ -1018,9 +1065,15 @@ def test_load_balancer_ips_and_source_ranges(bpf_node):
     program(state_of([replace(svc, load_balancer_source_ranges=(inside, "198.18.9.9/32"))]))
     row = _rows(objects)[(lb_ip, "")]
     assert row["source_ranges"] == [inside, "198.18.9.9/32"]
-    assert from_outside(EXTERNAL) == every  # 198.18.0.200 is inside
-    assert from_outside("198.18.1.7", n=3) == {"drop"}
-    assert from_pod(3) == {"drop"}  # the pod network is not in the ranges
+    with contextlib.closing(xdpdrops.RingReader(os.dup(objects.map("xdp_drops").fd))) as ring:
+        assert from_outside(EXTERNAL) == every  # 198.18.0.200 is inside
+        assert from_outside("198.18.1.7", n=3) == {"drop"}
+        assert from_pod(3) == {"drop"}  # the pod network is not in the ranges
+        denied = [xdpdrops.decode(raw) for raw in ring.read()]
+    # each drop reported once, with its reason (svcbench monitor shows these)
+    assert [(d["reason"], d["location"], d["src"], d["dst"]) for d in denied] == (
+        [("XDP:SOURCE_RANGE_DENIED", "svb_xdp_host", "198.18.1.7", lb_ip)] * 3
+        + [("XDP:SOURCE_RANGE_DENIED", "svb_xdp_lxc", client_a, lb_ip)] * 3)
     assert from_outside("198.18.1.7", "198.18.0.1", node_port) == every
     # A flow that began while its source was allowed keeps going (new flows only).
     established = tcp("198.18.9.9", 60000, lb_ip, 80)

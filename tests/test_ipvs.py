@@ -672,6 +672,23 @@ def test_guest_unknown_scheduler_is_refused_by_name(guest):
     guest.apply(GUEST_SERVICES)
 
 
+def test_guest_summary_counts_what_the_kernel_holds(guest):
+    """`svcbench status`'s per-node summary of the IPVS mode agrees with the kernel."""
+    for name in ("node1", "node2"):
+        node = guest.cluster.node(name)
+        kernel = guest.kernel(name)
+        s = guest.dp.summary(node)
+        assert s["virtual_servers"] == len(kernel.services) > 0, s
+        assert s["real_servers"] == sum(len(d) for d in kernel.dests.values()) > 0, s
+        addresses = node.run(["ip", "-o", "-4", "addr", "show", "dev", KUBE_IPVS_IF]).stdout
+        assert s["addresses"] == len(addresses.splitlines()) > 0, s
+        members = node.run(["ipset", "save", KUBE_CLUSTER_IP]).stdout
+        assert s["members_by_set"][KUBE_CLUSTER_IP] == members.count("\nadd ") > 0, s
+        assert s["chains"] > 0 and s["rules"] > 0 and s["jumps"] > 0, s
+        assert s["options"]["scheduler"] == guest.dp.scheduler, s
+        assert s["health_server"]["running"], s
+
+
 def test_guest_uninstall_then_restart(guest):
     node = guest.cluster.node("node2")
     guest.dp.uninstall(node)

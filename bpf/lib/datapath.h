@@ -20,6 +20,7 @@
 #include "conntrack.h"
 #include "nat.h"
 #include "reject.h"
+#include "drop.h"
 
 /* Parse Ethernet/IPv4 and the L4 ports; recover them for non-first fragments.
  * Returns 0 for a packet the service path handles, -1 to pass it untouched. */
@@ -108,9 +109,10 @@ SVB_INLINE int service_path(struct xdp_md *ctx, int from)
 	struct ipv4_tuple xlat;
 	void *data_end;
 	__u16 slot = 0, flags = 0;
+	__u32 svc_id = 0;
 	__u64 now;
 	int internal, syn;
-	__u8 tcp;
+	__u8 tcp, reason;
 
 	if (parse_packet(ctx, &pkt) < 0)
 		return XDP_PASS;
@@ -133,8 +135,11 @@ SVB_INLINE int service_path(struct xdp_md *ctx, int from)
 		struct ipv4_tuple seen = pkt.tuple;
 
 		ct4_touch(e, now);
-		if (nat4_rewrite(&pkt, data_end, e) < 0)
-			return XDP_DROP;
+		if (nat4_rewrite(&pkt, data_end, e) < 0) {
+			svc_id = e->svc_id;
+			reason = DROP_NAT_FAILED;
+			goto drop;
+		}
 		ct4_tcp_state(&seen, CT_REPLY, e, tcp);
 		return XDP_PASS;
 	}
@@ -149,6 +154,7 @@ SVB_INLINE int service_path(struct xdp_md *ctx, int from)
 			ct4_forget_inverse(&pkt.tuple);
 		return XDP_PASS;
 	}
+	svc_id = svc->svc_id;
 	e = ct4_lookup(&pkt.tuple, CT_ORIGINAL);
 	if (e && e->svc_id == svc->svc_id && !ct4_stale(e, pkt.tuple.proto, now)) {
 		be = lb4_member(&key, svc, e->daddr, e->dport, e->slot);
@@ -160,29 +166,34 @@ SVB_INLINE int service_path(struct xdp_md *ctx, int from)
 			struct ipv4_tuple seen = pkt.tuple;
 
 			ct4_touch(e, now);
-			if (nat4_rewrite(&pkt, data_end, e) < 0)
-				return XDP_DROP;
+			if (nat4_rewrite(&pkt, data_end, e) < 0) {
+				reason = DROP_NAT_FAILED;
+				goto drop;
+			}
 			ct4_tcp_state(&seen, CT_ORIGINAL, e, tcp);
 			return XDP_PASS;
 		}
 	}
-	if (!pkt.first)
-		return XDP_DROP;  /* a fragment whose flow has no backend any more */
+	if (!pkt.first) {
+		reason = DROP_FRAGMENT_NO_FLOW;  /* a fragment whose flow has no backend any more */
+		goto drop;
+	}
 
 	/* 3. a new flow; a load-balancer IP first checks its source ranges (kube-proxy's
 	 * firewall: other sources are dropped, whether endpoints exist or not) */
-	if (!lb4_source_allowed(svc, pkt.tuple.saddr))
-		return XDP_DROP;
+	if (!lb4_source_allowed(svc, pkt.tuple.saddr)) {
+		reason = DROP_SOURCE_RANGE_DENIED;
+		goto drop;
+	}
 	if (!svc->count) {
-		if (svc->flags & SVC_F_DROP_EMPTY)
-			return XDP_DROP;
-		if (pkt.tuple.proto == IPPROTO_TCP)
-			return reject_tcp(ctx);
-		return reject_udp(ctx);
+		reason = svc->flags & SVC_F_DROP_EMPTY ? DROP_NO_LOCAL_ENDPOINT : DROP_NO_ENDPOINT;
+		goto drop;
 	}
 	be = lb4_select(&key, svc, pkt.tuple.saddr, now, &slot);
-	if (!be)
-		return XDP_DROP;
+	if (!be) {
+		reason = DROP_NO_BACKEND;
+		goto drop;
+	}
 	xlat = pkt.tuple;
 	xlat.daddr = be->address;
 	xlat.dport = be->port;
@@ -207,20 +218,36 @@ SVB_INLINE int service_path(struct xdp_md *ctx, int from)
 					   cfg->snat_port_min, cfg->snat_port_max, now);
 		flags = CT_F_SNAT;
 	}
-	if (!xlat.sport)
-		return XDP_DROP;
-	if (ct4_create(&pkt.tuple, &xlat, svc->svc_id, flags, slot, now) < 0)
-		return XDP_DROP;
+	if (!xlat.sport) {
+		reason = DROP_SNAT_PORTS_EXHAUSTED;
+		goto drop;
+	}
+	if (ct4_create(&pkt.tuple, &xlat, svc->svc_id, flags, slot, now) < 0) {
+		reason = DROP_CT_FULL;
+		goto drop;
+	}
 	{
 		struct ct4_entry to = {
 			.saddr = xlat.saddr, .daddr = xlat.daddr,
 			.sport = xlat.sport, .dport = xlat.dport,
 		};
 
-		if (nat4_rewrite(&pkt, data_end, &to) < 0)
-			return XDP_DROP;
+		if (nat4_rewrite(&pkt, data_end, &to) < 0) {
+			reason = DROP_NAT_FAILED;
+			goto drop;
+		}
 	}
 	return XDP_PASS;
+
+drop:
+	/* the one place a drop is reported (bpf/lib/drop.h); a Service without endpoints
+	 * answers the packet instead of dropping it, and is reported alike */
+	xdp_drop_report(ctx, &pkt.tuple, reason, from, tcp, svc_id);
+	if (reason != DROP_NO_ENDPOINT)
+		return XDP_DROP;
+	if (pkt.tuple.proto == IPPROTO_TCP)
+		return reject_tcp(ctx);
+	return reject_udp(ctx);
 }
 
 #endif
