@@ -219,10 +219,36 @@ def cmd_doctor(args) -> int:
     return 0 if all(f.present for f in findings) else 1
 
 
+def _kube(name: str, *extra):
+    """Run cmd_kube.NAME(args, ...); its bad input (Docker, kind or a kubeconfig missing)
+    is one sentence with exit status 2, as every other."""
+    from svcbench import cmd_kube
+
+    def call(args) -> int:
+        try:
+            return getattr(cmd_kube, name)(args, *extra)
+        except cmd_kube.USAGE_ERRORS as exc:
+            raise UsageError(str(exc)) from None
+
+    return call
+
+
+def _netns_mode(args) -> None:
+    from svcbench.cmd_kube import KubeUsageError, refuse_kube_proxy_on_netns
+
+    try:
+        refuse_kube_proxy_on_netns(args.mode)
+    except KubeUsageError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_up(args) -> int:
     from clusters.netns import NetnsCluster
     from clusters.safety import guard_root
 
+    if args.cluster[0] != "netns":
+        return _kube("up", out, err)(args)
+    _netns_mode(args)
     manifests = _load(args.file)
     nodes = _nodes(args.nodes)
     generated = _generated_pods(nodes, args.pods_per_node)
@@ -542,7 +568,10 @@ def cmd_monitor(args) -> int:
 def cmd_down(args) -> int:
     from clusters.netns import NetnsCluster
     from clusters.safety import guard_root
+    from svcbench.cmd_kube import owns
 
+    if owns(args.run):
+        return _kube("down", out)(args)
     with NetnsCluster.attach_locked(args.run) as cluster, guard_root():
         try:
             dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
@@ -583,6 +612,9 @@ def cmd_conformance(args) -> int:
     )
     from reports.results import new_run_dir
 
+    if args.cluster[0] != "netns":
+        return _kube("conformance", out, err)(args)
+    _netns_mode(args)
     out_dir = args.out_dir or str(new_run_dir(kind=f"conformance-{args.mode}"))
     jobs = args.jobs or default_jobs()
     try:
@@ -661,6 +693,9 @@ def cmd_gc(args) -> int:
     from bench.runner import FLAG_DEFAULTS, mark_killed
 
     removed += mark_killed(FLAG_DEFAULTS["out"])
+    from svcbench.cmd_kube import gc_lines
+
+    removed += gc_lines()  # kind clusters and kubeconfig namespaces of runs not live
     for line in removed:
         out.print(line)
     if not removed:
@@ -671,6 +706,8 @@ def cmd_gc(args) -> int:
 def cmd_bench(args) -> int:
     from bench.runner import BenchSpecError, run_bench_command
 
+    if args.cluster[0] != "netns":
+        return _kube("bench", out, err)(args)
     try:
         return run_bench_command(args, out, err)
     except BenchSpecError as exc:
@@ -717,6 +754,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode_flags(sp)
     sp.add_argument("-f", "--file", action="append", help="manifest file (repeatable, - for stdin)")
     sp.add_argument("--json", action="store_true")
+    from svcbench.cmd_kube import add_cluster_flags, add_kind_parser, allow_kube_proxy_modes
+
+    add_cluster_flags(sp)
+    allow_kube_proxy_modes(sp)
 
     for name, func, verb in (("apply", cmd_apply, "create or update"),
                              ("delete", cmd_delete, "remove")):
@@ -772,6 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     from conformance.runner import add_arguments as conformance_arguments
 
     conformance_arguments(sp)
+    add_cluster_flags(sp, with_nodes=True)
+    allow_kube_proxy_modes(sp)
 
     sp = command("service", cmd_service_list, "list the services a node's data plane holds (service list)")
     sp.add_argument("action", choices=("list",))
@@ -792,6 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.runner import add_bench_arguments
 
     add_bench_arguments(sp)
+    add_cluster_flags(sp, with_nodes=True)
+
+    add_kind_parser(command, _kube("kind_config", out))
     return p
 
 
@@ -816,7 +862,7 @@ def _default_jobs() -> int:
     return default_jobs()
 
 
-NO_ROOT_COMMANDS = ("doctor", "render", "report")
+NO_ROOT_COMMANDS = ("doctor", "render", "report", "kind")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
