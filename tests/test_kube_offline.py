@@ -1,0 +1,296 @@
+"""kind and kubeconfig clusters, offline: every manifest svcbench would create validated
+against Kubernetes' own schemas, kind configs against kind's v1alpha4 fields, the bad-input
+paths of `--cluster kind|kubeconfig`, the bench's computations and the echo pod's server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clusters import kind
+from kube import deploy
+from kube.manifests import load_files
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = "a1b2c3"
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="kubernetes-validate is not installed (pip install '.[test]')")
+
+
+def _all_objects() -> list[dict]:
+    manifests = load_files([ROOT / "examples" / "web.yaml"])
+    objs = deploy.objects_for(RUN, "ebpf", services=manifests.services, pods=manifests.pods,
+                              node_names={"node1": "kind-worker", "node2": "kind-worker2"},
+                              with_agent=True, host="builder")
+    objs += deploy.locust_objects(RUN, "10.96.0.10:80", workers=2, users=16, seconds=10)
+    objs += deploy.bench_services(RUN, "bench", 3, {"app": "svcbench-echo"})
+    objs.append(deploy.echo_deployment(RUN, "bench", "svcbench-echo", 4))
+    from bench.kube_bench import bench_objects
+
+    objs += bench_objects(RUN, 2, 2, deploy.DEFAULT_IMAGE)
+    return objs
+
+
+def _validate(obj: dict) -> None:
+    kubernetes_validate.validate(obj, deploy.VALIDATE_VERSION, strict=True)
+
+
+def test_every_manifest_validates_against_kubernetes_schemas_and_is_labelled_by_run():
+    objs = _all_objects()
+    kinds = {o["kind"] for o in objs}
+    assert kinds >= {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                     "DaemonSet", "Deployment", "Service", "Pod"}, kinds
+    for obj in objs:
+        _validate(obj)  # raises ValidationError naming the field
+        meta = obj["metadata"]
+        assert meta["labels"][deploy.MANAGED_BY] == "svcbench", meta
+        assert meta["labels"][deploy.RUN_LABEL] == RUN, meta
+        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert meta["namespace"].startswith(f"svb-{RUN}-"), meta
+    # the validator is strict: a typo and a wrong type are refused
+    bad = json.loads(json.dumps(objs[-1]))
+    bad["spec"]["ports"][0]["prot"] = "TCP"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(bad)
+    # the YAML dump reads back to the same objects
+    assert list(yaml.safe_load_all(deploy.dump(objs))) == objs
+
+
+def test_agent_daemonset_runs_privileged_on_every_node_with_node_name_and_rbac():
+    ds = deploy.agent_daemonset(RUN, "nftables", "reg/svcbench:1")
+    pod = ds["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["command"] == ["svcbench", "agent", "--mode", "nftables", "--node-name",
+                            "$(NODE_NAME)"]
+    assert c["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef":
+                                                             {"fieldPath": "spec.nodeName"}}}]
+    assert c["securityContext"] == {"privileged": True} and pod["hostNetwork"] is True
+    assert "hostPID" not in pod and pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 10256}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/lib/modules", "/sys/fs/bpf"}
+    sa, role, binding = deploy.agent_rbac(RUN)
+    rules = {(r["apiGroups"][0], r["resources"][0]): set(r["verbs"]) for r in role["rules"]}
+    assert rules == {("", "services"): {"list", "watch"},
+                     ("discovery.k8s.io", "endpointslices"): {"list", "watch"},
+                     ("", "nodes"): {"get", "list", "watch"}}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
+    # Services from the suite's manifests leave every address to the cluster
+    svc = deploy.service(RUN, load_files([ROOT / "examples" / "web.yaml"]).services[0])
+    assert "clusterIP" not in svc["spec"] and all("nodePort" not in p for p in svc["spec"]["ports"])
+    assert svc["metadata"]["namespace"] == f"svb-{RUN}-ns1"
+    master, _svc, worker = deploy.locust_objects(RUN, "10.96.0.10:80", 3, 24, 5)
+    assert "--master " in master["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert f"--worker --master-host {master['metadata']['name']}." in \
+        worker["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert worker["spec"]["replicas"] == 3
+
+
+# --------------------------------------------------------------------------- kind
+
+
+def test_kind_configs_use_kinds_v1alpha4_fields_and_values():
+    accepted = kind.accepted_fields()
+    assert len(accepted["commit"]) == 40 and "types.go" in accepted["source"]
+    for mode, proxy in [("ebpf", "none"), ("iptables", "none"),
+                        ("kube-proxy/iptables", "iptables"), ("kube-proxy/ipvs", "ipvs"),
+                        ("kube-proxy/nftables", "nftables")]:
+        cfg = kind.config(mode, 3, RUN)
+        assert kind.validate_config(cfg) == [], mode
+        assert cfg["networking"]["kubeProxyMode"] == proxy
+        assert [n["role"] for n in cfg["nodes"]] == ["control-plane"] + ["worker"] * 3
+        assert yaml.safe_load(kind.dump(cfg)) == cfg
+    # kind's own test data (pkg/internal/apis/config/encoding/testdata/v1alpha4)
+    many_fields = yaml.safe_load(textwrap.dedent("""\
+        kind: Cluster
+        apiVersion: kind.x-k8s.io/v1alpha4
+        name: not-default
+        featureGates: {AllBeta: false}
+        networking: {ipFamily: ipv6}
+        nodes:
+        - role: control-plane
+        - role: worker
+          extraMounts:
+          - {containerPath: /foo, hostPath: /bar, readOnly: true, selinuxRelabel: false,
+             propagation: Bidirectional}
+          extraPortMappings:
+          - {containerPort: 8080, hostPort: 8080, protocol: UDP}
+        """))
+    assert kind.validate_config(many_fields) == []
+    bogus = json.loads(json.dumps(many_fields))
+    bogus["nodes"][1]["extraPortMappings"][0]["nOtAReaLFielD"] = "bar"
+    bogus["networking"]["kubeProxyMode"] = "bpf"
+    assert kind.validate_config(bogus) == [
+        "nodes[1].extraPortMappings[0].nOtAReaLFielD is not a field of kind's v1alpha4 config",
+        "networking.kubeProxyMode is 'bpf'; kind accepts iptables, ipvs, nftables, none",
+    ]
+
+
+def _main(*argv: str) -> int:
+    from svcbench.cli import main
+
+    return main(list(argv))
+
+
+def _kube_records() -> set[str]:
+    from clusters.kube import STATE_DIR
+
+    return set(os.listdir(STATE_DIR)) if os.path.isdir(STATE_DIR) else set()
+
+
+def _netns() -> set[str]:
+    return set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+
+
+def test_kind_config_command_prints_a_valid_config(capsys):
+    assert _main("kind", "config", "--mode", "kube-proxy/ipvs", "--nodes", "1") == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert kind.validate_config(cfg) == [] and cfg["networking"]["kubeProxyMode"] == "ipvs"
+    assert _main("kind", "config", "--mode", "ipvs2") == 2
+    assert "--mode must be one of" in capsys.readouterr().err
+
+
+def _fake_bin(tmp_path: Path, name: str, script: str) -> None:
+    path = tmp_path / name
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+
+
+def test_up_on_kind_without_docker_or_kind_is_one_sentence_exit_2_nothing_created(
+        tmp_path, monkeypatch, capsys):
+    before = (_kube_records(), _netns())
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither docker nor kind is found
+    assert _main("up", "--cluster", "kind", "--mode", "ebpf") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["svcbench: error: docker and kind are not installed, so kind clusters "
+                     "cannot start here; install Docker and kind (https://kind.sigs.k8s.io) or "
+                     "use --cluster netns or --cluster kubeconfig"], lines
+    # both present, but no daemon answers: docker info fails
+    _fake_bin(tmp_path, "docker", "echo 'Cannot connect to the Docker daemon' >&2; exit 1")
+    _fake_bin(tmp_path, "kind", f"touch {tmp_path}/kind-was-run; exit 1")
+    assert _main("up", "--cluster", "kind", "--mode", "kube-proxy/iptables") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no Docker daemon answers" in lines[0], lines
+    assert not (tmp_path / "kind-was-run").exists()
+    assert (_kube_records(), _netns()) == before
+
+
+def test_kubeconfig_pointing_nowhere_is_one_sentence_exit_2_nothing_created(tmp_path, capsys):
+    before = (_kube_records(), _netns())
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(textwrap.dedent("""\
+        apiVersion: v1
+        kind: Config
+        clusters: [{name: nowhere, cluster: {server: "https://127.0.0.1:1"}}]
+        users: [{name: u, user: {token: t}}]
+        contexts: [{name: c, context: {cluster: nowhere, user: u}}]
+        current-context: c
+        """))
+    assert _main("up", "--cluster", f"kubeconfig={cfg}", "-f",
+                 str(ROOT / "examples" / "web.yaml")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"svcbench: error: the API server of kubeconfig {cfg} "
+                     "(https://127.0.0.1:1) does not answer (connection refused), so nothing "
+                     "was created"], lines
+    assert _main("conformance", "--cluster", f"kubeconfig={tmp_path}/missing") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0], lines
+    assert _main("up", "--mode", "kube-proxy/nftables") == 2  # kube-proxy needs a real cluster
+    assert "runs only on a real cluster" in capsys.readouterr().err
+    assert (_kube_records(), _netns()) == before
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+METRICS_TEXT = textwrap.dedent("""\
+    # HELP kubeproxy_sync_proxy_rules_duration_seconds [ALPHA] SyncProxyRules latency in seconds
+    # TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram
+    kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.001"} 0
+    kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.002"} 10
+    kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.004"} 30
+    kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.008"} 38
+    kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="+Inf"} 40
+    kubeproxy_sync_proxy_rules_duration_seconds_sum 0.12
+    kubeproxy_sync_proxy_rules_duration_seconds_count 40
+    # HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds [ALPHA] last sync
+    # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
+    kubeproxy_sync_proxy_rules_last_timestamp_seconds 1.7e+09
+    """)
+
+
+def test_bench_computations_from_recorded_timings_and_metrics_text():
+    from bench import kube_bench as kb
+
+    p = kb.percentiles([0.5, 0.1, 0.3, 0.2, 0.4])
+    assert p == {"p50": 0.3, "p90": pytest.approx(0.46), "p99": pytest.approx(0.496)}
+    assert kb.percentiles([]) == {"p50": None, "p90": None, "p99": None}
+    buckets = kb.parse_histogram(METRICS_TEXT)
+    assert buckets == [(0.001, 0), (0.002, 10), (0.004, 30), (0.008, 38), (float("inf"), 40)]
+    # rank 20 of 40 lies halfway through the (0.002, 0.004] bucket (10 -> 30)
+    assert kb.histogram_quantile(0.5, buckets) == pytest.approx(0.003)
+    assert kb.histogram_quantile(0.9, buckets) == pytest.approx(0.004 + 0.004 * 6 / 8)
+    assert kb.histogram_quantile(0.99, buckets) == 0.008  # in +Inf: the highest finite bound
+    assert kb.histogram_quantile(0.5, [(float("inf"), 0)]) is None
+    before = [(0.001, 0), (0.002, 10), (0.004, 10), (0.008, 10), (float("inf"), 10)]
+    assert kb.histogram_delta(buckets, before)[-1] == (float("inf"), 30)
+    assert kb.histogram_quantile(0.5, kb.histogram_delta(buckets, before)) == pytest.approx(
+        0.002 + 0.002 * 15 / 20)
+    assert kb.pod_usage({"containers": [{"usage": {"cpu": "250m", "memory": "20Mi"}},
+                                        {"usage": {"cpu": "1500000n", "memory": "1Ki"}}]}
+                        ) == (pytest.approx(0.2515), 20 * 2**20 + 1024)
+    assert kb.first_served(["ready", '{"first": 12.5}']) == 12.5
+    assert kb.first_served(["ready", '{"first": null}']) is None
+    rows = kb.rows("kube-proxy/iptables", "programming_latency_s", 10, "s", [1.0, 2.0, 3.0])
+    assert [(r.stat, r.value, r.samples) for r in rows] == [
+        ("p50", 2.0, 3), ("p90", pytest.approx(2.8), 3), ("p99", pytest.approx(2.98), 3)]
+
+
+ECHO_AND_PROBE = """
+ip link set lo up
+python -m clusters.workloads.echo_pod --port 18080/TCP --port 18080/UDP >/dev/null 2>&1 &
+echo_pid=$!
+for i in $(seq 50); do python - <<'EOF' && break
+import socket; socket.create_connection(("127.0.0.1", 18080), 0.2).close()
+EOF
+sleep 0.1; done
+python -m clusters.workloads.probe 127.0.0.1 18080 --json --count 3
+python -m clusters.workloads.probe 127.0.0.1 18080 --json --count 2 --udp
+kill $echo_pid
+wait $echo_pid
+"""
+
+
+@pytest.mark.root
+def test_echo_pod_serves_the_probe_and_its_json_reads_back(tmp_path):
+    """The container's echo server and the exec'd probe, in a private network namespace."""
+    from clusters.kube import probe_command, result_from_json
+
+    assert probe_command("10.0.0.1", 80, count=3, udp=True)[:5] == [
+        "python", "-m", "clusters.workloads.probe", "10.0.0.1", "80"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), POD_NAMESPACE="svb-x-bench", POD_NAME="echo-1",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(["unshare", "--net", "sh", "-c", ECHO_AND_PROBE], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    docs, text = [], proc.stdout
+    decoder = json.JSONDecoder()
+    while text.strip():
+        text = text[text.index("{"):]
+        doc, end = decoder.raw_decode(text)
+        docs.append(doc)
+        text = text[end:]
+    tcp, udp = (result_from_json(d) for d in docs)
+    assert tcp.protocol == "TCP" and [s.outcome for s in tcp.samples] == ["ok"] * 3
+    assert {s.backend for s in tcp.samples} == {"svb-x-bench/echo-1"}
+    assert all(s.seen_client.startswith("127.0.0.1:") for s in tcp.samples)
+    assert udp.protocol == "UDP" and [s.outcome for s in udp.samples] == ["ok"] * 2
+    assert tcp.summary() == docs[0]["summary"]
