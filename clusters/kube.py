@@ -75,13 +75,16 @@ def connect(path: str, timeout: float = CONNECT_TIMEOUT_S):
         raise KubeUnavailable(f"kubeconfig {path} does not exist; pass --cluster kubeconfig=PATH "
                               "or set KUBECONFIG")
     try:
-        api = k8s.config.new_client_from_config(config_file=path, persist_config=False)
+        cfg = k8s.client.Configuration()
+        k8s.config.load_kube_config(config_file=path, client_configuration=cfg,
+                                    persist_config=False)
+        cfg.retries = 0  # a server that is not there is reported at once, not after 3 tries
+        api = k8s.client.ApiClient(cfg)
     except Exception as exc:  # noqa: BLE001 - any unreadable kubeconfig is bad input
         raise KubeUnavailable(f"kubeconfig {path} cannot be used: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                               ) from None
     host = api.configuration.host
-    api.configuration.retries = 0
     try:
         k8s.client.VersionApi(api).get_code(_request_timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - refused, timed out, TLS, 401: it points nowhere usable

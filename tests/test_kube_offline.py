@@ -146,8 +146,19 @@ def _kube_records() -> set[str]:
     return set(os.listdir(STATE_DIR)) if os.path.isdir(STATE_DIR) else set()
 
 
-def _netns() -> set[str]:
-    return set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+def _before() -> tuple[set[str], set[str], set[str]]:
+    from tests.test_cli import _netns, _runs
+
+    return _kube_records(), _netns(), _runs()
+
+
+def _assert_nothing_created(before: tuple[set[str], set[str], set[str]]) -> None:
+    """No kube run record, and no namespace or netns run without a live owner (other
+    helpers' runs come and go meanwhile)."""
+    from tests.test_cli import assert_nothing_created
+
+    assert _kube_records() == before[0]
+    assert_nothing_created(before[1], before[2])
 
 
 def test_kind_config_command_prints_a_valid_config(capsys):
@@ -166,7 +177,7 @@ def _fake_bin(tmp_path: Path, name: str, script: str) -> None:
 
 def test_up_on_kind_without_docker_or_kind_is_one_sentence_exit_2_nothing_created(
         tmp_path, monkeypatch, capsys):
-    before = (_kube_records(), _netns())
+    before = _before()
     monkeypatch.setenv("PATH", str(tmp_path))  # neither docker nor kind is found
     assert _main("up", "--cluster", "kind", "--mode", "ebpf") == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -180,11 +191,11 @@ def test_up_on_kind_without_docker_or_kind_is_one_sentence_exit_2_nothing_create
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "no Docker daemon answers" in lines[0], lines
     assert not (tmp_path / "kind-was-run").exists()
-    assert (_kube_records(), _netns()) == before
+    _assert_nothing_created(before)
 
 
 def test_kubeconfig_pointing_nowhere_is_one_sentence_exit_2_nothing_created(tmp_path, capsys):
-    before = (_kube_records(), _netns())
+    before = _before()
     cfg = tmp_path / "kubeconfig"
     cfg.write_text(textwrap.dedent("""\
         apiVersion: v1
@@ -205,7 +216,7 @@ def test_kubeconfig_pointing_nowhere_is_one_sentence_exit_2_nothing_created(tmp_
     assert len(lines) == 1 and "does not exist" in lines[0], lines
     assert _main("up", "--mode", "kube-proxy/nftables") == 2  # kube-proxy needs a real cluster
     assert "runs only on a real cluster" in capsys.readouterr().err
-    assert (_kube_records(), _netns()) == before
+    _assert_nothing_created(before)
 
 
 # --------------------------------------------------------------------------- measurements
