@@ -253,9 +253,10 @@ def conformance(args, out, err) -> int:
     from reports.results import new_run_dir
 
     say = _say(err)
-    out_dir = args.out_dir or str(new_run_dir(kind=f"conformance-kube-{args.cluster[0]}"))
     with _session(args, args.mode, keep=False, say=say) as cluster:
         agent = _check_proxy(cluster, args.cluster[0], args.mode)
+        # the run folder only once the cluster is usable: bad input leaves nothing behind
+        out_dir = args.out_dir or str(new_run_dir(kind=f"conformance-kube-{args.cluster[0]}"))
         from clusters.kube import host_id
 
         objects = [deploy.namespace(cluster.run, deploy.SYSTEM, host_id())]
@@ -307,6 +308,14 @@ def bench(args, out, err) -> int:
     if not sizes or sizes[0] < 1 or count < 1:
         raise KubeUsageError("--services and --count must be 1 or more")
     say = _say(err)
+    if args.cluster[0] == "kind":  # bad input before the run folder exists
+        from clusters.kind import preflight
+
+        preflight()
+    else:
+        from clusters.kube import connect, kubeconfig_path
+
+        connect(kubeconfig_path(args.cluster[1]))
     folder = new_run_dir(getattr(args, "out", None) or "runs", f"bench-kube-{args.cluster[0]}")
     rows: list[dict[str, Any]] = []
     status = 0

@@ -194,8 +194,10 @@ def test_up_on_kind_without_docker_or_kind_is_one_sentence_exit_2_nothing_create
     _assert_nothing_created(before)
 
 
-def test_kubeconfig_pointing_nowhere_is_one_sentence_exit_2_nothing_created(tmp_path, capsys):
+def test_kubeconfig_pointing_nowhere_is_one_sentence_exit_2_nothing_created(
+        tmp_path, monkeypatch, capsys):
     before = _before()
+    monkeypatch.chdir(tmp_path)  # where conformance and bench would make their run folders
     cfg = tmp_path / "kubeconfig"
     cfg.write_text(textwrap.dedent("""\
         apiVersion: v1
@@ -214,6 +216,10 @@ def test_kubeconfig_pointing_nowhere_is_one_sentence_exit_2_nothing_created(tmp_
     assert _main("conformance", "--cluster", f"kubeconfig={tmp_path}/missing") == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "does not exist" in lines[0], lines
+    assert _main("bench", "--cluster", f"kubeconfig={cfg}", "--modes", "kube-proxy/ipvs") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "does not answer (connection refused)" in lines[0], lines
+    assert not (tmp_path / "runs").exists()
     assert _main("up", "--mode", "kube-proxy/nftables") == 2  # kube-proxy needs a real cluster
     assert "runs only on a real cluster" in capsys.readouterr().err
     _assert_nothing_created(before)
