@@ -9,6 +9,8 @@ Metric names are the namespace cluster's where the meaning is the same (bench/me
   sample per change and node; p50/p90/p99 over all of them.
 - `conn_latency_us`: new connection (connect to greeting) from every node's probe pod to the
   first, the last and random ones of N Services.
+- `throughput_rps`: new connections per second to the last Service, distributed locust
+  (a master and two workers, kube/deploy.py's locust_objects), from its final stats.
 - `proxy_cpu_cores`, `proxy_memory_bytes`: the proxy pods (kube-proxy, or svcbench's agent)
   from the metrics API (metrics.k8s.io), summed over nodes.
 - `sync_proxy_rules_s`: kube-proxy's `kubeproxy_sync_proxy_rules_duration_seconds`
@@ -125,6 +127,29 @@ def first_served(lines: Iterable[str]) -> float | None:
             data = json.loads(line)
             return data.get("first")
     return None
+
+
+def locust_rps(text: str) -> tuple[float, int, int]:
+    """(requests per second, requests, failures) from `locust --json`'s final stats (the
+    last JSON list in the master's output): every entry's requests over the span from its
+    start_time to its last request."""
+    decoder, data = json.JSONDecoder(), None
+    for i, ch in enumerate(text):  # the last JSON list that starts a line (log lines follow)
+        if ch == "[" and (i == 0 or text[i - 1] == "\n"):
+            try:
+                found, _end = decoder.raw_decode(text, i)
+            except ValueError:
+                continue
+            if isinstance(found, list):
+                data = found
+    if data is None:
+        raise ValueError("no locust --json stats in the master's output")
+    requests = sum(e["num_requests"] for e in data)
+    failures = sum(e["num_failures"] for e in data)
+    first = min((e["start_time"] for e in data), default=0.0)
+    last = max((e["last_request_timestamp"] or 0.0 for e in data), default=0.0)
+    ok = requests - failures
+    return (ok / (last - first) if last > first else 0.0), requests, failures
 
 
 # The watcher run in each probe pod for one change: it says "ready" once probing, then
@@ -258,6 +283,39 @@ def scrape_sync_histogram(cluster) -> list[tuple[float, float]]:
     return sorted(total.items())
 
 
+def measure_throughput(cluster, target: str, workers: int, seconds: int, image: str,
+                       timeout_s: float = 300.0) -> tuple[float, int, int]:
+    """Distributed locust against `target` ("ip:port"): the master's final stats once it
+    has run `seconds` (it exits then; its Deployment would start it again, so it is read and
+    the locust objects deleted at once)."""
+    objs = deploy.locust_objects(cluster.run, target, workers, users=8 * workers,
+                                 seconds=seconds, image=image)
+    cluster.create(objs)
+    master = objs[0]["metadata"]["name"]
+    selector = f"{deploy.RUN_LABEL}={cluster.run},{deploy.COMPONENT}={master}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for pod in cluster.core.list_namespaced_pod(cluster.system_ns,
+                                                        label_selector=selector).items:
+                for cs in pod.status.container_statuses or []:
+                    done = cs.state.terminated or cs.last_state.terminated
+                    if done is not None:
+                        log = cluster.core.read_namespaced_pod_log(
+                            pod.metadata.name, cluster.system_ns,
+                            previous=cs.state.terminated is None)
+                        return locust_rps(log)
+            time.sleep(2)
+        raise TimeoutError(f"locust did not finish within {timeout_s:.0f} s")
+    finally:
+        for obj in objs:
+            name, kind = obj["metadata"]["name"], obj["kind"]
+            if kind == "Deployment":
+                cluster.apps.delete_namespaced_deployment(name, cluster.system_ns)
+            else:
+                cluster.core.delete_namespaced_service(name, cluster.system_ns)
+
+
 def bench_objects(run: str, services: int, replicas: int, image: str) -> list[dict[str, Any]]:
     ns = deploy.namespace_name(run, PROBE_NS)
     objs = [deploy.namespace(run, PROBE_NS, _host()),
@@ -298,6 +356,12 @@ def run_mode(cluster, mode: str, *, sizes: list[int], count: int, changes: int,
         say(f"{mode}: {size} Services: network programming latency")
         out += rows(mode, "programming_latency_s", size, "s",
                     measure_programming(cluster, mode, changes, say=say))
+        last = cluster.core.read_namespaced_service(f"svc-{size - 1}", deploy.namespace_name(
+            cluster.run, PROBE_NS)).spec.cluster_ip
+        say(f"{mode}: {size} Services: throughput (distributed locust)")
+        rps, requests, _failed = measure_throughput(cluster, f"{last}:80", workers=2,
+                                                    seconds=10, image=image)
+        out.append(Row(mode, "throughput_rps", size, "value", rps, "rps", requests))
         usage = measure_proxy_usage(cluster, mode)
         if usage is not None:
             out.append(Row(mode, "proxy_cpu_cores", size, "value", usage[0], "cores", 1))

@@ -266,6 +266,16 @@ def test_bench_computations_from_recorded_timings_and_metrics_text():
                         ) == (pytest.approx(0.2515), 20 * 2**20 + 1024)
     assert kb.first_served(["ready", '{"first": 12.5}']) == 12.5
     assert kb.first_served(["ready", '{"first": null}']) is None
+    log = ("[2026-12-03 06:40:00] master/INFO/locust.main: --run-time limit reached\n"
+           + json.dumps([{"name": "10.96.0.5:80", "method": "tcp", "start_time": 100.0,
+                          "last_request_timestamp": 110.0, "num_requests": 5000,
+                          "num_failures": 20}, {"name": "x", "method": "tcp",
+                                                "start_time": 101.0,
+                                                "last_request_timestamp": 109.0,
+                                                "num_requests": 30, "num_failures": 10}],
+                         indent=4) + "\n[2026-12-03 06:40:11] master/INFO/locust.main: "
+                                     "Shutting down (exit code 1)\n")
+    assert kb.locust_rps(log) == (pytest.approx((5030 - 30) / 10.0), 5030, 30)
     rows = kb.rows("kube-proxy/iptables", "programming_latency_s", 10, "s", [1.0, 2.0, 3.0])
     assert [(r.stat, r.value, r.samples) for r in rows] == [
         ("p50", 2.0, 3), ("p90", pytest.approx(2.8), 3), ("p99", pytest.approx(2.98), 3)]
