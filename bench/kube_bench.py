@@ -12,7 +12,8 @@ Metric names are the namespace cluster's where the meaning is the same (bench/me
 - `throughput_rps`: new connections per second to the last Service, distributed locust
   (a master and two workers, kube/deploy.py's locust_objects), from its final stats.
 - `proxy_cpu_cores`, `proxy_memory_bytes`: the proxy pods (kube-proxy, or svcbench's agent)
-  from the metrics API (metrics.k8s.io), summed over nodes.
+  from the metrics API (metrics.k8s.io), summed over nodes; without metrics-server, the
+  agent's cgroup (cpu.stat, memory.current) read by exec.
 - `sync_proxy_rules_s`: kube-proxy's `kubeproxy_sync_proxy_rules_duration_seconds`
   histogram, scraped from 127.0.0.1:10249 inside the hostNetwork probe pod of each node;
   quantiles as Prometheus' histogram_quantile computes them.
@@ -117,6 +118,31 @@ def pod_usage(item: dict[str, Any]) -> tuple[float, float]:
     cpu = sum(float(parse_quantity(c["usage"]["cpu"])) for c in item.get("containers", []))
     mem = sum(float(parse_quantity(c["usage"]["memory"])) for c in item.get("containers", []))
     return cpu, mem
+
+
+def cgroup_usage(cpu_stat: str, memory_current: str) -> tuple[float, int]:
+    """cgroup v2 cpu.stat and memory.current -> (CPU seconds used so far, bytes now)."""
+    fields = dict(line.split() for line in cpu_stat.splitlines() if len(line.split()) == 2)
+    return int(fields["usage_usec"]) / 1e6, int(memory_current.strip())
+
+
+# Read twice, one second apart, inside a proxy container with python (svcbench's agent).
+CGROUP_READ = """
+import json, time
+def read():
+    return (open("/sys/fs/cgroup/cpu.stat").read(), open("/sys/fs/cgroup/memory.current").read())
+a, t0 = read(), time.monotonic()
+time.sleep(1.0)
+b, t1 = read(), time.monotonic()
+print(json.dumps({"before": a, "after": b, "seconds": t1 - t0}))
+"""
+
+
+def cores_from_cgroup_reads(data: dict[str, Any]) -> tuple[float, int]:
+    """CGROUP_READ's output -> (CPU cores over its second, bytes at its end)."""
+    used0, _ = cgroup_usage(*data["before"])
+    used1, mem = cgroup_usage(*data["after"])
+    return (used1 - used0) / data["seconds"], mem
 
 
 def first_served(lines: Iterable[str]) -> float | None:
@@ -254,7 +280,10 @@ def proxy_selector(mode: str) -> tuple[str, str]:
 
 
 def measure_proxy_usage(cluster, mode: str) -> tuple[float, float] | None:
-    """(cores, bytes) of every proxy pod from the metrics API; None without metrics-server."""
+    """(cores, bytes) of every proxy pod from the metrics API; without metrics-server, from
+    the agent containers' cgroups by exec (None for kube-proxy then)."""
+    from clusters.kind import KUBE_PROXY_MODES
+
     custom = cluster.k8s.client.CustomObjectsApi(cluster.api)
     ns, selector = proxy_selector(mode)
     ns = ns or cluster.system_ns
@@ -262,7 +291,12 @@ def measure_proxy_usage(cluster, mode: str) -> tuple[float, float] | None:
         items = custom.list_namespaced_custom_object("metrics.k8s.io", "v1beta1", ns, "pods",
                                                      label_selector=selector)["items"]
     except cluster.k8s.client.ApiException:
-        return None
+        if mode in KUBE_PROXY_MODES:  # its image has no python to read the cgroup with
+            return None
+        pods = cluster.core.list_namespaced_pod(ns, label_selector=selector).items
+        reads = [cores_from_cgroup_reads(json.loads(cluster.exec(
+            p.metadata.name, ["python", "-c", CGROUP_READ], namespace=ns))) for p in pods]
+        return sum(r[0] for r in reads), float(sum(r[1] for r in reads))
     cpu = mem = 0.0
     for item in items:
         c, m = pod_usage(item)

@@ -264,6 +264,11 @@ def test_bench_computations_from_recorded_timings_and_metrics_text():
     assert kb.pod_usage({"containers": [{"usage": {"cpu": "250m", "memory": "20Mi"}},
                                         {"usage": {"cpu": "1500000n", "memory": "1Ki"}}]}
                         ) == (pytest.approx(0.2515), 20 * 2**20 + 1024)
+    stat0 = "usage_usec 1000000\nuser_usec 600000\nsystem_usec 400000\nnr_periods 0\n"
+    stat1 = "usage_usec 1250000\nuser_usec 700000\nsystem_usec 550000\nnr_periods 0\n"
+    assert kb.cgroup_usage(stat0, "4096\n") == (1.0, 4096)
+    assert kb.cores_from_cgroup_reads({"before": [stat0, "4096\n"], "after": [stat1, "8192\n"],
+                                       "seconds": 0.5}) == (pytest.approx(0.5), 8192)
     assert kb.first_served(["ready", '{"first": 12.5}']) == 12.5
     assert kb.first_served(["ready", '{"first": null}']) is None
     log = ("[2026-12-03 06:40:00] master/INFO/locust.main: --run-time limit reached\n"
