@@ -326,3 +326,32 @@ def test_echo_pod_serves_the_probe_and_its_json_reads_back(tmp_path):
     assert all(s.seen_client.startswith("127.0.0.1:") for s in tcp.samples)
     assert udp.protocol == "UDP" and [s.outcome for s in udp.samples] == ["ok"] * 2
     assert tcp.summary() == docs[0]["summary"]
+
+
+def test_the_live_paths_call_what_the_kubernetes_client_has():
+    """clusters/kube.py, bench/kube_bench.py and svcbench/cmd_kube.py run only against a
+    cluster: every API method and model field they use must exist in the client."""
+    import re
+
+    from kubernetes import client
+
+    apis = {"core": client.CoreV1Api, "apps": client.AppsV1Api,
+            "rbac": client.RbacAuthorizationV1Api, "custom": client.CustomObjectsApi}
+    called = set()
+    for path in ("clusters/kube.py", "bench/kube_bench.py", "svcbench/cmd_kube.py"):
+        called |= set(re.findall(r"\b(core|apps|rbac|custom)\.([a-z_]+)\b",
+                                 (ROOT / path).read_text()))
+    assert len(called) >= 18, called
+    missing = [f"{api}.{name}" for api, name in called if not hasattr(apis[api], name)]
+    assert not missing, missing
+    fields = {client.V1DaemonSetStatus: ("desired_number_scheduled", "number_ready"),
+              client.V1DeploymentStatus: ("ready_replicas",),
+              client.V1PodStatus: ("container_statuses", "conditions", "phase"),
+              client.V1ContainerStatus: ("state", "last_state"),
+              client.V1ContainerState: ("terminated",),
+              client.V1ServiceSpec: ("cluster_ip", "ports"),
+              client.V1PodSpec: ("node_name",), client.V1NodeSpec: ("unschedulable",),
+              client.V1ObjectMeta: ("owner_references", "labels", "annotations")}
+    for model, names in fields.items():
+        for name in names:
+            assert name in model.openapi_types, f"{model.__name__}.{name}"
