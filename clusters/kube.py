@@ -251,6 +251,17 @@ class KubeCluster:
                 return False
             raise
 
+    def api_server(self) -> tuple[str, int]:
+        """The API server's own address and port: the `kubernetes` Service's endpoint,
+        which a pod can reach without any Service proxy."""
+        discovery = self.k8s.client.DiscoveryV1Api(self.api)
+        for es in discovery.list_namespaced_endpoint_slice(
+                "default", label_selector="kubernetes.io/service-name=kubernetes").items:
+            for ep in es.endpoints or []:
+                if ep.addresses and es.ports:
+                    return ep.addresses[0], es.ports[0].port
+        raise RuntimeError("the kubernetes Service has no endpoint: where is the API server?")
+
     def create(self, objects: list[dict[str, Any]]) -> None:
         for obj in objects:
             self.say(f"creating {obj['kind']} {obj['metadata'].get('namespace', '')}"

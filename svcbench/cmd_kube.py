@@ -118,7 +118,8 @@ def up(args, out, err) -> int:
 
         objects = deploy.objects_for(cluster.run, args.mode, services=manifests.services,
                                      pods=manifests.pods, node_names=node_names,
-                                     image=args.image, with_agent=agent, host=host_id())
+                                     image=args.image, with_agent=agent, host=host_id(),
+                                     api_server=cluster.api_server() if agent else None)
         cluster.create(objects)
         cluster.wait_ready()
     elapsed = time.perf_counter() - started
@@ -261,7 +262,8 @@ def conformance(args, out, err) -> int:
 
         objects = [deploy.namespace(cluster.run, deploy.SYSTEM, host_id())]
         if agent:
-            objects += deploy.agent_objects(cluster.run, args.mode, args.image)
+            objects += deploy.agent_objects(cluster.run, args.mode, args.image,
+                                            cluster.api_server())
         objects += [deploy.probe_daemonset(cluster.run, args.image)]
         objects += kube_bench.bench_objects(cluster.run, 1, 2, args.image)
         cluster.create(objects)
@@ -327,7 +329,8 @@ def bench(args, out, err) -> int:
 
                 objects = [deploy.namespace(cluster.run, deploy.SYSTEM, host_id())]
                 if agent:
-                    objects += deploy.agent_objects(cluster.run, mode, args.image)
+                    objects += deploy.agent_objects(cluster.run, mode, args.image,
+                                                    cluster.api_server())
                 objects += [deploy.probe_daemonset(cluster.run, args.image),
                             deploy.probe_daemonset(cluster.run, args.image, host_network=True)]
                 cluster.create(objects)

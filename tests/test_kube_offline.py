@@ -28,7 +28,8 @@ def _all_objects() -> list[dict]:
     manifests = load_files([ROOT / "examples" / "web.yaml"])
     objs = deploy.objects_for(RUN, "ebpf", services=manifests.services, pods=manifests.pods,
                               node_names={"node1": "kind-worker", "node2": "kind-worker2"},
-                              with_agent=True, host="builder")
+                              with_agent=True, host="builder",
+                              api_server=("172.18.0.2", 6443))
     objs += deploy.locust_objects(RUN, "10.96.0.10:80", workers=2, users=16, seconds=10)
     objs += deploy.bench_services(RUN, "bench", 3, {"app": "svcbench-echo"})
     objs.append(deploy.echo_deployment(RUN, "bench", "svcbench-echo", 4))
@@ -64,9 +65,14 @@ def test_every_manifest_validates_against_kubernetes_schemas_and_is_labelled_by_
 
 
 def test_agent_daemonset_runs_privileged_on_every_node_with_node_name_and_rbac():
-    ds = deploy.agent_daemonset(RUN, "nftables", "reg/svcbench:1")
+    ds = deploy.agent_daemonset(RUN, "nftables", "reg/svcbench:1", ("172.18.0.2", 6443))
     pod = ds["spec"]["template"]["spec"]
     c = pod["containers"][0]
+    # no kube-proxy serves the kubernetes Service yet: the agent reaches the API server itself
+    assert c["env"][1:] == [{"name": "KUBERNETES_SERVICE_HOST", "value": "172.18.0.2"},
+                            {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"}]
+    c = deploy.agent_daemonset(RUN, "nftables", "reg/svcbench:1")["spec"]["template"]["spec"][
+        "containers"][0]
     assert c["command"] == ["svcbench", "agent", "--mode", "nftables", "--node-name",
                             "$(NODE_NAME)"]
     assert c["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef":
@@ -336,12 +342,13 @@ def test_the_live_paths_call_what_the_kubernetes_client_has():
     from kubernetes import client
 
     apis = {"core": client.CoreV1Api, "apps": client.AppsV1Api,
-            "rbac": client.RbacAuthorizationV1Api, "custom": client.CustomObjectsApi}
+            "rbac": client.RbacAuthorizationV1Api, "custom": client.CustomObjectsApi,
+            "discovery": client.DiscoveryV1Api}
     called = set()
     for path in ("clusters/kube.py", "bench/kube_bench.py", "svcbench/cmd_kube.py"):
-        called |= set(re.findall(r"\b(core|apps|rbac|custom)\.([a-z_]+)\b",
+        called |= set(re.findall(r"\b(core|apps|rbac|custom|discovery)\.([a-z_]+)\b",
                                  (ROOT / path).read_text()))
-    assert len(called) >= 18, called
+    assert len(called) >= 19 and ("discovery", "list_namespaced_endpoint_slice") in called
     missing = [f"{api}.{name}" for api, name in called if not hasattr(apis[api], name)]
     assert not missing, missing
     fields = {client.V1DaemonSetStatus: ("desired_number_scheduled", "number_ready"),
@@ -351,7 +358,9 @@ def test_the_live_paths_call_what_the_kubernetes_client_has():
               client.V1ContainerState: ("terminated",),
               client.V1ServiceSpec: ("cluster_ip", "ports"),
               client.V1PodSpec: ("node_name",), client.V1NodeSpec: ("unschedulable",),
-              client.V1ObjectMeta: ("owner_references", "labels", "annotations")}
+              client.V1ObjectMeta: ("owner_references", "labels", "annotations"),
+              client.V1EndpointSlice: ("endpoints", "ports"), client.V1Endpoint: ("addresses",),
+              client.DiscoveryV1EndpointPort: ("port",)}
     for model, names in fields.items():
         for name in names:
             assert name in model.openapi_types, f"{model.__name__}.{name}"
