@@ -76,9 +76,14 @@ def _say(err):
 
 
 def _session(args, mode: str, keep: bool, say):
-    from clusters import kube
+    from clusters import kind, kube
 
     provider, path = args.cluster
+    if provider == "kind":
+        try:
+            kind.config(mode, getattr(args, "nodes", 2))  # bad flags before anything exists
+        except ValueError as exc:
+            raise KubeUsageError(str(exc)) from None
     return kube.session(provider, mode, kubeconfig=path, workers=getattr(args, "nodes", 2),
                         image=args.image, keep=keep, say=say)
 
@@ -108,6 +113,9 @@ def up(args, out, err) -> int:
     generated = tuple(Pod("default", f"echo-node{k}-{i}", {"app": "echo"}, node_name=f"node{k}")
                       for k in range(1, nodes + 1) for i in range(1, per_node + 1))
     manifests = Manifests(generated, (), ()).merged(manifests)
+    if manifests.endpoint_slices or manifests.nodes:
+        err.print("note: hand-written EndpointSlices and Node labels stay out of a real "
+                  "cluster: its controllers own those", markup=False, highlight=False)
     say = _say(err)
     started = time.perf_counter()
     with _session(args, args.mode, keep=True, say=say) as cluster:

@@ -364,3 +364,32 @@ def test_the_live_paths_call_what_the_kubernetes_client_has():
     for model, names in fields.items():
         for name in names:
             assert name in model.openapi_types, f"{model.__name__}.{name}"
+
+
+def test_gc_removes_kind_clusters_and_records_of_runs_not_live(tmp_path, monkeypatch):
+    """A run held by its command or kept by `up` stays; a released one goes, with its kind
+    cluster (the kind CLI here is a stand-in that records what it was asked)."""
+    from clusters import kube
+
+    calls = tmp_path / "kind-calls"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _fake_bin(bindir, "kind", f'echo "$@" >> {calls}\n'
+                              'if [ "$1" = get ]; then printf "svb-dead01\\nsvb-held01\\n'
+                              'svb-kept01\\nsomeone-else\\n"; fi')
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    state = str(tmp_path / "state")
+    dead = kube.RunRecord.create("kind", "ebpf", None, state, run="dead01")
+    dead.release()  # its command is gone, and up never kept it
+    held = kube.RunRecord.create("kind", "ebpf", None, state, run="held01")
+    kept = kube.RunRecord.create("kind", "kube-proxy/ipvs", None, state, run="kept01")
+    kept.keep()
+    kept.release()
+    try:
+        removed = kube.gc(state, default_kubeconfig=str(tmp_path / "no-kubeconfig"))
+    finally:
+        held.release()
+    assert removed == ["kind cluster svb-dead01: deleted (its run is not live)",
+                       "run dead01: removed its record (kind)"]
+    assert calls.read_text().splitlines() == ["get clusters", "delete cluster --name svb-dead01"]
+    assert sorted(kube.list_records(state)) == ["held01", "kept01"]
