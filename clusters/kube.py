@@ -124,8 +124,9 @@ class RunRecord:
         return os.path.join(self.state_dir, self.run)
 
     @classmethod
-    def create(cls, provider: str, mode: str, kubeconfig: str | None, state_dir: str = STATE_DIR,
+    def create(cls, provider: str, mode: str, kubeconfig: str | None, state_dir: str | None = None,
                run: str | None = None) -> RunRecord:
+        state_dir = state_dir or STATE_DIR
         os.makedirs(state_dir, exist_ok=True)
         while True:
             run_id = run or new_run_id()
@@ -164,7 +165,8 @@ class RunRecord:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def list_records(state_dir: str = STATE_DIR) -> dict[str, dict[str, Any] | None]:
+def list_records(state_dir: str | None = None) -> dict[str, dict[str, Any] | None]:
+    state_dir = state_dir or STATE_DIR
     try:
         names = sorted(os.listdir(state_dir))
     except FileNotFoundError:
@@ -179,8 +181,9 @@ def list_records(state_dir: str = STATE_DIR) -> dict[str, dict[str, Any] | None]
     return out
 
 
-def record_live(run: str, state: dict[str, Any] | None, state_dir: str = STATE_DIR) -> bool:
+def record_live(run: str, state: dict[str, Any] | None, state_dir: str | None = None) -> bool:
     """Live: `up` kept it, or its owner still holds its lock."""
+    state_dir = state_dir or STATE_DIR
     if state and state.get("kept"):
         return True
     try:
@@ -196,7 +199,8 @@ def record_live(run: str, state: dict[str, Any] | None, state_dir: str = STATE_D
         os.close(fd)
 
 
-def live_runs(state_dir: str = STATE_DIR) -> set[str]:
+def live_runs(state_dir: str | None = None) -> set[str]:
+    state_dir = state_dir or STATE_DIR
     return {run for run, st in list_records(state_dir).items() if record_live(run, st, state_dir)}
 
 
@@ -397,7 +401,7 @@ def _ignore_404(k8s, fn, *args) -> None:
 def session(provider: str, mode: str, *, kubeconfig: str | None = None, workers: int = 2,
             image: str = deploy.DEFAULT_IMAGE, keep: bool = False,
             say: Callable[[str], None] = lambda _m: None,
-            state_dir: str = STATE_DIR) -> Iterator[KubeCluster]:
+            state_dir: str | None = None) -> Iterator[KubeCluster]:
     """A run on a kind cluster made for it or on the kubeconfig's cluster.
 
     Everything it creates is deleted when the block ends (success, failure, Ctrl-C, SIGTERM:
@@ -405,6 +409,7 @@ def session(provider: str, mode: str, *, kubeconfig: str | None = None, workers:
     Bad input (kind or Docker missing, a kubeconfig that points nowhere) raises
     KubeUnavailable before anything is created.
     """
+    state_dir = state_dir or STATE_DIR
     from clusters import kind
 
     if provider == "kind":
@@ -441,8 +446,9 @@ def session(provider: str, mode: str, *, kubeconfig: str | None = None, workers:
                 rec.remove()
 
 
-def down(run: str, state_dir: str = STATE_DIR) -> list[str]:
+def down(run: str, state_dir: str | None = None) -> list[str]:
     """Remove a kept run: its kind cluster, or its objects on the kubeconfig's cluster."""
+    state_dir = state_dir or STATE_DIR
     from clusters import kind
 
     state = list_records(state_dir).get(run)
@@ -458,9 +464,10 @@ def down(run: str, state_dir: str = STATE_DIR) -> list[str]:
     return removed
 
 
-def gc(state_dir: str = STATE_DIR, default_kubeconfig: str | None = None) -> list[str]:
+def gc(state_dir: str | None = None, default_kubeconfig: str | None = None) -> list[str]:
     """What dead runs left: kind clusters svb-<run>, labelled namespaces and cluster-wide
     objects this machine made, and the records. Unreachable clusters are skipped quietly."""
+    state_dir = state_dir or STATE_DIR
     from clusters import kind
 
     records = list_records(state_dir)

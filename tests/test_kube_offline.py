@@ -393,3 +393,35 @@ def test_gc_removes_kind_clusters_and_records_of_runs_not_live(tmp_path, monkeyp
                        "run dead01: removed its record (kind)"]
     assert calls.read_text().splitlines() == ["get clusters", "delete cluster --name svb-dead01"]
     assert sorted(kube.list_records(state)) == ["held01", "kept01"]
+
+
+@pytest.mark.parametrize("failure", ["load fails", "ctrl-c"])
+def test_a_kind_run_that_fails_or_is_interrupted_deletes_its_cluster(failure, tmp_path,
+                                                                    monkeypatch, capsys):
+    """Stand-ins for docker and kind: `kind load` fails, or Ctrl-C arrives while `kind create`
+    runs (it sends SIGINT to svcbench); either way the cluster is deleted and no record stays."""
+    from clusters import kube
+
+    calls = tmp_path / "kind-calls"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _fake_bin(bindir, "docker", "echo 28.2.2")
+    on_create = "kill -INT $PPID; sleep 5" if failure == "ctrl-c" else "exit 0"
+    _fake_bin(bindir, "kind", f'echo "$@" >> {calls}\n'
+                              f'case "$1" in create) {on_create};; load) echo "image not present '
+                              'locally" >&2; exit 1;; esac')
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
+    status = _main("up", "--cluster", "kind", "--mode", "kube-proxy/iptables", "--nodes", "1")
+    err = capsys.readouterr().err
+    lines = calls.read_text().splitlines()
+    run = lines[0].split("--name svb-")[1].split()[0]
+    assert lines[0].startswith(f"create cluster --name svb-{run} --config ")
+    if failure == "ctrl-c":
+        assert status == 130, err
+        assert lines[1:] == [f"delete cluster --name svb-{run}"] * 2
+    else:
+        assert status == 1 and "kind load docker-image svcbench:dev failed: image not present locally" in err
+        assert lines[1:] == [f"load docker-image svcbench:dev --name svb-{run}"] + [
+            f"delete cluster --name svb-{run}"] * 2
+    assert kube.list_records(str(tmp_path / "state")) == {}
