@@ -409,9 +409,9 @@ def session(provider: str, mode: str, *, kubeconfig: str | None = None, workers:
     Bad input (kind or Docker missing, a kubeconfig that points nowhere) raises
     KubeUnavailable before anything is created.
     """
-    state_dir = state_dir or STATE_DIR
     from clusters import kind
 
+    state_dir = state_dir or STATE_DIR
     if provider == "kind":
         kind.preflight()
     else:
@@ -427,7 +427,10 @@ def session(provider: str, mode: str, *, kubeconfig: str | None = None, workers:
             path = kind.create(rec.run, mode, workers, rec.dir, image, say)
             rec.state["kubeconfig"] = path
             rec.save()
-            api = connect(path, timeout=30.0)
+            try:
+                api = connect(path, timeout=30.0)
+            except KubeUnavailable as exc:  # kind made it: a failure, not bad input
+                raise RuntimeError(f"kind cluster {kind.cluster_name(rec.run)}: {exc}") from None
         cluster = KubeCluster(api, rec.run, say)
         yield cluster
         ok = True
