@@ -39,6 +39,61 @@ def _all_objects() -> list[dict]:
     return objs
 
 
+SERVICE_SHAPES = """
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: ns1}
+spec:
+  type: LoadBalancer
+  selector: {app: web}
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30300
+  loadBalancerSourceRanges: [198.18.0.0/24]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081}]
+status: {loadBalancer: {ingress: [{ip: 198.18.32.1}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: ns1, labels: {tier: web}}
+spec:
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  trafficDistribution: PreferClose
+  internalTrafficPolicy: Local
+  externalIPs: [198.18.64.1]
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: discard, port: 9, protocol: SCTP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: ns2}
+spec: {clusterIP: None, selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: alias, namespace: ns2}
+spec: {type: ExternalName, externalName: web.ns1.svc.cluster.local}
+"""
+
+
+def test_services_of_every_shape_keep_their_meaning_and_validate(tmp_path):
+    path = tmp_path / "shapes.yaml"
+    path.write_text(SERVICE_SHAPES)
+    services = {s.name: deploy.service(RUN, s) for s in load_files([path]).services}
+    for svc in services.values():
+        _validate(svc)
+    lb = services["lb"]["spec"]
+    assert lb["type"] == "LoadBalancer" and lb["externalTrafficPolicy"] == "Local"
+    assert lb["loadBalancerSourceRanges"] == ["198.18.0.0/24"]
+    assert "healthCheckNodePort" not in lb and "nodePort" not in lb["ports"][0]
+    sticky = services["sticky"]
+    assert sticky["metadata"]["labels"]["tier"] == "web" and "externalIPs" not in sticky["spec"]
+    assert sticky["spec"]["sessionAffinityConfig"] == {"clientIP": {"timeoutSeconds": 60}}
+    assert sticky["spec"]["trafficDistribution"] == "PreferClose"
+    assert services["headless"]["spec"]["clusterIP"] == "None"
+    assert services["alias"]["spec"]["externalName"] == "web.ns1.svc.cluster.local"
+
+
 def _validate(obj: dict) -> None:
     kubernetes_validate.validate(obj, deploy.VALIDATE_VERSION, strict=True)
 
