@@ -480,3 +480,72 @@ def test_a_kind_run_that_fails_or_is_interrupted_deletes_its_cluster(failure, tm
         assert lines[1:] == [f"load docker-image svcbench:dev --name svb-{run}"] + [
             f"delete cluster --name svb-{run}"] * 2
     assert kube.list_records(str(tmp_path / "state")) == {}
+
+
+def test_up_and_down_on_a_kubeconfig_cluster_through_the_api(tmp_path, monkeypatch, capsys):
+    """`up --cluster kubeconfig=PATH` against an in-memory API server on loopback: the run's
+    namespaces, probe DaemonSets, Services and echo pods are created through the API (pods
+    placed on the cluster's k-th node), waited for, kept; `down` deletes them by label."""
+    from clusters import kube
+    from tests.kube_fake_api import FakeApi
+
+    monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
+    with FakeApi() as api:
+        cfg = api.kubeconfig(tmp_path / "kubeconfig")
+        assert _main("up", "--cluster", f"kubeconfig={cfg}", "--mode", "kube-proxy/iptables",
+                     "-f", str(ROOT / "examples" / "web.yaml")) == 0, capsys.readouterr().err
+        (run,) = kube.list_records(str(tmp_path / "state"))
+        made = {(r, ns, name) for r, ns, name in api.objects if r != "nodes"}
+        system, ns1 = f"svb-{run}-system", f"svb-{run}-ns1"
+        assert made == {
+            ("namespaces", None, system), ("namespaces", None, ns1),
+            ("daemonsets", system, "svcbench-probe"), ("daemonsets", system, "svcbench-probe-host"),
+            ("services", ns1, "web"), ("services", ns1, "empty"),
+            *{("pods", ns1, p) for p in ("web-1", "web-2", "web-3", "client")}}
+        assert api.objects[("pods", ns1, "web-2")]["spec"]["nodeName"] == "kind-worker2"
+        for (resource, _ns, _name), obj in api.objects.items():
+            if resource != "nodes":
+                _validate(obj)  # what reached the API is what the schemas accept
+                assert obj["metadata"]["labels"][deploy.RUN_LABEL] == run
+        assert f"cluster {run} up" in capsys.readouterr().out
+        assert _main("down", "--run", run) == 0
+        assert {k for k in api.objects if k[0] != "nodes"} == set()
+        assert kube.list_records(str(tmp_path / "state")) == {}
+
+
+def test_ctrl_c_while_waiting_on_a_kubeconfig_cluster_deletes_the_run(tmp_path, monkeypatch,
+                                                                      capsys):
+    """SIGINT while `up` waits for pods that never get ready: exit 130, and every object the
+    run made on the cluster is deleted again, its record too."""
+    import signal
+    import threading
+
+    from clusters import kube
+    from tests.kube_fake_api import FakeApi
+
+    monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(kube, "POLL_S", 0.05)
+    with FakeApi(ready=False) as api:
+        cfg = api.kubeconfig(tmp_path / "kubeconfig")
+        stop = threading.Event()
+
+        def interrupt_once_waiting() -> None:  # Ctrl-C once up has polled twice
+            while not stop.wait(0.02):
+                if api.requests.count(("GET", "/apis/apps/v1/daemonsets")) >= 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+
+        watcher = threading.Thread(target=interrupt_once_waiting, daemon=True)
+        watcher.start()
+        try:
+            status = _main("up", "--cluster", f"kubeconfig={cfg}", "--mode",
+                           "kube-proxy/nftables", "-f", str(ROOT / "examples" / "web.yaml"))
+        finally:
+            stop.set()
+            watcher.join()
+        err = capsys.readouterr().err
+        assert status == 130, err
+        assert "waiting for" in err and "DaemonSet svcbench-probe 0/2" in err
+        assert ("POST", "/api/v1/namespaces") in api.requests  # it had made things
+        assert {k for k in api.objects if k[0] != "nodes"} == set()
+        assert kube.list_records(str(tmp_path / "state")) == {}

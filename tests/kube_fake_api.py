@@ -1,0 +1,138 @@
+"""A small in-memory Kubernetes API server on loopback, for the kubeconfig provider's offline
+tests: it stores what is created, lists it by label selector (every workload reported ready),
+deletes it, and answers /version. Only the calls clusters/kube.py makes are served."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+VERSION = {"major": "1", "minor": "33", "gitVersion": "v1.33.0", "gitCommit": "0" * 40,
+           "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24",
+           "compiler": "gc", "platform": "linux/amd64"}
+# /api/v1/namespaces/NS/pods, /apis/apps/v1/daemonsets, /api/v1/nodes/NAME, ...
+PATH_RE = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/v1)(?:/namespaces/(?P<ns>[^/]+))?"
+                     r"/(?P<resource>[a-z]+)(?:/(?P<name>[^/]+))?$")
+
+
+def _matches(obj: dict, selector: str | None) -> bool:
+    labels = obj.get("metadata", {}).get("labels") or {}
+    for term in filter(None, (selector or "").split(",")):
+        key, _, value = term.partition("=")
+        if labels.get(key) != value:
+            return False
+    return True
+
+
+class FakeApi:
+    def __init__(self, nodes: tuple[str, ...] = ("kind-worker", "kind-worker2"),
+                 ready: bool = True):
+        self.ready = ready  # False: DaemonSets never get their pods ready
+        self.objects: dict[tuple[str, str | None, str], dict] = {}  # (resource, ns, name)
+        self.requests: list[tuple[str, str]] = []
+        for name in nodes:
+            self.objects[("nodes", None, name)] = {"metadata": {"name": name}, "spec": {}}
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def kubeconfig(self, path) -> str:
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
+        return str(path)
+
+    def __enter__(self) -> FakeApi:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _ready(self, resource: str, obj: dict) -> dict:
+        obj = json.loads(json.dumps(obj))
+        if resource == "daemonsets":
+            obj["status"] = {"desiredNumberScheduled": 2, "numberReady": 2 if self.ready else 0,
+                             "currentNumberScheduled": 2, "numberMisscheduled": 0}
+        elif resource == "deployments":
+            obj["status"] = {"readyReplicas": obj["spec"].get("replicas", 1)}
+        elif resource == "pods":
+            obj["status"] = {"phase": "Running", "conditions": [{"type": "Ready",
+                                                                 "status": "True"}]}
+        elif resource == "namespaces":
+            obj["status"] = {"phase": "Active"}
+        return obj
+
+    def _handler(self):
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _route(self):
+                url = urlparse(self.path)
+                url = url._replace(path=url.path.rstrip("/") or "/")
+                api.requests.append((self.command, url.path))
+                m = PATH_RE.match(url.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                return url, m, query
+
+            def _missing(self, what: str) -> None:
+                self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                 "reason": "NotFound", "code": 404, "message": f"{what} not found"})
+
+            def do_GET(self) -> None:
+                url, m, query = self._route()
+                if url.path == "/version":
+                    return self._send(200, VERSION)
+                if not m:
+                    return self._missing(url.path)
+                res, ns, name = m["resource"], m["ns"], m["name"]
+                if name:
+                    obj = api.objects.get((res, ns, name))
+                    return self._send(200, api._ready(res, obj)) if obj else self._missing(name)
+                items = [api._ready(res, o) for (r, o_ns, _), o in sorted(api.objects.items(),
+                         key=lambda kv: str(kv[0]))
+                         if r == res and (ns is None or o_ns == ns)
+                         and _matches(o, query.get("labelSelector"))]
+                self._send(200, {"kind": "List", "apiVersion": "v1", "metadata": {},
+                                 "items": items})
+
+            def do_POST(self) -> None:
+                url, m, _query = self._route()
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                key = (m["resource"], m["ns"], body["metadata"]["name"])
+                if key in api.objects:
+                    return self._send(409, {"kind": "Status", "apiVersion": "v1", "code": 409,
+                                            "status": "Failure", "reason": "AlreadyExists"})
+                api.objects[key] = body
+                self._send(201, body)
+
+            def do_DELETE(self) -> None:
+                url, m, _query = self._route()
+                if not m or api.objects.pop((m["resource"], m["ns"], m["name"]), None) is None:
+                    return self._missing(url.path)
+                if m["resource"] == "namespaces":  # the namespace controller's part
+                    for key in [k for k in api.objects if k[1] == m["name"]]:
+                        del api.objects[key]
+                self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+
+        return Handler
