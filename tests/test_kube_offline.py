@@ -549,3 +549,30 @@ def test_ctrl_c_while_waiting_on_a_kubeconfig_cluster_deletes_the_run(tmp_path, 
         assert ("POST", "/api/v1/namespaces") in api.requests  # it had made things
         assert {k for k in api.objects if k[0] != "nodes"} == set()
         assert kube.list_records(str(tmp_path / "state")) == {}
+
+
+def test_gc_deletes_namespaces_this_machine_made_for_runs_not_live(tmp_path, monkeypatch):
+    from clusters import kube
+    from tests.kube_fake_api import FakeApi
+
+    state = str(tmp_path / "state")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no kind here
+    held = kube.RunRecord.create("kubeconfig", "kube-proxy/ipvs", None, state, run="held02")
+    with FakeApi() as api:
+        def ns(run: str, host: str) -> None:
+            obj = deploy.namespace(run, deploy.SYSTEM, host)
+            api.objects[("namespaces", None, obj["metadata"]["name"])] = obj
+
+        ns("dead02", kube.host_id())  # its command was killed: no record, no lock
+        ns("held02", kube.host_id())  # its command still runs
+        ns("other2", "another-machine")  # someone else's run on a shared cluster
+        role = deploy.agent_rbac("dead02")[1]
+        api.objects[("clusterroles", None, role["metadata"]["name"])] = role
+        try:
+            removed = kube.gc(state, default_kubeconfig=api.kubeconfig(tmp_path / "kc"))
+        finally:
+            held.release()
+    assert removed == ["run dead02: deleted ClusterRole svb-dead02-agent",
+                       "run dead02: deleted namespace svb-dead02-system"]
+    assert sorted(k[2] for k in api.objects if k[0] != "nodes") == [
+        "svb-held02-system", "svb-other2-system"]
