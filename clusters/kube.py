@@ -307,20 +307,30 @@ class KubeCluster:
         return {p.spec.node_name: p.metadata.name for p in pods
                 if p.status.phase == "Running" and p.spec.node_name}
 
+    def _exec_api(self):
+        """A CoreV1Api of its own for one exec: kubernetes.stream swaps its client's request
+        method while it runs, so calls sharing that client from other threads (probes run
+        at once, a list meanwhile) would go out as websockets and fail."""
+        return self.k8s.client.CoreV1Api(self.k8s.client.ApiClient(self.api.configuration))
+
     def exec(self, pod: str, command: list[str], namespace: str | None = None,
              timeout: float = 120.0) -> str:
         """Run `command` in the pod and return its standard output."""
         from kubernetes.stream import stream
 
-        return stream(self.core.connect_get_namespaced_pod_exec, pod, namespace or self.system_ns,
-                      command=command, stderr=False, stdin=False, stdout=True, tty=False,
-                      _request_timeout=timeout)
+        core = self._exec_api()
+        try:
+            return stream(core.connect_get_namespaced_pod_exec, pod,
+                          namespace or self.system_ns, command=command, stderr=False,
+                          stdin=False, stdout=True, tty=False, _request_timeout=timeout)
+        finally:
+            core.api_client.close()
 
     def exec_stream(self, pod: str, command: list[str]):
         """A live exec (kubernetes WSClient): read_stdout as the command prints."""
         from kubernetes.stream import stream
 
-        return stream(self.core.connect_get_namespaced_pod_exec, pod, self.system_ns,
+        return stream(self._exec_api().connect_get_namespaced_pod_exec, pod, self.system_ns,
                       command=command, stderr=True, stdin=False, stdout=True, tty=False,
                       _preload_content=False)
 

@@ -4,9 +4,13 @@ deletes it, and answers /version. Only the calls clusters/kube.py makes are serv
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
+import struct
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -29,8 +33,11 @@ def _matches(obj: dict, selector: str | None) -> bool:
 
 class FakeApi:
     def __init__(self, nodes: tuple[str, ...] = ("kind-worker", "kind-worker2"),
-                 ready: bool = True):
+                 ready: bool = True,
+                 exec_output: Callable[[str, list[str]], str] | None = None):
         self.ready = ready  # False: DaemonSets never get their pods ready
+        self.exec_output = exec_output  # (pod, command) -> what the command prints
+        self.execs: list[tuple[str, list[str]]] = []
         self.objects: dict[tuple[str, str | None, str], dict] = {}  # (resource, ns, name)
         self.requests: list[tuple[str, str]] = []
         for name in nodes:
@@ -99,8 +106,38 @@ class FakeApi:
                 self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                  "reason": "NotFound", "code": 404, "message": f"{what} not found"})
 
+            def _exec(self, url) -> None:
+                """pods/NAME/exec over a websocket (v4.channel.k8s.io): the command's output
+                on channel 1, a success Status on channel 3, then close."""
+                pod = url.path.split("/")[-2]
+                command = parse_qs(url.query)["command"]
+                api.execs.append((pod, command))
+                accept = base64.b64encode(hashlib.sha1(
+                    (self.headers["Sec-WebSocket-Key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+                     ).encode()).digest()).decode()
+                self.send_response(101)
+                self.send_header("Upgrade", "websocket")
+                self.send_header("Connection", "Upgrade")
+                self.send_header("Sec-WebSocket-Accept", accept)
+                self.send_header("Sec-WebSocket-Protocol", "v4.channel.k8s.io")
+                self.end_headers()
+                out = api.exec_output(pod, command).encode()
+                status = json.dumps({"metadata": {}, "status": "Success"}).encode()
+                for opcode, payload in ((2, b"\x01" + out), (2, b"\x03" + status),
+                                        (8, struct.pack("!H", 1000))):
+                    n = len(payload)
+                    head = bytes([0x80 | opcode]) + (
+                        bytes([n]) if n < 126 else
+                        bytes([126]) + struct.pack("!H", n) if n < 65536 else
+                        bytes([127]) + struct.pack("!Q", n))
+                    self.wfile.write(head + payload)
+                self.wfile.flush()
+                self.close_connection = True
+
             def do_GET(self) -> None:
                 url, m, query = self._route()
+                if url.path.endswith("/exec") and api.exec_output is not None:
+                    return self._exec(url)
                 if url.path == "/version":
                     return self._send(200, VERSION)
                 if not m:

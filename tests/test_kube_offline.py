@@ -576,3 +576,43 @@ def test_gc_deletes_namespaces_this_machine_made_for_runs_not_live(tmp_path, mon
                        "run dead02: deleted namespace svb-dead02-system"]
     assert sorted(k[2] for k in api.objects if k[0] != "nodes") == [
         "svb-held02-system", "svb-other2-system"]
+
+
+def test_probes_and_the_metrics_scrape_run_in_every_nodes_probe_pod_by_exec(tmp_path):
+    """KubeCluster.probes and the kube-proxy metrics scrape through the client's real exec
+    (a websocket to pods/NAME/exec): one probe pod per node, its output read back."""
+    from bench import kube_bench
+    from clusters import kube
+    from clusters.workloads.probe import ProbeResult, Sample
+    from tests.kube_fake_api import FakeApi
+
+    def output(pod: str, command: list[str]) -> str:
+        if command[:3] == ["python", "-m", "clusters.workloads.probe"]:
+            result = ProbeResult(f"{command[3]}:{command[4]}", "TCP", [
+                Sample(150.0 + i, "ok", f"svb-{RUN}-bench/echo-{i % 2}", f"10.244.1.5:{4000 + i}",
+                       4000 + i) for i in range(int(command[command.index("--count") + 1]))])
+            return json.dumps(result.to_json())
+        return METRICS_TEXT
+
+    with FakeApi(exec_output=output) as fake:
+        system = deploy.namespace_name(RUN, deploy.SYSTEM)
+        for component, suffix in ((deploy.PROBE, ""), (deploy.PROBE_HOST, "-host")):
+            for node in ("kind-worker", "kind-worker2"):
+                fake.objects[("pods", system, f"probe{suffix}-{node}")] = {
+                    "metadata": {"name": f"probe{suffix}-{node}", "namespace": system,
+                                 "labels": deploy.labels(RUN, **{deploy.COMPONENT: component})},
+                    "spec": {"nodeName": node, "containers": []}}
+        cluster = kube.KubeCluster(kube.connect(fake.kubeconfig(tmp_path / "kc")), RUN)
+        results = cluster.probes("10.96.0.20", 80, count=4, timeout=0.5)
+        buckets = kube_bench.scrape_sync_histogram(cluster)
+    assert sorted(results) == ["kind-worker", "kind-worker2"]
+    for result in results.values():
+        assert result.target == "10.96.0.20:80" and result.summary()["outcomes"] == {"ok": 4}
+        assert result.summary()["backends"] == {f"svb-{RUN}-bench/echo-0": 2,
+                                                f"svb-{RUN}-bench/echo-1": 2}
+    probes = sorted(pod for pod, cmd in fake.execs if "clusters.workloads.probe" in cmd)
+    assert probes == ["probe-kind-worker", "probe-kind-worker2"]
+    scrapes = sorted(pod for pod, cmd in fake.execs if "-c" in cmd)
+    assert scrapes == ["probe-host-kind-worker", "probe-host-kind-worker2"]
+    # two nodes' histograms summed
+    assert buckets == [(0.001, 0), (0.002, 20), (0.004, 60), (0.008, 76), (float("inf"), 80)]
