@@ -318,13 +318,13 @@ class KubeCluster:
         """Run `command` in the pod and return its standard output."""
         from kubernetes.stream import stream
 
-        core = self._exec_api()
+        own = self._exec_api()
         try:
-            return stream(core.connect_get_namespaced_pod_exec, pod,
+            return stream(own.connect_get_namespaced_pod_exec, pod,
                           namespace or self.system_ns, command=command, stderr=False,
                           stdin=False, stdout=True, tty=False, _request_timeout=timeout)
         finally:
-            core.api_client.close()
+            own.api_client.close()
 
     def exec_stream(self, pod: str, command: list[str]):
         """A live exec (kubernetes WSClient): read_stdout as the command prints."""
