@@ -219,17 +219,19 @@ def measure_programming(cluster, mode: str, changes: int, timeout_s: float = 60.
             ws = cluster.exec_stream(pod, ["python", "-c", WATCHER, ip, str(port),
                                            f"{ns}/{wanted}", str(timeout_s)])
             watchers[node] = ws
-        for ws in watchers.values():  # every node probes before the change is made
+        early: dict[str, str] = {}
+        for node, ws in watchers.items():  # every node probes before the change is made
             got = ""
             end = time.monotonic() + 60
             while "ready" not in got and ws.is_open() and time.monotonic() < end:
                 ws.update(timeout=1)
                 got += ws.read_stdout() if ws.peek_stdout() else ""
+            early[node] = got.partition("ready")[2]
         t0 = time.time()
         cluster.core.patch_namespaced_service(
             LAT_SERVICE, ns, {"spec": {"selector": {"svcbench.io/pod": wanted}}})
         for node, ws in watchers.items():
-            out = ""
+            out = early[node]
             end = time.monotonic() + timeout_s + 10
             while ws.is_open() and time.monotonic() < end and '{"first"' not in out:
                 ws.update(timeout=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import re
 import struct
@@ -38,6 +39,7 @@ class FakeApi:
         self.ready = ready  # False: DaemonSets never get their pods ready
         self.exec_output = exec_output  # (pod, command) -> what the command prints
         self.execs: list[tuple[str, list[str]]] = []
+        self.patches: list[tuple[str, str, dict]] = []
         self.objects: dict[tuple[str, str | None, str], dict] = {}  # (resource, ns, name)
         self.requests: list[tuple[str, str]] = []
         for name in nodes:
@@ -121,17 +123,19 @@ class FakeApi:
                 self.send_header("Sec-WebSocket-Accept", accept)
                 self.send_header("Sec-WebSocket-Protocol", "v4.channel.k8s.io")
                 self.end_headers()
-                out = api.exec_output(pod, command).encode()
+                out = api.exec_output(pod, command)
+                chunks = [out] if isinstance(out, str) else out  # a generator streams
                 status = json.dumps({"metadata": {}, "status": "Success"}).encode()
-                for opcode, payload in ((2, b"\x01" + out), (2, b"\x03" + status),
-                                        (8, struct.pack("!H", 1000))):
+                frames = itertools.chain(((2, b"\x01" + chunk.encode()) for chunk in chunks),
+                                         [(2, b"\x03" + status), (8, struct.pack("!H", 1000))])
+                for opcode, payload in frames:  # each frame as its chunk comes
                     n = len(payload)
                     head = bytes([0x80 | opcode]) + (
                         bytes([n]) if n < 126 else
                         bytes([126]) + struct.pack("!H", n) if n < 65536 else
                         bytes([127]) + struct.pack("!Q", n))
                     self.wfile.write(head + payload)
-                self.wfile.flush()
+                    self.wfile.flush()
                 self.close_connection = True
 
             def do_GET(self) -> None:
@@ -162,6 +166,27 @@ class FakeApi:
                                             "status": "Failure", "reason": "AlreadyExists"})
                 api.objects[key] = body
                 self._send(201, body)
+
+            def do_PATCH(self) -> None:
+                """A merge patch (maps merge, a null removes the key)."""
+                url, m, _query = self._route()
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                obj = api.objects.get((m["resource"], m["ns"], m["name"])) if m else None
+                if obj is None:
+                    return self._missing(url.path)
+
+                def merge(into: dict, patch: dict) -> None:
+                    for key, value in patch.items():
+                        if value is None:
+                            into.pop(key, None)
+                        elif isinstance(value, dict) and isinstance(into.get(key), dict):
+                            merge(into[key], value)
+                        else:
+                            into[key] = value
+
+                merge(obj, body)
+                api.patches.append((m["resource"], m["name"], body))
+                self._send(200, api._ready(m["resource"], obj))
 
             def do_DELETE(self) -> None:
                 url, m, _query = self._route()

@@ -616,3 +616,60 @@ def test_probes_and_the_metrics_scrape_run_in_every_nodes_probe_pod_by_exec(tmp_
     assert scrapes == ["probe-host-kind-worker", "probe-host-kind-worker2"]
     # two nodes' histograms summed
     assert buckets == [(0.001, 0), (0.002, 20), (0.004, 60), (0.008, 76), (float("inf"), 80)]
+
+
+def test_programming_latency_is_timed_from_the_api_change_to_the_first_served_connection(
+        tmp_path):
+    """measure_programming against the fake: each node's watcher says "ready", the Service's
+    selector is patched to the other echo pod, and that node's first connection the new pod
+    served comes 0.2 s (node 1) and 0.4 s (node 2) after the patch reached the API."""
+    import time
+
+    from bench import kube_bench
+    from clusters import kube
+    from tests.kube_fake_api import FakeApi
+
+    delays = {"probe-kind-worker": 0.2, "probe-kind-worker2": 0.4}
+    fake = FakeApi()
+
+    def output(pod: str, command: list[str]):
+        wanted = command[5]  # python -c WATCHER ip port ns/pod limit
+        yield "ready\n"
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            sel = [p[2]["spec"]["selector"]["svcbench.io/pod"] for p in fake.patches
+                   if p[0] == "services"]
+            if sel and f"{bench_ns}/{sel[-1]}" == wanted:
+                break
+            time.sleep(0.005)
+        patched = time.time()
+        time.sleep(delays[pod])
+        yield json.dumps({"first": patched + delays[pod]}) + "\n"
+
+    bench_ns = deploy.namespace_name(RUN, kube_bench.PROBE_NS)
+    system = deploy.namespace_name(RUN, deploy.SYSTEM)
+    fake.exec_output = output
+    with fake:
+        for obj in kube_bench.bench_objects(RUN, 1, 2, deploy.DEFAULT_IMAGE):
+            if obj["kind"] == "Service":
+                obj["spec"]["clusterIP"] = "10.96.0.30"
+                fake.objects[("services", bench_ns, obj["metadata"]["name"])] = obj
+        for i in range(2):
+            fake.objects[("pods", bench_ns, f"echo-{i}")] = {
+                "metadata": {"name": f"echo-{i}", "namespace": bench_ns,
+                             "labels": {"app": kube_bench.ECHO}}, "spec": {"containers": []}}
+        for node in ("kind-worker", "kind-worker2"):
+            fake.objects[("pods", system, f"probe-{node}")] = {
+                "metadata": {"name": f"probe-{node}", "namespace": system,
+                             "labels": deploy.labels(RUN, **{deploy.COMPONENT: deploy.PROBE})},
+                "spec": {"nodeName": node, "containers": []}}
+        cluster = kube.KubeCluster(kube.connect(fake.kubeconfig(tmp_path / "kc")), RUN)
+        kube_bench.label_echo_pods(cluster)
+        values = kube_bench.measure_programming(cluster, "kube-proxy/iptables", changes=2,
+                                                timeout_s=10)
+    assert [p[2]["spec"]["selector"] for p in fake.patches if p[0] == "services"] == [
+        {"svcbench.io/pod": "echo-0"}, {"svcbench.io/pod": "echo-1"}]
+    assert len(values) == 4  # two changes, two nodes
+    # the patch reached the API a moment after t0 was read: a little more than the delay
+    for value, delay in zip(sorted(values), (0.2, 0.2, 0.4, 0.4), strict=True):
+        assert delay <= value < delay + 0.3, values
