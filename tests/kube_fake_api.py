@@ -40,6 +40,8 @@ class FakeApi:
         self.exec_output = exec_output  # (pod, command) -> what the command prints
         self.execs: list[tuple[str, list[str]]] = []
         self.patches: list[tuple[str, str, dict]] = []
+        self.next_ip = 0
+        self.nodes = nodes
         self.objects: dict[tuple[str, str | None, str], dict] = {}  # (resource, ns, name)
         self.requests: list[tuple[str, str]] = []
         for name in nodes:
@@ -164,7 +166,32 @@ class FakeApi:
                 if key in api.objects:
                     return self._send(409, {"kind": "Status", "apiVersion": "v1", "code": 409,
                                             "status": "Failure", "reason": "AlreadyExists"})
+                if key[0] == "services" and "clusterIP" not in body["spec"]:
+                    api.next_ip += 1  # the API server allocates
+                    body["spec"]["clusterIP"] = f"10.96.0.{api.next_ip}"
                 api.objects[key] = body
+                if key[0] == "deployments":  # the controllers' part: its pods, at once
+                    template = body["spec"]["template"]
+                    for i in range(body["spec"].get("replicas", 1)):
+                        name = f"{body['metadata']['name']}-{i}"
+                        api.objects[("pods", key[1], name)] = {
+                            "metadata": {**template["metadata"], "name": name,
+                                         "namespace": key[1],
+                                         "ownerReferences": [{"apiVersion": "apps/v1",
+                                                              "kind": "ReplicaSet", "name": "rs",
+                                                              "uid": "1"}]},
+                            "spec": template["spec"]}
+                if key[0] == "daemonsets":
+                    template = body["spec"]["template"]
+                    for node in api.nodes:
+                        name = f"{body['metadata']['name']}-{node}"
+                        api.objects[("pods", key[1], name)] = {
+                            "metadata": {**template["metadata"], "name": name,
+                                         "namespace": key[1],
+                                         "ownerReferences": [{"apiVersion": "apps/v1",
+                                                              "kind": "DaemonSet", "name": "ds",
+                                                              "uid": "2"}]},
+                            "spec": {**template["spec"], "nodeName": node}}
                 self._send(201, body)
 
             def do_PATCH(self) -> None:

@@ -495,7 +495,9 @@ def test_up_and_down_on_a_kubeconfig_cluster_through_the_api(tmp_path, monkeypat
         assert _main("up", "--cluster", f"kubeconfig={cfg}", "--mode", "kube-proxy/iptables",
                      "-f", str(ROOT / "examples" / "web.yaml")) == 0, capsys.readouterr().err
         (run,) = kube.list_records(str(tmp_path / "state"))
-        made = {(r, ns, name) for r, ns, name in api.objects if r != "nodes"}
+        made = {(r, ns, name) for r, ns, name in api.objects
+                if r != "nodes" and not api.objects[(r, ns, name)]["metadata"].get(
+                    "ownerReferences")}
         system, ns1 = f"svb-{run}-system", f"svb-{run}-ns1"
         assert made == {
             ("namespaces", None, system), ("namespaces", None, ns1),
@@ -503,10 +505,10 @@ def test_up_and_down_on_a_kubeconfig_cluster_through_the_api(tmp_path, monkeypat
             ("services", ns1, "web"), ("services", ns1, "empty"),
             *{("pods", ns1, p) for p in ("web-1", "web-2", "web-3", "client")}}
         assert api.objects[("pods", ns1, "web-2")]["spec"]["nodeName"] == "kind-worker2"
-        for (resource, _ns, _name), obj in api.objects.items():
-            if resource != "nodes":
-                _validate(obj)  # what reached the API is what the schemas accept
-                assert obj["metadata"]["labels"][deploy.RUN_LABEL] == run
+        for key in made:
+            obj = api.objects[key]
+            _validate(obj)  # what reached the API is what the schemas accept
+            assert obj["metadata"]["labels"][deploy.RUN_LABEL] == run
         assert f"cluster {run} up" in capsys.readouterr().out
         assert _main("down", "--run", run) == 0
         assert {k for k in api.objects if k[0] != "nodes"} == set()
@@ -673,3 +675,63 @@ def test_programming_latency_is_timed_from_the_api_change_to_the_first_served_co
     # the patch reached the API a moment after t0 was read: a little more than the delay
     for value, delay in zip(sorted(values), (0.2, 0.2, 0.4, 0.4), strict=True):
         assert delay <= value < delay + 0.3, values
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_conformance_on_a_kubeconfig_cluster_end_to_end(broken, tmp_path, monkeypatch, capsys):
+    """`svcbench conformance --cluster kubeconfig=PATH` against the fake API server, whose
+    probe pods answer as kube-proxy would: the ClusterIP is served by both echo pods from
+    every node, the Service without endpoints refuses, the selector switch is programmed.
+    The checks pass, conformance.json is written, and the run is gone afterwards. With one
+    echo pod never answering (broken), the first check fails and the command exits 1."""
+    import time
+
+    from bench import kube_bench
+    from clusters import kube
+    from clusters.workloads.probe import ProbeResult, Sample
+    from tests.kube_fake_api import FakeApi
+
+    fake = FakeApi()
+
+    def service_of(ip: str) -> str:
+        return next(k[2] for k, o in fake.objects.items()
+                    if k[0] == "services" and o["spec"].get("clusterIP") == ip)
+
+    def output(pod: str, command: list[str]):
+        if command[1] == "-c":  # a programming-latency watcher
+            yield "ready\n"
+            wanted = command[5].split("/")[1]
+            end = time.monotonic() + 5
+            while time.monotonic() < end and not any(
+                    p[2]["spec"]["selector"].get("svcbench.io/pod") == wanted
+                    for p in fake.patches[-1:] if p[0] == "services"):
+                time.sleep(0.005)
+            yield json.dumps({"first": time.time() + 0.01}) + "\n"
+            return
+        ip, count = command[3], int(command[command.index("--count") + 1])
+        ns = [k[1] for k in fake.objects if k[0] == "services"][0]
+        echo = sorted(k[2] for k in fake.objects if k[0] == "pods" and k[1] == ns)
+        if service_of(ip) == kube_bench.LAT_SERVICE:
+            samples = [Sample(80.0, "refused", None, None) for _ in range(count)]
+        else:
+            samples = [Sample(200.0, "ok", f"{ns}/{echo[0 if broken else i % 2]}",
+                              "10.244.1.9:5000", 5000) for i in range(count)]
+        yield json.dumps(ProbeResult(f"{ip}:{command[4]}", "TCP", samples).to_json())
+
+    fake.exec_output = output
+    monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
+    with fake:
+        cfg = fake.kubeconfig(tmp_path / "kc")
+        status = _main("conformance", "--cluster", f"kubeconfig={cfg}", "--mode",
+                       "kube-proxy/iptables", "--out", str(tmp_path), "--json")
+        captured = capsys.readouterr()
+        assert status == (1 if broken else 0), captured.err
+        left = {k for k in fake.objects if k[0] != "nodes"}
+    data = json.loads((tmp_path / "conformance.json").read_text())
+    assert json.loads(captured.out) == data
+    assert [(c["name"], c["outcome"]) for c in data["checks"]] == [
+        ("clusterip-every-node", "failed" if broken else "passed"),
+        ("no-endpoints-rejected", "passed"), ("endpoint-switch-programmed", "passed")]
+    if broken:
+        assert "backends {" in data["checks"][0]["reason"]
+    assert left == set() and kube.list_records(str(tmp_path / "state")) == {}
