@@ -41,6 +41,7 @@ class FakeApi:
         self.execs: list[tuple[str, list[str]]] = []
         self.patches: list[tuple[str, str, dict]] = []
         self.next_ip = 0
+        self.logs: dict[str, str] = {}  # pod name prefix -> its log, once it has run
         self.nodes = nodes
         self.objects: dict[tuple[str, str | None, str], dict] = {}  # (resource, ns, name)
         self.requests: list[tuple[str, str]] = []
@@ -79,6 +80,11 @@ class FakeApi:
         elif resource == "pods":
             obj["status"] = {"phase": "Running", "conditions": [{"type": "Ready",
                                                                  "status": "True"}]}
+            if obj["metadata"]["name"] in self.logs:  # a container that ran to its end
+                obj["status"]["containerStatuses"] = [{
+                    "name": "main", "image": "svcbench:dev", "imageID": "x", "ready": False,
+                    "restartCount": 0, "lastState": {},
+                    "state": {"terminated": {"exitCode": 0}}}]
         elif resource == "namespaces":
             obj["status"] = {"phase": "Active"}
         return obj
@@ -144,6 +150,14 @@ class FakeApi:
                 url, m, query = self._route()
                 if url.path.endswith("/exec") and api.exec_output is not None:
                     return self._exec(url)
+                if url.path.endswith("/log"):
+                    data = api.logs.get(url.path.split("/")[-2], "").encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return None
                 if url.path == "/version":
                     return self._send(200, VERSION)
                 if not m:
@@ -217,8 +231,11 @@ class FakeApi:
 
             def do_DELETE(self) -> None:
                 url, m, _query = self._route()
-                if not m or api.objects.pop((m["resource"], m["ns"], m["name"]), None) is None:
+                gone = api.objects.pop((m["resource"], m["ns"], m["name"]), None) if m else None
+                if gone is None:
                     return self._missing(url.path)
+                if m["resource"] == "services":  # the API answers with the Service itself
+                    return self._send(200, gone)
                 if m["resource"] == "namespaces":  # the namespace controller's part
                     for key in [k for k in api.objects if k[1] == m["name"]]:
                         del api.objects[key]

@@ -735,3 +735,76 @@ def test_conformance_on_a_kubeconfig_cluster_end_to_end(broken, tmp_path, monkey
     if broken:
         assert "backends {" in data["checks"][0]["reason"]
     assert left == set() and kube.list_records(str(tmp_path / "state")) == {}
+
+
+def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys):
+    """`svcbench bench --cluster kubeconfig=PATH --services 1,2` against the fake API server:
+    Services grow from 1 to 2, every metric gets its rows (new connections, programming
+    latency over 20 changes and both nodes, locust's throughput from the master's log,
+    kube-proxy's sync quantiles from the scrapes' difference), and the run is deleted."""
+    import re
+    import time
+
+    from bench import kube_bench
+    from clusters import kube
+    from clusters.workloads.probe import ProbeResult, Sample
+    from tests.kube_fake_api import FakeApi
+
+    fake = FakeApi()
+    scrapes: dict[str, int] = {}
+
+    def output(pod: str, command: list[str]):
+        if command[1] == "-c" and "urllib" in command[2]:  # kube-proxy's metrics
+            scrapes[pod] = scrapes.get(pod, 0) + 1
+            k = scrapes[pod]  # the histogram grows by METRICS_TEXT's counts per scrape
+            yield re.sub(r'(_bucket\{le="[^"]+"\}) (\d+)',
+                         lambda m: f"{m[1]} {int(m[2]) * k}", METRICS_TEXT)
+            return
+        if command[1] == "-c":  # a programming-latency watcher
+            yield "ready\n"
+            wanted = command[5].split("/")[1]
+            end = time.monotonic() + 5
+            while time.monotonic() < end and not any(
+                    p[2]["spec"]["selector"].get("svcbench.io/pod") == wanted
+                    for p in fake.patches[-1:] if p[0] == "services"):
+                time.sleep(0.002)
+            yield json.dumps({"first": time.time() + 0.01}) + "\n"
+            return
+        count = int(command[command.index("--count") + 1])
+        samples = [Sample(100.0 + i, "ok", f"svb-x-bench/echo-{i % 2}", "10.244.1.9:5000", 5000)
+                   for i in range(count)]
+        yield json.dumps(ProbeResult(f"{command[3]}:{command[4]}", "TCP", samples).to_json())
+
+    fake.exec_output = output
+    fake.logs["svcbench-locust-master-0"] = "[x] master: done\n" + json.dumps(
+        [{"name": "t", "method": "tcp", "start_time": 10.0, "last_request_timestamp": 20.0,
+          "num_requests": 12000, "num_failures": 0}]) + "\n"
+    monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
+    with fake:
+        cfg = fake.kubeconfig(tmp_path / "kc")
+        status = _main("bench", "--cluster", f"kubeconfig={cfg}", "--modes",
+                       "kube-proxy/iptables", "--services", "1,2", "--count", "3",
+                       "--out", str(tmp_path / "runs"), "--json")
+        captured = capsys.readouterr()
+        left = {k for k in fake.objects if k[0] != "nodes"}
+        services = sorted(p for p in fake.requests if p[0] == "POST" and
+                          p[1].endswith("/services"))
+    assert status == 0, captured.err
+    rows = json.loads(captured.out)
+    got = {(r["metric"], r["services"], r["stat"]): r for r in rows}
+    for size in (1, 2):
+        assert got[("conn_latency_us", size, "p50")]["samples"] == 2 * 3 * (1 if size == 1
+                                                                            else 2)
+        latency = got[("programming_latency_s", size, "p50")]
+        assert latency["samples"] == 40 and 0 <= latency["value"] < 1.0
+        assert got[("throughput_rps", size, "value")]["value"] == 1200.0
+        # each step scraped twice per node: the difference is one METRICS_TEXT per node
+        assert got[("sync_proxy_rules_s", size, "p50")]["value"] == pytest.approx(0.003)
+        assert got[("sync_proxy_rules_s", size, "p50")]["samples"] == 80
+    assert ("proxy_cpu_cores", 1, "value") not in got  # no metrics API, kube-proxy: none
+    # svc-0 and the latency Service, then svc-1 when the sweep grows, then locust's twice
+    assert len(services) == 2 + 1 + 2
+    assert left == set() and kube.list_records(str(tmp_path / "state")) == {}
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert json.loads((folder / "kube-bench.json").read_text())["rows"] == rows
+    assert kube_bench.SYNC_METRIC in METRICS_TEXT
