@@ -59,6 +59,26 @@ def allow_kube_proxy_modes(sp: argparse.ArgumentParser) -> None:
             action.choices = [*action.choices, *KUBE_PROXY_MODES]
 
 
+def check_mode(mode: str, flag: str = "--mode") -> None:
+    """kube-proxy's own modes, or one of svcbench's (as a mode spec where dataplanes/modes.py
+    reads specs, such as ipvs:lc); KubeUsageError naming the accepted values otherwise."""
+    if mode in KUBE_PROXY_MODES:
+        return
+    from dataplanes import modes
+
+    parse = getattr(modes, "parse_mode", None)
+    if parse is not None:
+        try:
+            parse(mode, flag)
+            return
+        except ValueError as exc:
+            raise KubeUsageError(f"{exc}; or kube-proxy's own: {', '.join(KUBE_PROXY_MODES)}"
+                                 ) from None
+    if mode not in modes.MODES:
+        raise KubeUsageError(f"{flag} must be one of {', '.join([*modes.MODES, *KUBE_PROXY_MODES])}"
+                             f", not {mode!r}")
+
+
 def wants_kube(args) -> bool:
     return getattr(args, "cluster", ("netns", None))[0] != "netns"
 
@@ -79,6 +99,7 @@ def _session(args, mode: str, keep: bool, say):
     from clusters import kind, kube
 
     provider, path = args.cluster
+    check_mode(mode)
     if provider == "kind":
         try:
             kind.config(mode, getattr(args, "nodes", 2))  # bad flags before anything exists
@@ -174,12 +195,7 @@ def gc_lines() -> list[str]:
 def kind_config(args, out) -> int:
     from clusters import kind
 
-    if args.mode not in KUBE_PROXY_MODES:
-        from dataplanes.modes import MODES
-
-        if args.mode not in MODES:
-            raise KubeUsageError(f"--mode must be one of {', '.join([*MODES, *KUBE_PROXY_MODES])}, "
-                                 f"not {args.mode!r}")
+    check_mode(args.mode)
     try:
         cfg = kind.config(args.mode, args.nodes, args.run)
     except ValueError as exc:
@@ -301,14 +317,11 @@ def _list(text: str | None, default: list[str]) -> list[str]:
 
 def bench(args, out, err) -> int:
     from bench import kube_bench
-    from dataplanes.modes import MODES
     from reports.results import new_run_dir
 
     modes = _list(getattr(args, "modes", None), ["kube-proxy/iptables"])
     for m in modes:
-        if m not in MODES and m not in KUBE_PROXY_MODES:
-            raise KubeUsageError(f"--modes: {m!r} is not one of "
-                                 f"{', '.join([*MODES, *KUBE_PROXY_MODES])}")
+        check_mode(m, "--modes")
     try:
         sizes = sorted({int(s) for s in _list(getattr(args, "services", None), ["1", "100"])})
         count = int(getattr(args, "count", None) or 50)
