@@ -28,6 +28,10 @@ FIELDS_FILE = Path(__file__).with_name("kind_v1alpha4_fields.json")
 KUBE_PROXY_PREFIX = "kube-proxy/"
 KUBE_PROXY_MODES = {f"{KUBE_PROXY_PREFIX}{m}": m for m in ("iptables", "ipvs", "nftables")}
 CLUSTER_PREFIX = "svb-"
+# kind's own defaults (pkg/internal/apis/config/default.go), written out so the agent's
+# --cluster-cidr and --service-cidr name the same ranges
+POD_SUBNET = "10.244.0.0/16"
+SERVICE_SUBNET = "10.96.0.0/16"
 CREATE_WAIT = "180s"
 MAX_WORKERS = 20
 
@@ -61,7 +65,8 @@ def config(mode: str, workers: int = 2, run: str | None = None) -> dict[str, Any
     if run is not None:
         cfg["name"] = cluster_name(run)
     cfg["nodes"] = [{"role": "control-plane"}] + [{"role": "worker"} for _ in range(workers)]
-    cfg["networking"] = {"ipFamily": "ipv4", "kubeProxyMode": proxy_mode(mode)}
+    cfg["networking"] = {"ipFamily": "ipv4", "podSubnet": POD_SUBNET,
+                         "serviceSubnet": SERVICE_SUBNET, "kubeProxyMode": proxy_mode(mode)}
     return cfg
 
 

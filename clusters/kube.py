@@ -266,6 +266,13 @@ class KubeCluster:
                     return ep.addresses[0], es.ports[0].port
         raise RuntimeError("the kubernetes Service has no endpoint: where is the API server?")
 
+    def cidrs(self) -> tuple[str, str]:
+        """(pod CIDR, Service CIDR) of the cluster, for the agent's --cluster-cidr and
+        --service-cidr: the smallest network holding every Node's spec.podCIDR, and the
+        ServiceCIDR objects' first IPv4 range (networking.k8s.io/v1, Kubernetes 1.33), else
+        the /16 around the `kubernetes` Service's ClusterIP."""
+        return cidrs_from(self.core, self.k8s.client.NetworkingV1Api(self.api), self.k8s)
+
     def create(self, objects: list[dict[str, Any]]) -> None:
         for obj in objects:
             self.say(f"creating {obj['kind']} {obj['metadata'].get('namespace', '')}"
@@ -370,6 +377,36 @@ class KubeCluster:
         """Delete every namespace and cluster-wide object of the run, and wait for the
         namespaces to go (bounded)."""
         return delete_run(self.api, self.run)
+
+
+def smallest_cover(networks: list[str]) -> str | None:
+    """The smallest IPv4 network that holds every one of `networks` (None for none)."""
+    import ipaddress
+
+    nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+    nets = [n for n in nets if n.version == 4]
+    if not nets:
+        return None
+    cover = nets[0]
+    while not all(n.subnet_of(cover) for n in nets):
+        cover = cover.supernet()
+    return str(cover)
+
+
+def cidrs_from(core, networking, k8s) -> tuple[str, str]:
+    pod_cidrs = [c for n in core.list_node().items
+                 for c in (n.spec.pod_cidrs or ([n.spec.pod_cidr] if n.spec.pod_cidr else []))]
+    pods = smallest_cover(pod_cidrs) or "10.244.0.0/16"
+    service = None
+    try:
+        ranges = [c for sc in networking.list_service_cidr().items for c in (sc.spec.cidrs or [])]
+        service = next((c for c in ranges if ":" not in c), None)
+    except k8s.client.ApiException:
+        pass  # before Kubernetes 1.33 there are no ServiceCIDR objects
+    if service is None:
+        ip = core.read_namespaced_service("kubernetes", "default").spec.cluster_ip
+        service = smallest_cover([f"{ip}/16"])
+    return pods, service
 
 
 def delete_run(api, run: str, wait_s: float = 120.0) -> list[str]:

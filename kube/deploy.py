@@ -110,8 +110,13 @@ def agent_rbac(run: str) -> list[dict[str, Any]]:
 
 
 def agent_daemonset(run: str, mode: str, image: str = DEFAULT_IMAGE,
-                    api_server: tuple[str, int] | None = None) -> dict[str, Any]:
+                    api_server: tuple[str, int] | None = None,
+                    cidrs: tuple[str, str] | None = None) -> dict[str, Any]:
     """svcbench's proxy in `mode` on every node, in place of kube-proxy.
+
+    `cidrs` (the cluster's pod and Service ranges) become the agent's --cluster-cidr and
+    --service-cidr: its defaults are the namespace cluster's plan, which would leave out
+    every Service of a real cluster.
 
     Without kube-proxy nothing serves the `kubernetes` Service's ClusterIP until the agent
     does, so `api_server` (the API server's own address and port, as the `kubernetes`
@@ -124,9 +129,11 @@ def agent_daemonset(run: str, mode: str, image: str = DEFAULT_IMAGE,
     if api_server is not None:
         env += [{"name": "KUBERNETES_SERVICE_HOST", "value": api_server[0]},
                 {"name": "KUBERNETES_SERVICE_PORT", "value": str(api_server[1])}]
+    command = ["svcbench", "agent", "--mode", mode, "--node-name", "$(NODE_NAME)"]
+    if cidrs is not None:
+        command += ["--cluster-cidr", cidrs[0], "--service-cidr", cidrs[1]]
     container = _container(
-        "agent", image,
-        ["svcbench", "agent", "--mode", mode, "--node-name", "$(NODE_NAME)"],
+        "agent", image, command,
         env=env,
         securityContext={"privileged": True},
         readinessProbe={"httpGet": {"path": "/healthz", "port": AGENT_HEALTH_PORT},
@@ -163,8 +170,9 @@ def agent_daemonset(run: str, mode: str, image: str = DEFAULT_IMAGE,
 
 
 def agent_objects(run: str, mode: str, image: str = DEFAULT_IMAGE,
-                  api_server: tuple[str, int] | None = None) -> list[dict[str, Any]]:
-    return [*agent_rbac(run), agent_daemonset(run, mode, image, api_server)]
+                  api_server: tuple[str, int] | None = None,
+                  cidrs: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+    return [*agent_rbac(run), agent_daemonset(run, mode, image, api_server, cidrs)]
 
 
 # --------------------------------------------------------------------------- probes
@@ -350,14 +358,15 @@ def locust_objects(run: str, target: str, workers: int, users: int, seconds: int
 def objects_for(run: str, mode: str, *, services: Iterable[Service] = (), pods: Iterable[Pod] = (),
                 node_names: dict[str, str] | None = None, image: str = DEFAULT_IMAGE,
                 with_agent: bool = False, host: str | None = None,
-                api_server: tuple[str, int] | None = None) -> list[dict[str, Any]]:
+                api_server: tuple[str, int] | None = None,
+                cidrs: tuple[str, str] | None = None) -> list[dict[str, Any]]:
     """Every object of a run that deploys the suite's manifests, in creation order:
     namespaces, the agent (for svcbench's own modes), probes, Services, echo pods."""
     services, pods = list(services), list(pods)
     names = sorted({s.namespace for s in services} | {p.namespace for p in pods})
     out = [namespace(run, SYSTEM, host)] + [namespace(run, n, host) for n in names]
     if with_agent:
-        out += agent_objects(run, mode, image, api_server)
+        out += agent_objects(run, mode, image, api_server, cidrs)
     out += [probe_daemonset(run, image), probe_daemonset(run, image, host_network=True)]
     out += [service(run, s) for s in services]
     out += [echo_pod(run, p, node_names or {}, image) for p in pods]

@@ -121,6 +121,16 @@ def _check_proxy(cluster, provider: str, mode: str) -> bool:
     return mode not in KUBE_PROXY_MODES
 
 
+def _cidrs(cluster, provider: str) -> tuple[str, str]:
+    """The agent's --cluster-cidr and --service-cidr: kind's, as its config sets them, or
+    what the kubeconfig's cluster says."""
+    if provider == "kind":
+        from clusters.kind import POD_SUBNET, SERVICE_SUBNET
+
+        return POD_SUBNET, SERVICE_SUBNET
+    return cluster.cidrs()
+
+
 # --------------------------------------------------------------------------- up
 
 
@@ -148,7 +158,8 @@ def up(args, out, err) -> int:
         objects = deploy.objects_for(cluster.run, args.mode, services=manifests.services,
                                      pods=manifests.pods, node_names=node_names,
                                      image=args.image, with_agent=agent, host=host_id(),
-                                     api_server=cluster.api_server() if agent else None)
+                                     api_server=cluster.api_server() if agent else None,
+                                     cidrs=_cidrs(cluster, args.cluster[0]) if agent else None)
         cluster.create(objects)
         cluster.wait_ready()
     elapsed = time.perf_counter() - started
@@ -287,7 +298,8 @@ def conformance(args, out, err) -> int:
         objects = [deploy.namespace(cluster.run, deploy.SYSTEM, host_id())]
         if agent:
             objects += deploy.agent_objects(cluster.run, args.mode, args.image,
-                                            cluster.api_server())
+                                            cluster.api_server(),
+                                            _cidrs(cluster, args.cluster[0]))
         objects += [deploy.probe_daemonset(cluster.run, args.image)]
         objects += kube_bench.bench_objects(cluster.run, 1, 2, args.image)
         cluster.create(objects)
@@ -296,6 +308,7 @@ def conformance(args, out, err) -> int:
         checks = kube_checks(cluster, say)
     data = {"mode": args.mode, "cluster": args.cluster[0], "kernel_kind": args.cluster[0],
             "checks": checks}
+    os.makedirs(out_dir, exist_ok=True)  # --out DIR need not exist yet
     with open(os.path.join(out_dir, "conformance.json"), "w") as fh:
         json.dump(data, fh, indent=2)
     if getattr(args, "json", False):
@@ -351,7 +364,8 @@ def bench(args, out, err) -> int:
                 objects = [deploy.namespace(cluster.run, deploy.SYSTEM, host_id())]
                 if agent:
                     objects += deploy.agent_objects(cluster.run, mode, args.image,
-                                                    cluster.api_server())
+                                                    cluster.api_server(),
+                                                    _cidrs(cluster, args.cluster[0]))
                 objects += [deploy.probe_daemonset(cluster.run, args.image),
                             deploy.probe_daemonset(cluster.run, args.image, host_network=True)]
                 cluster.create(objects)

@@ -126,6 +126,9 @@ def test_agent_daemonset_runs_privileged_on_every_node_with_node_name_and_rbac()
     # no kube-proxy serves the kubernetes Service yet: the agent reaches the API server itself
     assert c["env"][1:] == [{"name": "KUBERNETES_SERVICE_HOST", "value": "172.18.0.2"},
                             {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"}]
+    ranged = deploy.agent_daemonset(RUN, "nftables", cidrs=("10.244.0.0/16", "10.96.0.0/16"))
+    assert ranged["spec"]["template"]["spec"]["containers"][0]["command"][-4:] == [
+        "--cluster-cidr", "10.244.0.0/16", "--service-cidr", "10.96.0.0/16"]
     c = deploy.agent_daemonset(RUN, "nftables", "reg/svcbench:1")["spec"]["template"]["spec"][
         "containers"][0]
     assert c["command"] == ["svcbench", "agent", "--mode", "nftables", "--node-name",
@@ -167,6 +170,9 @@ def test_kind_configs_use_kinds_v1alpha4_fields_and_values():
         cfg = kind.config(mode, 3, RUN)
         assert kind.validate_config(cfg) == [], mode
         assert cfg["networking"]["kubeProxyMode"] == proxy
+        # the ranges the agent is told (kind's own defaults, written out)
+        assert (cfg["networking"]["podSubnet"], cfg["networking"]["serviceSubnet"]) == (
+            kind.POD_SUBNET, kind.SERVICE_SUBNET)
         assert [n["role"] for n in cfg["nodes"]] == ["control-plane"] + ["worker"] * 3
         assert yaml.safe_load(kind.dump(cfg)) == cfg
     # kind's own test data (pkg/internal/apis/config/encoding/testdata/v1alpha4)
@@ -399,10 +405,10 @@ def test_the_live_paths_call_what_the_kubernetes_client_has():
 
     apis = {"core": client.CoreV1Api, "apps": client.AppsV1Api,
             "rbac": client.RbacAuthorizationV1Api, "custom": client.CustomObjectsApi,
-            "discovery": client.DiscoveryV1Api}
+            "discovery": client.DiscoveryV1Api, "networking": client.NetworkingV1Api}
     called = set()
     for path in ("clusters/kube.py", "bench/kube_bench.py", "svcbench/cmd_kube.py"):
-        called |= set(re.findall(r"\b(core|apps|rbac|custom|discovery)\.([a-z_]+)\b",
+        called |= set(re.findall(r"\b(core|apps|rbac|custom|discovery|networking)\.([a-z_]+)\b",
                                  (ROOT / path).read_text()))
     assert len(called) >= 19 and ("discovery", "list_namespaced_endpoint_slice") in called
     missing = [f"{api}.{name}" for api, name in called if not hasattr(apis[api], name)]
@@ -413,7 +419,9 @@ def test_the_live_paths_call_what_the_kubernetes_client_has():
               client.V1ContainerStatus: ("state", "last_state"),
               client.V1ContainerState: ("terminated",),
               client.V1ServiceSpec: ("cluster_ip", "ports"),
-              client.V1PodSpec: ("node_name",), client.V1NodeSpec: ("unschedulable",),
+              client.V1PodSpec: ("node_name",),
+              client.V1NodeSpec: ("unschedulable", "pod_cidr", "pod_cidrs"),
+              client.V1ServiceCIDRSpec: ("cidrs",),
               client.V1ObjectMeta: ("owner_references", "labels", "annotations"),
               client.V1EndpointSlice: ("endpoints", "ports"), client.V1Endpoint: ("addresses",),
               client.DiscoveryV1EndpointPort: ("port",)}
@@ -809,3 +817,27 @@ def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys)
     (folder,) = (tmp_path / "runs").iterdir()
     assert json.loads((folder / "kube-bench.json").read_text())["rows"] == rows
     assert kube_bench.SYNC_METRIC in METRICS_TEXT
+
+
+def test_the_agents_ranges_come_from_the_clusters_nodes_and_service_cidrs(tmp_path):
+    """--cluster-cidr: the smallest network holding every Node's podCIDR; --service-cidr: the
+    first IPv4 ServiceCIDR, else the /16 around the kubernetes Service's ClusterIP."""
+    from clusters import kube
+    from tests.kube_fake_api import FakeApi
+
+    assert kube.smallest_cover(["10.244.1.0/24", "10.244.2.0/24"]) == "10.244.0.0/22"
+    assert kube.smallest_cover(["10.244.1.0/24"]) == "10.244.1.0/24"
+    assert kube.smallest_cover(["fd00::/64"]) is None
+    with FakeApi() as fake:
+        for i, node in enumerate(("kind-worker", "kind-worker2"), start=1):
+            fake.objects[("nodes", None, node)]["spec"] = {
+                "podCIDR": f"10.244.{i}.0/24", "podCIDRs": [f"10.244.{i}.0/24", f"fd00:{i}::/64"]}
+        fake.objects[("services", "default", "kubernetes")] = {
+            "metadata": {"name": "kubernetes", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 443}]}}
+        cluster = kube.KubeCluster(kube.connect(fake.kubeconfig(tmp_path / "kc")), RUN)
+        assert cluster.cidrs() == ("10.244.0.0/22", "10.96.0.0/16")
+        fake.objects[("servicecidrs", None, "kubernetes")] = {
+            "metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["fd00:96::/108",
+                                                                   "10.96.0.0/12"]}}
+        assert cluster.cidrs() == ("10.244.0.0/22", "10.96.0.0/12")
