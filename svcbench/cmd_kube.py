@@ -328,6 +328,23 @@ def _list(text: str | None, default: list[str]) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()] if text else default
 
 
+def _save(folder, args, modes: list[str], rows: list[dict[str, Any]]) -> None:
+    """kube-bench.json (every row as measured), and bench.csv and run.json in the namespace
+    sweep's columns (kernel: the cluster kind) for `svcbench report` and `report --compare`."""
+    from reports.results import environment, write_bench_csv, write_run_json
+
+    (folder / "kube-bench.json").write_text(json.dumps({"cluster": args.cluster[0],
+                                                        "rows": rows}, indent=1))
+    write_bench_csv(folder, [
+        {"mode": r["mode"], "kernel": args.cluster[0], "n_services": r["services"],
+         "metric": r["metric"], "stat": r["stat"], "value": r["value"], "unit": r["unit"],
+         "repeat": 0, "extra": {"samples": r["samples"]}}
+        for r in rows if r["value"] is not None])
+    write_run_json(folder, {**environment(), "kind": "bench", "cluster": args.cluster[0],
+                            "kernel": args.cluster[0], "kernel_kind": args.cluster[0],
+                            "modes": modes, "complete": True})
+
+
 def bench(args, out, err) -> int:
     from bench import kube_bench
     from reports.results import new_run_dir
@@ -377,8 +394,7 @@ def bench(args, out, err) -> int:
         except Exception as exc:  # noqa: BLE001 - one mode failing keeps the others' rows
             say(f"{mode}: {type(exc).__name__}: {exc}")
             status = 1
-        (folder / "kube-bench.json").write_text(json.dumps({"cluster": args.cluster[0],
-                                                            "rows": rows}, indent=1))
+        _save(folder, args, modes, rows)
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     else:

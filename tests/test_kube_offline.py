@@ -816,6 +816,15 @@ def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys)
     assert left == set() and kube.list_records(str(tmp_path / "state")) == {}
     (folder,) = (tmp_path / "runs").iterdir()
     assert json.loads((folder / "kube-bench.json").read_text())["rows"] == rows
+    # bench.csv in the namespace sweep's columns, for svcbench report
+    from reports.results import read_bench_csv
+
+    csv_rows = read_bench_csv(folder / "bench.csv")
+    assert len(csv_rows) == len([r for r in rows if r["value"] is not None])
+    assert {(r["mode"], r["kernel"]) for r in csv_rows} == {("kube-proxy/iptables", "kubeconfig")}
+    tput = [r for r in csv_rows if r["metric"] == "throughput_rps"]
+    assert [(r["n_services"], r["value"]) for r in tput] == [(1, 1200.0), (2, 1200.0)]
+    assert json.loads((folder / "run.json").read_text())["cluster"] == "kubeconfig"
     assert kube_bench.SYNC_METRIC in METRICS_TEXT
 
 
