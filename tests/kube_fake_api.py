@@ -48,7 +48,9 @@ class FakeApi:
         for name in nodes:
             self.objects[("nodes", None, name)] = {"metadata": {"name": name}, "spec": {}}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # a short poll: shutdown() waits for it (0.5 s by default, for every test)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,),
+                                       daemon=True)
 
     @property
     def url(self) -> str:
