@@ -219,10 +219,36 @@ def cmd_doctor(args) -> int:
     return 0 if all(f.present for f in findings) else 1
 
 
+def _kube(name: str, *extra):
+    """Run cmd_kube.NAME(args, ...); its bad input (Docker, kind or a kubeconfig missing)
+    is one sentence with exit status 2, as every other."""
+    from svcbench import cmd_kube
+
+    def call(args) -> int:
+        try:
+            return getattr(cmd_kube, name)(args, *extra)
+        except cmd_kube.USAGE_ERRORS as exc:
+            raise UsageError(str(exc)) from None
+
+    return call
+
+
+def _netns_mode(args) -> None:
+    from svcbench.cmd_kube import KubeUsageError, refuse_kube_proxy_on_netns
+
+    try:
+        refuse_kube_proxy_on_netns(args.mode)
+    except KubeUsageError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_up(args) -> int:
     from clusters.netns import NetnsCluster
     from clusters.safety import guard_root
 
+    if args.cluster[0] != "netns":
+        return _kube("up", out, err)(args)
+    _netns_mode(args)
     manifests = _load(args.file)
     nodes = _nodes(args.nodes)
     generated = _generated_pods(nodes, args.pods_per_node)
@@ -418,7 +444,10 @@ def cmd_monitor(args) -> int:
 def cmd_down(args) -> int:
     from clusters.netns import NetnsCluster
     from clusters.safety import guard_root
+    from svcbench.cmd_kube import owns
 
+    if owns(args.run):
+        return _kube("down", out)(args)
     with NetnsCluster.attach_locked(args.run) as cluster, guard_root():
         try:
             dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
@@ -459,6 +488,9 @@ def cmd_conformance(args) -> int:
     )
     from reports.results import new_run_dir
 
+    if args.cluster[0] != "netns":
+        return _kube("conformance", out, err)(args)
+    _netns_mode(args)
     kind = "".join(c if c.isalnum() else "-" for c in args.mode.lower())
     out_dir = args.out_dir or str(new_run_dir(kind=f"conformance-{kind}"))
     jobs = args.jobs or default_jobs()
@@ -522,6 +554,9 @@ def cmd_gc(args) -> int:
     from bench.runner import FLAG_DEFAULTS, mark_killed
 
     removed += mark_killed(FLAG_DEFAULTS["out"])
+    from svcbench.cmd_kube import gc_lines
+
+    removed += gc_lines()  # kind clusters and kubeconfig namespaces of runs not live
     for line in removed:
         out.print(line)
     if not removed:
@@ -532,6 +567,8 @@ def cmd_gc(args) -> int:
 def cmd_bench(args) -> int:
     from bench.runner import BenchSpecError, run_bench_command
 
+    if args.cluster[0] != "netns":
+        return _kube("bench", out, err)(args)
     try:
         return run_bench_command(args, out, err)
     except BenchSpecError as exc:
@@ -590,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode_flags(sp)
     sp.add_argument("-f", "--file", action="append", help="manifest file (repeatable, - for stdin)")
     sp.add_argument("--json", action="store_true")
+    from svcbench.cmd_kube import add_cluster_flags, add_kind_parser, allow_kube_proxy_modes
+
+    add_cluster_flags(sp)
+    allow_kube_proxy_modes(sp)
 
     for name, func, verb in (("apply", cmd_apply, "create or update"),
                              ("delete", cmd_delete, "remove")):
@@ -647,6 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     from conformance.runner import add_arguments as conformance_arguments
 
     conformance_arguments(sp)
+    add_cluster_flags(sp, with_nodes=True)
+    allow_kube_proxy_modes(sp)
 
     sp = command("service", cmd_service_list, "list the Service frontends a node's kernel (or "
                  "userspace proxy) holds, in one shape for every mode (cilium service list)")
@@ -670,12 +713,15 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.runner import add_bench_arguments
 
     add_bench_arguments(sp)
+    add_cluster_flags(sp, with_nodes=True)
 
     sp = command("agent", cmd_agent, "proxy this node's Services from a Kubernetes API server "
                  "(kube-proxy's role, with the chosen mode)")
     from svcbench.cmd_agent import add_agent_arguments
 
     add_agent_arguments(sp)
+
+    add_kind_parser(command, _kube("kind_config", out))
     return p
 
 
@@ -700,7 +746,7 @@ def _default_jobs() -> int:
     return default_jobs()
 
 
-NO_ROOT_COMMANDS = ("doctor", "render", "report")
+NO_ROOT_COMMANDS = ("doctor", "render", "report", "kind")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -718,8 +764,10 @@ MODE_SPEC_COMMANDS = ("up", "render", "conformance")
 def _mode_spec(args) -> None:
     """--mode checked (dataplanes/modes.py's spec) and made canonical before anything runs,
     here or in a guest; UsageError naming the field and the accepted values."""
-    if args.command not in MODE_SPEC_COMMANDS:
-        return
+    from svcbench.cmd_kube import KUBE_PROXY_MODES
+
+    if args.command not in MODE_SPEC_COMMANDS or args.mode in KUBE_PROXY_MODES:
+        return  # kube-proxy's own modes: checked by the cluster they need (svcbench.cmd_kube)
     from dataplanes.modes import UnknownMode, parse_mode
 
     try:
