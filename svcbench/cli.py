@@ -529,9 +529,14 @@ def cmd_conformance(args) -> int:
 
 
 def cmd_service_list(args) -> int:
-    from svcbench.cmd_service import run
+    from svcbench.cmd_service import ModeMismatch, run
 
-    return run(args)
+    cluster = _attach(args.run)
+    _node_names(cluster, args.node)  # an unknown --node: one sentence, exit 2
+    try:
+        return run(args, cluster, _stored_tracker(cluster), out, _emit_json)
+    except ModeMismatch as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_report(args) -> int:

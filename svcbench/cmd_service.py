@@ -46,24 +46,24 @@ def _difference_text(d: dict) -> str:
             f"{d['what']}{detail}")
 
 
-def run(args) -> int:
-    from dataplanes.modes import MODES, make
-    from svcbench import cli
+class ModeMismatch(ValueError):
+    """--mode names no mode, or not the run's: the command reports it as bad input."""
 
-    cluster = cli._attach(args.run)
-    cli._node_names(cluster, args.node)  # an unknown --node: one sentence, exit 2
+
+def run(args, cluster, tracker, out, emit_json) -> int:
+    from dataplanes.modes import MODES, make
+
     run_mode = str(cluster.meta.get("mode", "iptables"))
     base = run_mode.split(":")[0]  # a mode with options, as "ipvs:lc", reads as its mode
     mode = args.mode or base
     if mode.split(":")[0] not in MODES:
-        raise cli.UsageError(f"--mode {mode!r} is not a proxy mode; accepted: "
+        raise ModeMismatch(f"--mode {mode!r} is not a proxy mode; accepted: "
                              f"{', '.join(MODES)}")
     if mode.split(":")[0] != base:
-        raise cli.UsageError(f"--mode {mode}: run {cluster.run_id} runs mode {base}, and a "
+        raise ModeMismatch(f"--mode {mode}: run {cluster.run_id} runs mode {base}, and a "
                              f"node's kernel holds only that mode's state; leave --mode out "
                              f"or give {base}")
     dp = make(base, backend=cluster.meta.get("backend"))
-    tracker = cli._stored_tracker(cluster)
     skipped = sl.skipped_protocols(base)
     held: dict[str, list[sl.Row]] = {}
     diffs: list[dict] = []
@@ -79,16 +79,16 @@ def run(args) -> int:
                 "nodes": {n: [r.to_json() for r in rows] for n, rows in held.items()}}
         if args.check:
             data["differences"] = diffs
-        cli._emit_json(data)
+        emit_json(data)
     else:
         for name, rows in held.items():
-            cli.out.print(_table(f"{name}: {base}", rows))
+            out.print(_table(f"{name}: {base}", rows))
         if args.check:
             for d in diffs:
-                cli.out.print(_difference_text(d), markup=False, highlight=False,
+                out.print(_difference_text(d), markup=False, highlight=False,
                               soft_wrap=True)
             checked = ", ".join(held)
-            cli.out.print(f"{len(diffs)} differences between the kernel and the intended view "
+            out.print(f"{len(diffs)} differences between the kernel and the intended view "
                           f"on {checked}" if diffs else
                           f"no difference between the kernel and the intended view on {checked}")
     return 1 if args.check and diffs else 0
