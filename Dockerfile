@@ -28,10 +28,11 @@ RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV"
 
 WORKDIR /src/svcbench
 COPY . .
-# What is installed is this checkout; its dependencies' bounds live in pyproject.toml, which
-# is what every other install of svcbench (nox, CI, a user's venv) reads too.
+# What is installed is this checkout, with the agent's API client and locust (the throughput
+# pods); its dependencies' bounds live in pyproject.toml, which every other install of
+# svcbench (nox, CI, a user's venv) reads too.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[kube]" \
+RUN pip install --no-cache-dir ".[kube,bench]" \
     && svcbench --help >/dev/null \
     && rm -rf /src/svcbench/build
 
