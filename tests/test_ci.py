@@ -50,14 +50,14 @@ def test_the_dockerfile_passes_hadolint_and_each_ignored_rule_says_why():
                 f"Dockerfile line {i + 1}: an ignored rule needs its reason on the line above"
 
 
-def test_the_image_is_svcbench_with_the_kube_extra_and_the_tools_it_drives():
+def test_the_image_is_svcbench_with_the_kube_and_bench_extras_and_the_tools_it_drives():
     text = (ROOT / "Dockerfile").read_text()
     base = re.search(r"^FROM (\S+)", text, re.M).group(1)
     assert base.startswith("debian:") and base.split(":")[1] not in ("latest", "stable")
     for package in ("python3-bpfcc", "iproute2", "iptables", "nftables", "ipset", "conntrack",
                     "ipvsadm", "procps", "python3"):
         assert re.search(rf"\s{re.escape(package)}(\s|$)", text), package
-    assert 'pip install --no-cache-dir ".[kube]"' in text
+    assert 'pip install --no-cache-dir ".[kube,bench]"' in text
     assert re.search(r'^ENTRYPOINT \["svcbench"\]$', text, re.M)
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "kube" in extras
