@@ -32,6 +32,9 @@ from kube.tracker import ChangeTracker
 from svcbench.guest import RUN_COMMANDS, forward
 
 out = Console(highlight=False)
+if not out.is_terminal and "COLUMNS" not in os.environ:
+    # Piped or logged output is not cut to rich's 80 columns: a table row stays one line.
+    out.width = 200
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
