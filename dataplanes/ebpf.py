@@ -56,7 +56,6 @@ from bpf import cgroup, loader, maps, syscall, xdpdrops
 from bpf.setup import bcc_missing
 from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, FullSyncNeeded, Host, NodeHandle, SyncStats
-from kube.model import PLAN
 from kube.state import DROP, REJECT, EndpointView, NodeView, ServicePortView, view_order
 
 if TYPE_CHECKING:
@@ -222,7 +221,7 @@ class _Node:
     routed: set[str] = field(default_factory=set)  # destinations of the host path
     host_link: int = 0  # ifindex of HOST_LINK, where the host path's routes point
     node_ip: str = ""
-    service_cidr: str = PLAN.service_cidr
+    service_cidr: str = ""  # the view's, as the last sync found it (updates route by it)
     entries: dict[bytes, bytes] = field(default_factory=dict)
     ranges: set[bytes] = field(default_factory=set)
     # Each Service port's view as last rendered: what it wrote follows from it again (the
@@ -787,9 +786,13 @@ def _xdp_set(wanted: list[tuple[int, int, int]]) -> list[str]:
     return failed
 
 
-def _plumb_host_path(node_ip: str, destinations: list[str], ipr=None,
+def _plumb_host_path(node_ip: str, destinations: list[str] | None,
+                     node_ports: tuple[int, int] | None, ipr=None,
                      links: dict[str, tuple[int, int, int]] | None = None) -> list[str]:
-    """Runs in the node: the veth pair, its permanent neighbour, the rule and the routes."""
+    """Runs in the node: the veth pair, its permanent neighbour, the rule and the routes to
+    `destinations`, and the NodePort rules for the range `node_ports` (see
+    _plumb_node_ports). None leaves the routes, or the NodePort rules, as they are: before
+    a sync no view has said which they are."""
     from pyroute2 import IPRoute
 
     done = []
@@ -808,17 +811,19 @@ def _plumb_host_path(node_ip: str, destinations: list[str], ipr=None,
                 if r.get_attr("FRA_PRIORITY") == HOST_RULE_PRIORITY]:
             route.rule("add", table=HOST_TABLE, priority=HOST_RULE_PRIORITY, iifname="lo")
             done.append(f"added rule iif lo lookup {HOST_TABLE}")
-        have = {
-            f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
-            for r in route.get_routes(family=socket.AF_INET, table=HOST_TABLE)
-        }
-        for dst in destinations:
-            if dst not in have:
-                route.route("replace", dst=dst, table=HOST_TABLE, gateway=HOST_GATEWAY, oif=tx,
-                            flags=RTNH_F_ONLINK, prefsrc=node_ip)
-        for dst in have - set(destinations):
-            route.route("del", dst=dst, table=HOST_TABLE)
-        done += _plumb_node_ports(route, node_ip, tx)
+        if destinations is not None:
+            have = {
+                f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
+                for r in route.get_routes(family=socket.AF_INET, table=HOST_TABLE)
+            }
+            for dst in destinations:
+                if dst not in have:
+                    route.route("replace", dst=dst, table=HOST_TABLE, gateway=HOST_GATEWAY,
+                                oif=tx, flags=RTNH_F_ONLINK, prefsrc=node_ip)
+            for dst in have - set(destinations):
+                route.route("del", dst=dst, table=HOST_TABLE)
+        if node_ports is not None:
+            done += _plumb_node_ports(route, node_ip, tx, node_ports)
     return done
 
 
@@ -830,9 +835,10 @@ def _rule_table(rule) -> int:
     return rule.get_attr("FRA_TABLE") or rule["table"]
 
 
-def _plumb_node_ports(route, node_ip: str, tx: int) -> list[str]:
-    """Runs in the node: host processes' packets to the node IP's NodePort range take the
-    host path (see NODEPORT_TABLE); the local rule moves behind them."""
+def _plumb_node_ports(route, node_ip: str, tx: int, node_ports: tuple[int, int]) -> list[str]:
+    """Runs in the node: host processes' packets to the node IP's NodePort range (the
+    view's) take the host path (see NODEPORT_TABLE); the local rule moves behind them. A
+    rule for another address or range goes."""
     done = []
     rules = route.get_rules(family=socket.AF_INET)
     local = {_rule_priority(r) for r in rules if _rule_table(r) == RT_TABLE_LOCAL}
@@ -841,18 +847,17 @@ def _plumb_node_ports(route, node_ip: str, tx: int) -> list[str]:
         done.append(f"moved the local table's rule to priority {LOCAL_RULE_PRIORITY}")
     if 0 in local:
         route.rule("del", table=RT_TABLE_LOCAL, priority=0)
-    low, high = PLAN.node_port_range
+    low, high = node_ports
     wanted = {socket.IPPROTO_TCP, socket.IPPROTO_UDP}
     for rule in rules:
         if _rule_priority(rule) != NODEPORT_RULE_PRIORITY:
             continue
         proto = rule.get_attr("FRA_IP_PROTO")
-        if rule.get_attr("FRA_DST") == node_ip and proto in wanted:
+        dports = rule.get_attr("FRA_DPORT_RANGE")
+        if rule.get_attr("FRA_DST") == node_ip and dports == f"{low}:{high}" and proto in wanted:
             wanted.discard(proto)
-        else:  # the node's address changed: the rule points at the old one
-            route.rule("del", table=NODEPORT_TABLE, priority=NODEPORT_RULE_PRIORITY,
-                       iifname="lo", dst=rule.get_attr("FRA_DST"), dst_len=32, ip_proto=proto,
-                       dport_range=f"{low}:{high}")
+        else:  # the node's address or the range changed: the rule names the old one
+            _del_node_port_rule(route, rule)
     for proto in sorted(wanted):
         route.rule("add", table=NODEPORT_TABLE, priority=NODEPORT_RULE_PRIORITY, iifname="lo",
                    dst=node_ip, dst_len=32, ip_proto=proto,
@@ -869,6 +874,15 @@ def _plumb_node_ports(route, node_ip: str, tx: int) -> list[str]:
     return done
 
 
+def _del_node_port_rule(route, rule) -> None:
+    """Delete one NodePort rule, named by what it matches (its own range, whatever the
+    view's is now)."""
+    dports = rule.get_attr("FRA_DPORT_RANGE")
+    route.rule("del", table=NODEPORT_TABLE, priority=NODEPORT_RULE_PRIORITY, iifname="lo",
+               dst=rule.get_attr("FRA_DST"), dst_len=32, ip_proto=rule.get_attr("FRA_IP_PROTO"),
+               **({"dport_range": dports} if dports else {}))
+
+
 def _unplumb_host_path() -> None:
     """Runs in the node: remove the rule, the table and the pair (neighbour goes with it)."""
     from pyroute2 import IPRoute
@@ -879,13 +893,9 @@ def _unplumb_host_path() -> None:
         for r in rules:
             if r.get_attr("FRA_PRIORITY") == HOST_RULE_PRIORITY:
                 ipr.rule("del", table=HOST_TABLE, priority=HOST_RULE_PRIORITY, iifname="lo")
-        low, high = PLAN.node_port_range
         for r in rules:
             if _rule_priority(r) == NODEPORT_RULE_PRIORITY:
-                ipr.rule("del", table=NODEPORT_TABLE, priority=NODEPORT_RULE_PRIORITY,
-                         iifname="lo", dst=r.get_attr("FRA_DST"), dst_len=32,
-                         ip_proto=r.get_attr("FRA_IP_PROTO"),
-                         dport_range=f"{low}:{high}")
+                _del_node_port_rule(ipr, r)
         local = {_rule_priority(r) for r in rules if _rule_table(r) == RT_TABLE_LOCAL}
         if 0 not in local:  # the local lookup back in front, before its stand-in goes
             ipr.rule("add", table=RT_TABLE_LOCAL, priority=0)
@@ -946,13 +956,14 @@ def _plumbing_state(program_names: dict[int, str]) -> dict[str, Any]:
     return {"xdp": xdp, "rules": rules, "routes": routes, "sysctls": sysctls}
 
 
-def _node_state(node_ip: str, destinations: list[str]) -> tuple[int, dict, list[str]]:
+def _node_state(node_ip: str, destinations: list[str] | None,
+                node_ports: tuple[int, int] | None) -> tuple[int, dict, list[str]]:
     """Runs in the node, once per sync: (netns cookie, XDP per link, host-path changes)."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         links = _xdp_state(ipr)
-        done = _plumb_host_path(node_ip, destinations, ipr, links)
+        done = _plumb_host_path(node_ip, destinations, node_ports, ipr, links)
         if done:
             links = _xdp_state(ipr)  # the pair is new: its index must be current
     return netns_cookie(), links, done
@@ -1020,7 +1031,9 @@ class EbpfDataplane:
     def install(self, node: NodeHandle) -> None:
         healthcheck.install(node)
         with self._lock:
-            self._ensure(node, node.ip, [PLAN.service_cidr])
+            # No view yet: the host path's routes and NodePort rules wait for the first sync,
+            # which knows the cluster's Service CIDR and NodePort range.
+            self._ensure(node, node.ip, None, None)
 
     def sync(self, node: NodeHandle, view: NodeView) -> SyncStats:
         """Converge the node to the view: hooks and host path repaired, the memory follows
@@ -1030,8 +1043,10 @@ class EbpfDataplane:
         start = time.perf_counter()
         with self._lock:
             st = self._nodes.get(node.netns)
-            routed = sorted(st.routed) if st is not None else [view.service_cidr]
-            st, repaired = self._ensure(node, view.node_ip, routed)
+            # The routes as this object left them (repaired here); with none yet, or another
+            # Service CIDR, the routes the view asks for are written once it is programmed.
+            routed = sorted(st.routed) if st is not None and st.routed else None
+            st, repaired = self._ensure(node, view.node_ip, routed, view.node_port_range)
             self._configure(st, view)
             st.node_ip, st.service_cidr = view.node_ip, view.service_cidr
             collecting = gc.isenabled()
@@ -1048,7 +1063,8 @@ class EbpfDataplane:
                 repaired.append(f"rewrote {repairs} map elements that differed from the view")
             routed = set(st.destinations(view.service_cidr))
             if routed != st.routed:
-                repaired += node.call(_plumb_host_path, view.node_ip, sorted(routed))
+                repaired += node.call(_plumb_host_path, view.node_ip, sorted(routed),
+                                      view.node_port_range)
                 st.routed = routed
             health = st.health_view()
         healthcheck.sync(node, health)
@@ -1231,11 +1247,13 @@ class EbpfDataplane:
 
     # ------------------------------------------------------------------ internals
 
-    def _ensure(self, node: NodeHandle, node_ip: str,
-                destinations: list[str]) -> tuple[_Node, list[str]]:
+    def _ensure(self, node: NodeHandle, node_ip: str, destinations: list[str] | None,
+                node_ports: tuple[int, int] | None) -> tuple[_Node, list[str]]:
         """The node's objects loaded, XDP on the uplink, the host path and every pod veth,
-        socket hooks attached: what is missing is put back, and named in the result."""
-        cookie, xdp, repaired = node.call(_node_state, node_ip, destinations)
+        socket hooks attached: what is missing is put back, and named in the result.
+        `destinations` and `node_ports`: the host path's routes and NodePort range (None:
+        left as they are, see _plumb_host_path)."""
+        cookie, xdp, repaired = node.call(_node_state, node_ip, destinations, node_ports)
         st = self._nodes.get(node.netns)
         if st is not None and st.cookie != cookie:
             st.objects.close()  # the namespace was recreated under the same name
@@ -1251,7 +1269,7 @@ class EbpfDataplane:
                 raise DataplaneError(f"ebpf on {node.name}: {exc}") from None
             st = self._nodes[node.netns] = _Node(node.netns, cookie, objects,
                                                  canary=canary_value(self._token),
-                                                 routed=set(destinations))
+                                                 routed=set(destinations or ()))
         st.host_link = xdp[HOST_LINK][0] if HOST_LINK in xdp else 0
         config = st.objects.config()
         if not config.saved_sysctls & SAVED_MARK:
@@ -1262,7 +1280,8 @@ class EbpfDataplane:
         return st, repaired
 
     def _configure(self, st: _Node, view: NodeView) -> None:
-        """node_config follows the view: the node IP (NodePort SNAT) and the cluster CIDR."""
+        """node_config follows the view: the node IP (NodePort SNAT) and the cluster CIDR
+        (sources inside it are in-cluster clients: internal frontends, no masquerade)."""
         config = st.objects.config()
         cidr, mask = _mask(view.cluster_cidr)
         node_ip = socket.inet_aton(view.node_ip)
@@ -1278,9 +1297,10 @@ class EbpfDataplane:
         config.netns_cookie = cookie
         config.node_ip[:] = socket.inet_aton(node.ip)
         config.hairpin_ip[:] = socket.inet_aton(HAIRPIN_IP)
-        cidr, mask = _mask(PLAN.cluster_cidr)
-        config.cluster_cidr[:] = cidr
-        config.cluster_mask[:] = mask
+        # No view yet, so no cluster CIDR: no source but 0.0.0.0 counts as in-cluster until
+        # the first sync writes the view's (before its frontends, so none meets this one).
+        config.cluster_cidr[:] = bytes(4)
+        config.cluster_mask[:] = b"\xff" * 4
         config.snat_port_min, config.snat_port_max = SNAT_PORTS
         return config
 

@@ -63,16 +63,23 @@ EVERY_ADDRESS = "0.0.0.0/0"
 
 
 def cluster_plan(cluster_cidr: str = PLAN.cluster_cidr,
-                 service_cidr: str = PLAN.service_cidr) -> AddressPlan:
+                 service_cidr: str = PLAN.service_cidr,
+                 node_port_range: tuple[int, int] = PLAN.node_port_range) -> AddressPlan:
     """The address plan of a real cluster: its pod and Service CIDRs (kube-proxy's
-    --cluster-cidr; the apiserver's --service-cluster-ip-range), and any address for
-    endpoints, externalIPs and load-balancer ingress, which the API server has validated
-    (the suite's own clusters keep them inside 198.18.0.0/15)."""
+    --cluster-cidr; the apiserver's --service-cluster-ip-range) and NodePort range (the
+    apiserver's --service-node-port-range, 30000-32767 unless it says otherwise), and any
+    address for endpoints, externalIPs and load-balancer ingress, which the API server has
+    validated (the suite's own clusters keep them inside 198.18.0.0/15)."""
     for flag, value in (("--cluster-cidr", cluster_cidr), ("--service-cidr", service_cidr)):
         if not _ipv4_net(value):
             raise ValueError(f"{flag} {value!r} must be an IPv4 network such as 10.96.0.0/12")
+    low, high = node_port_range
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"the NodePort range {low}-{high} must be LOW-HIGH with "
+                         "1 <= LOW <= HIGH <= 65535")
     return replace(PLAN, cluster_cidr=str(ipaddress.ip_network(cluster_cidr, strict=False)),
                    service_cidr=str(ipaddress.ip_network(service_cidr, strict=False)),
+                   node_port_range=(low, high),
                    endpoint_cidr=EVERY_ADDRESS, external_ip_cidr=EVERY_ADDRESS,
                    load_balancer_cidr=EVERY_ADDRESS)
 

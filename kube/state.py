@@ -216,6 +216,9 @@ class NodeView:
     service_cidr: str
     node_ips: tuple[str, ...]  # addresses NodePorts answer on
     services: tuple[ServicePortView, ...]  # sorted by name, then protocol, then port
+    # The cluster's NodePort range (the apiserver's --service-node-port-range), first and
+    # last port: a mode that must route the range itself (ebpf's host path) reads it here.
+    node_port_range: tuple[int, int] = PLAN.node_port_range
 
     def service(self, name: str, protocol: str | None = None) -> ServicePortView:
         """Look a port up by its ServicePortName ("ns/svc:port" or "ns/svc")."""
@@ -702,6 +705,7 @@ def make_node_view(node: Node, views: list[ServicePortView], plan: AddressPlan) 
         service_cidr=plan.service_cidr,
         node_ips=(node.ip,),
         services=tuple(views),
+        node_port_range=plan.node_port_range,
     )
 
 

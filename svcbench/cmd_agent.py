@@ -16,6 +16,7 @@ import sys
 
 NODE_NAME_ENV = "NODE_NAME"
 IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
+KUBE_NODE_PORT_RANGE = (30000, 32767)  # the apiserver's default --service-node-port-range
 
 
 class AgentUsageError(ValueError):
@@ -45,6 +46,18 @@ def _seconds(flag: str):
         return seconds
 
     return parse
+
+
+def _port_range(value: str) -> tuple[int, int]:
+    """LOW-HIGH, as the apiserver's --service-node-port-range takes it."""
+    low, dash, high = value.strip().partition("-")
+    if dash and low.strip().isdigit() and high.strip().isdigit():
+        low_port, high_port = int(low), int(high)
+        if 1 <= low_port <= high_port <= 65535:
+            return low_port, high_port
+    raise argparse.ArgumentTypeError(
+        f"--service-node-port-range {value!r} must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535, "
+        "such as 30000-32767")
 
 
 def add_agent_arguments(sp: argparse.ArgumentParser) -> None:
@@ -77,6 +90,10 @@ def add_agent_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--service-cidr", default=PLAN.service_cidr,
                     help="the cluster's Service ClusterIP range (default "
                          f"{PLAN.service_cidr}, the suite's)")
+    sp.add_argument("--service-node-port-range", type=_port_range,
+                    default=KUBE_NODE_PORT_RANGE, metavar="LOW-HIGH",
+                    help="the cluster's NodePort range, as the apiserver's flag of that name "
+                         "(default 30000-32767, the apiserver's)")
     sp.add_argument("--netns", default=None,
                     help="program this network namespace (a node of a svcbench run) instead "
                          "of the one the agent runs in")
@@ -140,7 +157,8 @@ def run_agent(args) -> int:
     try:
         healthz = parse_bind(args.healthz_bind_address, "--healthz-bind-address")
         metrics = parse_bind(args.metrics_bind_address, "--metrics-bind-address")
-        plan = cluster_plan(args.cluster_cidr, args.service_cidr)
+        plan = cluster_plan(args.cluster_cidr, args.service_cidr,
+                            args.service_node_port_range)
     except ValueError as exc:
         raise AgentUsageError(str(exc)) from None
     if args.netns and not os.path.exists(f"/run/netns/{args.netns}"):

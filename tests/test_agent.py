@@ -457,6 +457,21 @@ def test_objects_of_another_address_plan():
         slice_from_api(sl, PLAN)
     with pytest.raises(ValueError, match="--service-cidr"):
         cluster_plan("10.244.0.0/16", "fd00::/108")
+    # the NodePort range: the apiserver's default unless --service-node-port-range says else
+    import argparse
+
+    from svcbench.cmd_agent import add_agent_arguments
+
+    parser = argparse.ArgumentParser()
+    add_agent_arguments(parser)
+    for flags, wanted in (([], (30000, 32767)), (["--service-node-port-range", "31000-31999"],
+                                                 (31000, 31999))):
+        args = parser.parse_args(["--mode", "ebpf", *flags])
+        assert cluster_plan("10.244.0.0/16", "10.96.0.0/12",
+                            args.service_node_port_range).node_port_range == wanted
+    for bad in ("31999-31000", "30000", "0-10", "a-b"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--mode", "ebpf", "--service-node-port-range", bad])
 
 
 def test_agent_durations_read_as_kube_proxy_writes_them():

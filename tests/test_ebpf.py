@@ -975,6 +975,81 @@ def test_another_process_finds_the_node_and_lists_its_services(lab):
     assert any(r["empty"] == "reject" for r in rows) and any(r["scope"] == "internal" for r in rows)
 
 
+def test_the_ranges_follow_the_view_a_real_cluster_gives(lab):
+    """A kind-like cluster's ranges (pods 10.244.0.0/16, Services 10.96.0.0/12, NodePorts
+    31000-31999, as `svcbench agent --cluster-cidr --service-cidr --service-node-port-range`
+    plan them): node_config's cluster CIDR, the host path's Service CIDR route and its
+    NodePort rules follow the synced view, the XDP programs judge clients by the new CIDR,
+    an update routes externalIPs by the new Service CIDR and leaves what a sync would, and
+    the suite's view puts everything back. Before its first sync, a proxy routes no range.
+    No packet leaves 198.18.0.0/15: the programs
+    are run on crafted packets (BPF_PROG_TEST_RUN)."""
+    from kube.api import cluster_plan
+    from kube.tracker import NodeChanges
+
+    cluster, dp, state = lab
+    node = cluster.nodes[0]
+    before = dp.kernel_state(node)
+    assert before["config"]["cluster_cidr"] == "198.18.128.0/255.255.128.0"
+    assert any(r.startswith(f"{PLAN.service_cidr} via")
+               for r in before["routes"][str(ebpf.HOST_TABLE)])
+    plan = cluster_plan("10.244.0.0/16", "10.96.0.0/12", (31000, 31999))
+    kind = ClusterState.build([Node.numbered(k, plan) for k in (1, 2)], PODS, services(),
+                              plan=plan)
+    view = kind.node_view("node1")
+    assert (view.cluster_cidr, view.service_cidr, view.node_port_range) == (
+        "10.244.0.0/16", "10.96.0.0/12", (31000, 31999))
+    local_np = kind.service_obj("ns1", "local").ports[0].node_port
+    other_node_pod = kind.pod("ns1", "client-b").ip  # 10.244.2.x
+    try:
+        # a proxy starting on the node: before its first sync no range is known, so none
+        # is routed or counted as the cluster's
+        dp.uninstall(node)
+        dp.install(node)
+        fresh = dp.kernel_state(node)
+        assert fresh["config"]["cluster_cidr"] == "0.0.0.0/255.255.255.255"
+        assert fresh["routes"] == {str(ebpf.HOST_TABLE): [], str(ebpf.NODEPORT_TABLE): []}
+        assert not [r for r in fresh["rules"] if f"table {ebpf.NODEPORT_TABLE}" in r]
+        programs = dp._nodes[node.netns].objects
+        dp.sync(node, view)
+        got = dp.kernel_state(node)
+        assert got["config"]["cluster_cidr"] == "10.244.0.0/255.255.0.0"
+        routes = got["routes"][str(ebpf.HOST_TABLE)]
+        assert sorted(r.split()[0] for r in routes) == sorted(
+            ["10.96.0.0/12", f"{EXTERNAL_IP}/32", f"{ebpf.HAIRPIN_IP}/32"]), routes
+        node_port_rules = [r for r in got["rules"] if f"table {ebpf.NODEPORT_TABLE}" in r]
+        assert len(node_port_rules) == 2 and all(
+            f"dst {node.ip} " in r and "dport 31000:31999 " in r for r in node_port_rules), \
+            got["rules"]
+        # externalTrafficPolicy Local without a local endpoint: a pod of the view's cluster
+        # CIDR is served by every endpoint, a source of the suite's CIDR is a client from
+        # outside now, and is dropped
+        rc, out = run(programs, "svb_xdp_host", tcp(other_node_pod, 45100, node.ip, local_np))
+        assert rc == XDP_PASS and parse(out)["dst"] in {
+            kind.pod("ns1", p).ip for p in ("web-2", "web-3")}
+        rc, _ = run(programs, "svb_xdp_host",
+                    tcp(state.pod("ns1", "client-b").ip, 45101, node.ip, local_np))
+        assert rc == XDP_DROP
+        # an update routes externalIPs by the view's Service CIDR, as a sync would
+        web = view.service("ns1/web:http", TCP)
+        wider = replace(web, external_ips=("10.100.0.7", "198.18.64.77"))
+        key = (web.namespace, web.service, web.port_name, web.protocol, web.port)
+        dp.update(node, NodeChanges("node1", updated={key: wider}))
+        updated = dp.kernel_state(node)
+        routed = [r.split()[0] for r in updated["routes"][str(ebpf.HOST_TABLE)]]
+        assert "198.18.64.77/32" in routed and "10.100.0.7/32" not in routed, routed
+        same = replace(view, services=tuple(wider if sp is web else sp for sp in view.services))
+        assert dp.sync(node, same).changed == 0
+        assert dp.kernel_state(node) == updated
+    finally:
+        dp.sync(node, state.node_view(node.name))
+    assert dp.kernel_state(node) == before
+    rc, out = run(programs, "svb_xdp_host",
+                  tcp(state.pod("ns1", "client-b").ip, 45102, node.ip,
+                      state.service_obj("ns1", "local").ports[0].node_port))
+    assert rc == XDP_PASS
+
+
 def test_gc_removes_what_a_killed_process_left():
     needs_root()
     from clusters.netns import NetnsCluster
