@@ -111,6 +111,21 @@ def pair_kernels(old: Iterable[str], new: Iterable[str]) -> list[tuple[str | Non
     return pairs
 
 
+def _paired(a_all: pd.DataFrame, b_all: pd.DataFrame):
+    """(mode, old kernel, new kernel, old rows, new rows) for every mode either run has and
+    each pair of its kernels (`pair_kernels`); rows None where only one run has the pair."""
+    if not len(a_all) + len(b_all):
+        return
+    for mode in dict.fromkeys([*b_all["mode"], *a_all["mode"]]):
+        a_mode, b_mode = a_all[a_all["mode"] == mode], b_all[b_all["mode"] == mode]
+        for old_k, new_k in pair_kernels(a_mode["kernel"], b_mode["kernel"]):
+            if old_k is None or new_k is None:
+                yield mode, old_k, new_k, None, None
+            else:
+                yield (mode, old_k, new_k, a_mode[a_mode["kernel"] == old_k],
+                       b_mode[b_mode["kernel"] == new_k])
+
+
 def compare(new: Run, old: Run, fallback: Catalog | None = None) -> Gate:
     """The gate's rows: every tracked series of every mode, then conformance per mode."""
     catalog = new.catalog.merged(old.catalog)
@@ -140,37 +155,31 @@ def _series_rows(new: Run, old: Run, catalog: Catalog, info: MetricInfo,
     a_all, b_all = _values(old.bench, key, track.stat), _values(new.bench, key, track.stat)
     higher = catalog.higher_is_better(key)
     out = []
-    modes = list(dict.fromkeys([*b_all["mode"], *a_all["mode"]])) if len(a_all) + len(b_all) \
-        else []
-    for mode in modes:
-        a_mode, b_mode = a_all[a_all["mode"] == mode], b_all[b_all["mode"] == mode]
-        for old_k, new_k in pair_kernels(a_mode["kernel"], b_mode["kernel"]):
-            base = GateRow("metric", key, title, mode, new_k or "", old_k or "", ONLY_NEW,
-                           stat=track.stat, unit=catalog.unit(key) or "",
-                           threshold=track.threshold)
-            if old_k is None or new_k is None:
-                base.verdict = ONLY_NEW if old_k is None else ONLY_OLD
-                out.append(base)
-                continue
-            a = a_mode[a_mode["kernel"] == old_k]
-            b = b_mode[b_mode["kernel"] == new_k]
-            common = sorted(set(a["n_services"]) & set(b["n_services"]))
-            if not common:
-                base.verdict = ONLY_OLD
-                base.note = "no size in common"
-                out.append(base)
-                continue
-            n = track.size if track.size in common else common[-1]
-            notes = []
-            if track.size is not None and n != track.size:
-                notes.append(f"{fmt_n(track.size)} Services not measured by both runs")
-            if old_k != new_k:
-                notes.append(f"kernel {old_k} before")
-            a_n, b_n = a[a["n_services"] == n], b[b["n_services"] == n]
-            over = (_over_floor(old.bench, a_n, info.floor, track.stat, mode, old_k, n),
-                    _over_floor(new.bench, b_n, info.floor, track.stat, mode, new_k, n))
-            out.append(_judge(base, n, a_n["value"], b_n["value"], track.threshold, higher,
-                              notes, *over))
+    for mode, old_k, new_k, a, b in _paired(a_all, b_all):
+        base = GateRow("metric", key, title, mode, new_k or "", old_k or "", ONLY_NEW,
+                       stat=track.stat, unit=catalog.unit(key) or "",
+                       threshold=track.threshold)
+        if a is None or b is None:
+            base.verdict = ONLY_NEW if old_k is None else ONLY_OLD
+            out.append(base)
+            continue
+        common = sorted(set(a["n_services"]) & set(b["n_services"]))
+        if not common:
+            base.verdict = ONLY_OLD
+            base.note = "no size in common"
+            out.append(base)
+            continue
+        n = track.size if track.size in common else common[-1]
+        notes = []
+        if track.size is not None and n != track.size:
+            notes.append(f"{fmt_n(track.size)} Services not measured by both runs")
+        if old_k != new_k:
+            notes.append(f"kernel {old_k} before")
+        a_n, b_n = a[a["n_services"] == n], b[b["n_services"] == n]
+        over = (_over_floor(old.bench, a_n, info.floor, track.stat, mode, old_k, n),
+                _over_floor(new.bench, b_n, info.floor, track.stat, mode, new_k, n))
+        out.append(_judge(base, n, a_n["value"], b_n["value"], track.threshold, higher,
+                          notes, *over))
     return out
 
 
@@ -240,34 +249,29 @@ def _judge(row: GateRow, n: int, a: pd.Series, b: pd.Series, threshold: float,
 def _conformance_rows(new: Run, old: Run) -> list[GateRow]:
     out = []
     a_all, b_all = old.checks, new.checks
-    modes = list(dict.fromkeys([*b_all["mode"], *a_all["mode"]]))
-    for mode in modes:
-        a_mode, b_mode = a_all[a_all["mode"] == mode], b_all[b_all["mode"] == mode]
-        for old_k, new_k in pair_kernels(a_mode["kernel"], b_mode["kernel"]):
-            row = GateRow(CONFORMANCE, CONFORMANCE, "Conformance checks passed", mode,
-                          new_k or "", old_k or "", ONLY_NEW, unit="checks", threshold=0.0)
-            if old_k is None or new_k is None:
-                row.verdict = ONLY_NEW if old_k is None else ONLY_OLD
-                out.append(row)
-                continue
-            a = a_mode[a_mode["kernel"] == old_k]
-            b = b_mode[b_mode["kernel"] == new_k]
-            before = set(a.loc[a["outcome"] == PASSED, "name"])
-            now = dict(zip(b["name"], b["outcome"], strict=True))
-            row.old_median = float(len(before))
-            row.new_median = float(sum(1 for o in now.values() if o == PASSED))
-            row.change = row.new_median - row.old_median
-            row.lost = sorted(name for name in before if name in now and now[name] != PASSED)
-            gone = sorted(before - set(now))
-            notes = [f"{name}: {now[name]}" for name in row.lost]
-            if gone:
-                notes.append(f"{len(gone)} passed before and no longer run: {', '.join(gone)}")
-            if old_k != new_k:
-                notes.append(f"kernel {old_k} before")
-            row.note = "; ".join(notes)
-            gained = row.change > 0 and not row.lost
-            row.verdict = REGRESSION if row.lost else IMPROVEMENT if gained else OK
+    for mode, old_k, new_k, a, b in _paired(a_all, b_all):
+        row = GateRow(CONFORMANCE, CONFORMANCE, "Conformance checks passed", mode,
+                      new_k or "", old_k or "", ONLY_NEW, unit="checks", threshold=0.0)
+        if a is None or b is None:
+            row.verdict = ONLY_NEW if old_k is None else ONLY_OLD
             out.append(row)
+            continue
+        before = set(a.loc[a["outcome"] == PASSED, "name"])
+        now = dict(zip(b["name"], b["outcome"], strict=True))
+        row.old_median = float(len(before))
+        row.new_median = float(sum(1 for o in now.values() if o == PASSED))
+        row.change = row.new_median - row.old_median
+        row.lost = sorted(name for name in before if name in now and now[name] != PASSED)
+        gone = sorted(before - set(now))
+        notes = [f"{name}: {now[name]}" for name in row.lost]
+        if gone:
+            notes.append(f"{len(gone)} passed before and no longer run: {', '.join(gone)}")
+        if old_k != new_k:
+            notes.append(f"kernel {old_k} before")
+        row.note = "; ".join(notes)
+        gained = row.change > 0 and not row.lost
+        row.verdict = REGRESSION if row.lost else IMPROVEMENT if gained else OK
+        out.append(row)
     return out
 
 
