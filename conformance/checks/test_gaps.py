@@ -75,8 +75,8 @@ def test_services_sharing_endpoints_one_deleted(cluster):
                          Probe(EXTERNAL, node1, port, TCP, count=count),
                          Probe(EXTERNAL, node2, port, UDP, count=count)]
         for req, result in zip(requests, cluster.probes(*requests), strict=True):
-            _served(cluster, result, count, f"{when}: {req.protocol} {req.ip}:{req.port} from "
-                                   f"{req.source}")
+            _served(cluster, result, count,
+                    f"{when}: {req.protocol} {req.ip}:{req.port} from {req.source}")
 
     cluster.apply([first, second])
     both_serve(("twin-a", "twin-b"), "both Services")
@@ -105,8 +105,8 @@ def test_services_sharing_endpoints_one_deleted(cluster):
         f"{talk.echoed} of {talk.sent} messages echoed, {echoed_at_sync} before: {talk.error}"
     )
     for req, result in zip(checks[:4], results[:4], strict=True):
-        _served(cluster, result, 45, f"twin-a deleted, twin-b's {req.protocol} {req.ip}:{req.port} "
-                            f"from {req.source}")
+        _served(cluster, result, 45, f"twin-a deleted, twin-b's {req.protocol} "
+                f"{req.ip}:{req.port} from {req.source}")
     for req, result in zip(checks[4:], results[4:], strict=True):
         _silent(result, f"the deleted twin-a's {req.protocol} {req.ip}:{req.port}")
 
@@ -191,8 +191,8 @@ def test_nodeports_released_on_delete(cluster):
         tcp_port, udp_port)
     again = cluster.probes(*(Probe(s, ip, port, proto, count=40) for s, ip, port, proto in paths))
     for (source, ip, port, proto), result in zip(paths, again, strict=True):
-        _served(cluster, result, 40, f"the numbers reused by a new Service, {proto} {ip}:{port} from "
-                            f"{source}")
+        _served(cluster, result, 40,
+                f"the numbers reused by a new Service, {proto} {ip}:{port} from {source}")
 
 
 @pytest.mark.check(68)
