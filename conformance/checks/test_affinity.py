@@ -8,7 +8,9 @@ import time
 import pytest
 
 from clusters.workloads.probe import OK
+from conformance.expect import assert_backends, skip_unless_spread, spreads_one_client
 from conformance.harness import (
+    BACKENDS,
     CLIENTS,
     EXTERNAL,
     HTTP_PORT,
@@ -90,8 +92,13 @@ def test_session_affinity_switch(cluster):
             spread = len(backends(result))
             if affinity:
                 assert spread == 1, f"affinity ClientIP on, {client} not sticky: {describe(result)}"
+            elif not spreads_one_client(cluster.dataplane):
+                assert_backends(cluster.dataplane, result, BACKENDS,
+                                f"affinity None, from {client}")
             else:
                 assert spread > 1, f"affinity None, yet {client} stuck to one backend: {describe(result)}"
+    skip_unless_spread(cluster.dataplane, "several backends from one client to tell "
+                       "sessionAffinity None from ClientIP (ClientIP's stickiness held)")
 
 
 def _nodeport_sessions(cluster, name: str, sources, count: int, sticky: bool,
@@ -109,6 +116,8 @@ def _nodeport_sessions(cluster, name: str, sources, count: int, sticky: bool,
         spread = len(backends(result))
         if sticky:
             assert spread == 1, f"{where}, affinity ClientIP, did not stick: {describe(result)}"
+        elif not spreads_one_client(cluster.dataplane):
+            assert_backends(cluster.dataplane, result, BACKENDS, f"{where}, affinity None,")
         else:
             assert spread > 1, f"{where}, affinity None, stuck to one: {describe(result)}"
         choice[source, node] = next(iter(backends(result)))
@@ -143,8 +152,14 @@ def test_session_affinity_nodeport_and_udp(cluster):
         results = cluster.probes(*(Probe(c, ip, 80, UDP, count=count) for c in clients))
         for client, result in zip(clients, results, strict=True):
             assert outcomes(result) == {OK: count}, f"UDP from {client}: {describe(result)}"
+            if not sticky and not spreads_one_client(cluster.dataplane):
+                assert_backends(cluster.dataplane, result, BACKENDS,
+                                f"UDP to the ClusterIP from {client}, affinity None,")
+                continue
             assert (len(backends(result)) == 1) == sticky, (
                 f"UDP to the ClusterIP from {client}, affinity {affinity}: {describe(result)}")
+    skip_unless_spread(cluster.dataplane, "several backends from one client to tell "
+                       "sessionAffinity None from ClientIP (ClientIP's stickiness held)")
 
 
 NODEPORT_TIMEOUT_S = 1

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from clusters.workloads.probe import OK
+from conformance.expect import assert_backends
 from conformance.harness import (
     BACKENDS,
     EXTERNAL,
     HTTP_PORT,
     Probe,
-    backends,
     describe,
     outcomes,
     web_service,
@@ -36,7 +36,7 @@ def test_nodeport_on_every_node(cluster):
                 for source in (EXTERNAL, "ns1/client-a") for node in ("node1", "node2")]
     for req, result in zip(requests, cluster.probes(*requests), strict=True):
         assert outcomes(result) == {OK: 60}, f"from {req.source}: {describe(result)}"
-        assert set(backends(result)) == set(BACKENDS), f"from {req.source}: {describe(result)}"
+        assert_backends(cluster.dataplane, result, BACKENDS, f"from {req.source}")
 
 
 @pytest.mark.check(7)
@@ -58,7 +58,7 @@ def test_external_traffic_policy_local(cluster):
         Probe(EXTERNAL, cluster.node_ip("node1"), port, count=3, timeout=0.5),
     )
     assert outcomes(local) == {OK: 40}, f"through node2 (local endpoints): {describe(local)}"
-    assert set(backends(local)) == NODE2_BACKENDS, describe(local)
+    assert_backends(cluster.dataplane, local, NODE2_BACKENDS, "through node2")
     seen = {s.seen_client.rsplit(":", 1)[0] for s in local.samples}
     assert seen == {PLAN.external_client_ip}, (
         f"backends saw {seen}, not the external client's own {PLAN.external_client_ip}"
@@ -83,9 +83,7 @@ def test_external_traffic_policy_cluster(cluster):
     results = cluster.probes(*(Probe(EXTERNAL, cluster.node_ip(n), port, count=60) for n in nodes))
     for node, result in zip(nodes, results, strict=True):
         assert outcomes(result) == {OK: 60}, f"through {node}: {describe(result)}"
-        assert set(backends(result)) == set(BACKENDS), (
-            f"through {node} not every endpoint served: {describe(result)}"
-        )
+        assert_backends(cluster.dataplane, result, BACKENDS, f"through {node}")
 
 
 @pytest.mark.check(22)
@@ -106,6 +104,5 @@ def test_external_ips_reachable(cluster):
         assert outcomes(result) == {OK: req.count}, (
             f"{req.protocol} {EXTERNAL_IP} from {req.source}: {describe(result)}"
         )
-        assert set(backends(result)) == set(BACKENDS), (
-            f"{req.protocol} {EXTERNAL_IP} from {req.source} missed endpoints: {describe(result)}"
-        )
+        assert_backends(cluster.dataplane, result, BACKENDS,
+                        f"{req.protocol} {EXTERNAL_IP} from {req.source}")

@@ -13,12 +13,12 @@ from dataclasses import replace
 import pytest
 
 from clusters.workloads.probe import OK, TIMEOUT
+from conformance.expect import assert_backends
 from conformance.harness import (
     BACKENDS,
     EXTERNAL,
     HTTP_PORT,
     Probe,
-    backends,
     describe,
     outcomes,
     web_service,
@@ -55,9 +55,7 @@ def check_all(cluster, requests: dict[str, Probe], served_by: dict[str, set[str]
         if req.expect == OK:
             assert outcomes(result) == {OK: req.count}, f"{what}: {describe(result)}"
             if what in served_by:
-                assert set(backends(result)) == served_by[what], (
-                    f"{what}: not served by exactly {sorted(served_by[what])}: {describe(result)}"
-                )
+                assert_backends(cluster.dataplane, result, served_by[what], f"{what}:")
         else:
             assert outcomes(result) == {TIMEOUT: req.count}, (
                 f"{what} must be dropped (the client times out), not refused or served: "

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from clusters.workloads.probe import OK, REFUSED, TIMEOUT
+from conformance.expect import assert_backends
 from conformance.harness import (
     EXTERNAL,
     HTTP_PORT,
     Probe,
-    backends,
     describe,
     outcomes,
     web_service,
@@ -40,13 +40,9 @@ def test_internal_traffic_policy_local(cluster):
         Probe("ns1/client-b", ip2, 80, count=30),
     )
     assert outcomes(on_node1) == {OK: 60}, f"client on node1: {describe(on_node1)}"
-    assert set(backends(on_node1)) == NODE1_BACKENDS, (
-        f"client on node1 must reach only node1's endpoint: {describe(on_node1)}"
-    )
+    assert_backends(cluster.dataplane, on_node1, NODE1_BACKENDS, "client on node1")
     assert outcomes(on_node2) == {OK: 60}, f"client on node2: {describe(on_node2)}"
-    assert set(backends(on_node2)) == NODE2_BACKENDS, (
-        f"client on node2 must reach only node2's endpoints: {describe(on_node2)}"
-    )
+    assert_backends(cluster.dataplane, on_node2, NODE2_BACKENDS, "client on node2")
     assert outcomes(near) == {OK: 30}, f"client on node2, node2-only Service: {describe(near)}"
     assert outcomes(far)[OK] == 0, (
         f"client on node1 has no local endpoint of itp-node2 but was served: {describe(far)}"
@@ -120,7 +116,7 @@ def test_both_policies_local(cluster):
         req = requests[what]
         if req.expect == OK:
             assert outcomes(result) == {OK: req.count}, f"{what}: {describe(result)}"
-            assert set(backends(result)) == NODE2_BACKENDS, f"{what}: {describe(result)}"
+            assert_backends(cluster.dataplane, result, NODE2_BACKENDS, f"{what}:")
         else:
             assert outcomes(result) == {TIMEOUT: req.count}, (
                 f"{what} must be dropped (endpoints exist on node2), not refused or served: "
