@@ -2,7 +2,8 @@
 watches a tiny API server on 127.0.0.1 (tests/fakeapi.py) that serves objects and watch
 events as an API server writes them (tests/data/k8s). First with a recording mode (what
 reaches the mode, label handling, headless, bookmarks, 410 relist, healthz and metrics),
-then programming a real namespace-cluster node in every host mode, with traffic."""
+then programming a real namespace-cluster node in every host mode, with traffic, and in
+IPVS mode inside the User-Mode-Linux guest that tests/test_ipvs.py's guest tests boot."""
 
 from __future__ import annotations
 
@@ -473,21 +474,15 @@ def test_agent_durations_read_as_kube_proxy_writes_them():
 
 # --------------------------------------------------------------------------- ipvs, in the guest
 
-GUEST_OPT_IN = "SVCBENCH_AGENT_GUEST"
-
-
-def test_agent_ipvs_in_guest(tmp_path):
-    """IPVS runs only in the User-Mode-Linux guest kernel: one boot runs
-    `test_guest_agent_ipvs` there. Opt-in: the boot alone costs more than this file's share
-    of the test budget (11-18 s measured here)."""
-    if not os.environ.get(GUEST_OPT_IN):
-        pytest.skip(f"the guest boot (11-18 s) is over this file's test budget; "
-                    f"{GUEST_OPT_IN}=1 runs it")
+@pytest.mark.root
+@pytest.mark.timeout(900)
+def test_agent_ipvs_in_guest(tmp_path, request):
+    """IPVS runs only in the User-Mode-Linux guest kernel: `test_guest_agent_ipvs` runs there
+    in the boot tests/test_ipvs.py's guest tests share (tests/guest.py SHARED_BOOT)."""
     from tests.guest import guest_junit
 
-    report = guest_junit(__file__, tmp_path)
-    assert 'name="test_guest_agent_ipvs"' in report and "<failure" not in report, report
-    assert "<skipped" not in report, report
+    report = guest_junit(__file__, tmp_path, request)
+    assert 'name="test_guest_agent_ipvs"' in report and "<skipped" not in report, report
 
 
 @pytest.mark.root

@@ -414,9 +414,10 @@ def test_render_shows_what_a_sync_programs():
 
 @pytest.mark.root
 @pytest.mark.timeout(900)
-def test_ipvs_in_guest(tmp_path):
-    """Boot one guest kernel and run this module's guest tests in it, with real traffic."""
-    report = guest_junit(__file__, tmp_path)
+def test_ipvs_in_guest(tmp_path, request):
+    """Boot one guest kernel and run this module's guest tests in it, with real traffic (and
+    tests/test_agent.py's, which share the boot: tests/guest.py SHARED_BOOT)."""
+    report = guest_junit(__file__, tmp_path, request)
     assert report.count("<testcase") >= 9 and "<skipped" not in report and "<failure" not in report
 
 
