@@ -327,6 +327,22 @@ def test_agent_programs_a_node(node_cluster, mode_name, tmp_path):
     _programs(node_cluster, mode_name, tmp_path)
 
 
+LATE = (NS, "late-p2w7c")  # the watched Service's EndpointSlice
+
+
+def _synced_until(agent: Agent, synced: int, holds, timeout: float = 10.0) -> int:
+    """Wait for a sync after the `synced`th that leaves `holds()` true; the syncs so far.
+    Reads the kernel once a sync, not in a loop beside the agent (slow in the guest)."""
+    ends = time.monotonic() + timeout
+    while time.monotonic() < ends:
+        if agent.syncs > synced:
+            synced = agent.syncs
+            if holds():
+                return synced
+        time.sleep(0.02)
+    raise AssertionError(f"no sync within {timeout} s left the kernel as expected")
+
+
 def _programs(made, mode_name: str, tmp_path, api_netns: str | None = None) -> None:
     """`api_netns`: the fake API server listens, and the agent's threads run, in this
     namespace's loopback instead of the test's own."""
@@ -362,13 +378,17 @@ def _programs(made, mode_name: str, tmp_path, api_netns: str | None = None) -> N
             svc_events = recorded_events("watch-services.jsonl")
             slice_events = recorded_events("watch-endpointslices.jsonl",
                                            TRIGGER_TIME=now_rfc3339())
+            synced = agent.syncs
             fake.push("services", svc_events[0])
             fake.push("endpointslices", slice_events[0])
-            _wait(lambda: "198.19.0.60" in state())
+            # the slice is applied once the node was synced with it (the VIP may come first)
+            synced = _synced_until(agent, synced, lambda: LATE in agent.applied_slices
+                                   and "198.19.0.60" in state())
             assert _probe(made, "198.19.0.60", 2) == ["ns1/web-1"] * 2
             fake.push("services", svc_events[2])
             fake.push("endpointslices", slice_events[1])
-            _wait(lambda: "198.19.0.60" not in state())
+            _synced_until(agent, synced, lambda: LATE not in agent.applied_slices
+                          and "198.19.0.60" not in state())
         finally:
             agent.stop()
             thread.join(15)
