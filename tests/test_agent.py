@@ -2,7 +2,8 @@
 watches a tiny API server on 127.0.0.1 (tests/fakeapi.py) that serves objects and watch
 events as an API server writes them (tests/data/k8s). First with a recording mode (what
 reaches the mode, label handling, headless, bookmarks, 410 relist, healthz and metrics),
-then programming a real namespace-cluster node in every host mode, with traffic."""
+then programming a real namespace-cluster node in every host mode, with traffic, and in
+IPVS mode inside the User-Mode-Linux guest that tests/test_ipvs.py's guest tests boot."""
 
 from __future__ import annotations
 
@@ -326,6 +327,22 @@ def test_agent_programs_a_node(node_cluster, mode_name, tmp_path):
     _programs(node_cluster, mode_name, tmp_path)
 
 
+LATE = (NS, "late-p2w7c")  # the watched Service's EndpointSlice
+
+
+def _synced_until(agent: Agent, synced: int, holds, timeout: float = 10.0) -> int:
+    """Wait for a sync after the `synced`th that leaves `holds()` true; the syncs so far.
+    Reads the kernel once a sync, not in a loop beside the agent (slow in the guest)."""
+    ends = time.monotonic() + timeout
+    while time.monotonic() < ends:
+        if agent.syncs > synced:
+            synced = agent.syncs
+            if holds():
+                return synced
+        time.sleep(0.02)
+    raise AssertionError(f"no sync within {timeout} s left the kernel as expected")
+
+
 def _programs(made, mode_name: str, tmp_path, api_netns: str | None = None) -> None:
     """`api_netns`: the fake API server listens, and the agent's threads run, in this
     namespace's loopback instead of the test's own."""
@@ -361,13 +378,17 @@ def _programs(made, mode_name: str, tmp_path, api_netns: str | None = None) -> N
             svc_events = recorded_events("watch-services.jsonl")
             slice_events = recorded_events("watch-endpointslices.jsonl",
                                            TRIGGER_TIME=now_rfc3339())
+            synced = agent.syncs
             fake.push("services", svc_events[0])
             fake.push("endpointslices", slice_events[0])
-            _wait(lambda: "198.19.0.60" in state())
+            # the slice is applied once the node was synced with it (the VIP may come first)
+            synced = _synced_until(agent, synced, lambda: LATE in agent.applied_slices
+                                   and "198.19.0.60" in state())
             assert _probe(made, "198.19.0.60", 2) == ["ns1/web-1"] * 2
             fake.push("services", svc_events[2])
             fake.push("endpointslices", slice_events[1])
-            _wait(lambda: "198.19.0.60" not in state())
+            _synced_until(agent, synced, lambda: LATE not in agent.applied_slices
+                          and "198.19.0.60" not in state())
         finally:
             agent.stop()
             thread.join(15)
@@ -488,21 +509,15 @@ def test_agent_durations_read_as_kube_proxy_writes_them():
 
 # --------------------------------------------------------------------------- ipvs, in the guest
 
-GUEST_OPT_IN = "SVCBENCH_AGENT_GUEST"
-
-
-def test_agent_ipvs_in_guest(tmp_path):
-    """IPVS runs only in the User-Mode-Linux guest kernel: one boot runs
-    `test_guest_agent_ipvs` there. Opt-in: the boot alone costs more than this file's share
-    of the test budget (11-18 s measured here)."""
-    if not os.environ.get(GUEST_OPT_IN):
-        pytest.skip(f"the guest boot (11-18 s) is over this file's test budget; "
-                    f"{GUEST_OPT_IN}=1 runs it")
+@pytest.mark.root
+@pytest.mark.timeout(900)
+def test_agent_ipvs_in_guest(tmp_path, request):
+    """IPVS runs only in the User-Mode-Linux guest kernel: `test_guest_agent_ipvs` runs there
+    in the boot tests/test_ipvs.py's guest tests share (tests/guest.py SHARED_BOOT)."""
     from tests.guest import guest_junit
 
-    report = guest_junit(__file__, tmp_path)
-    assert 'name="test_guest_agent_ipvs"' in report and "<failure" not in report, report
-    assert "<skipped" not in report, report
+    report = guest_junit(__file__, tmp_path, request)
+    assert 'name="test_guest_agent_ipvs"' in report and "<skipped" not in report, report
 
 
 @pytest.mark.root
