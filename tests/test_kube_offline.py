@@ -34,7 +34,10 @@ def _all_objects() -> list[dict]:
     objs += deploy.bench_services(RUN, "bench", 3, {"app": "svcbench-echo"})
     objs.append(deploy.echo_deployment(RUN, "bench", "svcbench-echo", 4))
     from bench.kube_bench import bench_objects
+    from conformance import kube_checks
 
+    objs += kube_checks.objects(RUN, ["kind-control-plane", "kind-worker", "kind-worker2"],
+                                host="builder")
     objs += bench_objects(RUN, 2, 2, deploy.DEFAULT_IMAGE)
     return objs
 
@@ -686,63 +689,65 @@ def test_programming_latency_is_timed_from_the_api_change_to_the_first_served_co
         assert delay <= value < delay + 0.3, values
 
 
-@pytest.mark.parametrize("broken", [False, True])
-def test_conformance_on_a_kubeconfig_cluster_end_to_end(broken, tmp_path, monkeypatch, capsys):
-    """`svcbench conformance --cluster kubeconfig=PATH` against the fake API server, whose
-    probe pods answer as kube-proxy would: the ClusterIP is served by both echo pods from
-    every node, the Service without endpoints refuses, the selector switch is programmed.
-    The checks pass, conformance.json is written, and the run is gone afterwards. With one
-    echo pod never answering (broken), the first check fails and the command exits 1."""
-    import time
+API_CHECKS = ["clusterip-every-node", "no-endpoints-rejected", "endpoint-switch-programmed",
+              "nodeport-every-node", "session-affinity-clientip", "multiport-named-target-port",
+              "udp-clusterip", "internal-traffic-policy-local", "external-traffic-policy-local",
+              "hairpin", "service-proxy-name-other"]
 
-    from bench import kube_bench
+
+@pytest.mark.parametrize("broken, failing", [
+    ((), ()),
+    (("silent",), ("clusterip-every-node",)),
+    (("affinity", "itp", "hairpin"),
+     ("session-affinity-clientip", "internal-traffic-policy-local", "hairpin")),
+    (("etp", "proxy-name", "named-port"),
+     ("multiport-named-target-port", "udp-clusterip", "external-traffic-policy-local",
+      "service-proxy-name-other")),
+], ids=["kube-proxy", "silent-echo", "affinity-itp-hairpin", "etp-proxyname-namedport"])
+def test_conformance_on_a_kubeconfig_cluster_end_to_end(broken, failing, tmp_path, monkeypatch,
+                                                        capsys):
+    """`svcbench conformance --cluster kubeconfig=PATH` against the fake API server, whose
+    pods answer the probes as a proxy would serve the Services the run made
+    (tests/kube_fake_dataplane.py): every API check passes, conformance.json is written in
+    the namespace set's shape, and the run is gone afterwards. With the proxy getting one
+    thing wrong (an echo pod silent, session affinity, internalTrafficPolicy or
+    externalTrafficPolicy ignored, no hairpin, a Service for another proxy served, named
+    target ports unresolved), exactly the checks that need it fail and the command exits 1."""
     from clusters import kube
-    from clusters.workloads.probe import ProbeResult, Sample
+    from conformance import kube_checks
     from tests.kube_fake_api import FakeApi
+    from tests.kube_fake_dataplane import FakeDataplane
 
     fake = FakeApi()
-
-    def service_of(ip: str) -> str:
-        return next(k[2] for k, o in fake.objects.items()
-                    if k[0] == "services" and o["spec"].get("clusterIP") == ip)
-
-    def output(pod: str, command: list[str]):
-        if command[1] == "-c":  # a programming-latency watcher
-            yield "ready\n"
-            wanted = command[5].split("/")[1]
-            end = time.monotonic() + 5
-            while time.monotonic() < end and not any(
-                    p[2]["spec"]["selector"].get("svcbench.io/pod") == wanted
-                    for p in fake.patches[-1:] if p[0] == "services"):
-                time.sleep(0.005)
-            yield json.dumps({"first": time.time() + 0.01}) + "\n"
-            return
-        ip, count = command[3], int(command[command.index("--count") + 1])
-        ns = [k[1] for k in fake.objects if k[0] == "services"][0]
-        echo = sorted(k[2] for k in fake.objects if k[0] == "pods" and k[1] == ns)
-        if service_of(ip) == kube_bench.LAT_SERVICE:
-            samples = [Sample(80.0, "refused", None, None) for _ in range(count)]
-        else:
-            samples = [Sample(200.0, "ok", f"{ns}/{echo[0 if broken else i % 2]}",
-                              "10.244.1.9:5000", 5000) for i in range(count)]
-        yield json.dumps(ProbeResult(f"{ip}:{command[4]}", "TCP", samples).to_json())
-
-    fake.exec_output = output
+    fake.exec_output = FakeDataplane(fake, frozenset(broken))
     monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(kube_checks, "SETTLE_S", 0.0)  # a failure is not retried here
+    monkeypatch.setattr(kube_checks, "SILENT_TIMEOUT_S", 0.1)
     with fake:
         cfg = fake.kubeconfig(tmp_path / "kc")
         status = _main("conformance", "--cluster", f"kubeconfig={cfg}", "--mode",
                        "kube-proxy/iptables", "--out", str(tmp_path), "--json")
         captured = capsys.readouterr()
-        assert status == (1 if broken else 0), captured.err
+        assert status == (1 if failing else 0), captured.err
         left = {k for k in fake.objects if k[0] != "nodes"}
     data = json.loads((tmp_path / "conformance.json").read_text())
     assert json.loads(captured.out) == data
     assert [(c["name"], c["outcome"]) for c in data["checks"]] == [
-        ("clusterip-every-node", "failed" if broken else "passed"),
-        ("no-endpoints-rejected", "passed"), ("endpoint-switch-programmed", "passed")]
-    if broken:
-        assert "backends {" in data["checks"][0]["reason"]
+        (name, "failed" if name in failing else "passed") for name in API_CHECKS]
+    for c in data["checks"]:
+        assert set(c) == {"name", "upstream", "outcome", "reason", "duration_s"}
+        assert c["upstream"].startswith("should ") and c["duration_s"] >= 0
+    reasons = {c["name"]: c["reason"] for c in data["checks"]}
+    if "silent" in broken:
+        assert "timeout" in reasons["clusterip-every-node"]
+    if "affinity" in broken:
+        assert "20 connections reached" in reasons["session-affinity-clientip"]
+    if "itp" in broken:
+        assert "reached" in reasons["internal-traffic-policy-local"]
+    if "etp" in broken:
+        assert "the backend saw ['172.18.0." in reasons["external-traffic-policy-local"]
+    if "named-port" in broken:
+        assert "refused" in reasons["multiport-named-target-port"]
     assert left == set() and kube.list_records(str(tmp_path / "state")) == {}
 
 
