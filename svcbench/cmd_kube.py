@@ -279,9 +279,12 @@ def _list(text: str | None, default: list[str]) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()] if text else default
 
 
-def _save(folder, args, modes: list[str], rows: list[dict[str, Any]]) -> None:
+def _save(folder, args, modes: list[str], rows: list[dict[str, Any]],
+          stopped: dict[str, Any] | None = None, repeats: int = 1,
+          budget_s: float | None = None) -> None:
     """kube-bench.json (every row as measured), and bench.csv and run.json in the namespace
-    sweep's columns (kernel: the cluster kind) for `svcbench report` and `report --compare`."""
+    sweep's columns (kernel: the cluster kind; one row per repeat) for `svcbench report` and
+    `report --compare`. A sweep the budget stopped is incomplete, with where it stopped."""
     from reports.results import environment, write_bench_csv, write_run_json
 
     (folder / "kube-bench.json").write_text(json.dumps({"cluster": args.cluster[0],
@@ -289,14 +292,40 @@ def _save(folder, args, modes: list[str], rows: list[dict[str, Any]]) -> None:
     write_bench_csv(folder, [
         {"mode": r["mode"], "kernel": args.cluster[0], "n_services": r["services"],
          "metric": r["metric"], "stat": r["stat"], "value": r["value"], "unit": r["unit"],
-         "repeat": 0, "extra": {"samples": r["samples"]}}
+         "repeat": r.get("repeat", 0), "extra": {"samples": r["samples"]}}
         for r in rows if r["value"] is not None])
-    write_run_json(folder, {**environment(), "kind": "bench", "cluster": args.cluster[0],
-                            "kernel": args.cluster[0], "kernel_kind": args.cluster[0],
-                            "modes": modes, "complete": True})
+    meta = {**environment(), "kind": "bench", "cluster": args.cluster[0],
+            "kernel": args.cluster[0], "kernel_kind": args.cluster[0], "modes": modes,
+            "args": {"repeats": repeats, "budget_s": budget_s},
+            "complete": stopped is None, "status": "complete" if stopped is None
+            else "incomplete"}
+    if stopped is not None:
+        meta.update(incomplete_reason="budget", stopped_at=stopped)
+    write_run_json(folder, meta)
+
+
+def _repeats_and_budget(args) -> tuple[int, float | None]:
+    """--repeats (1 to 100, default 1) and --budget (bench/runner.py's forms) for a cluster."""
+    from bench.runner import BenchSpecError, parse_budget
+
+    text = getattr(args, "repeats", None)
+    try:
+        repeats = int(text) if text is not None else 1
+    except ValueError:
+        repeats = 0
+    if not 1 <= repeats <= 100:
+        raise KubeUsageError(f"--repeats must be a whole number from 1 to 100, not {text!r}")
+    try:
+        return repeats, parse_budget(getattr(args, "budget", None))
+    except BenchSpecError as exc:
+        raise KubeUsageError(str(exc)) from None
 
 
 def bench(args, out, err) -> int:
+    """The sweep on a kind or kubeconfig cluster: at each size every measurement --repeats
+    times (one row each); past --budget the sweep stops after the size being measured,
+    later sizes and modes are left out and run.json says incomplete (exit status 0, as the
+    namespace sweep's)."""
     from bench import kube_bench
     from reports.results import new_run_dir
 
@@ -311,6 +340,7 @@ def bench(args, out, err) -> int:
                              "a whole number") from None
     if not sizes or sizes[0] < 1 or count < 1:
         raise KubeUsageError("--services and --count must be 1 or more")
+    repeats, budget_s = _repeats_and_budget(args)
     say = _say(err)
     if args.cluster[0] == "kind":  # bad input before the run folder exists
         from clusters.kind import preflight
@@ -323,7 +353,19 @@ def bench(args, out, err) -> int:
     folder = new_run_dir(getattr(args, "out", None) or "runs", f"bench-kube-{args.cluster[0]}")
     rows: list[dict[str, Any]] = []
     status = 0
+    started = time.monotonic()
+
+    def over_budget() -> bool:
+        return budget_s is not None and time.monotonic() - started >= budget_s
+
+    stopped: dict[str, Any] | None = None
     for mode in modes:
+        if stopped is not None:
+            break
+        if over_budget():
+            stopped = {"before_mode": mode, "elapsed_s": round(time.monotonic() - started, 1),
+                       "budget_s": budget_s}
+            break
         try:
             with _session(args, mode, keep=False, say=say) as cluster:
                 agent = _check_proxy(cluster, args.cluster[0], mode)
@@ -337,21 +379,36 @@ def bench(args, out, err) -> int:
                 objects += [deploy.probe_daemonset(cluster.run, args.image),
                             deploy.probe_daemonset(cluster.run, args.image, host_network=True)]
                 cluster.create(objects)
-                rows += [r.to_json() for r in kube_bench.run_mode(
-                    cluster, mode, sizes=sizes, count=count, changes=20, image=args.image,
-                    say=say)]
+                try:
+                    rows += [r.to_json() for r in kube_bench.run_mode(
+                        cluster, mode, sizes=sizes, count=count, changes=20, image=args.image,
+                        say=say, repeats=repeats, over_budget=over_budget)]
+                except kube_bench.BudgetSpent as spent:
+                    rows += [r.to_json() for r in spent.rows]
+                    stopped = {"mode": mode, "pass": repeats, "n_services": spent.size,
+                               "elapsed_s": round(time.monotonic() - started, 1),
+                               "budget_s": budget_s}
+                    say(f"bench: {spent}; stopping here (run.json says incomplete)")
         except (KubeUnavailable, KindUnavailable):
             raise
         except Exception as exc:  # noqa: BLE001 - one mode failing keeps the others' rows
             say(f"{mode}: {type(exc).__name__}: {exc}")
             status = 1
-        _save(folder, args, modes, rows)
+        _save(folder, args, modes, rows, stopped, repeats, budget_s)
+    if stopped is not None:
+        _save(folder, args, modes, rows, stopped, repeats, budget_s)
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     else:
         for r in rows:
             value = "-" if r["value"] is None else f"{r['value']:.6g}"
             out.print(f"{r['mode']:<22} {r['metric']:<24} N={r['services']:<6} "
-                      f"{r['stat']:<5} {value} {r['unit']}")
+                      f"{r['stat']:<5} {value} {r['unit']}"
+                      + (f" (repeat {r['repeat'] + 1})" if repeats > 1 else ""))
+        if stopped is not None:
+            where = (f"after {stopped['mode']} at {stopped['n_services']:,} Services"
+                     if "mode" in stopped else f"before {stopped['before_mode']}")
+            out.print(f"incomplete: the budget ran out {where}; later sizes and modes were not "
+                      "measured (run.json 'stopped_at')")
         out.print(f"results in {folder}")
     return status

@@ -400,8 +400,8 @@ def test_echo_pod_serves_the_probe_and_its_json_reads_back(tmp_path):
 
 
 def test_the_live_paths_call_what_the_kubernetes_client_has():
-    """clusters/kube.py, bench/kube_bench.py and svcbench/cmd_kube.py run only against a
-    cluster: every API method and model field they use must exist in the client."""
+    """clusters/kube.py, bench/kube_bench.py, svcbench/cmd_kube.py and
+    conformance/kube_checks.py run only against a cluster: every API method and model field they use must exist in the client."""
     import re
 
     from kubernetes import client
@@ -410,9 +410,11 @@ def test_the_live_paths_call_what_the_kubernetes_client_has():
             "rbac": client.RbacAuthorizationV1Api, "custom": client.CustomObjectsApi,
             "discovery": client.DiscoveryV1Api, "networking": client.NetworkingV1Api}
     called = set()
-    for path in ("clusters/kube.py", "bench/kube_bench.py", "svcbench/cmd_kube.py"):
+    for path in ("clusters/kube.py", "bench/kube_bench.py", "svcbench/cmd_kube.py",
+                 "conformance/kube_checks.py"):
         called |= set(re.findall(r"\b(core|apps|rbac|custom|discovery|networking)\.([a-z_]+)\b",
                                  (ROOT / path).read_text()))
+    called.discard(("networking", "go"))  # networking.go, the e2e file a docstring names
     assert len(called) >= 19 and ("discovery", "list_namespaced_endpoint_slice") in called
     missing = [f"{api}.{name}" for api, name in called if not hasattr(apis[api], name)]
     assert not missing, missing
@@ -422,6 +424,8 @@ def test_the_live_paths_call_what_the_kubernetes_client_has():
               client.V1ContainerStatus: ("state", "last_state"),
               client.V1ContainerState: ("terminated",),
               client.V1ServiceSpec: ("cluster_ip", "ports"),
+              client.V1ServicePort: ("name", "node_port"),
+              client.V1NodeStatus: ("addresses",), client.V1NodeAddress: ("type", "address"),
               client.V1PodSpec: ("node_name",),
               client.V1NodeSpec: ("unschedulable", "pod_cidr", "pod_cidrs"),
               client.V1ServiceCIDRSpec: ("cidrs",),
@@ -751,16 +755,13 @@ def test_conformance_on_a_kubeconfig_cluster_end_to_end(broken, failing, tmp_pat
     assert left == set() and kube.list_records(str(tmp_path / "state")) == {}
 
 
-def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys):
-    """`svcbench bench --cluster kubeconfig=PATH --services 1,2` against the fake API server:
-    Services grow from 1 to 2, every metric gets its rows (new connections, programming
-    latency over 20 changes and both nodes, locust's throughput from the master's log,
-    kube-proxy's sync quantiles from the scrapes' difference), and the run is deleted."""
+def _bench_fake(probe_delay_s: float = 0.0):
+    """A FakeApi whose pods answer the bench's execs: kube-proxy's metrics (growing by
+    METRICS_TEXT per scrape), programming-latency watchers (the new pod 10 ms after the
+    switch), probes (all ok, after probe_delay_s); locust's master log is there."""
     import re
     import time
 
-    from bench import kube_bench
-    from clusters import kube
     from clusters.workloads.probe import ProbeResult, Sample
     from tests.kube_fake_api import FakeApi
 
@@ -784,6 +785,7 @@ def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys)
                 time.sleep(0.002)
             yield json.dumps({"first": time.time() + 0.01}) + "\n"
             return
+        time.sleep(probe_delay_s)
         count = int(command[command.index("--count") + 1])
         samples = [Sample(100.0 + i, "ok", f"svb-x-bench/echo-{i % 2}", "10.244.1.9:5000", 5000)
                    for i in range(count)]
@@ -793,6 +795,18 @@ def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys)
     fake.logs["svcbench-locust-master-0"] = "[x] master: done\n" + json.dumps(
         [{"name": "t", "method": "tcp", "start_time": 10.0, "last_request_timestamp": 20.0,
           "num_requests": 12000, "num_failures": 0}]) + "\n"
+    return fake
+
+
+def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys):
+    """`svcbench bench --cluster kubeconfig=PATH --services 1,2` against the fake API server:
+    Services grow from 1 to 2, every metric gets its rows (new connections, programming
+    latency over 20 changes and both nodes, locust's throughput from the master's log,
+    kube-proxy's sync quantiles from the scrapes' difference), and the run is deleted."""
+    from bench import kube_bench
+    from clusters import kube
+
+    fake = _bench_fake()
     monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
     with fake:
         cfg = fake.kubeconfig(tmp_path / "kc")
@@ -831,6 +845,42 @@ def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys)
     assert [(r["n_services"], r["value"]) for r in tput] == [(1, 1200.0), (2, 1200.0)]
     assert json.loads((folder / "run.json").read_text())["cluster"] == "kubeconfig"
     assert kube_bench.SYNC_METRIC in METRICS_TEXT
+
+
+def test_bench_on_a_cluster_honours_repeats_and_budget(tmp_path, monkeypatch, capsys):
+    """`bench --cluster kubeconfig=PATH --services 1,2 --repeats 2 --budget 1s`, each probe
+    taking 0.6 s: size 1 is measured twice (one set of rows per repeat, repeat 0 and 1 in
+    bench.csv), which spends the budget, so size 2 is left out and run.json says incomplete
+    (reason budget, stopped after 1 Service) with exit status 0, as the namespace sweep."""
+    from clusters import kube
+    from reports.results import read_bench_csv
+
+    fake = _bench_fake(probe_delay_s=0.6)
+    monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
+    with fake:
+        cfg = fake.kubeconfig(tmp_path / "kc")
+        assert _main("bench", "--cluster", f"kubeconfig={cfg}", "--repeats", "0") == 2
+        status = _main("bench", "--cluster", f"kubeconfig={cfg}", "--modes",
+                       "kube-proxy/iptables", "--services", "1,2", "--count", "3",
+                       "--repeats", "2", "--budget", "1s", "--out", str(tmp_path / "runs"),
+                       "--json")
+        captured = capsys.readouterr()
+        left = {k for k in fake.objects if k[0] != "nodes"}
+    assert status == 0, captured.err
+    assert "--repeats must be a whole number from 1 to 100" in captured.err
+    rows = json.loads(captured.out)
+    assert {r["services"] for r in rows} == {1}
+    tput = [(r["repeat"], r["value"]) for r in rows if r["metric"] == "throughput_rps"]
+    assert tput == [(0, 1200.0), (1, 1200.0)]
+    (folder,) = (tmp_path / "runs").iterdir()
+    csv_rows = read_bench_csv(folder / "bench.csv")
+    assert sorted({(r["n_services"], r["repeat"]) for r in csv_rows}) == [(1, 0), (1, 1)]
+    meta = json.loads((folder / "run.json").read_text())
+    assert meta["complete"] is False and meta["status"] == "incomplete"
+    assert meta["incomplete_reason"] == "budget"
+    assert meta["stopped_at"]["n_services"] == 1 and meta["stopped_at"]["budget_s"] == 1.0
+    assert meta["args"] == {"repeats": 2, "budget_s": 1.0}
+    assert left == set() and kube.list_records(str(tmp_path / "state")) == {}
 
 
 def test_the_agents_ranges_come_from_the_clusters_nodes_and_service_cidrs(tmp_path):
