@@ -94,22 +94,29 @@ def objects(run: str, nodes: list[str], image: str = deploy.DEFAULT_IMAGE,
                                    **({LOCAL_LABEL: "yes"} if k in local else {})},
                 node_name=f"node{k}", ports=ECHO_PORTS)
             for k in range(1, len(echo) + 1)]
+    echo_pods = [deploy.echo_pod(run, p, node_names, image) for p in pods]
+    for obj in echo_pods:  # placed by nodeName, on a control-plane node too (its taints)
+        obj["spec"]["tolerations"] = [{"operator": "Exists"}]
     return ([deploy.namespace(run, NS, host)]
-            + [deploy.service(run, s) for s in services(len(echo))]
-            + [deploy.echo_pod(run, p, node_names, image) for p in pods])
+            + [deploy.service(run, s) for s in services(len(echo))] + echo_pods)
 
 
 # --------------------------------------------------------------------------- the run
 
 
 def _check(name: str, upstream: str, fn: Callable[[], str | None]) -> dict[str, Any]:
-    """Run one check: None passes, a string is a skip's reason, AssertionError fails."""
+    """Run one check: None passes, a string is a skip's reason, AssertionError fails, and
+    so does any other error (an exec or API call that failed), named, so the checks after it
+    still run."""
     started = time.perf_counter()
     try:
         skipped = fn()
         outcome, reason = ("passed", None) if skipped is None else ("skipped", skipped)
     except AssertionError as exc:
         outcome, reason = "failed", str(exc)
+    except Exception as exc:  # noqa: BLE001 - recorded as this check's failure
+        outcome, reason = "failed", f"{type(exc).__name__}: {exc}"
+
     return {"name": name, "upstream": upstream, "outcome": outcome, "reason": reason,
             "duration_s": round(time.perf_counter() - started, 3)}
 

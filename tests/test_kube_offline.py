@@ -401,7 +401,8 @@ def test_echo_pod_serves_the_probe_and_its_json_reads_back(tmp_path):
 
 def test_the_live_paths_call_what_the_kubernetes_client_has():
     """clusters/kube.py, bench/kube_bench.py, svcbench/cmd_kube.py and
-    conformance/kube_checks.py run only against a cluster: every API method and model field they use must exist in the client."""
+    conformance/kube_checks.py run only against a cluster: every API method and model field
+    they use must exist in the client."""
     import re
 
     from kubernetes import client
@@ -726,7 +727,6 @@ def test_conformance_on_a_kubeconfig_cluster_end_to_end(broken, failing, tmp_pat
     fake.exec_output = FakeDataplane(fake, frozenset(broken))
     monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setattr(kube_checks, "SETTLE_S", 0.0)  # a failure is not retried here
-    monkeypatch.setattr(kube_checks, "SILENT_TIMEOUT_S", 0.1)
     with fake:
         cfg = fake.kubeconfig(tmp_path / "kc")
         status = _main("conformance", "--cluster", f"kubeconfig={cfg}", "--mode",
@@ -753,6 +753,30 @@ def test_conformance_on_a_kubeconfig_cluster_end_to_end(broken, failing, tmp_pat
     if "named-port" in broken:
         assert "refused" in reasons["multiport-named-target-port"]
     assert left == set() and kube.list_records(str(tmp_path / "state")) == {}
+
+
+def test_conformance_on_a_one_node_cluster_skips_what_needs_two(tmp_path, monkeypatch, capsys):
+    """On one node, session affinity (one echo pod: affinity is chance) and
+    externalTrafficPolicy Local (no node without the endpoint) are skipped with their
+    reason, the rest pass, and the command exits 0."""
+    from clusters import kube
+    from conformance import kube_checks
+    from tests.kube_fake_api import FakeApi
+    from tests.kube_fake_dataplane import FakeDataplane
+
+    fake = FakeApi(nodes=("kind-control-plane",))
+    fake.exec_output = FakeDataplane(fake)
+    monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(kube_checks, "SETTLE_S", 0.0)
+    with fake:
+        status = _main("conformance", "--cluster", f"kubeconfig={fake.kubeconfig(tmp_path / 'kc')}",
+                       "--mode", "kube-proxy/iptables", "--out", str(tmp_path), "--json")
+    assert status == 0, capsys.readouterr().err
+    checks = json.loads((tmp_path / "conformance.json").read_text())["checks"]
+    skipped = {c["name"]: c["reason"] for c in checks if c["outcome"] == "skipped"}
+    assert sorted(skipped) == ["external-traffic-policy-local", "session-affinity-clientip"]
+    assert "needs two nodes" in skipped["external-traffic-policy-local"]
+    assert all(c["outcome"] == "passed" for c in checks if c["name"] not in skipped)
 
 
 def _bench_fake(probe_delay_s: float = 0.0):
