@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kube import deploy
@@ -134,16 +135,27 @@ def _seen_ips(result) -> set[str]:
             if s.outcome == OK and s.seen_client}
 
 
+@dataclass
+class BenchObjects:
+    """What the first three checks use of the bench's objects (bench/kube_bench.py, a floor
+    this package does not import; svcbench/cmd_kube.py hands them over): its namespace (as a
+    manifest namespace), the Service selecting both echo pods, the one selecting none, and
+    the programming-latency measurement (seconds per selector switch and node)."""
+
+    namespace: str
+    web: str
+    empty: str
+    programming: Callable[[int], list[float]]  # changes -> values
+
+
 class Checks:
     """One run's API checks: the Services and pods it made, and a function per check."""
 
-    def __init__(self, cluster, say: Callable[[str], None] = lambda _m: None,
-                 settle_s: float | None = None):
-        from bench import kube_bench
-
-        self.cluster, self.say = cluster, say
+    def __init__(self, cluster, bench: BenchObjects,
+                 say: Callable[[str], None] = lambda _m: None, settle_s: float | None = None):
+        self.cluster, self.say, self.bench = cluster, say, bench
         self.deadline = time.monotonic() + (SETTLE_S if settle_s is None else settle_s)
-        self.bench_ns = deploy.namespace_name(cluster.run, kube_bench.PROBE_NS)
+        self.bench_ns = deploy.namespace_name(cluster.run, bench.namespace)
         self.ns = deploy.namespace_name(cluster.run, NS)
         self.svc = {s.metadata.name: s for s in cluster.core.list_namespaced_service(
             self.bench_ns).items}
@@ -174,9 +186,9 @@ class Checks:
 
     def clusterip_every_node(self) -> None:
         """Services "should serve a basic endpoint from pods" and "should be able to up and
-        down services": 20 connections from every node's probe pod reach svc-0's ClusterIP
-        and both of its echo pods answer."""
-        web = self.svc["svc-0"]
+        down services": 20 connections from every node's probe pod reach the bench's web
+        Service (svc-0) and both of its echo pods answer."""
+        web = self.svc[self.bench.web]
 
         def served() -> None:
             for node, r in self.cluster.probes(web.spec.cluster_ip, 80, count=20,
@@ -189,9 +201,7 @@ class Checks:
     def no_endpoints_rejected(self) -> None:
         """Services "should be rejected when no endpoints exist": a Service without
         endpoints refuses at once from every node (kube-proxy's REJECT)."""
-        from bench import kube_bench
-
-        empty = self.svc[kube_bench.LAT_SERVICE]
+        empty = self.svc[self.bench.empty]
         for node, r in self.cluster.probes(empty.spec.cluster_ip, 80, count=3,
                                            timeout=SILENT_TIMEOUT_S).items():
             assert _outcomes(r) == {"refused": 3}, f"{node}: {_outcomes(r)}"
@@ -200,9 +210,7 @@ class Checks:
         """Services "should update endpoints: http" (networking.go "Networking Granular
         Checks: Services should update endpoints: http") and the network programming latency
         SLI: a selector switch between two echo pods serves from every node within 60 s."""
-        from bench import kube_bench
-
-        values = kube_bench.measure_programming(self.cluster, "", 2, say=self.say)
+        values = self.bench.programming(2)
         nodes = len(self.cluster.probe_pods())
         assert len(values) == 2 * nodes, f"{len(values)} of {2 * nodes} node changes served"
 
@@ -393,7 +401,7 @@ class Checks:
         ]
 
 
-def run(cluster, say: Callable[[str], None] = lambda _m: None,
+def run(cluster, bench: BenchObjects, say: Callable[[str], None] = lambda _m: None,
         settle_s: float | None = None) -> list[dict[str, Any]]:
-    """The API checks on a cluster whose run already holds `objects` and bench_objects."""
-    return Checks(cluster, say, settle_s).run()
+    """The API checks on a cluster whose run already holds `objects` and the bench's."""
+    return Checks(cluster, bench, say, settle_s).run()
