@@ -60,7 +60,7 @@ def echo_name(k: int) -> str:
     return f"conf-echo-{k}"
 
 
-def services(echo_nodes: int) -> list[Service]:
+def services() -> list[Service]:
     """One Service per check, in the conf namespace (addresses left to the cluster)."""
     app = {"app": APP}
     web = (ServicePort(80, TCP, "http", 8080),)
@@ -99,7 +99,7 @@ def objects(run: str, nodes: list[str], image: str = deploy.DEFAULT_IMAGE,
     for obj in echo_pods:  # placed by nodeName, on a control-plane node too (its taints)
         obj["spec"]["tolerations"] = [{"operator": "Exists"}]
     return ([deploy.namespace(run, NS, host)]
-            + [deploy.service(run, s) for s in services(len(echo))] + echo_pods)
+            + [deploy.service(run, s) for s in services()] + echo_pods)
 
 
 # --------------------------------------------------------------------------- the run
