@@ -325,17 +325,22 @@ def measure_throughput(cluster, target: str, workers: int, seconds: int, image: 
                        timeout_s: float = 300.0) -> tuple[float, int, int]:
     """Distributed locust against `target` ("ip:port"): the master's final stats once it
     has run `seconds` (it exits then; its Deployment would start it again, so it is read and
-    the locust objects deleted at once)."""
+    the locust objects deleted at once). A master pod of an earlier measurement still
+    going away (its Deployment was deleted, its pod not yet) is not read."""
     objs = deploy.locust_objects(cluster.run, target, workers, users=8 * workers,
                                  seconds=seconds, image=image)
-    cluster.create(objs)
     master = objs[0]["metadata"]["name"]
     selector = f"{deploy.RUN_LABEL}={cluster.run},{deploy.COMPONENT}={master}"
+    earlier = {p.metadata.name for p in cluster.core.list_namespaced_pod(
+        cluster.system_ns, label_selector=selector).items}
+    cluster.create(objs)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             for pod in cluster.core.list_namespaced_pod(cluster.system_ns,
                                                         label_selector=selector).items:
+                if pod.metadata.name in earlier:
+                    continue
                 for cs in pod.status.container_statuses or []:
                     done = cs.state.terminated or cs.last_state.terminated
                     if done is not None:

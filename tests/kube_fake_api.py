@@ -249,6 +249,12 @@ class FakeApi:
                     return self._missing(url.path)
                 if m["resource"] == "services":  # the API answers with the Service itself
                     return self._send(200, gone)
+                if m["resource"] == "deployments":  # the garbage collector's part: its pods
+                    for key in [k for k, o in api.objects.items()
+                                if k[0] == "pods" and k[1] == m["ns"]
+                                and k[2].startswith(f"{m['name']}-")
+                                and o["metadata"].get("ownerReferences")]:
+                        del api.objects[key]
                 if m["resource"] == "namespaces":  # the namespace controller's part
                     for key in [k for k in api.objects if k[1] == m["name"]]:
                         del api.objects[key]

@@ -907,6 +907,35 @@ def test_bench_on_a_cluster_honours_repeats_and_budget(tmp_path, monkeypatch, ca
     assert left == set() and kube.list_records(str(tmp_path / "state")) == {}
 
 
+def test_throughput_reads_the_new_master_not_one_still_going_away(tmp_path):
+    """A locust master pod of the measurement before (terminated, its Deployment deleted,
+    the pod not yet gone) is not read: the stats are the new master's."""
+    from bench import kube_bench
+    from clusters import kube
+    from tests.kube_fake_api import FakeApi
+
+    def stats(requests: int) -> str:
+        return "[x] done\n" + json.dumps([{"name": "t", "method": "tcp", "start_time": 10.0,
+                                           "last_request_timestamp": 20.0,
+                                           "num_requests": requests, "num_failures": 0}]) + "\n"
+
+    system = deploy.namespace_name(RUN, deploy.SYSTEM)
+    with FakeApi() as fake:
+        master = "svcbench-locust-master"
+        fake.objects[("pods", system, "old-master")] = {
+            "metadata": {"name": "old-master", "namespace": system,
+                         "labels": deploy.labels(RUN, **{deploy.COMPONENT: master}),
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                              "name": "old", "uid": "0"}]},
+            "spec": {"containers": []}}
+        fake.logs["old-master"] = stats(100)
+        fake.logs[f"{master}-0"] = stats(5000)
+        cluster = kube.KubeCluster(kube.connect(fake.kubeconfig(tmp_path / "kc")), RUN)
+        rps, requests, _ = kube_bench.measure_throughput(cluster, "10.96.0.9:80", workers=2,
+                                                         seconds=1, image="svcbench:dev")
+    assert (rps, requests) == (500.0, 5000)
+
+
 def test_the_agents_ranges_come_from_the_clusters_nodes_and_service_cidrs(tmp_path):
     """--cluster-cidr: the smallest network holding every Node's podCIDR; --service-cidr: the
     first IPv4 ServiceCIDR, else the /16 around the kubernetes Service's ClusterIP."""
