@@ -50,6 +50,7 @@ class Row:
     value: float | None
     unit: str
     samples: int
+    repeat: int = 0  # which of --repeats measured it (0-based), as bench.csv's column
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -61,8 +62,9 @@ def percentiles(values: Iterable[float]) -> dict[str, float | None]:
     return {f"p{q}": _percentile(ordered, q) for q in (50, 90, 99)}
 
 
-def rows(mode: str, metric: str, services: int, unit: str, values: list[float]) -> list[Row]:
-    return [Row(mode, metric, services, stat, value, unit, len(values))
+def rows(mode: str, metric: str, services: int, unit: str, values: list[float],
+         repeat: int = 0) -> list[Row]:
+    return [Row(mode, metric, services, stat, value, unit, len(values), repeat)
             for stat, value in percentiles(values).items()]
 
 
@@ -323,17 +325,22 @@ def measure_throughput(cluster, target: str, workers: int, seconds: int, image: 
                        timeout_s: float = 300.0) -> tuple[float, int, int]:
     """Distributed locust against `target` ("ip:port"): the master's final stats once it
     has run `seconds` (it exits then; its Deployment would start it again, so it is read and
-    the locust objects deleted at once)."""
+    the locust objects deleted at once). A master pod of an earlier measurement still
+    going away (its Deployment was deleted, its pod not yet) is not read."""
     objs = deploy.locust_objects(cluster.run, target, workers, users=8 * workers,
                                  seconds=seconds, image=image)
-    cluster.create(objs)
     master = objs[0]["metadata"]["name"]
     selector = f"{deploy.RUN_LABEL}={cluster.run},{deploy.COMPONENT}={master}"
+    earlier = {p.metadata.name for p in cluster.core.list_namespaced_pod(
+        cluster.system_ns, label_selector=selector).items}
+    cluster.create(objs)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             for pod in cluster.core.list_namespaced_pod(cluster.system_ns,
                                                         label_selector=selector).items:
+                if pod.metadata.name in earlier:
+                    continue
                 for cs in pod.status.container_statuses or []:
                     done = cs.state.terminated or cs.last_state.terminated
                     if done is not None:
@@ -371,9 +378,21 @@ def _host() -> str:
     return host_id()
 
 
+class BudgetSpent(Exception):
+    """--budget ran out after a size: the rows measured so far, and where it stopped."""
+
+    def __init__(self, mode: str, size: int, rows: list[Row]):
+        super().__init__(f"the budget ran out after {mode} at {size:,} Services")
+        self.mode, self.size, self.rows = mode, size, rows
+
+
 def run_mode(cluster, mode: str, *, sizes: list[int], count: int, changes: int,
-             image: str, say: Callable[[str], None]) -> list[Row]:
-    """Every metric of one mode over the sizes, on a cluster the caller made."""
+             image: str, say: Callable[[str], None], repeats: int = 1,
+             over_budget: Callable[[], bool] = lambda: False) -> list[Row]:
+    """Every metric of one mode over the sizes, on a cluster the caller made: at each size
+    (Services only grow, so sizes are visited once, in order) every measurement `repeats`
+    times, one set of rows per repeat. Once `over_budget()` says so after a size, the sweep
+    stops there: BudgetSpent carries the rows measured."""
     out: list[Row] = []
     made = 0
     for size in sizes:
@@ -385,27 +404,41 @@ def run_mode(cluster, mode: str, *, sizes: list[int], count: int, changes: int,
             cluster.create(deploy.bench_services(cluster.run, PROBE_NS, size - made,
                                                  {"app": ECHO}, first=made))
         made = size
-        before = scrape_sync_histogram(cluster) if mode.startswith("kube-proxy/") else []
-        say(f"{mode}: {size} Services: new connections")
-        out += rows(mode, "conn_latency_us", size, "us",
-                    measure_connections(cluster, size, count))
-        say(f"{mode}: {size} Services: network programming latency")
-        out += rows(mode, "programming_latency_s", size, "s",
-                    measure_programming(cluster, mode, changes, say=say))
-        last = cluster.core.read_namespaced_service(f"svc-{size - 1}", deploy.namespace_name(
-            cluster.run, PROBE_NS)).spec.cluster_ip
-        say(f"{mode}: {size} Services: throughput (distributed locust)")
-        rps, requests, _failed = measure_throughput(cluster, f"{last}:80", workers=2,
-                                                    seconds=10, image=image)
-        out.append(Row(mode, "throughput_rps", size, "value", rps, "rps", requests))
-        usage = measure_proxy_usage(cluster, mode)
-        if usage is not None:
-            out.append(Row(mode, "proxy_cpu_cores", size, "value", usage[0], "cores", 1))
-            out.append(Row(mode, "proxy_memory_bytes", size, "value", usage[1], "bytes", 1))
-        if before:
-            delta = histogram_delta(scrape_sync_histogram(cluster), before)
-            n = int(delta[-1][1]) if delta else 0
-            for q in (0.5, 0.9, 0.99):
-                out.append(Row(mode, "sync_proxy_rules_s", size, f"p{round(q * 100)}",
-                               histogram_quantile(q, delta), "s", n))
+        for repeat in range(repeats):
+            out += measure_size(cluster, mode, size, count=count, changes=changes, image=image,
+                                say=say, repeat=repeat, repeats=repeats)
+        if over_budget() and size != sizes[-1]:
+            raise BudgetSpent(mode, size, out)
+    return out
+
+
+def measure_size(cluster, mode: str, size: int, *, count: int, changes: int, image: str,
+                 say: Callable[[str], None], repeat: int = 0, repeats: int = 1) -> list[Row]:
+    """One repeat of every metric at `size` Services."""
+    out: list[Row] = []
+    step = f"{mode}: {size} Services" + (f" (repeat {repeat + 1}/{repeats})" if repeats > 1
+                                         else "")
+    before = scrape_sync_histogram(cluster) if mode.startswith("kube-proxy/") else []
+    say(f"{step}: new connections")
+    out += rows(mode, "conn_latency_us", size, "us",
+                measure_connections(cluster, size, count, seed=repeat), repeat)
+    say(f"{step}: network programming latency")
+    out += rows(mode, "programming_latency_s", size, "s",
+                measure_programming(cluster, mode, changes, say=say), repeat)
+    last = cluster.core.read_namespaced_service(f"svc-{size - 1}", deploy.namespace_name(
+        cluster.run, PROBE_NS)).spec.cluster_ip
+    say(f"{step}: throughput (distributed locust)")
+    rps, requests, _failed = measure_throughput(cluster, f"{last}:80", workers=2,
+                                                seconds=10, image=image)
+    out.append(Row(mode, "throughput_rps", size, "value", rps, "rps", requests, repeat))
+    usage = measure_proxy_usage(cluster, mode)
+    if usage is not None:
+        out.append(Row(mode, "proxy_cpu_cores", size, "value", usage[0], "cores", 1, repeat))
+        out.append(Row(mode, "proxy_memory_bytes", size, "value", usage[1], "bytes", 1, repeat))
+    if before:
+        delta = histogram_delta(scrape_sync_histogram(cluster), before)
+        n = int(delta[-1][1]) if delta else 0
+        for q in (0.5, 0.9, 0.99):
+            out.append(Row(mode, "sync_proxy_rules_s", size, f"p{round(q * 100)}",
+                           histogram_quantile(q, delta), "s", n, repeat))
     return out

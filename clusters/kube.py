@@ -349,27 +349,53 @@ class KubeCluster:
         out = self.exec(pod, probe_command(ip, port, **kwargs))
         return result_from_json(json.loads(out))
 
-    def probes(self, ip: str, port: int, **kwargs: Any) -> dict[str, ProbeResult]:
-        """The same probe from every node's probe pod at once."""
-        pods = self.probe_pods()
-        results: dict[str, ProbeResult] = {}
+    def probes(self, ip: str, port: int, host_network: bool = False,
+               **kwargs: Any) -> dict[str, ProbeResult]:
+        """The same probe from every node's probe pod at once (with host_network, from the
+        probe pods on the nodes' own network)."""
+        pods = self.probe_pods(host_network=host_network)
+        nodes = sorted(pods)
+        results = self.probe_from([(pods[n], None, ip, port, kwargs) for n in nodes])
+        return dict(zip(nodes, results, strict=True))
+
+    def probe_from(self, requests: list[tuple[str, str | None, str, int, dict[str, Any]]]
+                   ) -> list[ProbeResult]:
+        """Several probes at once, each (pod, namespace or None for the run's system
+        namespace, ip, port, probe_command's keywords), run by exec in that pod; the results
+        in the requests' order. Any pod of the suite's image can probe (an echo pod too)."""
+        results: list[ProbeResult | None] = [None] * len(requests)
         errors: list[BaseException] = []
 
-        def one(node: str, pod: str) -> None:
+        def one(i: int, pod: str, ns: str | None, ip: str, port: int, kw: dict[str, Any]
+                ) -> None:
             try:
-                out = self.exec(pod, probe_command(ip, port, **kwargs))
-                results[node] = result_from_json(json.loads(out))
+                out = self.exec(pod, probe_command(ip, port, **kw), namespace=ns)
+                results[i] = result_from_json(json.loads(out))
             except BaseException as exc:  # noqa: BLE001 - raised below, in the caller's thread
                 errors.append(exc)
 
-        threads = [threading.Thread(target=one, args=item, daemon=True) for item in pods.items()]
+        threads = [threading.Thread(target=one, args=(i, *req), daemon=True)
+                   for i, req in enumerate(requests)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         if errors:
             raise errors[0]
-        return dict(sorted(results.items()))
+        return [r for r in results if r is not None]
+
+    def node_addresses(self) -> dict[str, str]:
+        """node name -> its first IPv4 InternalIP (else ExternalIP), for NodePort probes."""
+        out: dict[str, str] = {}
+        for node in self.core.list_node().items:
+            addrs = (node.status.addresses if node.status else None) or []
+            for kind in ("InternalIP", "ExternalIP"):
+                ip = next((a.address for a in addrs if a.type == kind and ":" not in a.address),
+                          None)
+                if ip:
+                    out[node.metadata.name] = ip
+                    break
+        return out
 
     # ---- removal
 

@@ -229,63 +229,11 @@ def add_kind_parser(command, func) -> None:
 # --------------------------------------------------------------------------- conformance
 
 
-def _check(name: str, upstream: str, fn) -> dict[str, Any]:
-    started = time.perf_counter()
-    try:
-        reason = fn()
-        outcome = "passed" if reason is None else "failed"
-    except AssertionError as exc:
-        outcome, reason = "failed", str(exc)
-    return {"name": name, "upstream": upstream, "outcome": outcome, "reason": reason,
-            "duration_s": round(time.perf_counter() - started, 3)}
-
-
-def kube_checks(cluster, say) -> list[dict[str, Any]]:
-    """The checks that run over the API: every node's probe pod against real Services."""
-    from bench import kube_bench
-
-    ns = deploy.namespace_name(cluster.run, kube_bench.PROBE_NS)
-    svc = {s.metadata.name: s for s in cluster.core.list_namespaced_service(ns).items}
-    web, empty = svc["svc-0"], svc[kube_bench.LAT_SERVICE]
-
-    def clusterip_every_node():
-        """"should serve a basic endpoint from pods", "should be able to up and down services":
-        20 connections from every node reach the ClusterIP and both echo pods answer."""
-        results = cluster.probes(web.spec.cluster_ip, 80, count=20, timeout=1.0)
-        for node, r in results.items():
-            s = r.summary()
-            assert s["outcomes"] == {"ok": 20}, f"{node}: {s['outcomes']}"
-            assert len(s["backends"]) == 2, f"{node}: backends {s['backends']}"
-        return None
-
-    def no_endpoints_rejected():
-        """"should be rejected when no endpoints exist": a Service without endpoints refuses
-        from every node (kube-proxy's REJECT), fast."""
-        results = cluster.probes(empty.spec.cluster_ip, 80, count=3, timeout=0.5)
-        for node, r in results.items():
-            outcomes = r.summary()["outcomes"]
-            assert outcomes == {"refused": 3}, f"{node}: {outcomes}"
-        return None
-
-    def programming():
-        """"should update endpoints: http" and the network programming latency SLI: a selector
-        switch serves from every node within 60 s."""
-        values = kube_bench.measure_programming(cluster, "", 2, say=say)
-        nodes = len(cluster.probe_pods())
-        assert len(values) == 2 * nodes, f"{len(values)} of {2 * nodes} node changes served"
-        return None
-
-    return [
-        _check("clusterip-every-node", "should serve a basic endpoint from pods",
-               clusterip_every_node),
-        _check("no-endpoints-rejected", "should be rejected when no endpoints exist",
-               no_endpoints_rejected),
-        _check("endpoint-switch-programmed", "should update endpoints: http", programming),
-    ]
-
-
 def conformance(args, out, err) -> int:
+    """The API checks (conformance/kube_checks.py) on a kind or kubeconfig cluster, into
+    conformance.json in the namespace set's shape."""
     from bench import kube_bench
+    from conformance import kube_checks
     from reports.results import new_run_dir
 
     say = _say(err)
@@ -301,11 +249,17 @@ def conformance(args, out, err) -> int:
                                             cluster.api_server(),
                                             _cidrs(cluster, args.cluster[0]))
         objects += [deploy.probe_daemonset(cluster.run, args.image)]
+        objects += [deploy.probe_daemonset(cluster.run, args.image, host_network=True)]
         objects += kube_bench.bench_objects(cluster.run, 1, 2, args.image)
+        objects += kube_checks.objects(cluster.run, cluster.node_names(), args.image,
+                                       host_id())
         cluster.create(objects)
         cluster.wait_ready()
         kube_bench.label_echo_pods(cluster)
-        checks = kube_checks(cluster, say)
+        bench = kube_checks.BenchObjects(
+            kube_bench.PROBE_NS, "svc-0", kube_bench.LAT_SERVICE,
+            lambda changes: kube_bench.measure_programming(cluster, "", changes, say=say))
+        checks = kube_checks.run(cluster, bench, say)
     data = {"mode": args.mode, "cluster": args.cluster[0], "kernel_kind": args.cluster[0],
             "checks": checks}
     os.makedirs(out_dir, exist_ok=True)  # --out DIR need not exist yet
@@ -318,7 +272,7 @@ def conformance(args, out, err) -> int:
             out.print(f"{c['name']}: {c['outcome']} ({c['duration_s']:.1f} s)"
                       + (f" {c['reason']}" if c["reason"] else ""))
         out.print(f"results in {out_dir}")
-    return 0 if all(c["outcome"] == "passed" for c in checks) else 1
+    return 0 if all(c["outcome"] in ("passed", "skipped") for c in checks) else 1
 
 
 # --------------------------------------------------------------------------- bench
@@ -328,9 +282,12 @@ def _list(text: str | None, default: list[str]) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()] if text else default
 
 
-def _save(folder, args, modes: list[str], rows: list[dict[str, Any]]) -> None:
+def _save(folder, args, modes: list[str], rows: list[dict[str, Any]],
+          stopped: dict[str, Any] | None = None, repeats: int = 1,
+          budget_s: float | None = None) -> None:
     """kube-bench.json (every row as measured), and bench.csv and run.json in the namespace
-    sweep's columns (kernel: the cluster kind) for `svcbench report` and `report --compare`."""
+    sweep's columns (kernel: the cluster kind; one row per repeat) for `svcbench report` and
+    `report --compare`. A sweep the budget stopped is incomplete, with where it stopped."""
     from reports.results import environment, write_bench_csv, write_run_json
 
     (folder / "kube-bench.json").write_text(json.dumps({"cluster": args.cluster[0],
@@ -338,14 +295,40 @@ def _save(folder, args, modes: list[str], rows: list[dict[str, Any]]) -> None:
     write_bench_csv(folder, [
         {"mode": r["mode"], "kernel": args.cluster[0], "n_services": r["services"],
          "metric": r["metric"], "stat": r["stat"], "value": r["value"], "unit": r["unit"],
-         "repeat": 0, "extra": {"samples": r["samples"]}}
+         "repeat": r.get("repeat", 0), "extra": {"samples": r["samples"]}}
         for r in rows if r["value"] is not None])
-    write_run_json(folder, {**environment(), "kind": "bench", "cluster": args.cluster[0],
-                            "kernel": args.cluster[0], "kernel_kind": args.cluster[0],
-                            "modes": modes, "complete": True})
+    meta = {**environment(), "kind": "bench", "cluster": args.cluster[0],
+            "kernel": args.cluster[0], "kernel_kind": args.cluster[0], "modes": modes,
+            "args": {"repeats": repeats, "budget_s": budget_s},
+            "complete": stopped is None, "status": "complete" if stopped is None
+            else "incomplete"}
+    if stopped is not None:
+        meta.update(incomplete_reason="budget", stopped_at=stopped)
+    write_run_json(folder, meta)
+
+
+def _repeats_and_budget(args) -> tuple[int, float | None]:
+    """--repeats (1 to 100, default 1) and --budget (bench/runner.py's forms) for a cluster."""
+    from bench.runner import BenchSpecError, parse_budget
+
+    text = getattr(args, "repeats", None)
+    try:
+        repeats = int(text) if text is not None else 1
+    except ValueError:
+        repeats = 0
+    if not 1 <= repeats <= 100:
+        raise KubeUsageError(f"--repeats must be a whole number from 1 to 100, not {text!r}")
+    try:
+        return repeats, parse_budget(getattr(args, "budget", None))
+    except BenchSpecError as exc:
+        raise KubeUsageError(str(exc)) from None
 
 
 def bench(args, out, err) -> int:
+    """The sweep on a kind or kubeconfig cluster: at each size every measurement --repeats
+    times (one row each); past --budget the sweep stops after the size being measured,
+    later sizes and modes are left out and run.json says incomplete (exit status 0, as the
+    namespace sweep's)."""
     from bench import kube_bench
     from reports.results import new_run_dir
 
@@ -360,6 +343,7 @@ def bench(args, out, err) -> int:
                              "a whole number") from None
     if not sizes or sizes[0] < 1 or count < 1:
         raise KubeUsageError("--services and --count must be 1 or more")
+    repeats, budget_s = _repeats_and_budget(args)
     say = _say(err)
     if args.cluster[0] == "kind":  # bad input before the run folder exists
         from clusters.kind import preflight
@@ -372,7 +356,19 @@ def bench(args, out, err) -> int:
     folder = new_run_dir(getattr(args, "out", None) or "runs", f"bench-kube-{args.cluster[0]}")
     rows: list[dict[str, Any]] = []
     status = 0
+    started = time.monotonic()
+
+    def over_budget() -> bool:
+        return budget_s is not None and time.monotonic() - started >= budget_s
+
+    stopped: dict[str, Any] | None = None
     for mode in modes:
+        if stopped is not None:
+            break
+        if over_budget():
+            stopped = {"before_mode": mode, "elapsed_s": round(time.monotonic() - started, 1),
+                       "budget_s": budget_s}
+            break
         try:
             with _session(args, mode, keep=False, say=say) as cluster:
                 agent = _check_proxy(cluster, args.cluster[0], mode)
@@ -386,21 +382,36 @@ def bench(args, out, err) -> int:
                 objects += [deploy.probe_daemonset(cluster.run, args.image),
                             deploy.probe_daemonset(cluster.run, args.image, host_network=True)]
                 cluster.create(objects)
-                rows += [r.to_json() for r in kube_bench.run_mode(
-                    cluster, mode, sizes=sizes, count=count, changes=20, image=args.image,
-                    say=say)]
+                try:
+                    rows += [r.to_json() for r in kube_bench.run_mode(
+                        cluster, mode, sizes=sizes, count=count, changes=20, image=args.image,
+                        say=say, repeats=repeats, over_budget=over_budget)]
+                except kube_bench.BudgetSpent as spent:
+                    rows += [r.to_json() for r in spent.rows]
+                    stopped = {"mode": mode, "pass": repeats, "n_services": spent.size,
+                               "elapsed_s": round(time.monotonic() - started, 1),
+                               "budget_s": budget_s}
+                    say(f"bench: {spent}; stopping here (run.json says incomplete)")
         except (KubeUnavailable, KindUnavailable):
             raise
         except Exception as exc:  # noqa: BLE001 - one mode failing keeps the others' rows
             say(f"{mode}: {type(exc).__name__}: {exc}")
             status = 1
-        _save(folder, args, modes, rows)
+        _save(folder, args, modes, rows, stopped, repeats, budget_s)
+    if stopped is not None:
+        _save(folder, args, modes, rows, stopped, repeats, budget_s)
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     else:
         for r in rows:
             value = "-" if r["value"] is None else f"{r['value']:.6g}"
             out.print(f"{r['mode']:<22} {r['metric']:<24} N={r['services']:<6} "
-                      f"{r['stat']:<5} {value} {r['unit']}")
+                      f"{r['stat']:<5} {value} {r['unit']}"
+                      + (f" (repeat {r['repeat'] + 1})" if repeats > 1 else ""))
+        if stopped is not None:
+            where = (f"after {stopped['mode']} at {stopped['n_services']:,} Services"
+                     if "mode" in stopped else f"before {stopped['before_mode']}")
+            out.print(f"incomplete: the budget ran out {where}; later sizes and modes were not "
+                      "measured (run.json 'stopped_at')")
         out.print(f"results in {folder}")
     return status

@@ -1,6 +1,7 @@
 """A small in-memory Kubernetes API server on loopback, for the kubeconfig provider's offline
 tests: it stores what is created, lists it by label selector (every workload reported ready),
-deletes it, and answers /version. Only the calls clusters/kube.py makes are served."""
+deletes it, and answers /version. Services get a ClusterIP and NodePorts as the API server
+allocates them, nodes InternalIPs as kind's. Only the calls clusters/kube.py makes are served."""
 
 from __future__ import annotations
 
@@ -45,8 +46,12 @@ class FakeApi:
         self.nodes = nodes
         self.objects: dict[tuple[str, str | None, str], dict] = {}  # (resource, ns, name)
         self.requests: list[tuple[str, str]] = []
-        for name in nodes:
-            self.objects[("nodes", None, name)] = {"metadata": {"name": name}, "spec": {}}
+        self.next_node_port = 30000
+        for i, name in enumerate(nodes, start=2):  # kind's addresses: 172.18.0.2, .3, ...
+            self.objects[("nodes", None, name)] = {
+                "metadata": {"name": name}, "spec": {},
+                "status": {"addresses": [{"type": "InternalIP", "address": f"172.18.0.{i}"},
+                                         {"type": "Hostname", "address": name}]}}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         # a short poll: shutdown() waits for it (0.5 s by default, for every test)
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,),
@@ -185,6 +190,12 @@ class FakeApi:
                 if key[0] == "services" and "clusterIP" not in body["spec"]:
                     api.next_ip += 1  # the API server allocates
                     body["spec"]["clusterIP"] = f"10.96.0.{api.next_ip}"
+                if key[0] == "services" and body["spec"].get("type") in ("NodePort",
+                                                                         "LoadBalancer"):
+                    for port in body["spec"]["ports"]:
+                        if "nodePort" not in port:
+                            api.next_node_port += 1
+                            port["nodePort"] = api.next_node_port
                 api.objects[key] = body
                 if key[0] == "deployments":  # the controllers' part: its pods, at once
                     template = body["spec"]["template"]
@@ -238,6 +249,12 @@ class FakeApi:
                     return self._missing(url.path)
                 if m["resource"] == "services":  # the API answers with the Service itself
                     return self._send(200, gone)
+                if m["resource"] == "deployments":  # the garbage collector's part: its pods
+                    for key in [k for k, o in api.objects.items()
+                                if k[0] == "pods" and k[1] == m["ns"]
+                                and k[2].startswith(f"{m['name']}-")
+                                and o["metadata"].get("ownerReferences")]:
+                        del api.objects[key]
                 if m["resource"] == "namespaces":  # the namespace controller's part
                     for key in [k for k in api.objects if k[1] == m["name"]]:
                         del api.objects[key]

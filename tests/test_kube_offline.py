@@ -34,7 +34,10 @@ def _all_objects() -> list[dict]:
     objs += deploy.bench_services(RUN, "bench", 3, {"app": "svcbench-echo"})
     objs.append(deploy.echo_deployment(RUN, "bench", "svcbench-echo", 4))
     from bench.kube_bench import bench_objects
+    from conformance import kube_checks
 
+    objs += kube_checks.objects(RUN, ["kind-control-plane", "kind-worker", "kind-worker2"],
+                                host="builder")
     objs += bench_objects(RUN, 2, 2, deploy.DEFAULT_IMAGE)
     return objs
 
@@ -397,8 +400,9 @@ def test_echo_pod_serves_the_probe_and_its_json_reads_back(tmp_path):
 
 
 def test_the_live_paths_call_what_the_kubernetes_client_has():
-    """clusters/kube.py, bench/kube_bench.py and svcbench/cmd_kube.py run only against a
-    cluster: every API method and model field they use must exist in the client."""
+    """clusters/kube.py, bench/kube_bench.py, svcbench/cmd_kube.py and
+    conformance/kube_checks.py run only against a cluster: every API method and model field
+    they use must exist in the client."""
     import re
 
     from kubernetes import client
@@ -407,9 +411,11 @@ def test_the_live_paths_call_what_the_kubernetes_client_has():
             "rbac": client.RbacAuthorizationV1Api, "custom": client.CustomObjectsApi,
             "discovery": client.DiscoveryV1Api, "networking": client.NetworkingV1Api}
     called = set()
-    for path in ("clusters/kube.py", "bench/kube_bench.py", "svcbench/cmd_kube.py"):
+    for path in ("clusters/kube.py", "bench/kube_bench.py", "svcbench/cmd_kube.py",
+                 "conformance/kube_checks.py"):
         called |= set(re.findall(r"\b(core|apps|rbac|custom|discovery|networking)\.([a-z_]+)\b",
                                  (ROOT / path).read_text()))
+    called.discard(("networking", "go"))  # networking.go, the e2e file a docstring names
     assert len(called) >= 19 and ("discovery", "list_namespaced_endpoint_slice") in called
     missing = [f"{api}.{name}" for api, name in called if not hasattr(apis[api], name)]
     assert not missing, missing
@@ -419,6 +425,8 @@ def test_the_live_paths_call_what_the_kubernetes_client_has():
               client.V1ContainerStatus: ("state", "last_state"),
               client.V1ContainerState: ("terminated",),
               client.V1ServiceSpec: ("cluster_ip", "ports"),
+              client.V1ServicePort: ("name", "node_port"),
+              client.V1NodeStatus: ("addresses",), client.V1NodeAddress: ("type", "address"),
               client.V1PodSpec: ("node_name",),
               client.V1NodeSpec: ("unschedulable", "pod_cidr", "pod_cidrs"),
               client.V1ServiceCIDRSpec: ("cidrs",),
@@ -686,76 +694,98 @@ def test_programming_latency_is_timed_from_the_api_change_to_the_first_served_co
         assert delay <= value < delay + 0.3, values
 
 
-@pytest.mark.parametrize("broken", [False, True])
-def test_conformance_on_a_kubeconfig_cluster_end_to_end(broken, tmp_path, monkeypatch, capsys):
-    """`svcbench conformance --cluster kubeconfig=PATH` against the fake API server, whose
-    probe pods answer as kube-proxy would: the ClusterIP is served by both echo pods from
-    every node, the Service without endpoints refuses, the selector switch is programmed.
-    The checks pass, conformance.json is written, and the run is gone afterwards. With one
-    echo pod never answering (broken), the first check fails and the command exits 1."""
-    import time
+API_CHECKS = ["clusterip-every-node", "no-endpoints-rejected", "endpoint-switch-programmed",
+              "nodeport-every-node", "session-affinity-clientip", "multiport-named-target-port",
+              "udp-clusterip", "internal-traffic-policy-local", "external-traffic-policy-local",
+              "hairpin", "service-proxy-name-other"]
 
-    from bench import kube_bench
+
+@pytest.mark.parametrize("broken, failing", [
+    ((), ()),
+    (("silent",), ("clusterip-every-node",)),
+    (("affinity", "itp", "hairpin"),
+     ("session-affinity-clientip", "internal-traffic-policy-local", "hairpin")),
+    (("etp", "proxy-name", "named-port"),
+     ("multiport-named-target-port", "udp-clusterip", "external-traffic-policy-local",
+      "service-proxy-name-other")),
+], ids=["kube-proxy", "silent-echo", "affinity-itp-hairpin", "etp-proxyname-namedport"])
+def test_conformance_on_a_kubeconfig_cluster_end_to_end(broken, failing, tmp_path, monkeypatch,
+                                                        capsys):
+    """`svcbench conformance --cluster kubeconfig=PATH` against the fake API server, whose
+    pods answer the probes as a proxy would serve the Services the run made
+    (tests/kube_fake_dataplane.py): every API check passes, conformance.json is written in
+    the namespace set's shape, and the run is gone afterwards. With the proxy getting one
+    thing wrong (an echo pod silent, session affinity, internalTrafficPolicy or
+    externalTrafficPolicy ignored, no hairpin, a Service for another proxy served, named
+    target ports unresolved), exactly the checks that need it fail and the command exits 1."""
     from clusters import kube
-    from clusters.workloads.probe import ProbeResult, Sample
+    from conformance import kube_checks
     from tests.kube_fake_api import FakeApi
+    from tests.kube_fake_dataplane import FakeDataplane
 
     fake = FakeApi()
-
-    def service_of(ip: str) -> str:
-        return next(k[2] for k, o in fake.objects.items()
-                    if k[0] == "services" and o["spec"].get("clusterIP") == ip)
-
-    def output(pod: str, command: list[str]):
-        if command[1] == "-c":  # a programming-latency watcher
-            yield "ready\n"
-            wanted = command[5].split("/")[1]
-            end = time.monotonic() + 5
-            while time.monotonic() < end and not any(
-                    p[2]["spec"]["selector"].get("svcbench.io/pod") == wanted
-                    for p in fake.patches[-1:] if p[0] == "services"):
-                time.sleep(0.005)
-            yield json.dumps({"first": time.time() + 0.01}) + "\n"
-            return
-        ip, count = command[3], int(command[command.index("--count") + 1])
-        ns = [k[1] for k in fake.objects if k[0] == "services"][0]
-        echo = sorted(k[2] for k in fake.objects if k[0] == "pods" and k[1] == ns)
-        if service_of(ip) == kube_bench.LAT_SERVICE:
-            samples = [Sample(80.0, "refused", None, None) for _ in range(count)]
-        else:
-            samples = [Sample(200.0, "ok", f"{ns}/{echo[0 if broken else i % 2]}",
-                              "10.244.1.9:5000", 5000) for i in range(count)]
-        yield json.dumps(ProbeResult(f"{ip}:{command[4]}", "TCP", samples).to_json())
-
-    fake.exec_output = output
+    fake.exec_output = FakeDataplane(fake, frozenset(broken))
     monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(kube_checks, "SETTLE_S", 0.0)  # a failure is not retried here
     with fake:
         cfg = fake.kubeconfig(tmp_path / "kc")
         status = _main("conformance", "--cluster", f"kubeconfig={cfg}", "--mode",
                        "kube-proxy/iptables", "--out", str(tmp_path), "--json")
         captured = capsys.readouterr()
-        assert status == (1 if broken else 0), captured.err
+        assert status == (1 if failing else 0), captured.err
         left = {k for k in fake.objects if k[0] != "nodes"}
     data = json.loads((tmp_path / "conformance.json").read_text())
     assert json.loads(captured.out) == data
     assert [(c["name"], c["outcome"]) for c in data["checks"]] == [
-        ("clusterip-every-node", "failed" if broken else "passed"),
-        ("no-endpoints-rejected", "passed"), ("endpoint-switch-programmed", "passed")]
-    if broken:
-        assert "backends {" in data["checks"][0]["reason"]
+        (name, "failed" if name in failing else "passed") for name in API_CHECKS]
+    for c in data["checks"]:
+        assert set(c) == {"name", "upstream", "outcome", "reason", "duration_s"}
+        assert c["upstream"].startswith("should ") and c["duration_s"] >= 0
+    reasons = {c["name"]: c["reason"] for c in data["checks"]}
+    if "silent" in broken:
+        assert "timeout" in reasons["clusterip-every-node"]
+    if "affinity" in broken:
+        assert "20 connections reached" in reasons["session-affinity-clientip"]
+    if "itp" in broken:
+        assert "reached" in reasons["internal-traffic-policy-local"]
+    if "etp" in broken:
+        assert "the backend saw ['172.18.0." in reasons["external-traffic-policy-local"]
+    if "named-port" in broken:
+        assert "refused" in reasons["multiport-named-target-port"]
     assert left == set() and kube.list_records(str(tmp_path / "state")) == {}
 
 
-def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys):
-    """`svcbench bench --cluster kubeconfig=PATH --services 1,2` against the fake API server:
-    Services grow from 1 to 2, every metric gets its rows (new connections, programming
-    latency over 20 changes and both nodes, locust's throughput from the master's log,
-    kube-proxy's sync quantiles from the scrapes' difference), and the run is deleted."""
+def test_conformance_on_a_one_node_cluster_skips_what_needs_two(tmp_path, monkeypatch, capsys):
+    """On one node, session affinity (one echo pod: affinity is chance) and
+    externalTrafficPolicy Local (no node without the endpoint) are skipped with their
+    reason, the rest pass, and the command exits 0."""
+    from clusters import kube
+    from conformance import kube_checks
+    from tests.kube_fake_api import FakeApi
+    from tests.kube_fake_dataplane import FakeDataplane
+
+    fake = FakeApi(nodes=("kind-control-plane",))
+    fake.exec_output = FakeDataplane(fake)
+    monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(kube_checks, "SETTLE_S", 0.0)
+    with fake:
+        status = _main("conformance", "--cluster", f"kubeconfig={fake.kubeconfig(tmp_path / 'kc')}",
+                       "--mode", "kube-proxy/iptables", "--out", str(tmp_path), "--json")
+    assert status == 0, capsys.readouterr().err
+    checks = json.loads((tmp_path / "conformance.json").read_text())["checks"]
+    skipped = {c["name"]: c["reason"] for c in checks if c["outcome"] == "skipped"}
+    assert sorted(skipped) == ["external-traffic-policy-local", "session-affinity-clientip"]
+    assert "needs two nodes" in skipped["external-traffic-policy-local"]
+    assert all(c["outcome"] == "passed" for c in checks if c["name"] not in skipped)
+
+
+def _bench_fake(probe_delay_s: float = 0.0):
+    """A FakeApi whose pods answer the bench's execs: kube-proxy's metrics (growing by
+    METRICS_TEXT per scrape), programming-latency watchers (the new pod 10 ms after the
+    switch), probes (all ok, after probe_delay_s); locust's master log is there."""
     import re
     import time
 
-    from bench import kube_bench
-    from clusters import kube
     from clusters.workloads.probe import ProbeResult, Sample
     from tests.kube_fake_api import FakeApi
 
@@ -779,6 +809,7 @@ def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys)
                 time.sleep(0.002)
             yield json.dumps({"first": time.time() + 0.01}) + "\n"
             return
+        time.sleep(probe_delay_s)
         count = int(command[command.index("--count") + 1])
         samples = [Sample(100.0 + i, "ok", f"svb-x-bench/echo-{i % 2}", "10.244.1.9:5000", 5000)
                    for i in range(count)]
@@ -788,6 +819,18 @@ def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys)
     fake.logs["svcbench-locust-master-0"] = "[x] master: done\n" + json.dumps(
         [{"name": "t", "method": "tcp", "start_time": 10.0, "last_request_timestamp": 20.0,
           "num_requests": 12000, "num_failures": 0}]) + "\n"
+    return fake
+
+
+def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys):
+    """`svcbench bench --cluster kubeconfig=PATH --services 1,2` against the fake API server:
+    Services grow from 1 to 2, every metric gets its rows (new connections, programming
+    latency over 20 changes and both nodes, locust's throughput from the master's log,
+    kube-proxy's sync quantiles from the scrapes' difference), and the run is deleted."""
+    from bench import kube_bench
+    from clusters import kube
+
+    fake = _bench_fake()
     monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
     with fake:
         cfg = fake.kubeconfig(tmp_path / "kc")
@@ -826,6 +869,71 @@ def test_bench_on_a_kubeconfig_cluster_end_to_end(tmp_path, monkeypatch, capsys)
     assert [(r["n_services"], r["value"]) for r in tput] == [(1, 1200.0), (2, 1200.0)]
     assert json.loads((folder / "run.json").read_text())["cluster"] == "kubeconfig"
     assert kube_bench.SYNC_METRIC in METRICS_TEXT
+
+
+def test_bench_on_a_cluster_honours_repeats_and_budget(tmp_path, monkeypatch, capsys):
+    """`bench --cluster kubeconfig=PATH --services 1,2 --repeats 2 --budget 1s`, each probe
+    taking 0.6 s: size 1 is measured twice (one set of rows per repeat, repeat 0 and 1 in
+    bench.csv), which spends the budget, so size 2 is left out and run.json says incomplete
+    (reason budget, stopped after 1 Service) with exit status 0, as the namespace sweep."""
+    from clusters import kube
+    from reports.results import read_bench_csv
+
+    fake = _bench_fake(probe_delay_s=0.6)
+    monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
+    with fake:
+        cfg = fake.kubeconfig(tmp_path / "kc")
+        assert _main("bench", "--cluster", f"kubeconfig={cfg}", "--repeats", "0") == 2
+        status = _main("bench", "--cluster", f"kubeconfig={cfg}", "--modes",
+                       "kube-proxy/iptables", "--services", "1,2", "--count", "3",
+                       "--repeats", "2", "--budget", "1s", "--out", str(tmp_path / "runs"),
+                       "--json")
+        captured = capsys.readouterr()
+        left = {k for k in fake.objects if k[0] != "nodes"}
+    assert status == 0, captured.err
+    assert "--repeats must be a whole number from 1 to 100" in captured.err
+    rows = json.loads(captured.out)
+    assert {r["services"] for r in rows} == {1}
+    tput = [(r["repeat"], r["value"]) for r in rows if r["metric"] == "throughput_rps"]
+    assert tput == [(0, 1200.0), (1, 1200.0)]
+    (folder,) = (tmp_path / "runs").iterdir()
+    csv_rows = read_bench_csv(folder / "bench.csv")
+    assert sorted({(r["n_services"], r["repeat"]) for r in csv_rows}) == [(1, 0), (1, 1)]
+    meta = json.loads((folder / "run.json").read_text())
+    assert meta["complete"] is False and meta["status"] == "incomplete"
+    assert meta["incomplete_reason"] == "budget"
+    assert meta["stopped_at"]["n_services"] == 1 and meta["stopped_at"]["budget_s"] == 1.0
+    assert meta["args"] == {"repeats": 2, "budget_s": 1.0}
+    assert left == set() and kube.list_records(str(tmp_path / "state")) == {}
+
+
+def test_throughput_reads_the_new_master_not_one_still_going_away(tmp_path):
+    """A locust master pod of the measurement before (terminated, its Deployment deleted,
+    the pod not yet gone) is not read: the stats are the new master's."""
+    from bench import kube_bench
+    from clusters import kube
+    from tests.kube_fake_api import FakeApi
+
+    def stats(requests: int) -> str:
+        return "[x] done\n" + json.dumps([{"name": "t", "method": "tcp", "start_time": 10.0,
+                                           "last_request_timestamp": 20.0,
+                                           "num_requests": requests, "num_failures": 0}]) + "\n"
+
+    system = deploy.namespace_name(RUN, deploy.SYSTEM)
+    with FakeApi() as fake:
+        master = "svcbench-locust-master"
+        fake.objects[("pods", system, "old-master")] = {
+            "metadata": {"name": "old-master", "namespace": system,
+                         "labels": deploy.labels(RUN, **{deploy.COMPONENT: master}),
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                              "name": "old", "uid": "0"}]},
+            "spec": {"containers": []}}
+        fake.logs["old-master"] = stats(100)
+        fake.logs[f"{master}-0"] = stats(5000)
+        cluster = kube.KubeCluster(kube.connect(fake.kubeconfig(tmp_path / "kc")), RUN)
+        rps, requests, _ = kube_bench.measure_throughput(cluster, "10.96.0.9:80", workers=2,
+                                                         seconds=1, image="svcbench:dev")
+    assert (rps, requests) == (500.0, 5000)
 
 
 def test_the_agents_ranges_come_from_the_clusters_nodes_and_service_cidrs(tmp_path):
