@@ -1,5 +1,5 @@
 """A Service proxy modelled on the fake API server's objects, answering the probes that
-`svcbench conformance --cluster` runs in pods by exec (tests/kube_fake_api.py's exec_output).
+`svcbench conformance --cluster` runs in pods by exec (tests/fakeapi.py's FakeApi exec_output).
 
 Each probe command is answered as kube-proxy would make the cluster answer it: the target is
 looked up among the Services the fake holds (ClusterIP and port, or a node's InternalIP and

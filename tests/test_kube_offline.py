@@ -504,7 +504,7 @@ def test_up_and_down_on_a_kubeconfig_cluster_through_the_api(tmp_path, monkeypat
     namespaces, probe DaemonSets, Services and echo pods are created through the API (pods
     placed on the cluster's k-th node), waited for, kept; `down` deletes them by label."""
     from clusters import kube
-    from tests.kube_fake_api import FakeApi
+    from tests.fakeapi import FakeApi
 
     monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
     with FakeApi() as api:
@@ -540,7 +540,7 @@ def test_ctrl_c_while_waiting_on_a_kubeconfig_cluster_deletes_the_run(tmp_path, 
     import threading
 
     from clusters import kube
-    from tests.kube_fake_api import FakeApi
+    from tests.fakeapi import FakeApi
 
     monkeypatch.setattr(kube, "STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setattr(kube, "POLL_S", 0.05)
@@ -572,7 +572,7 @@ def test_ctrl_c_while_waiting_on_a_kubeconfig_cluster_deletes_the_run(tmp_path, 
 
 def test_gc_deletes_namespaces_this_machine_made_for_runs_not_live(tmp_path, monkeypatch):
     from clusters import kube
-    from tests.kube_fake_api import FakeApi
+    from tests.fakeapi import FakeApi
 
     state = str(tmp_path / "state")
     monkeypatch.setenv("PATH", str(tmp_path))  # no kind here
@@ -603,7 +603,7 @@ def test_probes_and_the_metrics_scrape_run_in_every_nodes_probe_pod_by_exec(tmp_
     from bench import kube_bench
     from clusters import kube
     from clusters.workloads.probe import ProbeResult, Sample
-    from tests.kube_fake_api import FakeApi
+    from tests.fakeapi import FakeApi
 
     def output(pod: str, command: list[str]) -> str:
         if command[:3] == ["python", "-m", "clusters.workloads.probe"]:
@@ -646,7 +646,7 @@ def test_programming_latency_is_timed_from_the_api_change_to_the_first_served_co
 
     from bench import kube_bench
     from clusters import kube
-    from tests.kube_fake_api import FakeApi
+    from tests.fakeapi import FakeApi
 
     delays = {"probe-kind-worker": 0.2, "probe-kind-worker2": 0.4}
     fake = FakeApi()
@@ -720,7 +720,7 @@ def test_conformance_on_a_kubeconfig_cluster_end_to_end(broken, failing, tmp_pat
     target ports unresolved), exactly the checks that need it fail and the command exits 1."""
     from clusters import kube
     from conformance import kube_checks
-    from tests.kube_fake_api import FakeApi
+    from tests.fakeapi import FakeApi
     from tests.kube_fake_dataplane import FakeDataplane
 
     fake = FakeApi()
@@ -761,7 +761,7 @@ def test_conformance_on_a_one_node_cluster_skips_what_needs_two(tmp_path, monkey
     reason, the rest pass, and the command exits 0."""
     from clusters import kube
     from conformance import kube_checks
-    from tests.kube_fake_api import FakeApi
+    from tests.fakeapi import FakeApi
     from tests.kube_fake_dataplane import FakeDataplane
 
     fake = FakeApi(nodes=("kind-control-plane",))
@@ -787,7 +787,7 @@ def _bench_fake(probe_delay_s: float = 0.0):
     import time
 
     from clusters.workloads.probe import ProbeResult, Sample
-    from tests.kube_fake_api import FakeApi
+    from tests.fakeapi import FakeApi
 
     fake = FakeApi()
     scrapes: dict[str, int] = {}
@@ -912,7 +912,7 @@ def test_throughput_reads_the_new_master_not_one_still_going_away(tmp_path):
     the pod not yet gone) is not read: the stats are the new master's."""
     from bench import kube_bench
     from clusters import kube
-    from tests.kube_fake_api import FakeApi
+    from tests.fakeapi import FakeApi
 
     def stats(requests: int) -> str:
         return "[x] done\n" + json.dumps([{"name": "t", "method": "tcp", "start_time": 10.0,
@@ -940,7 +940,7 @@ def test_the_agents_ranges_come_from_the_clusters_nodes_and_service_cidrs(tmp_pa
     """--cluster-cidr: the smallest network holding every Node's podCIDR; --service-cidr: the
     first IPv4 ServiceCIDR, else the /16 around the kubernetes Service's ClusterIP."""
     from clusters import kube
-    from tests.kube_fake_api import FakeApi
+    from tests.fakeapi import FakeApi
 
     assert kube.smallest_cover(["10.244.1.0/24", "10.244.2.0/24"]) == "10.244.0.0/22"
     assert kube.smallest_cover(["10.244.1.0/24"]) == "10.244.1.0/24"
