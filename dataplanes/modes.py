@@ -25,6 +25,7 @@ from typing import Any
 
 from dataplanes.base import Dataplane
 from dataplanes.ipvs_layout import DEFAULT_SCHEDULER, SCHEDULERS
+from kube.yamlload import shortened
 
 # mode -> (module, class, options it accepts; the first is its main option)
 MODES: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -80,15 +81,16 @@ class ModeSpec:
 def parse_mode(text: str, flag: str = "--mode") -> ModeSpec:
     """`text` as a ModeSpec, or UnknownMode naming `flag`, the field and what it accepts."""
     raw = str(text).strip()
+    shown = shortened(raw, 60)  # a flag's value in a message: never the whole of a long one
     name, colon, rest = raw.partition(":")
     name = name.strip()
     if name not in MODES:
-        raise UnknownMode(f"{flag} {raw!r} is not a proxy mode; accepted: {', '.join(MODES)}, "
+        raise UnknownMode(f"{flag} {shown!r} is not a proxy mode; accepted: {', '.join(MODES)}, "
                           f"each as {SPEC_FORM}")
     accepted = MODES[name][2]
     values = OPTION_VALUES[name]
     if colon and not accepted:
-        raise UnknownMode(f"{flag} {raw!r}: mode {name} takes no options (it balances at "
+        raise UnknownMode(f"{flag} {shown!r}: mode {name} takes no options (it balances at "
                           f"random); write {name}")
     given: dict[str, str] = {}
     fields = [f.strip() for f in rest.split(",")] if colon else []
@@ -98,12 +100,12 @@ def parse_mode(text: str, flag: str = "--mode") -> ModeSpec:
         if not eq:
             key, value = accepted[0], field
         if key not in accepted:
-            raise UnknownMode(f"{flag} {raw!r}: mode {name} has no option {key!r}; accepted: "
+            raise UnknownMode(f"{flag} {shown!r}: mode {name} has no option {key!r}; accepted: "
                               f"{', '.join(accepted)}")
         if key in given:
-            raise UnknownMode(f"{flag} {raw!r}: option {key} is given twice")
+            raise UnknownMode(f"{flag} {shown!r}: option {key} is given twice")
         if value not in values[key]:
-            raise UnknownMode(f"{flag} {raw!r}: {name} {key} {value!r} is not one of "
+            raise UnknownMode(f"{flag} {shown!r}: {name} {key} {value!r} is not one of "
                               f"{', '.join(values[key])}")
         given[key] = value
     return ModeSpec(name, tuple((k, given[k]) for k in accepted if k in given))

@@ -380,8 +380,8 @@ def test_bad_manifests_are_one_clean_line_and_exit_2(case, capsys, tmp_path):
     ] + [
         (["up", "--nodes", "128"], ["--nodes must be a whole number from 1 to 127"]),
         (["render", "--nodes", "200", "-f", "x.yaml"], ["--nodes", "from 1 to 127"]),
-        (["up", "--mode", "\x1b[2J\udcff"], ["invalid choice: '\\x1b[2J\\udcff'"]),
-        (["up", "--mode", "x" * 5000], ["invalid choice", " ... "]),
+        (["up", "--mode", "\x1b[2J\udcff"], ["--mode '\\x1b[2J\\udcff' is not a proxy mode"]),
+        (["up", "--mode", "x" * 5000], ["x...' is not a proxy mode; accepted: iptables"]),
         ([], ["the following arguments are required: COMMAND"]),
     ],
 )  # fmt: skip
