@@ -34,7 +34,6 @@ from rich.text import Text
 
 from bench.metrics import catalog, steps_of
 from bench.sweep import ModeUnavailable, Row, SweepConfig, SweepListener, load_mode
-from reports.agreement import agreement
 from reports.results import (
     RAW_DIR,
     environment,
@@ -690,7 +689,7 @@ def _finish(folder: RunFolder, status: str, wall_s: float) -> None:
         rows=len(folder.rows),
         # Do the passes rank the modes alike at every size, and how far does the growth
         # exponent move between them (a bootstrap over passes)?
-        agreement=agreement([r.as_dict() for r in folder.rows], catalog=catalog()),
+        agreement=_agreement([r.as_dict() for r in folder.rows]),
     )
     folder.save_meta()
 
@@ -872,3 +871,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    # scipy's import (a second) only when a sweep ends, not for every command's parser
+    from reports.agreement import agreement
+
+    return agreement(rows, catalog=catalog())

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from reports.args import REPORT_HTML
 from reports.catalog import Catalog
 from reports.charts import section_charts
 from reports.findings import (
@@ -27,7 +28,6 @@ from reports.results import _write_atomic
 from reports.series import chart_series, fits_for, headline_keys, modes_of, split_series
 from reports.text import esc, finite, fmt_n, unit_word, value_html
 
-REPORT_HTML = "report.html"
 OUTCOME_MARK = {"passed": "✓", "failed": "✗", "deviation": "≈", "skipped": "–"}
 
 

@@ -27,26 +27,13 @@ import json
 import sys
 from collections.abc import Sequence
 
+from reports.args import add_report_arguments
 from reports.catalog import Catalog
 from reports.findings import compare_runs, measured_elsewhere
 from reports.gate import Gate, text_table
 from reports.gate import compare as gate_compare
 from reports.load import ReportError, Run, load_run, normalize_bench
-from reports.page import REPORT_HTML, render_html, write_page, write_report
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder (bench.csv, run.json, "
-                        "conformance*.json)")
-    parser.add_argument("--compare", metavar="OLDER_RUN_DIR",
-                        help="older run folder: show the change per metric and mode, and judge "
-                        "the tracked metrics (exit 1 when one regressed beyond its threshold)")
-    parser.add_argument("-o", "--output", metavar="FILE",
-                        help=f"where to write the page (default RUN_DIR/{REPORT_HTML})")
-    parser.add_argument("--json", action="store_true",
-                        help="print the page's path (and with --compare the tracked metrics' "
-                        "verdicts) as JSON")
-    return parser
+from reports.page import render_html, write_page, write_report
 
 
 def run_report_command(args: argparse.Namespace, fallback: Catalog | None = None) -> int:

@@ -710,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
 
     sp = command("report", cmd_report, "render a run folder as one self-contained HTML file")
-    from reports.render import add_report_arguments
+    from reports.args import add_report_arguments
 
     add_report_arguments(sp)
 
