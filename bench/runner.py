@@ -869,12 +869,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def _agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
     # scipy's import (a second) only when a sweep ends, not for every command's parser
     from reports.agreement import agreement
 
     return agreement(rows, catalog=catalog())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
