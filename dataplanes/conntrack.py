@@ -70,12 +70,19 @@ def untranslated_udp_flow_deletes(
     or delivered to the node), they go, so the client's next datagram is balanced. That is
     every frontend when the port had no usable endpoint before, and otherwise the frontends
     it did not have (a new port, nodePort, externalIP or load-balancer IP)."""
+    return _udp_flow_deletes(fresh_frontends(before, after), [])
+
+
+def fresh_frontends(
+    before: ServicePortView | None, after: ServicePortView | None
+) -> set[Frontend]:
+    """The frontends of a Service port that start translating (see above); any protocol."""
     if after is None or not _used_ips(after):
-        return []
+        return set()
     fresh = _frontends(after)
     if before is not None and _used_ips(before):
         fresh -= _frontends(before)
-    return _udp_flow_deletes(fresh, [])
+    return fresh
 
 
 def udp_port_changes(old, new) -> list[tuple[ServicePortView | None, ServicePortView | None]]:

@@ -40,10 +40,11 @@ from typing import Any
 
 from dataplanes import healthcheck
 from dataplanes.base import DataplaneError, FullSyncNeeded, Host, NodeHandle, SyncStats
-from dataplanes.conntrack import untranslated_udp_flow_deletes
+from dataplanes.conntrack import fresh_frontends, untranslated_udp_flow_deletes
 from dataplanes.ipvs_codec import IPSET_CMD_ADD, IPSET_CMD_DEL, changes_to_messages
 from dataplanes.ipvs_kernel import (
     apply_delta,
+    delete_half_open_tcp,
     ipset_apply,
     ipset_destroy,
     ipset_fingerprint,
@@ -264,6 +265,8 @@ class IpvsDataplane:
                 if sp.protocol == "UDP":
                     commands += untranslated_udp_flow_deletes(before.get(key), sp)
         flushed = self._run_deletes(node, commands)
+        if synced_before:
+            flushed += self._half_open_deletes(node, updated, before)
         healthcheck.sync(node, view)
         self._synced.add(node.netns)
         known.view = replace(view, services=())
@@ -334,6 +337,7 @@ class IpvsDataplane:
             if after.protocol == "UDP":
                 commands += untranslated_udp_flow_deletes(before.get(key), after)
         flushed = self._run_deletes(node, commands)
+        flushed += self._half_open_deletes(node, changes.updated, before)
         self._update_health(node, known, changes, before)
         return SyncStats(
             mode=self.name,
@@ -523,6 +527,18 @@ class IpvsDataplane:
         return [["conntrack", "-D", "-p", "udp", "--orig-dst", vip, "--orig-port-dst",
                  str(port), "--reply-src", ep_ip, "--reply-port-src", str(ep_port)]
                 for vip, port, proto, ep_ip, ep_port in removed if proto == "UDP"]
+
+    @staticmethod
+    def _half_open_deletes(node: NodeHandle, updated: dict, before: dict) -> int:
+        """Not kube-proxy's (it clears UDP flows only): half-open TCP flows recorded
+        untranslated at frontends that start translating (`delete_half_open_tcp`)."""
+        fresh = set()
+        for key, after in updated.items():
+            if after.protocol == "TCP":
+                fresh |= fresh_frontends(before.get(key), after)
+        if not fresh:
+            return 0
+        return node.call(delete_half_open_tcp, sorted(fresh, key=lambda f: (f[0] or "", f[1])))
 
     @staticmethod
     def _run_deletes(node: NodeHandle, commands: list[list[str]]) -> int:

@@ -382,6 +382,41 @@ def run(argv: Sequence[str], input: str | None = None,
                           timeout=timeout)
 
 
+def delete_half_open_tcp(frontends: Sequence[tuple[str | None, int]]) -> int:
+    """Delete the half-open TCP flows (SYN_SENT) recorded untranslated at these frontends
+    ((address, port); None: any address); how many. IPVS translates a packet whose
+    conntrack entry is already confirmed but cannot rewrite the entry, so a client port
+    that comes round again to such an entry (a SYN sent there before a Service had the
+    address, kept 120 s) gets its SYN to an endpoint and the SYN-ACK dropped as INVALID.
+    Read from the namespace's conntrack table in /proc (no process: a sync may do this
+    often); a `conntrack -D` per flow found (rare)."""
+    wanted = set(frontends)
+    try:
+        with open("/proc/thread-self/net/nf_conntrack") as fh:
+            table = fh.read()
+    except FileNotFoundError:  # a kernel without CONFIG_NF_CONNTRACK_PROCFS
+        table = run(["conntrack", "-L", "-p", "tcp", "--state", "SYN_SENT"], None, 30).stdout
+    deleted = 0
+    for line in table.splitlines():
+        words = line.split()
+        if "tcp" not in words[:4] or "SYN_SENT" not in words:
+            continue
+        # src, dst, sport, dport of the original direction, then of the reply
+        pairs = [w.split("=", 1) for w in words if "=" in w]
+        if len(pairs) < 8:
+            continue
+        orig, reply = dict(pairs[:4]), dict(pairs[4:8])
+        dport = int(orig["dport"])
+        if (orig["dst"], dport) not in wanted and (None, dport) not in wanted:
+            continue
+        if reply["src"] != orig["dst"] or reply["sport"] != orig["dport"]:
+            continue  # translated: a live handshake to an endpoint
+        res = run(["conntrack", "-D", "-p", "tcp", "--orig-src", orig["src"], "--orig-dst",
+                   orig["dst"], "--sport", orig["sport"], "--dport", orig["dport"]], None, 30)
+        deleted += res.returncode == 0
+    return deleted
+
+
 IPT_SO_GET_INFO = 64  # include/uapi/linux/netfilter_ipv4/ip_tables.h
 # name, valid_hooks, hook_entry, underflow, num_entries, size
 IPT_GETINFO = struct.Struct("=32sI5I5III")

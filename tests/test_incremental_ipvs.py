@@ -334,9 +334,32 @@ def _updates(stats: dict) -> bool:
     return all(s.extra.get("update") for s in stats.values())
 
 
+def _half_open(node, sport: int, reply_src: str) -> list[str]:
+    """A SYN_SENT flow from a pod-network address to 198.19.0.11:80, its replies expected
+    from `reply_src` (the VIP itself: recorded untranslated)."""
+    client = "198.18.129.250"
+    return ["conntrack", "-I", "-p", "tcp", "--state", "SYN_SENT", "-t", "120", "-s", client,
+            "-d", "198.19.0.11", "--sport", str(sport), "--dport", "80", "-r", reply_src,
+            "-q", client, "--reply-port-src", "80" if reply_src == "198.19.0.11" else "8080",
+            "--reply-port-dst", str(sport)]
+
+
+def _flows(node) -> str:
+    return node.run(["conntrack", "-L", "-p", "tcp", "-d", "198.19.0.11"], check=False).stdout
+
+
 def test_guest_one_service_through_its_changes(guest):
+    # A SYN sent to 198.19.0.11 before a Service had it left a half-open flow recorded
+    # untranslated: the Service's first sync deletes it (IPVS could not translate a client
+    # port that comes round again to it); a translated one stays.
+    node1 = guest.cluster.node("node1")
+    for argv in (_half_open(node1, 41001, "198.19.0.11"), _half_open(node1, 41003, "198.18.129.2")):
+        node1.run(argv)
+    assert "sport=41001" in _flows(node1) and "sport=41003" in _flows(node1)
     first = guest.apply(pods=_pods(), services=[_web()])
     assert _updates(first)
+    flows = _flows(node1)
+    assert "sport=41001" not in flows and "sport=41003" in flows, flows
     # Two virtual servers (TCP, UDP) with three real servers each; the ClusterIP on kube-ipvs0.
     assert first["node1"].extra["netlink_messages"] == 8
     held = guest.servers()
