@@ -135,6 +135,32 @@ def _line_within(proc: subprocess.Popen, timeout: float) -> str | None:
 # --------------------------------------------------------------------------- the worker
 
 
+def greet_once(ip: str, port: int, timeout: float = 2.0) -> OSError | None:
+    """One new TCP connection that reads the echo backend's greeting line and is reset at
+    close (SO_LINGER 0: no TIME_WAIT piles up); None when the line came, else the error.
+    Under locust its socket module is gevent's (locust patches it on import). Also the
+    request of the locustfile on a real cluster (bench/locustfile_kube.py)."""
+    import socket
+    import struct
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.settimeout(timeout)
+        sock.connect((ip, port))
+        buf = b""
+        while b"\n" not in buf:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return ConnectionResetError("closed before the greeting")
+            buf += chunk
+        return None
+    except OSError as exc:
+        return exc
+    finally:
+        sock.close()
+
+
 def _worker(args: argparse.Namespace) -> int:
     import gevent
     from locust import User, constant, task
@@ -145,27 +171,8 @@ def _worker(args: argparse.Namespace) -> int:
     records: list[tuple[float, float, bool]] = []  # (start µs after start_at, latency µs, ok)
 
     def connect_once() -> tuple[float, bool, int]:
-        import socket  # gevent-patched by locust's import
-        import struct
-
         t0 = time.perf_counter_ns()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        ok = False
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.settimeout(2.0)
-            sock.connect((ip, port))
-            buf = b""
-            while b"\n" not in buf:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
-            ok = b"\n" in buf
-        except OSError:
-            ok = False
-        finally:
-            sock.close()
+        ok = greet_once(ip, port) is None
         return (time.perf_counter_ns() - t0) / 1000.0, ok, t0
 
     class ConnectionUser(User):

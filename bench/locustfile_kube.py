@@ -9,13 +9,11 @@ master and worker pods: importing locust monkey-patches sockets.
 from __future__ import annotations
 
 import os
-import socket
-import struct
 import time
 
 from locust import User, constant, task
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
+from bench.locust_load import greet_once
 
 
 def target() -> tuple[str, int]:
@@ -30,22 +28,7 @@ class ConnectionUser(User):
     def new_connection(self) -> None:
         ip, port = target()
         start = time.perf_counter()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        error: Exception | None = None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            sock.settimeout(2.0)
-            sock.connect((ip, port))
-            buf = b""
-            while b"\n" not in buf:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    raise ConnectionResetError("closed before the greeting")
-                buf += chunk
-        except OSError as exc:
-            error = exc
-        finally:
-            sock.close()
+        error = greet_once(ip, port)
         self.environment.events.request.fire(
             request_type="tcp", name=f"{ip}:{port}",
             response_time=(time.perf_counter() - start) * 1000.0, response_length=0,
