@@ -84,6 +84,14 @@ def _balancing(dataplane, wanted: tuple[str, ...], topic: str) -> str:
     return algorithm
 
 
+# Each check's own Service port. Earlier checks leave flows behind towards the lowest
+# ClusterIPs, which the allocator hands out again: a conntrack entry a SYN left untranslated
+# at an address no Service held (kept 120 s), an IPVS UDP connection (kept 300 s). A new
+# connection whose source port comes round to one of them reaches no endpoint or the old
+# one, which a distribution check would count against the algorithm.
+ROTATION_PORT, DICE_PORT, HASHED_PORT, LEAST_PORT = 7200, 7300, 7400, 7500
+
+
 def _service(cluster, name: str, *ports: ServicePort) -> str:
     cluster.apply([web_service(name, *ports)])
     return cluster.cluster_ip(name)
@@ -100,11 +108,11 @@ def test_balancing_round_robin(cluster, dataplane):
     former userspace proxy; no upstream e2e test checks the algorithm (e2e has none).
     """
     algorithm = _balancing(dataplane, ROUND_ROBIN, "round robin")
-    ip = _service(cluster, "rotation", ServicePort(80, TCP, "tcp", HTTP_PORT),
-                  ServicePort(80, UDP, "udp", HTTP_PORT))
+    ip = _service(cluster, "rotation", ServicePort(ROTATION_PORT, TCP, "tcp", HTTP_PORT),
+                  ServicePort(ROTATION_PORT, UDP, "udp", HTTP_PORT))
     count = PER_BACKEND * len(BACKENDS)
-    requests = (Probe("ns1/client-a", ip, 80, TCP, count=count),
-                Probe("ns1/client-b", ip, 80, UDP, count=count))
+    requests = (Probe("ns1/client-a", ip, ROTATION_PORT, TCP, count=count),
+                Probe("ns1/client-b", ip, ROTATION_PORT, UDP, count=count))
     for req, result in zip(requests, cluster.probes(*requests), strict=True):
         where = f"{req.protocol} from {req.source} ({algorithm})"
         assert outcomes(result) == {OK: count}, f"{where}: {describe(result)}"
@@ -136,9 +144,10 @@ def test_balancing_random_uniform(cluster, dataplane):
     answer (no upstream e2e test checks the distribution: e2e has none).
     """
     _balancing(dataplane, RANDOM, "random choice")
-    ip = _service(cluster, "dice")
+    ip = _service(cluster, "dice", ServicePort(DICE_PORT, TCP, "", HTTP_PORT))
     clients = ("ns1/client-a", "ns1/client-b")
-    results = cluster.probes(*(Probe(c, ip, 80, count=RANDOM_SAMPLES) for c in clients))
+    results = cluster.probes(*(Probe(c, ip, DICE_PORT, count=RANDOM_SAMPLES)
+                               for c in clients))
     for client, result in zip(clients, results, strict=True):
         assert outcomes(result) == {OK: RANDOM_SAMPLES}, f"from {client}: {describe(result)}"
         counts = backends(result)
@@ -169,8 +178,8 @@ def test_balancing_hashing_sticky(cluster, dataplane):
     """
     algorithm = _balancing(dataplane, SOURCE_HASHING + DESTINATION_FIXED,
                            "hashing, failover and locality")
-    ip = _service(cluster, "hashed")
-    requests = [Probe(c, ip, 80, count=STICKY_SAMPLES) for c in STICKY_CLIENTS]
+    ip = _service(cluster, "hashed", ServicePort(HASHED_PORT, TCP, "", HTTP_PORT))
+    requests = [Probe(c, ip, HASHED_PORT, count=STICKY_SAMPLES) for c in STICKY_CLIENTS]
     if algorithm in SOURCE_HASHING:
         results = cluster.probes(*requests)  # at once: the hash ignores the load
     else:
@@ -219,14 +228,14 @@ def test_balancing_least_connection(cluster, dataplane):
     checks the algorithm (e2e has none).
     """
     algorithm = _balancing(dataplane, LEAST_CONNECTION, "least connection")
-    ip = _service(cluster, "least")
+    ip = _service(cluster, "least", ServicePort(LEAST_PORT, TCP, "", HTTP_PORT))
     held: list[tuple[socket.socket, str]] = []
 
     def hold_one(step: str) -> str:
         loads = Counter({b: 0 for b in BACKENDS})
         loads.update(b for _, b in held)
         fewest = min(loads.values())
-        sock, backend = cluster.call("ns1/client-a", _hold, ip, 80)
+        sock, backend = cluster.call("ns1/client-a", _hold, ip, LEAST_PORT)
         held.append((sock, backend))
         assert loads.get(backend) == fewest, (
             f"{algorithm}, {step}: connection {len(held)} reached {backend}, which held "
