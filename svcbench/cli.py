@@ -141,15 +141,21 @@ def _build(nodes, manifests: Manifests, previous: ClusterState | None = None) ->
     )
 
 
-def _dataplane(mode: str, backend: str | None):
+def _dataplane(mode: str, backend: str | None, check: bool = True):
     from dataplanes.base import Host
     from dataplanes.modes import make
 
     dp = make(mode, backend=backend)
-    missing = dp.missing(Host())
+    missing = dp.missing(Host()) if check else []
     if missing:
         raise RuntimeError(f"mode {mode} cannot run here: " + "; ".join(missing))
     return dp
+
+
+def _stored_dataplane(cluster, check: bool = True):
+    """The data plane a run was made with (its stored mode spec and backend); `check`: fail
+    where it cannot run here, as commands that program the nodes must."""
+    return _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"), check)
 
 
 def _track(nodes, manifests: Manifests, previous: ClusterState | None = None) -> ChangeTracker:
@@ -295,7 +301,7 @@ def _change(args, combine) -> int:
         nodes, stored, previous = _stored(cluster)
         manifests = combine(stored, new)
         tracker = _track(nodes, manifests, previous)
-        dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
+        dp = _stored_dataplane(cluster)
         proxy = ServiceProxy(dp, cluster.nodes, tracker)
         proxy.adopt()  # this process has no memory of the nodes: each gets one full sync
         stats = cluster.set_pods(list(tracker.pods.values()), proxy.resync)
@@ -386,7 +392,7 @@ def cmd_status(args) -> int:
     from svcbench.cmd_status import run
 
     cluster = _attach(args.run)
-    return run(args, cluster, _stored_tracker(cluster), out)
+    return run(args, cluster, _stored_tracker(cluster), _stored_dataplane(cluster, False), out)
 
 
 def _node_names(cluster, wanted: str | None) -> list[str]:
@@ -441,7 +447,8 @@ def cmd_monitor(args) -> int:
 
     cluster = _attach(args.run)
     names = _node_names(cluster, args.node)
-    return run(args, cluster, _stored_tracker(cluster), names, out, err)
+    return run(args, cluster, _stored_tracker(cluster), _stored_dataplane(cluster, False), names,
+               out, err)
 
 
 def cmd_down(args) -> int:
@@ -453,7 +460,7 @@ def cmd_down(args) -> int:
         return _kube("down", out)(args)
     with NetnsCluster.attach_locked(args.run) as cluster, guard_root():
         try:
-            dp = _dataplane(cluster.meta.get("mode", "iptables"), cluster.meta.get("backend"))
+            dp = _stored_dataplane(cluster)
             proxy = ServiceProxy(dp, cluster.nodes, ChangeTracker(_nodes(len(cluster.nodes))))
             proxy.adopt()
             proxy.uninstall()
@@ -537,7 +544,8 @@ def cmd_service_list(args) -> int:
     cluster = _attach(args.run)
     _node_names(cluster, args.node)  # an unknown --node: one sentence, exit 2
     try:
-        return run(args, cluster, _stored_tracker(cluster), out, _emit_json)
+        return run(args, cluster, _stored_tracker(cluster), _stored_dataplane(cluster, False),
+                   out, _emit_json)
     except ModeMismatch as exc:
         raise UsageError(str(exc)) from None
 

@@ -73,9 +73,8 @@ def _reporters(dp, cluster, wanted: str | None, warn) -> dict[str, Any]:
     return out
 
 
-def run(args, cluster, tracker, names: list[str], out, err) -> int:
+def run(args, cluster, tracker, dp, names: list[str], out, err) -> int:
     from bpf.dropmon import DropMonitor, DropMonitorUnavailable, netns_inode
-    from dataplanes.modes import make
     from kube.lookup import ServiceIndex
 
     places: dict[int, tuple[str, str | None]] = {}  # nsfs inode -> (where, node)
@@ -101,7 +100,6 @@ def run(args, cluster, tracker, names: list[str], out, err) -> int:
     def warn(message: str) -> None:
         err.print(f"warning: {message}", markup=False)
 
-    dp = make(cluster.meta.get("mode", "iptables"), backend=cluster.meta.get("backend"))
     reporters = _reporters(dp, cluster, args.node, warn)
     seen = 0
     started = time.monotonic()

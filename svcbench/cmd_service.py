@@ -50,20 +50,19 @@ class ModeMismatch(ValueError):
     """--mode names no mode, or not the run's: the command reports it as bad input."""
 
 
-def run(args, cluster, tracker, out, emit_json) -> int:
-    from dataplanes.modes import MODES, make
+def run(args, cluster, tracker, dp, out, emit_json) -> int:
+    """`dp`: the run's data plane (a mode with options, as "ipvs:lc", reads as its mode)."""
+    from dataplanes.modes import MODES, mode_name
 
-    run_mode = str(cluster.meta.get("mode", "iptables"))
-    base = run_mode.split(":")[0]  # a mode with options, as "ipvs:lc", reads as its mode
+    base = dp.name
     mode = args.mode or base
-    if mode.split(":")[0] not in MODES:
+    if mode_name(mode) not in MODES:
         raise ModeMismatch(f"--mode {mode!r} is not a proxy mode; accepted: "
-                             f"{', '.join(MODES)}")
-    if mode.split(":")[0] != base:
+                           f"{', '.join(MODES)}")
+    if mode_name(mode) != base:
         raise ModeMismatch(f"--mode {mode}: run {cluster.run_id} runs mode {base}, and a "
-                             f"node's kernel holds only that mode's state; leave --mode out "
-                             f"or give {base}")
-    dp = make(base, backend=cluster.meta.get("backend"))
+                           f"node's kernel holds only that mode's state; leave --mode out "
+                           f"or give {base}")
     skipped = sl.skipped_protocols(base)
     held: dict[str, list[sl.Row]] = {}
     diffs: list[dict] = []

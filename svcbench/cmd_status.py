@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.table import Table
 
-MODE_OPTIONS = {"iptables": ("backend",), "ipvs": ("backend",)}
+from dataplanes.modes import MODES
 
 
 def _agent(agent: dict | None) -> tuple[str, dict[str, Any] | None]:
@@ -104,7 +104,8 @@ def collect(cluster, tracker, dp) -> dict[str, Any]:
     syncs = cluster.meta.get("syncs", {})
     agents = {n["name"]: n.get("agent") for n in cluster.state.get("nodes", [])}
     mode = cluster.meta.get("mode")
-    options = {k: cluster.meta.get(k) for k in MODE_OPTIONS.get((mode or "").split(":")[0], ())}
+    # The options the run's command gave beside its mode spec (--backend), as the mode takes them
+    options = {k: cluster.meta.get(k) for k in MODES[dp.name][2] if k in cluster.meta}
     node_rows = []
     for n in cluster.nodes:
         view = tracker.node_view(n.name)
@@ -137,11 +138,7 @@ def collect(cluster, tracker, dp) -> dict[str, Any]:
     }
 
 
-def run(args, cluster, tracker, out) -> int:
-    from dataplanes.modes import make
-
-    mode = cluster.meta.get("mode", "iptables")
-    dp = make(mode, backend=cluster.meta.get("backend"))
+def run(args, cluster, tracker, dp, out) -> int:
     data = collect(cluster, tracker, dp)
     if args.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
