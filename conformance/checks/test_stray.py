@@ -59,8 +59,11 @@ def _raw_sender() -> socket.socket:
 
 
 def last_segment_from(sniffer: socket.socket, src: str, sport: int, dst: str, dport: int,
-                      timeout: float = 2.0) -> tuple[int, int, int]:
-    """(seq, ack, payload length) of the first data segment src:sport -> dst:dport seen."""
+                      payload: bytes, timeout: float = 2.0) -> tuple[int, int, int]:
+    """(seq, ack, payload length) of the data segment src:sport -> dst:dport carrying
+    `payload`, the last one sent. The sniffer may have opened before an earlier segment
+    (the greeting) left: that one's ack is the client's sequence number before the payload,
+    and a RST carrying it would only draw a challenge ACK, not reset the connection."""
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         if not select.select([sniffer], [], [], left)[0]:
@@ -76,9 +79,10 @@ def last_segment_from(sniffer: socket.socket, src: str, sport: int, dst: str, dp
         tcp = packet[ihl:]
         ports, (seq, ack) = struct.unpack("!HH", tcp[:4]), struct.unpack("!II", tcp[4:12])
         length = struct.unpack("!H", packet[2:4])[0] - ihl - (tcp[12] >> 4) * 4
-        if ports == (sport, dport) and length > 0:
+        if ports == (sport, dport) and length > 0 and tcp[(tcp[12] >> 4) * 4:][:length] == payload:
             return seq, ack, length
-    raise AssertionError(f"no data segment {src}:{sport} -> {dst}:{dport} seen within {timeout} s")
+    raise AssertionError(f"no data segment {src}:{sport} -> {dst}:{dport} carrying {payload!r} "
+                         f"seen within {timeout} s")
 
 
 def _exchange(sock: socket.socket, message: bytes) -> bytes:
@@ -120,7 +124,8 @@ def test_invalid_conntrack_state_does_not_reset_connections(cluster):
         assert backend == "ns1/web-2", greeting
         peer_ip, peer_port = seen.rsplit(":", 1)
         assert _exchange(sock, b"ping\n") == b"ping\n"
-        seq, ack, length = last_segment_from(sniffer, server, HTTP_PORT, peer_ip, int(peer_port))
+        seq, ack, length = last_segment_from(sniffer, server, HTTP_PORT, peer_ip, int(peer_port),
+                                             b"ping\n")
         # The backend's next sequence number, far ahead; its acknowledgement is exact, so a
         # RST the client answers with carries the very sequence number the backend expects.
         stray = tcp_segment(server, HTTP_PORT, peer_ip, int(peer_port),
