@@ -643,10 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode_flags(sp)
     sp.add_argument("-f", "--file", action="append", help="manifest file (repeatable, - for stdin)")
     sp.add_argument("--json", action="store_true")
-    from svcbench.cmd_kube import add_cluster_flags, add_kind_parser, allow_kube_proxy_modes
+    from svcbench.cmd_kube import add_cluster_flags, add_kind_parser
 
     add_cluster_flags(sp)
-    allow_kube_proxy_modes(sp)
 
     for name, func, verb in (("apply", cmd_apply, "create or update"),
                              ("delete", cmd_delete, "remove")):
@@ -705,7 +704,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     conformance_arguments(sp)
     add_cluster_flags(sp, with_nodes=True)
-    allow_kube_proxy_modes(sp)
 
     sp = command("service", cmd_service_list, "list the Service frontends a node's kernel (or "
                  "userspace proxy) holds, in one shape for every mode (cilium service list)")

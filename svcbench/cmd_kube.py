@@ -52,31 +52,18 @@ def add_cluster_flags(sp: argparse.ArgumentParser, with_nodes: bool = False) -> 
         sp.add_argument("--nodes", type=int, default=2, help="kind worker nodes (default 2)")
 
 
-def allow_kube_proxy_modes(sp: argparse.ArgumentParser) -> None:
-    """Add kube-proxy/iptables, /ipvs, /nftables to a parser's --mode choices."""
-    for action in sp._actions:
-        if "--mode" in action.option_strings and action.choices is not None:
-            action.choices = [*action.choices, *KUBE_PROXY_MODES]
-
-
 def check_mode(mode: str, flag: str = "--mode") -> None:
-    """kube-proxy's own modes, or one of svcbench's (as a mode spec where dataplanes/modes.py
-    reads specs, such as ipvs:lc); KubeUsageError naming the accepted values otherwise."""
+    """kube-proxy's own modes, or a mode spec of svcbench's (dataplanes/modes.py, such as
+    ipvs:lc); KubeUsageError naming the accepted values otherwise."""
     if mode in KUBE_PROXY_MODES:
         return
-    from dataplanes import modes
+    from dataplanes.modes import parse_mode
 
-    parse = getattr(modes, "parse_mode", None)
-    if parse is not None:
-        try:
-            parse(mode, flag)
-            return
-        except ValueError as exc:
-            raise KubeUsageError(f"{exc}; or kube-proxy's own: {', '.join(KUBE_PROXY_MODES)}"
-                                 ) from None
-    if mode not in modes.MODES:
-        raise KubeUsageError(f"{flag} must be one of {', '.join([*modes.MODES, *KUBE_PROXY_MODES])}"
-                             f", not {mode!r}")
+    try:
+        parse_mode(mode, flag)
+    except ValueError as exc:
+        raise KubeUsageError(f"{exc}; or kube-proxy's own: {', '.join(KUBE_PROXY_MODES)}"
+                             ) from None
 
 
 def wants_kube(args) -> bool:
